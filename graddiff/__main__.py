@@ -1,0 +1,6 @@
+"""``python -m graddiff`` is the ``graddiff`` command."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()

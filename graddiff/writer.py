@@ -1,0 +1,313 @@
+"""Write finished steps into a trace file, on a background thread, never stalling training.
+
+Data flow: recorder --(one finished step: list of entries)--> BackgroundWriter --> TraceWriter
+--> HDF5 (layout in ``graddiff.format``). The queue holds at most one step besides the one
+being written, so memory stays bounded and a kill -9 loses at most the last two steps.
+
+Failure policy: a write error (disk full, file too large, I/O error) stops recording with one
+warning; training goes on; the file stays readable up to the last complete step. Free space
+and the process file-size limit are checked before each step so that the disk-full path, which
+can crash h5py at interpreter exit (FIELD-NOTES 10), is normally never reached; a small
+ballast file is released before closing if it is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import h5py
+import numpy as np
+
+from ._version import __version__
+from .entries import EntryData
+from .format import (
+    ENTRY_DTYPE,
+    FLAG_NDIM_CLIPPED,
+    FLAG_VALUES,
+    FORMAT_MARKER,
+    FORMAT_VERSION,
+    MAX_NDIM,
+    RECORD_DTYPE,
+    STEP_DTYPE,
+    TABLE_CHUNK_ROWS,
+)
+from .kinds import CAUSAL_RANK
+
+#: Stop recording when fewer bytes than this (plus twice the last step's size) remain free.
+MIN_FREE_BYTES = 64 * 2**20
+BALLAST_BYTES = 4 * 2**20
+
+
+class WriteFailed(Exception):
+    """Internal: the trace file cannot take more steps. Carries the one-line reason."""
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+class TraceWriter:
+    """Synchronous writer of one trace file. Not thread-safe; one thread owns it."""
+
+    def __init__(
+        self,
+        path: str,
+        environment: Optional[dict] = None,
+        options: Optional[dict] = None,
+        *,
+        ballast: bool = True,
+    ) -> None:
+        self.path = str(path)
+        self._record_ids: dict[tuple[str, str, int, str], int] = {}
+        self._n_entries = 0
+        self._last_step_bytes = 0
+        self._ballast_path: Optional[str] = None
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if ballast:
+            self._ballast_path = os.path.join(
+                directory, "." + os.path.basename(self.path) + ".graddiff-ballast"
+            )
+            try:
+                with open(self._ballast_path, "wb") as fh:
+                    fh.write(b"\0" * BALLAST_BYTES)
+            except OSError:
+                self._release_ballast()
+        self._file = h5py.File(self.path, "w")  # default libver: survives kill -9 (FIELD-NOTES 9)
+        f = self._file
+        f.attrs["graddiff_format"] = FORMAT_MARKER
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["graddiff_version"] = __version__
+        f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        f.attrs["environment"] = _json(environment or {})
+        f.attrs["options"] = _json(options or {})
+        f.attrs["status"] = "recording"
+        f.attrs["values_note"] = ""
+        self._records = f.create_dataset(
+            "records", (0,), dtype=RECORD_DTYPE, maxshape=(None,), chunks=(256,)
+        )
+        self._entries = f.create_dataset(
+            "entries", (0,), dtype=ENTRY_DTYPE, maxshape=(None,), chunks=(TABLE_CHUNK_ROWS,)
+        )
+        self._steps = f.create_dataset(
+            "steps", (0,), dtype=STEP_DTYPE, maxshape=(None,), chunks=(TABLE_CHUNK_ROWS,)
+        )
+        self._values = f.create_group("values")
+        f.flush()
+
+    # -- one step -----------------------------------------------------------------------
+    def write_step(self, step: int, entries: Sequence[EntryData]) -> int:
+        """Append one complete step, flush, and mark it complete. Returns bytes of values."""
+        entries = sorted(entries, key=lambda e: (CAUSAL_RANK.get(e.kind, 99), e.seq))
+        rows = np.zeros(len(entries), dtype=ENTRY_DTYPE)
+        new_records = []
+        blobs = []
+        offset = 0
+        for i, e in enumerate(entries):
+            key = (e.kind, e.name, int(e.call), e.dtype)
+            rid = self._record_ids.get(key)
+            if rid is None:
+                rid = len(self._record_ids)
+                self._record_ids[key] = rid
+                new_records.append(key)
+            row = rows[i]
+            shape = tuple(int(s) for s in e.shape)
+            numel = int(np.prod(shape)) if shape else 1
+            flags = int(e.flags)
+            if len(shape) > MAX_NDIM:
+                shape, flags = (numel,), flags | FLAG_NDIM_CLIPPED
+            row["step"] = step
+            row["record"] = rid
+            row["seq"] = e.seq
+            row["ndim"] = len(shape)
+            row["shape"][: len(shape)] = shape
+            row["numel"] = numel
+            row["fp_sum"], row["fp_pos"] = e.fingerprint
+            row["norm"], row["mean"], row["min"], row["max"], row["nan"], row["inf"] = e.stats
+            if e.values is not None:
+                raw = np.ascontiguousarray(e.values).reshape(-1).view(np.uint8)
+                row["offset"] = offset
+                row["nbytes"] = raw.size
+                row["flags"] = flags | FLAG_VALUES
+                blobs.append(raw)
+                offset += raw.size
+            else:
+                row["offset"] = -1
+                row["nbytes"] = 0
+                row["flags"] = flags
+        self._check_space(offset)
+        if new_records:
+            recs = np.zeros(len(new_records), dtype=RECORD_DTYPE)
+            for i, (kind, name, call, dtype) in enumerate(new_records):
+                recs[i] = (kind.encode(), name, call, dtype.encode())
+            n = self._records.shape[0]
+            self._records.resize((n + len(recs),))
+            self._records[n:] = recs
+        start = self._n_entries
+        if len(rows):
+            self._entries.resize((start + len(rows),))
+            self._entries[start:] = rows
+        if blobs:
+            # One contiguous dataset per step: the cheapest HDF5 write (FIELD-NOTES 8).
+            self._values.create_dataset(f"{step:08d}", data=np.concatenate(blobs))
+        self._n_entries = start + len(rows)
+        n = self._steps.shape[0]
+        self._steps.resize((n + 1,))
+        self._steps[n] = (step, start, self._n_entries, 1 if blobs else 0, time.time())
+        self._file.flush()  # the commit: after this, the step survives kill -9
+        self._last_step_bytes = offset + rows.nbytes
+        return offset
+
+    def _check_space(self, value_bytes: int) -> None:
+        need = value_bytes + 2 * self._last_step_bytes + MIN_FREE_BYTES
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
+        except OSError:
+            return
+        if free < need:
+            raise WriteFailed(
+                f"only {free / 2**20:.0f} MiB free on the disk of {self.path}; "
+                f"recording stopped to keep the file readable"
+            )
+        try:
+            import resource
+
+            soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        except (ImportError, ValueError, OSError):
+            return
+        if soft != resource.RLIM_INFINITY:
+            size = os.path.getsize(self.path)
+            if size + value_bytes + 2 * self._last_step_bytes + 2**20 > soft:
+                raise WriteFailed(
+                    f"{self.path} would exceed the process file-size limit "
+                    f"(ulimit -f, {soft} bytes); recording stopped"
+                )
+
+    # -- metadata and closing -------------------------------------------------------------
+    def set_attr(self, key: str, value: str) -> None:
+        self._file.attrs[key] = value
+
+    def close(self, status: str = "complete") -> None:
+        """Mark the final status and close. Safe to call twice; never raises."""
+        if self._file is None:
+            return
+        f, self._file = self._file, None
+        try:
+            f.attrs["status"] = status
+            f.flush()
+        except Exception:  # disk full: free the ballast so HDF5 can write its metadata
+            self._release_ballast()
+        try:
+            f.close()
+        except Exception:
+            self._release_ballast()
+            try:
+                f.close()
+            except Exception:
+                pass
+        self._release_ballast()
+
+    def _release_ballast(self) -> None:
+        if self._ballast_path:
+            try:
+                os.unlink(self._ballast_path)
+            except OSError:
+                pass
+            self._ballast_path = None
+
+
+_STOP = object()
+
+
+class BackgroundWriter:
+    """Runs a TraceWriter on its own thread; ``submit`` blocks only when two steps are pending."""
+
+    def __init__(self, writer_factory, *, max_pending: int = 1) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._failure: Optional[str] = None
+        self._warned = False
+        self._writer: Optional[TraceWriter] = None
+        self._factory = writer_factory
+        self.bytes_written = 0
+        self.steps_written = 0
+        self.write_seconds = 0.0
+        self._ready = threading.Event()
+        self._init_error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="graddiff-writer", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._init_error is not None:
+            raise self._init_error
+
+    @property
+    def failed(self) -> Optional[str]:
+        return self._failure
+
+    def _run(self) -> None:
+        try:
+            self._writer = self._factory()
+        except BaseException as exc:  # surfaced to the caller of __init__
+            self._init_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            what, step, payload = item
+            if self._failure is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                if what == "attr":
+                    self._writer.set_attr(*payload)
+                    continue
+                resolved = [e.resolve() for e in payload]
+                self.bytes_written += self._writer.write_step(step, resolved)
+                self.steps_written += 1
+            except WriteFailed as exc:
+                self._failure = str(exc)
+            except Exception as exc:  # any I/O error: stop recording, keep training
+                self._failure = f"writing step {step} to {self._writer.path} failed: {exc}"
+            finally:
+                self.write_seconds += time.perf_counter() - t0
+
+    def submit(self, step: int, entries: list) -> None:
+        """Queue a finished step. After a failure, steps are dropped and one warning is given."""
+        self.warn_if_failed()
+        if self._failure is None:
+            self._queue.put(("step", step, entries))
+
+    def warn_if_failed(self) -> None:
+        if self._failure is not None and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"graddiff: {self._failure}; training continues, the trace keeps the steps "
+                f"completed before this",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def set_attr(self, key: str, value: str) -> None:
+        """Queue an attribute update (runs on the writer thread, in order with steps)."""
+        if self._failure is None:
+            self._queue.put(("attr", None, (key, value)))
+
+    def close(self, status: str = "complete") -> None:
+        """Drain the queue, write the final status, close the file. Never raises."""
+        self._queue.put(_STOP)
+        self._thread.join()
+        if self._writer is not None:
+            final = status if self._failure is None else f"stopped: {self._failure}"
+            self._writer.close(final)
+        self.warn_if_failed()
+
