@@ -140,19 +140,22 @@ def fingerprint_bytes(raw: np.ndarray) -> tuple[int, int]:
     """(fp_sum, fp_pos) of a buffer, as specified above. Pure numpy; used to verify reads."""
     b = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     n_words = b.size // 8
+    n_full = n_words // FP_BLOCK_WORDS
     words = b[: n_words * 8].view("<i8")
+    last = 0  # the partial last block: leftover words plus the zero-padded tail bytes
+    with np.errstate(over="ignore"):
+        block_sums = words[: n_full * FP_BLOCK_WORDS].reshape(n_full, FP_BLOCK_WORDS).sum(
+            axis=1, dtype="<i8"
+        )
+        weights = np.arange(1, n_full + 1, dtype="<i8")
+        fp_sum = int(block_sums.sum(dtype="<i8"))
+        fp_pos = int((block_sums * weights).sum(dtype="<i8"))
+    last += int(words[n_full * FP_BLOCK_WORDS :].sum(dtype="<i8")) if n_words > n_full * FP_BLOCK_WORDS else 0
     tail = b[n_words * 8 :]
     if tail.size:
         padded = np.zeros(8, np.uint8)
         padded[: tail.size] = tail
-        words = np.concatenate([words, padded.view("<i8")])
-    n_blocks = -(-words.size // FP_BLOCK_WORDS)
-    pad = n_blocks * FP_BLOCK_WORDS - words.size
-    if pad:
-        words = np.concatenate([words, np.zeros(pad, "<i8")])
-    with np.errstate(over="ignore"):
-        block_sums = words.reshape(n_blocks, FP_BLOCK_WORDS).sum(axis=1, dtype="<i8")
-        weights = np.arange(1, n_blocks + 1, dtype="<i8")
-        fp_sum = int(block_sums.sum(dtype="<i8")) % 2**64
-        fp_pos = int((block_sums * weights).sum(dtype="<i8")) % 2**64
-    return fp_sum, fp_pos
+        last += int(padded.view("<i8")[0])
+    fp_sum += last
+    fp_pos += (n_full + 1) * last
+    return fp_sum % 2**64, fp_pos % 2**64

@@ -110,6 +110,7 @@ class TraceWriter:
         rows = np.zeros(len(entries), dtype=ENTRY_DTYPE)
         new_records = []
         blobs = []
+        stored: dict[int, tuple[int, int]] = {}
         offset = 0
         for i, e in enumerate(entries):
             key = (e.kind, e.name, int(e.call), e.dtype)
@@ -133,12 +134,14 @@ class TraceWriter:
             row["fp_sum"], row["fp_pos"] = e.fingerprint
             row["norm"], row["mean"], row["min"], row["max"], row["nan"], row["inf"] = e.stats
             if e.values is not None:
-                raw = np.ascontiguousarray(e.values).reshape(-1).view(np.uint8)
-                row["offset"] = offset
-                row["nbytes"] = raw.size
+                placed = stored.get(id(e.values))
+                if placed is None:  # the same array twice in a step is stored once
+                    raw = np.ascontiguousarray(e.values).reshape(-1).view(np.uint8)
+                    placed = stored[id(e.values)] = (offset, raw.size)
+                    blobs.append(raw)
+                    offset += raw.size
+                row["offset"], row["nbytes"] = placed
                 row["flags"] = flags | FLAG_VALUES
-                blobs.append(raw)
-                offset += raw.size
             else:
                 row["offset"] = -1
                 row["nbytes"] = 0

@@ -1,0 +1,310 @@
+"""Single-run checks (``graddiff check``): what went wrong in one trace, at which step and layer.
+
+Data flow: Run --series (entry stats)--> detectors --> :class:`CheckReport` of :class:`Finding`.
+Detectors read statistics first and stored values only where a check needs them (capped by
+``max_value_steps``). The report owns the verdict: ``exit_code`` is 0 clean, 1 findings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from ..kinds import CAUSAL_RANK, GRADIENT_KINDS
+from ..reader import RecordKey, Run
+from .series import Series, collect_series
+
+#: Finding kinds, in the order a report lists findings of the same step.
+FINDING_KINDS = (
+    "nan",
+    "inf",
+    "grad_accumulation",
+    "exploding_grad",
+    "vanishing_grad",
+    "frozen_param",
+    "dead_units",
+)
+
+#: Names listed in a finding's evidence at most (the count is always exact).
+MAX_NAMES = 20
+
+_NAN_HINTS = {
+    "param": "the parameter was already bad at the start of the step: the previous update made it",
+    "input": "the batch itself holds it: check the data pipeline",
+    "activation": "this layer's forward produced it from finite inputs",
+    "loss": "the loss produced it from finite activations (log of 0, division by 0?)",
+    "grad_output": "the backward pass produced it at this layer's output",
+    "grad": "the backward pass produced it in the parameter gradient",
+    "autograd_grad": "torch.autograd.grad produced it",
+    "buffer": "a buffer update produced it (BatchNorm running stats?)",
+}
+
+
+@dataclass
+class Finding:
+    """One problem in a run: ``kind`` (a FINDING_KINDS value), where, and the evidence."""
+
+    kind: str
+    step: int
+    record_kind: str
+    name: str
+    message: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    call: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"step {self.step}  {self.kind}  {self.record_kind} {self.name}: {self.message}"
+
+
+@dataclass
+class CheckReport:
+    """The findings of :func:`check_run`, sorted by step. Iterable; falsy when clean."""
+
+    path: str
+    n_steps: int
+    findings: list[Finding]
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.clean else 1
+
+    def __iter__(self):
+        return iter(self.findings)
+
+    def __len__(self) -> int:
+        return len(self.findings)
+
+    def __getitem__(self, i: int) -> Finding:
+        return self.findings[i]
+
+    def of_kind(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "steps": self.n_steps,
+            "clean": self.clean,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+def check_run(
+    run: Run,
+    *,
+    explode_factor: float = 100.0,
+    explode_abs: float = 1e6,
+    vanish_factor: float = 1e-4,
+    max_value_steps: int = 32,
+    ignore: tuple[str, ...] = (),
+) -> CheckReport:
+    """Run every single-run check on ``run``.
+
+    Args:
+        run: an open :class:`graddiff.Run`.
+        explode_factor: a gradient norm this many times its early level is exploding.
+        explode_abs: a gradient norm above this is exploding whatever its early level.
+        vanish_factor: a gradient norm that stays below this fraction of its early level vanished.
+        max_value_steps: at most this many steps' stored values are read per check.
+        ignore: finding kinds to leave out.
+    """
+    from .accumulation import find_grad_accumulation
+    from .dead import find_dead_units
+
+    series = collect_series(run)
+    found: list[Finding] = []
+    found += find_nonfinite(run, series)
+    accumulated = find_grad_accumulation(run, series, max_value_steps=max_value_steps)
+    found += accumulated
+    skip = set()
+    for f in accumulated:  # growth explained by accumulation is not reported twice
+        skip.update(f.evidence.get("names", [f.name]))
+    found += find_exploding(series, explode_factor, explode_abs, skip=skip)
+    found += find_vanishing(series, vanish_factor)
+    found += find_frozen(series)
+    found += find_dead_units(run, series, max_value_steps=max_value_steps)
+    found = [f for f in found if f.kind not in ignore]
+    found.sort(key=lambda f: (f.step, FINDING_KINDS.index(f.kind), CAUSAL_RANK.get(f.record_kind, 99)))
+    return CheckReport(run.path, len(run.steps), found)
+
+
+# -- NaN / Inf --------------------------------------------------------------------------------
+def find_nonfinite(run: Run, series: dict[RecordKey, Series]) -> list[Finding]:
+    """The first NaN and the first Inf (step, then causal order within the step)."""
+    out = []
+    for field_name, kind, word in (("nan", "nan", "NaN"), ("inf", "inf", "Inf")):
+        hits = []  # (step, causal position, key, row)
+        for pos, (key, s) in enumerate(series.items()):
+            bad = np.flatnonzero(s.rows[field_name] > 0)
+            for i in bad:
+                hits.append((int(s.rows["step"][i]), pos, key, s.rows[i]))
+        if not hits:
+            continue
+        hits.sort(key=lambda h: (h[0], h[1]))
+        step, _, key, row = hits[0]
+        at_step = sorted({h[2] for h in hits if h[0] == step}, key=lambda k: CAUSAL_RANK.get(k.kind, 99))
+        bad_steps = sorted({h[0] for h in hits})
+        count, numel = int(row[field_name]), int(row["numel"])
+        others = len(at_step) - 1
+        spread = f"; {others} more records have {word} in step {step}" if others else ""
+        out.append(
+            Finding(
+                kind=kind,
+                step=step,
+                record_kind=key.kind,
+                name=key.name,
+                call=key.call,
+                message=(
+                    f"first {word}: {count} of {numel} values in {key.kind} '{key.name}'"
+                    f"{spread}; {_NAN_HINTS.get(key.kind, '')}"
+                ),
+                evidence={
+                    "count": count,
+                    "numel": numel,
+                    "records_at_step": len(at_step),
+                    "steps_affected": len(bad_steps),
+                    "last_step_affected": bad_steps[-1],
+                    "names": [str(k) for k in at_step[:MAX_NAMES]],
+                },
+            )
+        )
+    return out
+
+
+# -- gradient norms ---------------------------------------------------------------------------
+def _gradient_series(series: dict[RecordKey, Series]) -> list[Series]:
+    return [s for k, s in series.items() if k.kind in GRADIENT_KINDS]
+
+
+def _baseline(norms: np.ndarray) -> Optional[float]:
+    """The early level of a norm series: median of its first three finite, positive values."""
+    ok = norms[np.isfinite(norms) & (norms > 0)]
+    return float(np.median(ok[:3])) if len(ok) else None
+
+
+def _aggregate(kind: str, hits: list[tuple[int, Series, str, dict]]) -> list[Finding]:
+    """One finding per kind: the earliest hit speaks, the rest are counted and named."""
+    if not hits:
+        return []
+    hits.sort(key=lambda h: (h[0], CAUSAL_RANK.get(h[1].key.kind, 99)))
+    step, s, message, evidence = hits[0]
+    names = [h[1].key.name for h in hits]
+    if len(hits) > 1:
+        message += f" ({len(hits) - 1} more: {', '.join(names[1:4])}{', ...' if len(hits) > 4 else ''})"
+    evidence = dict(evidence, count=len(hits), names=names[:MAX_NAMES])
+    return [Finding(kind, step, s.key.kind, s.key.name, message, evidence, s.key.call)]
+
+
+def find_exploding(
+    series: dict[RecordKey, Series], factor: float, absolute: float, skip: Optional[set] = None
+) -> list[Finding]:
+    """Gradient norms that grow ``factor`` times over their early level, or beyond ``absolute``."""
+    hits = []
+    for s in _gradient_series(series):
+        if skip and s.key.name in skip:
+            continue
+        norms = s.norm
+        base = _baseline(norms)
+        if base is None:
+            continue
+        finite = np.isfinite(norms)
+        bad = np.flatnonzero(finite & ((norms > factor * base) | (norms > absolute)))
+        if not len(bad):
+            continue
+        i = int(bad[0])
+        value = float(norms[i])
+        peak = float(norms[finite].max())
+        hits.append(
+            (
+                int(s.steps[i]),
+                s,
+                f"gradient norm exploded to {value:.3g} ({value / base:.3g}x its early level "
+                f"{base:.3g}; peak {peak:.3g}): lower the learning rate or clip gradients",
+                {"baseline": base, "value": value, "ratio": value / base, "peak": peak},
+            )
+        )
+    return _aggregate("exploding_grad", hits)
+
+
+def find_vanishing(series: dict[RecordKey, Series], factor: float) -> list[Finding]:
+    """Gradient norms zero at every step, or falling below ``factor`` x early level for good."""
+    hits = []
+    for s in _gradient_series(series):
+        norms = s.norm
+        finite = np.isfinite(norms)
+        if len(norms) < 2 or not finite.all():
+            continue
+        if np.all(norms == 0):
+            hits.append(
+                (
+                    int(s.steps[0]),
+                    s,
+                    f"gradient is zero at every recorded step ({len(norms)} steps): nothing "
+                    f"upstream of the loss reaches this parameter (dead path, detached tensor?)",
+                    {"value": 0.0, "steps": len(norms)},
+                )
+            )
+            continue
+        base = _baseline(norms)
+        low = norms < factor * base
+        if not low[-1]:
+            continue
+        # the start of the final run of low values: vanished since then, never recovered
+        start = len(low) - int(np.argmin(low[::-1])) if not low.all() else 0
+        if len(low) - start < 2:
+            continue
+        value = float(norms[start])
+        hits.append(
+            (
+                int(s.steps[start]),
+                s,
+                f"gradient norm vanished to {value:.3g} ({value / base:.2g}x its early level "
+                f"{base:.3g}) and stayed there for {len(low) - start} steps",
+                {"baseline": base, "value": value, "ratio": value / base, "steps": len(low) - start},
+            )
+        )
+    return _aggregate("vanishing_grad", hits)
+
+
+# -- parameters that never change -------------------------------------------------------------
+def find_frozen(series: dict[RecordKey, Series]) -> list[Finding]:
+    """Parameters bit-identical at every step although they received a nonzero gradient."""
+    grads: dict[str, list[Series]] = {}
+    for k, s in series.items():
+        if k.kind in GRADIENT_KINDS:
+            grads.setdefault(k.name, []).append(s)
+    hits = []
+    for k, s in series.items():
+        if k.kind != "param" or len(s.rows) < 2 or k.name not in grads:
+            continue
+        fp_sum, fp_pos = s.rows["fp_sum"], s.rows["fp_pos"]
+        if not (np.all(fp_sum == fp_sum[0]) and np.all(fp_pos == fp_pos[0])):
+            continue
+        last = int(s.steps[-1])
+        grad_norm = 0.0
+        for g in grads[k.name]:  # a gradient before the last param step had its chance to apply
+            before = (g.steps < last) & np.isfinite(g.norm)
+            if before.any():
+                grad_norm = max(grad_norm, float(g.norm[before].max()))
+        if grad_norm <= 0:
+            continue
+        hits.append(
+            (
+                int(s.steps[0]),
+                s,
+                f"never changed over {len(s.rows)} recorded steps although its gradient is "
+                f"nonzero (norm up to {grad_norm:.3g}): not in the optimizer, or its lr is 0? "
+                f"(if intended, use requires_grad_(False))",
+                {"steps": len(s.rows), "grad_norm": grad_norm},
+            )
+        )
+    return _aggregate("frozen_param", hits)

@@ -1,0 +1,354 @@
+"""The recorder: turns hook events into finished steps for the writer.
+
+Data flow: hooks --events--> Recorder (+ StepClock decides boundaries) --one finished step-->
+BackgroundWriter. It owns the current step's entries, the per-step call counters, the
+full-values policy (``values``, ``max_bytes``, ``full_steps``) and what is captured when:
+parameters at the step's first forward, inputs/activations/output grads as they happen,
+losses and ``autograd.grad`` outputs at each gradient computation, ``.grad`` at
+``optimizer.step()`` (or after each backward without an optimizer), buffers at the step's end.
+
+Every event handler is guarded: an internal error stops recording with one warning and never
+reaches the user's training code.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
+
+import torch
+
+from .entries import EntryData
+from .format import FLAG_TRAINING
+from .hooks.autograd_hooks import as_tensor_list, inside_backward
+from .hooks.naming import flatten_tensors, record_name
+from .hooks.optimizer_hooks import optimizer_params
+from .hooks.snapshot import capture
+from .kinds import Kind
+from .steps import StepClock
+
+
+class AliasEntry(EntryData):
+    """The same tensor seen twice in a step (a container and its last child return one
+    tensor): shares the first capture's stats, fingerprint and stored bytes."""
+
+    def __init__(self, source: EntryData, kind: str, name: str, call: int, seq: int, flags: int) -> None:
+        super().__init__(
+            kind=kind,
+            name=name,
+            call=call,
+            dtype=source.dtype,
+            shape=source.shape,
+            stats=source.stats,
+            fingerprint=source.fingerprint,
+            flags=flags,
+            seq=seq,
+        )
+        self._source = source
+
+    def resolve(self) -> EntryData:
+        src = self._source.resolve()
+        self.stats, self.fingerprint, self.values = src.stats, src.fingerprint, src.values
+        return self
+
+
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a hook handler; on an internal error stop recording instead of raising."""
+
+    @functools.wraps(method)
+    def wrapper(self: Recorder, *args: Any, **kwargs: Any) -> Any:
+        if not self.active:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            self.fail(f"internal error in {method.__name__}: {type(exc).__name__}: {exc}")
+            return None
+
+    return wrapper
+
+
+class Recorder:
+    """Collects one step at a time and hands finished steps to the writer."""
+
+    def __init__(
+        self,
+        *,
+        writer: Any,
+        params: list[tuple[str, torch.nn.Parameter]],
+        buffers: list[tuple[str, torch.Tensor]],
+        kinds: Iterable[str],
+        values: str,
+        max_bytes: int,
+        full_steps: Optional[set[int]],
+        optimizer_known: bool,
+    ) -> None:
+        self.writer = writer
+        self.params = params
+        self.buffers = buffers
+        self._param_by_id = {id(p): (name, p) for name, p in params}
+        self.kinds = frozenset(kinds)
+        self.values = values
+        self.max_bytes = max_bytes
+        self.full_steps = full_steps
+        self.clock = StepClock(optimizer_known=optimizer_known)
+        self.optimizer_seen = optimizer_known
+        self.active = True
+        self.failure: Optional[str] = None
+        self.steps_submitted = 0
+        self.full_bytes = 0
+        self._budget_note: Optional[str] = None
+        self._lock = threading.RLock()
+        self._forward_depth: list[bool] = []
+        self._tensor_handles: list[Any] = []
+        self._old_tensor_handles: list[Any] = []
+        self._optimizer_params: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._reset_step_state()
+
+    # -- per-step state -----------------------------------------------------------------
+    def _reset_step_state(self) -> None:
+        self._entries: list[EntryData] = []
+        self._calls: dict[tuple[str, str], int] = {}
+        self._pending_grads: dict[str, EntryData] = {}
+        self._aliases: dict[int, tuple[torch.Tensor, int, EntryData]] = {}
+        self._seq = 0
+        self._step_full = False
+
+    def _next_call(self, kind: str, name: str) -> int:
+        key = (kind, name)
+        call = self._calls.get(key, 0)
+        self._calls[key] = call + 1
+        return call
+
+    def _decide_full(self, step: int) -> bool:
+        if self.full_steps is not None:
+            return step in self.full_steps
+        if self.values == "full":
+            return True
+        if self.values == "stats":
+            return False
+        if self.full_bytes < self.max_bytes:
+            return True
+        if self._budget_note is None:
+            self._budget_note = (
+                f"full values for steps 0..{step - 1}, statistics only from step {step} "
+                f"(max_bytes={self.max_bytes} reached)"
+            )
+            self.writer.set_attr("values_note", self._budget_note)
+            warnings.warn(
+                f"graddiff: {self._budget_note}; raise max_bytes= or pass full_steps=[...] "
+                f"to keep values where you need them",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return False
+
+    def _ensure_started(self) -> None:
+        if self.clock.started:
+            return
+        self.clock.started = True
+        self._step_full = self._decide_full(self.clock.step)
+        if Kind.PARAM.value in self.kinds:
+            for name, p in self.params:
+                self._record(Kind.PARAM.value, name, p, call=0)
+
+    def _record(self, kind: str, name: str, tensor: torch.Tensor, *, call: int, flags: int = 0, alias: bool = False) -> EntryData:
+        with self._lock:
+            cached = self._aliases.get(id(tensor)) if alias else None
+            if cached is not None and cached[0] is tensor and cached[1] == tensor._version:
+                entry: EntryData = AliasEntry(cached[2], kind, name, call, self._seq, flags)
+            else:
+                entry = capture(
+                    kind, name, tensor, call=call, seq=self._seq, flags=flags, keep_values=self._step_full
+                )
+                if self._step_full:
+                    self.full_bytes += tensor.numel() * tensor.element_size()
+                if alias:
+                    self._aliases[id(tensor)] = (tensor, tensor._version, entry)
+            self._seq += 1
+            self._entries.append(entry)
+            return entry
+
+    def _end_step(self) -> None:
+        if not self.clock.started:
+            return
+        with self._lock:
+            entries = self._entries
+            for entry in self._pending_grads.values():
+                entry.seq = self._seq
+                self._seq += 1
+                entries.append(entry)
+            if Kind.BUFFER.value in self.kinds:
+                for name, buf in self.buffers:
+                    entries.append(
+                        capture(Kind.BUFFER.value, name, buf, call=0, seq=self._seq, flags=0, keep_values=self._step_full)
+                    )
+                    self._seq += 1
+            step = self.clock.step
+            self._reset_step_state()
+            self.clock.advance()
+            # Output-gradient hooks of the step before last can no longer fire usefully.
+            for handle in self._old_tensor_handles:
+                handle.remove()
+            self._old_tensor_handles, self._tensor_handles = self._tensor_handles, []
+        self.writer.submit(step, entries)
+        self.steps_submitted += 1
+
+    # -- events from the hooks -------------------------------------------------------------
+    @_guarded
+    def on_model_forward(self, args: Any, kwargs: Any) -> None:
+        grad = torch.is_grad_enabled() and not inside_backward()
+        self._forward_depth.append(grad)
+        if not grad:
+            return
+        if self.clock.forward(True):
+            self._end_step()
+        self._ensure_started()
+        if Kind.INPUT.value in self.kinds:
+            for path, t in flatten_tensors(list(args)) + flatten_tensors(dict(kwargs or {})):
+                self._record(Kind.INPUT.value, path, t, call=self._next_call("input", path), alias=True)
+
+    @_guarded
+    def on_model_forward_end(self) -> None:
+        if self._forward_depth:
+            self._forward_depth.pop()
+
+    def _in_training_forward(self) -> bool:
+        if inside_backward():  # gradient-checkpoint recompute (FIELD-NOTES 5)
+            return False
+        return torch.is_grad_enabled() or any(self._forward_depth)
+
+    @_guarded
+    def on_module_output(self, name: str, module: torch.nn.Module, output: Any) -> None:
+        if not self._in_training_forward():
+            return
+        self._ensure_started()
+        flags = FLAG_TRAINING if module.training else 0
+        want_act = Kind.ACTIVATION.value in self.kinds
+        want_go = Kind.GRAD_OUTPUT.value in self.kinds and torch.is_grad_enabled()
+        for path, t in flatten_tensors(output):
+            rname = record_name(name, path)
+            call = self._next_call("forward", rname)
+            if want_act:
+                self._record(Kind.ACTIVATION.value, rname, t, call=call, flags=flags, alias=True)
+            if want_go and t.requires_grad:
+                self._tensor_handles.append(t.register_hook(self._grad_output_hook(rname, call)))
+
+    def _grad_output_hook(self, rname: str, call: int) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            self.on_grad_output(rname, call, grad)
+            return None  # a non-None return would replace the gradient
+
+        return hook
+
+    @_guarded
+    def on_grad_output(self, rname: str, call: int, grad: torch.Tensor) -> None:
+        with self._lock:
+            key = (Kind.GRAD_OUTPUT.value, rname)
+            seen = self._calls.get(key, 0)
+            # A second gradient for the same output (double backward) gets a fresh call index.
+            call = max(call, seen)
+            self._calls[key] = call + 1
+            self._record(Kind.GRAD_OUTPUT.value, rname, grad, call=call, alias=True)
+
+    def before_gradient(self, outputs: Any, accumulate: bool) -> None:
+        self._before_gradient(outputs)
+
+    @_guarded
+    def _before_gradient(self, outputs: Any) -> None:
+        self._ensure_started()
+        if Kind.LOSS.value in self.kinds:
+            tensors = as_tensor_list(outputs)
+            for i, t in enumerate(tensors):
+                name = "loss" if len(tensors) == 1 else f"loss:{i}"
+                self._record(Kind.LOSS.value, name, t, call=self._next_call("loss", name))
+
+    def after_gradient(self, outputs: Any, accumulate: bool, inputs: Any, result: Any) -> None:
+        self._after_gradient(accumulate, inputs, result)
+
+    @_guarded
+    def _after_gradient(self, accumulate: bool, inputs: Any, result: Any) -> None:
+        self.clock.gradient()
+        if not accumulate:
+            if Kind.AUTOGRAD_GRAD.value not in self.kinds or result is None:
+                return
+            ins = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+            for i, (inp, g) in enumerate(zip(ins, result)):
+                if not isinstance(g, torch.Tensor):
+                    continue
+                hit = self._param_by_id.get(id(inp))
+                if hit is not None and hit[1] is inp:
+                    name = hit[0]
+                elif isinstance(inp, torch.nn.Parameter):
+                    continue  # a parameter outside the traced selection
+                else:
+                    name = f"input[{i}]"
+                self._record(Kind.AUTOGRAD_GRAD.value, name, g, call=self._next_call("autograd_grad", name))
+        elif not self.optimizer_seen and Kind.GRAD.value in self.kinds:
+            # No optimizer: the update uses .grad as the step's last backward left it.
+            self._capture_grads(self.params)
+
+    def _capture_grads(self, params: list[tuple[str, torch.Tensor]]) -> None:
+        with self._lock:
+            for name, p in params:
+                if p.grad is not None:
+                    self._pending_grads[name] = capture(
+                        Kind.GRAD.value, name, p.grad, call=0, seq=0, flags=0, keep_values=self._step_full
+                    )
+                    if self._step_full:
+                        self.full_bytes += p.grad.numel() * p.grad.element_size()
+
+    @_guarded
+    def on_optimizer_step(self, optimizer: Any) -> None:
+        key = id(optimizer)
+        owned = self._optimizer_params.get(key)
+        if owned is None:
+            owned = [
+                self._param_by_id[id(p)]
+                for p in optimizer_params(optimizer)
+                if id(p) in self._param_by_id and self._param_by_id[id(p)][1] is p
+            ]
+            self._optimizer_params[key] = owned
+        if not owned:
+            return  # an optimizer of another model
+        self.optimizer_seen = True
+        if not self.clock.started:
+            return  # nothing recorded since the last boundary (e.g. a GradScaler retry)
+        if Kind.GRAD.value in self.kinds:
+            self._capture_grads(owned)
+        if self.clock.optimizer_step():
+            self._end_step()
+
+    @_guarded
+    def explicit_step(self) -> None:
+        if self.clock.explicit_step():
+            self._end_step()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def finish(self, completed: bool) -> None:
+        """Close the last step (only if the body completed) and stop recording."""
+        if self.active and completed:
+            try:
+                self._end_step()
+            except Exception as exc:
+                self.fail(f"internal error at trace exit: {exc}")
+        self.active = False
+        for handle in self._old_tensor_handles + self._tensor_handles:
+            handle.remove()
+        self._old_tensor_handles, self._tensor_handles = [], []
+        self._reset_step_state()
+
+    def fail(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = why
+            self.active = False
+            self.writer.set_attr("status", f"stopped: {why}")
+            warnings.warn(
+                f"graddiff: recording stopped at step {self.clock.step}: {why}; training is "
+                f"unaffected and the trace keeps the steps before it",
+                RuntimeWarning,
+                stacklevel=3,
+            )

@@ -1,0 +1,252 @@
+"""``graddiff.trace(model, path)``: record an unchanged training loop into a trace file.
+
+Data flow: model --hooks (graddiff.hooks)--> Recorder --finished steps--> BackgroundWriter
+--> HDF5. This module wires them together and guarantees the teardown: on exit, normal or by
+exception, every hook and patch is removed first, then the last complete step is written and
+the file is closed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gc
+import os
+import weakref
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .environment import collect_environment
+from .errors import TraceUsageError
+from .hooks.autograd_hooks import add_listener
+from .hooks.handles import HandleBag
+from .hooks.module_hooks import install_module_hooks
+from .hooks.naming import ROOT_NAME, is_compiled, unwrap_model
+from .hooks.optimizer_hooks import add_step_pre_hook, optimizer_params
+from .kinds import parse_kinds
+from .recorder import Recorder
+from .writer import BackgroundWriter, TraceWriter
+
+#: Default budget for full values under ``values="auto"``: 2 GiB, then statistics only.
+DEFAULT_MAX_BYTES = 2 * 2**30
+VALUE_MODES = ("auto", "full", "stats")
+
+_active_models: weakref.WeakSet = weakref.WeakSet()
+
+
+def _matches(name: str, patterns: Optional[list[str]]) -> bool:
+    """A module is selected when it, or one of its ancestors, matches a pattern."""
+    if patterns is None:
+        return True
+    display = name or ROOT_NAME
+    parts = name.split(".") if name else []
+    candidates = [display] + [".".join(parts[:i]) for i in range(1, len(parts))]
+    return any(fnmatch.fnmatchcase(c, pat) for c in candidates for pat in patterns)
+
+
+def _owner(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _uses_compile(model: nn.Module, inner: nn.Module) -> bool:
+    if is_compiled(model):
+        return True
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in inner.modules())
+
+
+def _find_optimizers(param_ids: set[int]) -> bool:
+    """Is an optimizer holding traced parameters alive already? (Then steps end at its step.)"""
+    optimizer_type = torch.optim.Optimizer
+    for obj in gc.get_objects():
+        # type() rather than isinstance(): isinstance reads __class__, which some torch
+        # objects (deprecated aliases) answer with a warning.
+        if issubclass(type(obj), optimizer_type) and any(
+            id(p) in param_ids for p in optimizer_params(obj)
+        ):
+            return True
+    return False
+
+
+def _rank() -> int:
+    dist = getattr(torch, "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return int(os.environ.get("RANK", 0))
+
+
+class Tracer:
+    """The object ``with graddiff.trace(...) as tr`` gives: optional ``tr.step()``, stats."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: Union[str, os.PathLike],
+        *,
+        kinds: Any = None,
+        modules: Optional[Union[str, list[str]]] = None,
+        values: str = "auto",
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        full_steps: Optional[Any] = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TraceUsageError(f"graddiff.trace needs a torch.nn.Module, got {type(model).__name__}")
+        if values not in VALUE_MODES:
+            raise TraceUsageError(f"values={values!r}: choose one of {', '.join(VALUE_MODES)}")
+        try:
+            self.kinds = parse_kinds(kinds)
+        except ValueError as exc:
+            raise TraceUsageError(f"kinds: {exc}") from None
+        if int(max_bytes) < 0:
+            raise TraceUsageError("max_bytes must be >= 0")
+        self.model = model
+        self.path = os.fspath(path).format(rank=_rank()) if "{rank}" in os.fspath(path) else os.fspath(path)
+        self.modules = [modules] if isinstance(modules, str) else (list(modules) if modules is not None else None)
+        self.values = values
+        self.max_bytes = int(max_bytes)
+        self.full_steps = {int(s) for s in full_steps} if full_steps is not None else None
+        self._bag = HandleBag()
+        self._recorder: Optional[Recorder] = None
+        self._writer: Optional[BackgroundWriter] = None
+        self._inner: Optional[nn.Module] = None
+        self._compile_state: Optional[tuple[Any, bool]] = None
+
+    # -- public -------------------------------------------------------------------------
+    def step(self) -> None:
+        """End the current step now. After the first call, only these calls end steps."""
+        if self._recorder is None:
+            raise TraceUsageError("tracer.step() called outside the `with graddiff.trace(...)` block")
+        self._recorder.explicit_step()
+
+    @property
+    def steps_recorded(self) -> int:
+        return self._writer.steps_written if self._writer is not None else 0
+
+    @property
+    def bytes_written(self) -> int:
+        return self._writer.bytes_written if self._writer is not None else 0
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "kinds": list(self.kinds),
+            "modules": self.modules,
+            "values": self.values,
+            "max_bytes": self.max_bytes,
+            "full_steps": sorted(self.full_steps) if self.full_steps is not None else None,
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def __enter__(self) -> Tracer:
+        inner = unwrap_model(self.model)
+        if inner in _active_models:
+            raise TraceUsageError(
+                f"{type(inner).__name__} is already being traced; graddiff.trace cannot be nested "
+                "on the same model (end the outer trace first)"
+            )
+        params = [(n, p) for n, p in inner.named_parameters() if _matches(_owner(n), self.modules)]
+        buffers = [(n, b) for n, b in inner.named_buffers() if _matches(_owner(n), self.modules)]
+        modules = [(n, m) for n, m in inner.named_modules() if _matches(n, self.modules)]
+        environment = collect_environment(inner, self.options())
+        options = self.options()
+        try:
+            self._writer = BackgroundWriter(lambda: TraceWriter(self.path, environment, options))
+        except Exception as exc:
+            raise TraceUsageError(f"{self.path}: cannot create the trace file ({exc})") from None
+        self._recorder = Recorder(
+            writer=self._writer,
+            params=params,
+            buffers=buffers,
+            kinds=self.kinds,
+            values=self.values,
+            max_bytes=self.max_bytes,
+            full_steps=self.full_steps,
+            optimizer_known=_find_optimizers({id(p) for _, p in params}),
+        )
+        self._inner = inner
+        _active_models.add(inner)
+        try:
+            compiled = _uses_compile(self.model, inner)
+            if compiled:
+                self._prepare_compile()
+            install_module_hooks(inner, modules, self._recorder, self._bag, compiled=compiled)
+            self._bag.add(add_step_pre_hook(self._recorder.on_optimizer_step))
+            self._bag.add(add_listener(self._recorder))
+        except BaseException:
+            self._teardown(completed=False, status="aborted: graddiff could not install its hooks")
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self._teardown(completed=True, status="complete")
+        else:
+            self._teardown(completed=False, status=f"aborted: the traced code raised {exc_type.__name__}")
+
+    def _teardown(self, *, completed: bool, status: str) -> None:
+        """Hooks off first, then the last step, then the file. Runs once."""
+        try:
+            self._bag.remove()
+        finally:
+            if self._compile_state is not None:
+                self._restore_compile()
+            if self._inner is not None:
+                _active_models.discard(self._inner)
+            recorder, writer = self._recorder, self._writer
+            self._recorder = None
+            if recorder is not None:
+                recorder.finish(completed)
+                if recorder.failure is not None:
+                    status = f"stopped: {recorder.failure}"
+            if writer is not None:
+                writer.close(status)
+
+    # torch.compile: module hooks added after compilation are silently skipped unless Dynamo
+    # guards on them and recompiles (FIELD-NOTES 6). This forces one recompile, on entry and exit.
+    def _prepare_compile(self) -> None:
+        import torch._dynamo as dynamo
+
+        old = getattr(dynamo.config, "skip_nnmodule_hook_guards", None)
+        self._compile_state = (dynamo, old)
+        if old is not None:
+            dynamo.config.skip_nnmodule_hook_guards = False
+        dynamo.reset()
+
+    def _restore_compile(self) -> None:
+        assert self._compile_state is not None
+        dynamo, old = self._compile_state
+        self._compile_state = None
+        dynamo.reset()
+        if old is not None:
+            dynamo.config.skip_nnmodule_hook_guards = old
+
+
+def trace(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    *,
+    kinds: Any = None,
+    modules: Optional[Union[str, list[str]]] = None,
+    values: str = "auto",
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    full_steps: Optional[Any] = None,
+) -> Tracer:
+    """Record a training run into ``path`` while the ``with`` block runs.
+
+    Args:
+        model: the model being trained (compiled, DDP and DataParallel wrappers are unwrapped).
+        path: the trace file; ``{rank}`` is replaced by the distributed rank.
+        kinds: kinds to record (default all): param, input, activation, loss, grad_output,
+            grad, autograd_grad, buffer; a list or a comma-separated string.
+        modules: glob patterns of module names (a match includes its submodules); default all.
+        values: "auto" (full values until ``max_bytes`` is spent, then statistics only),
+            "full", or "stats" (fingerprints and statistics only).
+        max_bytes: the full-values budget of ``values="auto"``.
+        full_steps: store full values exactly at these steps (statistics elsewhere).
+
+    Returns:
+        A :class:`Tracer`; ``tr.step()`` ends a step explicitly.
+    """
+    return Tracer(
+        model, path, kinds=kinds, modules=modules, values=values, max_bytes=max_bytes, full_steps=full_steps
+    )

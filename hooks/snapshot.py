@@ -1,0 +1,218 @@
+"""Turn a live tensor into a record: exact fingerprint and stats where the tensor lives.
+
+Data flow: hooks --tensor--> snapshot --EntryData / PendingEntry--> recorder --> writer.
+The fingerprint here must equal ``graddiff.format.fingerprint_bytes`` of the same bytes, bit for
+bit: the reader recomputes it to verify stored values, and the differ trusts it for equality.
+
+CPU tensors that keep full values are copied on the hot path (one memcpy) and summarised on the
+writer thread; stats-only CPU tensors are summarised in place (no copy). CUDA tensors are
+summarised on the device and copied to pinned host memory without a sync; the writer thread
+waits on a CUDA event (UNVERIFIED here: no GPU on the development machines).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..entries import EntryData
+from ..format import FP_BLOCK_WORDS
+
+_WEIGHTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _weights(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, device)
+    w = _WEIGHTS.get(key)
+    if w is None:
+        if len(_WEIGHTS) > 256:
+            _WEIGHTS.clear()
+        w = _WEIGHTS[key] = torch.arange(1, n + 1, dtype=torch.int64, device=device)
+    return w
+
+
+def _as_bytes(x: torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 view of a tensor's data, 8-byte aligned (copies only when it must)."""
+    if not x.is_contiguous() or (x.storage_offset() * x.element_size()) % 8:
+        x = x.contiguous() if not x.is_contiguous() else x.clone()
+        if (x.storage_offset() * x.element_size()) % 8:
+            x = x.clone()
+    if x.is_complex():
+        x = torch.view_as_real(x)
+    return x.reshape(-1).view(torch.uint8)
+
+
+def fingerprint_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp_sum, fp_pos) as int64 tensors on x's device, no sync (see graddiff.format)."""
+    b = _as_bytes(x)
+    n = b.numel()
+    n_words = n // 8
+    n_full = n_words // FP_BLOCK_WORDS
+    words = b[: n_words * 8].view(torch.int64)
+    block_sums = words[: n_full * FP_BLOCK_WORDS].view(n_full, FP_BLOCK_WORDS).sum(1)
+    last = words[n_full * FP_BLOCK_WORDS :].sum()
+    if n % 8:
+        pad = torch.zeros(8, dtype=torch.uint8, device=b.device)
+        pad[: n % 8] = b[n_words * 8 :]
+        last = last + pad.view(torch.int64)[0]
+    fp_sum = block_sums.sum() + last
+    fp_pos = (block_sums * _weights(n_full, b.device)).sum() + (n_full + 1) * last
+    return fp_sum, fp_pos
+
+
+def _float_view(x: torch.Tensor) -> torch.Tensor:
+    if x.is_complex():
+        return x.abs()
+    if not x.is_floating_point():
+        return x.to(torch.float64)
+    if x.dtype in (torch.float32, torch.float64):
+        return x
+    return x.to(torch.float32)  # half, bfloat16, float8: summarise in float32
+
+
+def stats_on_device(x: torch.Tensor) -> torch.Tensor:
+    """A float64 vector [norm, mean, min, max, nan, inf, fp_sum, fp_pos] with no host sync.
+
+    fp_* are int64 bit patterns carried through float64 storage via ``view``.
+    """
+    fp_sum, fp_pos = fingerprint_parts(x)
+    if x.numel() == 0:
+        head = torch.zeros(6, dtype=torch.float64, device=x.device)
+    else:
+        xf = _float_view(x)
+        mn, mx = torch.aminmax(xf)
+        head = torch.stack(
+            [
+                torch.linalg.vector_norm(xf).to(torch.float64),
+                xf.mean().to(torch.float64),
+                mn.to(torch.float64),
+                mx.to(torch.float64),
+                torch.isnan(xf).sum().to(torch.float64),
+                torch.isinf(xf).sum().to(torch.float64),
+            ]
+        )
+    fps = torch.stack([fp_sum, fp_pos]).view(torch.float64)
+    return torch.cat([head, fps])
+
+
+def stats_on_cpu(x: torch.Tensor) -> tuple[tuple[float, float, float, float, int, int], tuple[int, int]]:
+    """Stats and fingerprint of a CPU tensor; counts NaN/Inf only when the norm is not finite."""
+    fp_sum, fp_pos = fingerprint_parts(x)
+    fp = (int(fp_sum) % 2**64, int(fp_pos) % 2**64)
+    if x.numel() == 0:
+        return (0.0, 0.0, 0.0, 0.0, 0, 0), fp
+    xf = _float_view(x)
+    norm = torch.linalg.vector_norm(xf)
+    mean = xf.mean()
+    if bool(torch.isfinite(norm)) and bool(torch.isfinite(mean)):
+        mn, mx = torch.aminmax(xf)
+        return (float(norm), float(mean), float(mn), float(mx), 0, 0), fp
+    nan = int(torch.isnan(xf).sum())
+    inf = int(torch.isinf(xf).sum())
+    finite = xf[torch.isfinite(xf)]
+    if finite.numel():
+        mn, mx = torch.aminmax(finite)
+        lo, hi = float(mn), float(mx)
+    else:
+        lo = hi = float("nan")
+    return (float(norm), float(mean), lo, hi, nan, inf), fp
+
+
+def _unpack_device_stats(v: torch.Tensor) -> tuple[tuple, tuple[int, int]]:
+    vals = v[:6].tolist()
+    fps = v[6:].view(torch.int64).tolist()
+    stats = (vals[0], vals[1], vals[2], vals[3], int(vals[4]), int(vals[5]))
+    return stats, (fps[0] % 2**64, fps[1] % 2**64)
+
+
+class PendingEntry(EntryData):
+    """An entry whose stats/fingerprint/values are finished on the writer thread."""
+
+    _source: Optional[torch.Tensor] = None
+    _stats_host: Optional[torch.Tensor] = None
+    _event: Optional[object] = None
+
+    def resolve(self) -> EntryData:
+        if self._event is not None:
+            self._event.synchronize()  # type: ignore[attr-defined]
+        if self._stats_host is not None:
+            self.stats, self.fingerprint = _unpack_device_stats(self._stats_host)
+        elif self._source is not None:
+            self.stats, self.fingerprint = stats_on_cpu(self._source)
+        if self._source is not None and self.values is None and self._keep_values:
+            self.values = _to_numpy_bytes(self._source)
+        self._source = self._stats_host = self._event = None
+        return self
+
+    _keep_values: bool = False
+
+
+def _to_numpy_bytes(t: torch.Tensor):
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.dtype in (torch.bfloat16,):
+        return t.view(torch.int16).numpy().view("<u2")
+    if t.dtype in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)):
+        return t.view(torch.uint8).numpy()
+    if t.dtype.is_floating_point and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        return t.view(torch.uint8).numpy()
+    return t.numpy()
+
+
+def capture(
+    kind: str,
+    name: str,
+    tensor: torch.Tensor,
+    *,
+    call: int,
+    seq: int,
+    flags: int,
+    keep_values: bool,
+) -> EntryData:
+    """Snapshot ``tensor`` now. Never modifies it and never consumes RNG."""
+    x = tensor.detach()
+    base = dict(
+        kind=kind,
+        name=name,
+        call=call,
+        dtype=dtype_name(x.dtype),
+        shape=tuple(x.shape),
+        stats=(0.0, 0.0, 0.0, 0.0, 0, 0),
+        fingerprint=(0, 0),
+        flags=flags,
+        seq=seq,
+    )
+    if x.device.type == "cpu":
+        if keep_values:
+            entry = PendingEntry(**base)
+            entry._source = x.clone(memory_format=torch.contiguous_format)
+            entry._keep_values = True
+            return entry
+        entry = EntryData(**base)
+        entry.stats, entry.fingerprint = stats_on_cpu(x)
+        return entry
+    # Accelerator: summarise on the device, copy asynchronously, sync on the writer thread.
+    entry = PendingEntry(**base)
+    stats = stats_on_device(x)
+    host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+    host.copy_(stats, non_blocking=True)
+    entry._stats_host = host
+    if keep_values:
+        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf.copy_(x, non_blocking=True)
+        entry._source = buf
+        entry._keep_values = True
+    if x.device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record()
+        entry._event = event
+    else:
+        torch_sync = getattr(getattr(torch, x.device.type, None), "synchronize", None)
+        if torch_sync is not None:
+            torch_sync()
+    return entry
