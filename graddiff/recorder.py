@@ -84,7 +84,6 @@ class Recorder:
         values: str,
         max_bytes: int,
         full_steps: Optional[set[int]],
-        optimizer_known: bool,
     ) -> None:
         self.writer = writer
         self.params = params
@@ -94,8 +93,12 @@ class Recorder:
         self.values = values
         self.max_bytes = max_bytes
         self.full_steps = full_steps
-        self.clock = StepClock(optimizer_known=optimizer_known)
-        self.optimizer_seen = optimizer_known
+        self.clock = StepClock()
+        self.optimizer_seen = False
+        # A few small trainable parameters whose change reveals a manual update (see steps.py).
+        trainable = sorted((p for _, p in params if p.requires_grad), key=lambda p: p.numel())
+        self._probes: list[torch.Tensor] = trainable[:3]
+        self._probe_values: list[tuple[int, torch.Tensor]] = []
         self.active = True
         self.failure: Optional[str] = None
         self.steps_submitted = 0
@@ -151,6 +154,8 @@ class Recorder:
             return
         self.clock.started = True
         self._step_full = self._decide_full(self.clock.step)
+        if not self.optimizer_seen:
+            self._probe_values = [(p._version, p.detach().clone()) for p in self._probes]
         if Kind.PARAM.value in self.kinds:
             for name, p in self.params:
                 self._record(Kind.PARAM.value, name, p, call=0)
@@ -204,12 +209,20 @@ class Recorder:
         self._forward_depth.append(grad)
         if not grad:
             return
-        if self.clock.forward(True):
+        if self.clock.forward(True, self._params_changed):
             self._end_step()
         self._ensure_started()
         if Kind.INPUT.value in self.kinds:
             for path, t in flatten_tensors(list(args)) + flatten_tensors(dict(kwargs or {})):
                 self._record(Kind.INPUT.value, path, t, call=self._next_call("input", path), alias=True)
+
+    def _params_changed(self) -> bool:
+        """Did a manual update touch the probe parameters since the step began?"""
+        for p, (version, saved) in zip(self._probes, self._probe_values):
+            # _version misses `p.data -= ...` (FIELD-NOTES 3), so compare values as well.
+            if p._version != version or not torch.equal(p.detach(), saved):
+                return True
+        return False
 
     @_guarded
     def on_model_forward_end(self) -> None:

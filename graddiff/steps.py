@@ -4,7 +4,8 @@ The rules (README, "The step model"):
 - once an optimizer that owns traced parameters steps, every ``optimizer.step()`` ends a step,
   so gradient accumulation over micro-batches is one step;
 - otherwise (manual loops), a forward with grad enabled that follows a gradient computation
-  starts a new step;
+  starts a new step, provided the parameters changed since the step began (so gradient
+  accumulation without an optimizer, or before the optimizer's first step, stays one step);
 - forwards under ``torch.no_grad()`` never start a step;
 - once the user calls ``tracer.step()``, only those calls end steps.
 """
@@ -12,6 +13,7 @@ The rules (README, "The step model"):
 from __future__ import annotations
 
 from enum import Enum
+from typing import Callable
 
 
 class StepMode(str, Enum):
@@ -29,11 +31,14 @@ class StepClock:
         self.gradient_seen = False  # a gradient computation happened in the current step
         self.started = False  # the current step has begun (its params were captured)
 
-    def forward(self, grad_enabled: bool) -> bool:
-        """A model forward begins. Returns True if the current step must end first."""
+    def forward(self, grad_enabled: bool, params_changed: Callable[[], bool]) -> bool:
+        """A model forward begins. Returns True if the current step must end first.
+
+        ``params_changed`` is asked only when it matters (manual loop, after a gradient).
+        """
         if not grad_enabled:
             return False
-        return self.mode is StepMode.MANUAL_LOOP and self.gradient_seen
+        return self.mode is StepMode.MANUAL_LOOP and self.gradient_seen and params_changed()
 
     def gradient(self) -> None:
         self.gradient_seen = True

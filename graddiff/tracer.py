@@ -9,7 +9,6 @@ the file is closed.
 from __future__ import annotations
 
 import fnmatch
-import gc
 import os
 import weakref
 from typing import Any, Optional, Union
@@ -23,7 +22,7 @@ from .hooks.autograd_hooks import add_listener
 from .hooks.handles import HandleBag
 from .hooks.module_hooks import install_module_hooks
 from .hooks.naming import ROOT_NAME, is_compiled, unwrap_model
-from .hooks.optimizer_hooks import add_step_pre_hook, optimizer_params
+from .hooks.optimizer_hooks import add_step_pre_hook
 from .kinds import parse_kinds
 from .recorder import Recorder
 from .writer import BackgroundWriter, TraceWriter
@@ -53,19 +52,6 @@ def _uses_compile(model: nn.Module, inner: nn.Module) -> bool:
     if is_compiled(model):
         return True
     return any(getattr(m, "_compiled_call_impl", None) is not None for m in inner.modules())
-
-
-def _find_optimizers(param_ids: set[int]) -> bool:
-    """Is an optimizer holding traced parameters alive already? (Then steps end at its step.)"""
-    optimizer_type = torch.optim.Optimizer
-    for obj in gc.get_objects():
-        # type() rather than isinstance(): isinstance reads __class__, which some torch
-        # objects (deprecated aliases) answer with a warning.
-        if issubclass(type(obj), optimizer_type) and any(
-            id(p) in param_ids for p in optimizer_params(obj)
-        ):
-            return True
-    return False
 
 
 def _rank() -> int:
@@ -161,7 +147,6 @@ class Tracer:
             values=self.values,
             max_bytes=self.max_bytes,
             full_steps=self.full_steps,
-            optimizer_known=_find_optimizers({id(p) for _, p in params}),
         )
         self._inner = inner
         _active_models.add(inner)
