@@ -115,6 +115,7 @@ class Recorder:
     def _reset_step_state(self) -> None:
         self._entries: list[EntryData] = []
         self._calls: dict[tuple[str, str], int] = {}
+        self._grad_output_calls: dict[str, set[int]] = {}
         self._pending_grads: dict[str, EntryData] = {}
         self._aliases: dict[int, tuple[torch.Tensor, int, EntryData]] = {}
         self._seq = 0
@@ -260,11 +261,10 @@ class Recorder:
     @_guarded
     def on_grad_output(self, rname: str, call: int, grad: torch.Tensor) -> None:
         with self._lock:
-            key = (Kind.GRAD_OUTPUT.value, rname)
-            seen = self._calls.get(key, 0)
-            # A second gradient for the same output (double backward) gets a fresh call index.
-            call = max(call, seen)
-            self._calls[key] = call + 1
+            used = self._grad_output_calls.setdefault(rname, set())
+            if call in used:  # a second gradient for one output (double backward): fresh index
+                call = max(used) + 1
+            used.add(call)
             self._record(Kind.GRAD_OUTPUT.value, rname, grad, call=call, alias=True)
 
     def before_gradient(self, outputs: Any, accumulate: bool) -> None:
