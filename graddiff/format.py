@@ -144,13 +144,19 @@ def fingerprint_bytes(raw: np.ndarray) -> tuple[int, int]:
     words = b[: n_words * 8].view("<i8")
     last = 0  # the partial last block: leftover words plus the zero-padded tail bytes
     with np.errstate(over="ignore"):
-        block_sums = words[: n_full * FP_BLOCK_WORDS].reshape(n_full, FP_BLOCK_WORDS).sum(
-            axis=1, dtype="<i8"
+        block_sums = (
+            words[: n_full * FP_BLOCK_WORDS]
+            .reshape(n_full, FP_BLOCK_WORDS)
+            .sum(axis=1, dtype="<i8")
         )
         weights = np.arange(1, n_full + 1, dtype="<i8")
         fp_sum = int(block_sums.sum(dtype="<i8"))
         fp_pos = int((block_sums * weights).sum(dtype="<i8"))
-    last += int(words[n_full * FP_BLOCK_WORDS :].sum(dtype="<i8")) if n_words > n_full * FP_BLOCK_WORDS else 0
+    last += (
+        int(words[n_full * FP_BLOCK_WORDS :].sum(dtype="<i8"))
+        if n_words > n_full * FP_BLOCK_WORDS
+        else 0
+    )
     tail = b[n_words * 8 :]
     if tail.size:
         padded = np.zeros(8, np.uint8)

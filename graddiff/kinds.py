@@ -57,8 +57,6 @@ def parse_kinds(kinds: object) -> tuple[str, ...]:
             if not part:
                 continue
             if part not in CAUSAL_RANK:
-                raise ValueError(
-                    f"unknown kind {part!r}; choose from {', '.join(ALL_KINDS)}"
-                )
+                raise ValueError(f"unknown kind {part!r}; choose from {', '.join(ALL_KINDS)}")
             out.append(part)
     return tuple(k for k in ALL_KINDS if k in out)

@@ -57,7 +57,9 @@ def _check_table(f: h5py.File, name: str, dtype: np.dtype, path: str) -> h5py.Da
     if not isinstance(ds, h5py.Dataset):
         raise TraceFileError(path, f"corrupt graddiff file: the '{name}' table is missing")
     if ds.ndim != 1 or ds.dtype.names != dtype.names:
-        raise TraceFileError(path, f"corrupt graddiff file: the '{name}' table has the wrong layout")
+        raise TraceFileError(
+            path, f"corrupt graddiff file: the '{name}' table has the wrong layout"
+        )
     return ds
 
 
@@ -107,8 +109,9 @@ class Run:
         version = int(f.attrs.get("format_version", -1))
         if version > FORMAT_VERSION:
             raise TraceFileError(
-                p, f"written in trace format {version}, newer than this graddiff reads "
-                f"({FORMAT_VERSION}); upgrade graddiff"
+                p,
+                f"written in trace format {version}, newer than this graddiff reads "
+                f"({FORMAT_VERSION}); upgrade graddiff",
             )
         if version < 1:
             raise TraceFileError(p, "corrupt graddiff file: bad 'format_version'")
@@ -126,14 +129,13 @@ class Run:
         records = _check_table(f, "records", RECORD_DTYPE, p)[:]
         steps = _check_table(f, "steps", STEP_DTYPE, p)[:]
         n_entries = self._entries_ds.shape[0]
-        if len(steps):
-            if (
-                np.any(steps["start"] < 0)
-                or np.any(steps["stop"] < steps["start"])
-                or int(steps["stop"].max()) > n_entries
-                or np.any(np.diff(steps["step"]) <= 0)
-            ):
-                raise TraceFileError(p, "corrupt graddiff file: the step index is inconsistent")
+        if len(steps) and (
+            np.any(steps["start"] < 0)
+            or np.any(steps["stop"] < steps["start"])
+            or int(steps["stop"].max()) > n_entries
+            or np.any(np.diff(steps["step"]) <= 0)
+        ):
+            raise TraceFileError(p, "corrupt graddiff file: the step index is inconsistent")
         self._step_rows = steps
         self.steps: np.ndarray = steps["step"].astype(np.int64)
         self._committed_entries = int(steps["stop"].max()) if len(steps) else 0
@@ -207,7 +209,9 @@ class Run:
         return os.path.getsize(self.path)
 
     # -- entries ---------------------------------------------------------------------------
-    def entries(self, first_step: Optional[int] = None, last_step: Optional[int] = None) -> np.ndarray:
+    def entries(
+        self, first_step: Optional[int] = None, last_step: Optional[int] = None
+    ) -> np.ndarray:
         """Entry rows (``format.ENTRY_DTYPE``) of the complete steps in [first, last]."""
         rows = self._step_rows
         if first_step is not None:
@@ -220,7 +224,9 @@ class Run:
         try:
             out = self._entries_ds[lo:hi]
         except Exception as exc:
-            raise TraceFileError(self.path, f"corrupt graddiff file: cannot read entries ({_short(exc)})") from None
+            raise TraceFileError(
+                self.path, f"corrupt graddiff file: cannot read entries ({_short(exc)})"
+            ) from None
         return out
 
     def iter_step_blocks(self, block_steps: int = 256) -> Iterator[np.ndarray]:
@@ -239,8 +245,7 @@ class Run:
         pos = self._step_pos.get(int(step))
         if pos is None:
             raise KeyError(
-                f"{self.path}: step {step} is not a complete step "
-                f"(steps {self._describe_steps()})"
+                f"{self.path}: step {step} is not a complete step (steps {self._describe_steps()})"
             )
         row = self._step_rows[pos]
         ents = self._entries_ds[int(row["start"]) : int(row["stop"])]
@@ -280,10 +285,16 @@ class Run:
             )
         ndim = int(e["ndim"])
         if not 0 <= ndim <= MAX_NDIM:
-            raise TraceFileError(self.path, f"corrupt graddiff file: bad shape of {key} at step {step}")
+            raise TraceFileError(
+                self.path, f"corrupt graddiff file: bad shape of {key} at step {step}"
+            )
         shape = tuple(int(s) for s in e["shape"][:ndim])
         nbytes, offset = int(e["nbytes"]), int(e["offset"])
-        expected = int(np.prod(shape)) * storage_dtype(dtype).itemsize if shape else storage_dtype(dtype).itemsize
+        expected = (
+            int(np.prod(shape)) * storage_dtype(dtype).itemsize
+            if shape
+            else storage_dtype(dtype).itemsize
+        )
         ds = self._file.get(f"values/{step:08d}")
         if (
             not isinstance(ds, h5py.Dataset)
@@ -297,7 +308,9 @@ class Run:
         try:
             raw = ds[offset : offset + nbytes]
         except Exception as exc:
-            raise TraceFileError(self.path, f"corrupt graddiff file: cannot read values ({_short(exc)})") from None
+            raise TraceFileError(
+                self.path, f"corrupt graddiff file: cannot read values ({_short(exc)})"
+            ) from None
         if fingerprint_bytes(raw) != (int(e["fp_sum"]), int(e["fp_pos"])):
             raise TraceFileError(
                 self.path,

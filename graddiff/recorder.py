@@ -35,7 +35,9 @@ class AliasEntry(EntryData):
     """The same tensor seen twice in a step (a container and its last child return one
     tensor): shares the first capture's stats, fingerprint and stored bytes."""
 
-    def __init__(self, source: EntryData, kind: str, name: str, call: int, seq: int, flags: int) -> None:
+    def __init__(
+        self, source: EntryData, kind: str, name: str, call: int, seq: int, flags: int
+    ) -> None:
         super().__init__(
             kind=kind,
             name=name,
@@ -161,14 +163,29 @@ class Recorder:
             for name, p in self.params:
                 self._record(Kind.PARAM.value, name, p, call=0)
 
-    def _record(self, kind: str, name: str, tensor: torch.Tensor, *, call: int, flags: int = 0, alias: bool = False) -> EntryData:
+    def _record(
+        self,
+        kind: str,
+        name: str,
+        tensor: torch.Tensor,
+        *,
+        call: int,
+        flags: int = 0,
+        alias: bool = False,
+    ) -> EntryData:
         with self._lock:
             cached = self._aliases.get(id(tensor)) if alias else None
             if cached is not None and cached[0] is tensor and cached[1] == tensor._version:
                 entry: EntryData = AliasEntry(cached[2], kind, name, call, self._seq, flags)
             else:
                 entry = capture(
-                    kind, name, tensor, call=call, seq=self._seq, flags=flags, keep_values=self._step_full
+                    kind,
+                    name,
+                    tensor,
+                    call=call,
+                    seq=self._seq,
+                    flags=flags,
+                    keep_values=self._step_full,
                 )
                 if self._step_full:
                     self.full_bytes += tensor.numel() * tensor.element_size()
@@ -190,7 +207,15 @@ class Recorder:
             if Kind.BUFFER.value in self.kinds:
                 for name, buf in self.buffers:
                     entries.append(
-                        capture(Kind.BUFFER.value, name, buf, call=0, seq=self._seq, flags=0, keep_values=self._step_full)
+                        capture(
+                            Kind.BUFFER.value,
+                            name,
+                            buf,
+                            call=0,
+                            seq=self._seq,
+                            flags=0,
+                            keep_values=self._step_full,
+                        )
                     )
                     self._seq += 1
             step = self.clock.step
@@ -215,7 +240,9 @@ class Recorder:
         self._ensure_started()
         if Kind.INPUT.value in self.kinds:
             for path, t in flatten_tensors(list(args)) + flatten_tensors(dict(kwargs or {})):
-                self._record(Kind.INPUT.value, path, t, call=self._next_call("input", path), alias=True)
+                self._record(
+                    Kind.INPUT.value, path, t, call=self._next_call("input", path), alias=True
+                )
 
     def _params_changed(self) -> bool:
         """Did a manual update touch the probe parameters since the step began?"""
@@ -299,7 +326,9 @@ class Recorder:
                     continue  # a parameter outside the traced selection
                 else:
                     name = f"input[{i}]"
-                self._record(Kind.AUTOGRAD_GRAD.value, name, g, call=self._next_call("autograd_grad", name))
+                self._record(
+                    Kind.AUTOGRAD_GRAD.value, name, g, call=self._next_call("autograd_grad", name)
+                )
         elif not self.optimizer_seen and Kind.GRAD.value in self.kinds:
             # No optimizer: the update uses .grad as the step's last backward left it.
             self._capture_grads(self.params)
@@ -309,7 +338,13 @@ class Recorder:
             for name, p in params:
                 if p.grad is not None:
                     self._pending_grads[name] = capture(
-                        Kind.GRAD.value, name, p.grad, call=0, seq=0, flags=0, keep_values=self._step_full
+                        Kind.GRAD.value,
+                        name,
+                        p.grad,
+                        call=0,
+                        seq=0,
+                        flags=0,
+                        keep_values=self._step_full,
                     )
                     if self._step_full:
                         self.full_bytes += p.grad.numel() * p.grad.element_size()

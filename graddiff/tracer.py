@@ -76,7 +76,9 @@ class Tracer:
         full_steps: Optional[Any] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TraceUsageError(f"graddiff.trace needs a torch.nn.Module, got {type(model).__name__}")
+            raise TraceUsageError(
+                f"graddiff.trace needs a torch.nn.Module, got {type(model).__name__}"
+            )
         if values not in VALUE_MODES:
             raise TraceUsageError(f"values={values!r}: choose one of {', '.join(VALUE_MODES)}")
         try:
@@ -86,8 +88,14 @@ class Tracer:
         if int(max_bytes) < 0:
             raise TraceUsageError("max_bytes must be >= 0")
         self.model = model
-        self.path = os.fspath(path).format(rank=_rank()) if "{rank}" in os.fspath(path) else os.fspath(path)
-        self.modules = [modules] if isinstance(modules, str) else (list(modules) if modules is not None else None)
+        self.path = (
+            os.fspath(path).format(rank=_rank()) if "{rank}" in os.fspath(path) else os.fspath(path)
+        )
+        self.modules = (
+            [modules]
+            if isinstance(modules, str)
+            else (list(modules) if modules is not None else None)
+        )
         self.values = values
         self.max_bytes = int(max_bytes)
         self.full_steps = {int(s) for s in full_steps} if full_steps is not None else None
@@ -101,7 +109,9 @@ class Tracer:
     def step(self) -> None:
         """End the current step now. After the first call, only these calls end steps."""
         if self._recorder is None:
-            raise TraceUsageError("tracer.step() called outside the `with graddiff.trace(...)` block")
+            raise TraceUsageError(
+                "tracer.step() called outside the `with graddiff.trace(...)` block"
+            )
         self._recorder.explicit_step()
 
     @property
@@ -166,7 +176,9 @@ class Tracer:
         if exc_type is None:
             self._teardown(completed=True, status="complete")
         else:
-            self._teardown(completed=False, status=f"aborted: the traced code raised {exc_type.__name__}")
+            self._teardown(
+                completed=False, status=f"aborted: the traced code raised {exc_type.__name__}"
+            )
 
     def _teardown(self, *, completed: bool, status: str) -> None:
         """Hooks off first, then the last step, then the file. Runs once."""
@@ -233,5 +245,11 @@ def trace(
         A :class:`Tracer`; ``tr.step()`` ends a step explicitly.
     """
     return Tracer(
-        model, path, kinds=kinds, modules=modules, values=values, max_bytes=max_bytes, full_steps=full_steps
+        model,
+        path,
+        kinds=kinds,
+        modules=modules,
+        values=values,
+        max_bytes=max_bytes,
+        full_steps=full_steps,
     )

@@ -313,4 +313,3 @@ class BackgroundWriter:
             final = status if self._failure is None else f"stopped: {self._failure}"
             self._writer.close(final)
         self.warn_if_failed()
-

@@ -32,7 +32,9 @@ def inside_backward() -> bool:
         return False
 
 
-def _dispatch(call: Callable[..., Any], outputs: Any, accumulate: bool, inputs: Any, *a: Any, **kw: Any) -> Any:
+def _dispatch(
+    call: Callable[..., Any], outputs: Any, accumulate: bool, inputs: Any, *a: Any, **kw: Any
+) -> Any:
     listeners = list(_listeners)
     if not listeners or inside_backward():
         return call(*a, **kw)
@@ -67,7 +69,9 @@ def _install() -> None:
         return _dispatch(orig_grad, outputs, False, inputs, outputs, inputs, *args, **kwargs)
 
     def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
-        return _dispatch(orig_backward, tensors, True, kwargs.get("inputs"), tensors, *args, **kwargs)
+        return _dispatch(
+            orig_backward, tensors, True, kwargs.get("inputs"), tensors, *args, **kwargs
+        )
 
     _autograd.grad, _autograd.backward = grad, backward  # type: ignore[assignment]
 

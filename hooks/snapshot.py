@@ -100,7 +100,9 @@ def stats_on_device(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([head, fps])
 
 
-def stats_on_cpu(x: torch.Tensor) -> tuple[tuple[float, float, float, float, int, int], tuple[int, int]]:
+def stats_on_cpu(
+    x: torch.Tensor,
+) -> tuple[tuple[float, float, float, float, int, int], tuple[int, int]]:
     """Stats and fingerprint of a CPU tensor; counts NaN/Inf only when the norm is not finite."""
     fp_sum, fp_pos = fingerprint_parts(x)
     fp = (int(fp_sum) % 2**64, int(fp_pos) % 2**64)

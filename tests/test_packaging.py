@@ -46,12 +46,16 @@ def test_reading_side_never_imports_torch():
 
 
 def test_python_dash_m_and_console_script_agree():
-    result = subprocess.run([sys.executable, "-m", "graddiff", "--version"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "graddiff", "--version"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and graddiff.__version__ in result.stdout
 
 
 def test_unknown_command_is_one_error_line_exit_2():
-    result = subprocess.run([sys.executable, "-m", "graddiff", "frobnicate"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "graddiff", "frobnicate"], capture_output=True, text=True
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo_models import LOOPS, BNMLP, batches
+from zoo_models import BNMLP, LOOPS, batches
 
 import graddiff
 from graddiff.steps import StepClock, StepMode

@@ -59,7 +59,9 @@ def test_param_grad_buffer_loss_input_values(sgd_run):
             np.testing.assert_array_equal(run.get("buffer", name, step), _np(value))
         np.testing.assert_array_equal(run.get("loss", "loss", step), _np(ref["loss"][step]))
         np.testing.assert_array_equal(run.get("input", "0", step), _np(ref["input"][step]))
-        np.testing.assert_array_equal(run.get("activation", "(root)", step), _np(ref["logits"][step]))
+        np.testing.assert_array_equal(
+            run.get("activation", "(root)", step), _np(ref["logits"][step])
+        )
     assert "autograd_grad" not in run.kinds
 
 
@@ -235,7 +237,14 @@ def test_environment_is_recorded(tmp_path):
     assert env["initial_seed"] == 123
     assert env["n_parameters"] == 8 and env["model_class"].endswith("Linear")
     assert env["device"] == "cpu" and env["dtype"] == "float32"
-    for key in ("cudnn_deterministic", "cudnn_benchmark", "deterministic_algorithms", "python", "platform", "argv"):
+    for key in (
+        "cudnn_deterministic",
+        "cudnn_benchmark",
+        "deterministic_algorithms",
+        "python",
+        "platform",
+        "argv",
+    ):
         assert key in env
     opts = graddiff.open(tmp_path / "e.h5").options
     assert opts["values"] == "stats"

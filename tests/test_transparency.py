@@ -13,7 +13,7 @@ import torch.autograd
 import torch.nn.functional as F
 import torch.optim.optimizer as optim_module
 from torch import nn
-from zoo_models import LOOPS, BNMLP, SmallCNN, batches, state_of
+from zoo_models import BNMLP, LOOPS, SmallCNN, batches, state_of
 
 import graddiff
 
@@ -27,10 +27,15 @@ def _model_and_data(kind):
     if kind == "cnn":
         return SmallCNN(), batches(3, batch=8, in_shape=(1, 16, 16), classes=10)
     torchvision = pytest.importorskip("torchvision")
-    return torchvision.models.resnet18(weights=None, num_classes=10), batches(2, batch=4, in_shape=(3, 32, 32), classes=10)
+    return torchvision.models.resnet18(weights=None, num_classes=10), batches(
+        2, batch=4, in_shape=(3, 32, 32), classes=10
+    )
 
 
-CASES = [(m, loop) for m in ("mlp", "cnn") for loop in LOOPS] + [("resnet18", "sgd"), ("resnet18", "adamw")]
+CASES = [(m, loop) for m in ("mlp", "cnn") for loop in LOOPS] + [
+    ("resnet18", "sgd"),
+    ("resnet18", "adamw"),
+]
 
 
 @pytest.mark.parametrize("model_kind,loop", CASES, ids=[f"{m}-{lp}" for m, lp in CASES])
@@ -67,7 +72,8 @@ def test_dropout_rng_stream_is_untouched(tmp_path):
 
 def _hook_counts(model):
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
     )
 
 
@@ -98,10 +104,9 @@ def test_everything_removed_on_exit(tmp_path):
 def test_everything_removed_when_the_body_raises(tmp_path):
     model, data = _model_and_data("mlp")
     before_hooks, before_global = _hook_counts(model), _global_state()
-    with pytest.raises(ZeroDivisionError):
-        with graddiff.trace(model, tmp_path / "t.h5"):
-            LOOPS["sgd"](model, data[:2])
-            _ = 1 / 0
+    with pytest.raises(ZeroDivisionError), graddiff.trace(model, tmp_path / "t.h5"):
+        LOOPS["sgd"](model, data[:2])
+        _ = 1 / 0
     assert _hook_counts(model) == before_hooks
     assert _global_state() == before_global
     run = graddiff.open(tmp_path / "t.h5")
@@ -115,9 +120,8 @@ def test_exception_inside_forward_removes_hooks(tmp_path):
             raise RuntimeError("boom")
 
     model = nn.Sequential(nn.Linear(3, 3), Boom())
-    with pytest.raises(RuntimeError, match="boom"):
-        with graddiff.trace(model, tmp_path / "t.h5"):
-            model(torch.randn(2, 3))
+    with pytest.raises(RuntimeError, match="boom"), graddiff.trace(model, tmp_path / "t.h5"):
+        model(torch.randn(2, 3))
     assert _hook_counts(model) == 0
 
 

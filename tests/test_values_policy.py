@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from zoo_models import LOOPS, BNMLP, batches
+from zoo_models import BNMLP, LOOPS, batches
 
 import graddiff
 
@@ -64,10 +64,16 @@ def test_one_tensor_seen_twice_is_stored_once(tmp_path):
     """A Sequential returns its last child's output tensor: both records share bytes."""
     run = _train(tmp_path, steps=1, values="full")
     rows = run.entries(0, 0)
-    by_name = {run.record_key(int(r["record"])).name: r for r in rows if run.record_key(int(r["record"])).kind == "activation"}
+    by_name = {
+        run.record_key(int(r["record"])).name: r
+        for r in rows
+        if run.record_key(int(r["record"])).kind == "activation"
+    }
     seq, last = by_name["fc.0"], by_name["fc.0.2"]
     assert seq["offset"] == last["offset"] and seq["nbytes"] == last["nbytes"]
-    np.testing.assert_array_equal(run.get("activation", "fc.0", 0), run.get("activation", "fc.0.2", 0))
+    np.testing.assert_array_equal(
+        run.get("activation", "fc.0", 0), run.get("activation", "fc.0.2", 0)
+    )
 
 
 def test_nan_and_inf_are_counted(tmp_path):

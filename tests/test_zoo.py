@@ -159,7 +159,9 @@ def _check_called_twice(run, twin):
     assert calls == [0, 1]
     go = sorted(k.call for k in run.keys if k.kind == "grad_output" and k.name == "block")
     assert go == [0, 1]
-    assert not np.array_equal(run.get("activation", "block", 0, 0), run.get("activation", "block", 0, 1))
+    assert not np.array_equal(
+        run.get("activation", "block", 0, 0), run.get("activation", "block", 0, 1)
+    )
 
 
 def _check_tied(run, twin):

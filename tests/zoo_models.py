@@ -37,9 +37,14 @@ class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.conv2 = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        )
         self.conv3 = nn.Sequential(
-            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Flatten()
+            nn.Conv2d(8, 8, 3, stride=2, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
+            nn.Flatten(),
         )
         self.fc = nn.Linear(8 * 4 * 4, 10)
 
@@ -50,7 +55,10 @@ class SmallCNN(nn.Module):
 def batches(n_steps, batch=16, in_shape=(20,), classes=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn((batch, *in_shape), generator=g), torch.randint(0, classes, (batch,), generator=g))
+        (
+            torch.randn((batch, *in_shape), generator=g),
+            torch.randint(0, classes, (batch,), generator=g),
+        )
         for _ in range(n_steps)
     ]
 

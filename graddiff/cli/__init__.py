@@ -22,10 +22,22 @@ EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
 #: name -> (module under graddiff.cli, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "compare": ("compare", "compare_cmd", "Find where two runs diverge (the first step, kind, layer)."),
+    "compare": (
+        "compare",
+        "compare_cmd",
+        "Find where two runs diverge (the first step, kind, layer).",
+    ),
     "show": ("show", "show_cmd", "Summarise one trace: steps, kinds, environment, loss, findings."),
-    "inspect": ("inspect", "inspect_cmd", "Look at one recorded tensor: stats, fingerprint, values."),
-    "check": ("check", "check_cmd", "Single-run findings: NaN/Inf, accumulating grads, dead units."),
+    "inspect": (
+        "inspect",
+        "inspect_cmd",
+        "Look at one recorded tensor: stats, fingerprint, values.",
+    ),
+    "check": (
+        "check",
+        "check_cmd",
+        "Single-run findings: NaN/Inf, accumulating grads, dead units.",
+    ),
     "plot": ("plot", "plot_cmd", "Plot norms of one run, or the divergence between two."),
     "shell": ("shell", "shell_cmd", "An interactive Python session with the runs loaded."),
     "demo": ("demo", "demo_cmd", "Record the motivating bugs and show graddiff's verdicts."),
@@ -63,7 +75,9 @@ class GraddiffGroup(click.Group):
     def main(self, args: Any = None, prog_name: Any = None, **extra: Any) -> Any:  # type: ignore[override]
         extra.pop("standalone_mode", None)
         try:
-            rv = super().main(args=args, prog_name=prog_name or "graddiff", standalone_mode=False, **extra)
+            rv = super().main(
+                args=args, prog_name=prog_name or "graddiff", standalone_mode=False, **extra
+            )
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.UsageError as exc:
