@@ -1,0 +1,252 @@
+"""Align two runs' records into comparison slots: the first stage of the differ.
+
+Runs --> align (slots: which records of A compare with which of B) --> cells (per step) -->
+first divergence --> diagnosis --> Report. Records pair by (kind, name, call); two exceptions
+keep equivalent loops equal: a parameter's ``.grad`` pairs with the sum of another run's
+``autograd_grad`` outputs, and a name with a different number of calls (micro-batching) is
+compared as the calls joined along the batch dimension (losses: summed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import GraddiffError
+from ..kinds import CAUSAL_RANK, Kind
+from ..reader import RecordKey, Run
+
+#: How one run's records of a slot combine into the tensor that is compared.
+MODE_ONE, MODE_CONCAT, MODE_SUM = 0, 1, 2
+MODE_NAMES = ("one", "concat", "sum")
+
+#: Kinds whose calls are micro-batches of one batch: joined along dim 0 when counts differ.
+_CONCAT_KINDS = frozenset({Kind.INPUT.value, Kind.ACTIVATION.value, Kind.GRAD_OUTPUT.value})
+#: Kinds whose calls add up: summed when counts differ.
+_SUM_KINDS = frozenset({Kind.LOSS.value, Kind.AUTOGRAD_GRAD.value})
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One comparison unit: the records of A and of B that hold the same tensor.
+
+    Attributes:
+        index: position in ``Alignment.slots``.
+        kind: the kind reported (``grad`` for a .grad/autograd_grad pair).
+        name: the record name.
+        call: the call index, or -1 when the slot merges several calls.
+        keys_a: A's record keys (empty when A lacks the name); ``keys_b`` likewise.
+        mode_a: how A's records combine (MODE_ONE, MODE_CONCAT, MODE_SUM); ``mode_b`` likewise.
+        note: how the slot was paired, when not one-to-one.
+    """
+
+    index: int
+    kind: str
+    name: str
+    call: int
+    keys_a: tuple[RecordKey, ...]
+    keys_b: tuple[RecordKey, ...]
+    mode_a: int = MODE_ONE
+    mode_b: int = MODE_ONE
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        """``"kind name"`` plus ``" #call"`` for calls after the first."""
+        return f"{self.kind} {self.name}" + (f" #{self.call}" if self.call > 0 else "")
+
+    @property
+    def rank(self) -> int:
+        return CAUSAL_RANK.get(self.kind, 99)
+
+
+@dataclass
+class RunMap:
+    """Per record id of one run: the slot it feeds (-1: none) and its part (the call)."""
+
+    slot_of: np.ndarray
+    part_of: np.ndarray
+    mode_of_slot: np.ndarray
+
+
+@dataclass
+class Alignment:
+    """The slots of two runs, the maps from record ids to slots, and structural notes."""
+
+    slots: list[Slot]
+    map_a: RunMap
+    map_b: RunMap
+    only_a: list[str] = field(default_factory=list)
+    only_b: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    kinds: tuple[str, ...] = ()
+
+    def side(self, which: str) -> RunMap:
+        return self.map_a if which == "a" else self.map_b
+
+
+def _calls(run: Run, kinds: Iterable[str]) -> dict[tuple[str, str], list[int]]:
+    """(kind, name) -> sorted calls, in the run's causal key order."""
+    wanted = set(kinds)
+    out: dict[tuple[str, str], list[int]] = {}
+    for key in run.keys:
+        if key.kind in wanted:
+            out.setdefault((key.kind, key.name), []).append(key.call)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def check_related(a: Run, b: Run) -> None:
+    """Refuse runs of unrelated models: no parameter (or gradient) names in common."""
+    for kinds in (("param",), ("grad", "autograd_grad")):
+        na = {n for k in kinds for n in a.names(k)}
+        nb = {n for k in kinds for n in b.names(k)}
+        if na and nb:
+            if not na & nb:
+                raise GraddiffError(
+                    f"{a.path} and {b.path} record unrelated models: no {kinds[0]} names in common "
+                    f"({_sample(na)} vs {_sample(nb)})"
+                )
+            return
+    if (
+        a.keys
+        and b.keys
+        and not {(k.kind, k.name) for k in a.keys} & {(k.kind, k.name) for k in b.keys}
+    ):
+        raise GraddiffError(
+            f"{a.path} and {b.path} have no record names in common: nothing to compare"
+        )
+
+
+def _sample(names: set[str]) -> str:
+    items = sorted(names)
+    return ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
+
+
+def recorded_kinds(a: Run, b: Run, kinds: tuple[str, ...]) -> tuple[tuple[str, ...], list[str]]:
+    """Restrict ``kinds`` to those both runs were asked to record; notes for the others."""
+    notes = []
+    out = list(kinds)
+    ka, kb = a.options.get("kinds"), b.options.get("kinds")
+    if isinstance(ka, list) and isinstance(kb, list) and set(ka) != set(kb):
+        skipped = [k for k in out if (k in ka) != (k in kb)]
+        if skipped:
+            notes.append(
+                f"not compared: {', '.join(skipped)} (recorded in one run only, by trace(kinds=...))"
+            )
+        out = [k for k in out if k not in skipped]
+    return tuple(out), notes
+
+
+def align(a: Run, b: Run, kinds: tuple[str, ...]) -> Alignment:
+    """Pair the records of two runs into slots, in causal order (A's order first)."""
+    kinds, notes = recorded_kinds(a, b, kinds)
+    grad_kinds = {"grad", "autograd_grad"} & set(kinds)
+    # Pairing needs both gradient kinds visible, whichever of them the user asked for.
+    scan = set(kinds) | ({"grad", "autograd_grad"} if grad_kinds else set())
+    ca, cb = _calls(a, scan), _calls(b, scan)
+    specs: list[tuple] = []  # (kind, name, call, keys_a, keys_b, mode_a, mode_b, note)
+    used: set[tuple[str, str]] = set()
+
+    # (a) gradient source: .grad in one run, only autograd.grad outputs in the other.
+    if grad_kinds:
+        names = dict.fromkeys(n for (k, n) in [*ca, *cb] if k in ("grad", "autograd_grad"))
+        for name in names:
+            ga, gb = ("grad", name) in ca, ("grad", name) in cb
+            aa, ab = ("autograd_grad", name) in ca, ("autograd_grad", name) in cb
+            if ga and not gb and ab and not aa:
+                calls = cb[("autograd_grad", name)]
+                keys_b = tuple(RecordKey("autograd_grad", name, c) for c in calls)
+                specs.append(
+                    (
+                        "grad",
+                        name,
+                        -1,
+                        (RecordKey("grad", name),),
+                        keys_b,
+                        MODE_ONE,
+                        MODE_SUM,
+                        f".grad in A vs sum of {len(calls)} autograd_grad call(s) in B",
+                    )
+                )
+            elif gb and not ga and aa and not ab:
+                calls = ca[("autograd_grad", name)]
+                keys_a = tuple(RecordKey("autograd_grad", name, c) for c in calls)
+                specs.append(
+                    (
+                        "grad",
+                        name,
+                        -1,
+                        keys_a,
+                        (RecordKey("grad", name),),
+                        MODE_SUM,
+                        MODE_ONE,
+                        f"sum of {len(calls)} autograd_grad call(s) in A vs .grad in B",
+                    )
+                )
+            else:
+                continue
+            used.update({("grad", name), ("autograd_grad", name)})
+
+    # (b) the rest, by (kind, name): per call, or merged when the call counts differ.
+    only_a: list[str] = []
+    only_b: list[str] = []
+    for kind, name in dict.fromkeys([*ca, *cb]):
+        if (kind, name) in used or kind not in kinds:
+            continue
+        calls_a, calls_b = ca.get((kind, name), []), cb.get((kind, name), [])
+        if not calls_a:
+            only_b.append(_describe(kind, name, calls_b))
+        elif not calls_b:
+            only_a.append(_describe(kind, name, calls_a))
+        mergeable = kind in _CONCAT_KINDS or kind in _SUM_KINDS
+        if calls_a == calls_b or not calls_a or not calls_b or not mergeable:
+            for c in sorted(set(calls_a) | set(calls_b)):
+                ka = (RecordKey(kind, name, c),) if c in calls_a else ()
+                kb = (RecordKey(kind, name, c),) if c in calls_b else ()
+                specs.append((kind, name, c, ka, kb, MODE_ONE, MODE_ONE, ""))
+            continue
+        mode = MODE_CONCAT if kind in _CONCAT_KINDS else MODE_SUM
+        how = "joined along dim 0" if mode == MODE_CONCAT else "summed"
+        specs.append(
+            (
+                kind,
+                name,
+                -1,
+                tuple(RecordKey(kind, name, c) for c in calls_a),
+                tuple(RecordKey(kind, name, c) for c in calls_b),
+                mode,
+                mode,
+                f"{len(calls_a)} call(s) in A vs {len(calls_b)} in B, {how}",
+            )
+        )
+
+    specs.sort(key=lambda s: CAUSAL_RANK.get(s[0], 99))  # stable: keeps first-seen order per kind
+    slots = [Slot(i, *spec) for i, spec in enumerate(specs)]
+    for s in slots:
+        if s.note:
+            notes.append(f"{s.label}: {s.note}")
+    return Alignment(
+        slots, _run_map(a, slots, "a"), _run_map(b, slots, "b"), only_a, only_b, notes, kinds
+    )
+
+
+def _describe(kind: str, name: str, calls: list[int]) -> str:
+    return f"{kind} {name}" + (f" ({len(calls)} calls)" if len(calls) > 1 else "")
+
+
+def _run_map(run: Run, slots: list[Slot], which: str) -> RunMap:
+    index: dict[RecordKey, tuple[int, int]] = {}
+    for s in slots:
+        for key in s.keys_a if which == "a" else s.keys_b:
+            index[key] = (s.index, key.call)
+    n = run.n_records
+    slot_of = np.full(n, -1, np.int64)
+    part_of = np.zeros(n, np.int64)
+    for rid in range(n):
+        hit = index.get(run.record_key(rid))
+        if hit is not None:
+            slot_of[rid], part_of[rid] = hit
+    modes = np.array([s.mode_a if which == "a" else s.mode_b for s in slots] or [0], np.int64)
+    return RunMap(slot_of, part_of, modes)

@@ -1,0 +1,240 @@
+"""``graddiff.compare(a, b)``: open, align, walk, diagnose, and build the Report.
+
+The entry point of the differ (runs --> align --> cells --> walk --> diagnose --> Report). It
+turns user input problems into one-line GraddiffErrors and never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from ..errors import GraddiffError
+from ..kinds import parse_kinds
+from ..reader import Run, open_run
+from .align import align, check_related
+from .diagnose import diagnose
+from .envdiff import environment_diff
+from .first import Hit, walk
+from .matrix import divergence_matrix
+from .noise import rounding_level
+from .pair import RunPair
+from .report import Difference, Report
+
+#: Default tolerance on the tensor-level relative difference ||a-b|| / max(||a||, ||b||).
+#: Rounding noise amplified by one step of a BatchNorm+ReLU MLP reaches 7e-4 in float32 gradients
+#: (docs/sections/compare.md); the bugs graddiff looks for give 1e-2 and more within a step.
+DEFAULT_RTOL = 1e-3
+
+RunLike = Union[str, "os.PathLike[str]", Run]
+
+
+def parse_steps(steps: Any) -> Optional[tuple[Optional[int], Optional[int]]]:
+    """``None``, an int, ``(lo, hi)``, a ``range``/``slice``, or "K", "LO:HI", "LO:", ":HI" (inclusive)."""
+    if steps is None:
+        return None
+    if isinstance(steps, int):
+        return (steps, steps)
+    if isinstance(steps, range):
+        return (steps.start, steps.stop - 1)
+    if isinstance(steps, slice):
+        return (steps.start, None if steps.stop is None else steps.stop - 1)
+    if isinstance(steps, (tuple, list)) and len(steps) == 2:
+        return (steps[0], steps[1])
+    text = str(steps).strip()
+    try:
+        if ":" in text:
+            lo, hi = text.split(":", 1)
+            return (int(lo) if lo.strip() else None, int(hi) if hi.strip() else None)
+        return (int(text), int(text))
+    except ValueError:
+        raise GraddiffError(
+            f"--steps {text!r}: use K, LO:HI, LO: or :HI (inclusive step numbers)"
+        ) from None
+
+
+def _open(x: RunLike) -> tuple[Run, bool]:
+    if isinstance(x, Run):
+        return x, False
+    return open_run(x), True
+
+
+def compare(
+    a: RunLike,
+    b: RunLike,
+    *,
+    rtol: Optional[float] = None,
+    exact: bool = False,
+    steps: Any = None,
+    kinds: Any = None,
+) -> Report:
+    """Compare two recorded runs and find where they part ways.
+
+    Args:
+        a: the first run (path or :class:`graddiff.Run`); "A" in the report.
+        b: the second run; "B".
+        rtol: tolerance on ||a-b|| / max(||a||, ||b||) per tensor (default 1e-3).
+        exact: any bitwise difference is a divergence.
+        steps: restrict to these steps ("LO:HI" inclusive, an int, a range).
+        kinds: restrict to these kinds (names or a comma-separated string).
+
+    Returns:
+        A :class:`Report`; ``report.exit_code`` is 0 (no divergence) or 1 (diverged).
+
+    Raises:
+        GraddiffError: a bad file, bad options, or two runs of unrelated models.
+    """
+    rtol = DEFAULT_RTOL if rtol is None else float(rtol)
+    if not np.isfinite(rtol) or rtol < 0:
+        raise GraddiffError(f"--rtol {rtol}: must be a finite number >= 0")
+    try:
+        kinds_t = parse_kinds(kinds)
+    except ValueError as exc:
+        raise GraddiffError(f"--kinds: {exc}") from None
+    window = parse_steps(steps)
+    ra, own_a = _open(a)
+    try:
+        rb, own_b = _open(b)
+    except BaseException:
+        if own_a:
+            ra.close()
+        raise
+    try:
+        return _compare(ra, rb, rtol, exact, window, kinds_t)
+    finally:
+        if own_a:
+            ra.close()
+        if own_b:
+            rb.close()
+
+
+def _compare(ra: Run, rb: Run, rtol: float, exact: bool, window, kinds: tuple[str, ...]) -> Report:
+    notes = []
+    for run, tag in ((ra, "A"), (rb, "B")):
+        if not len(run.steps):
+            raise GraddiffError(f"{run.path}: no complete step recorded; nothing to compare")
+        if not run.complete:
+            notes.append(
+                f"{tag} ({run.path}): recording status '{run.status}'; its {len(run.steps)} complete steps are compared"
+            )
+        if run.values_note:
+            notes.append(f"{tag}: {run.values_note}")
+    check_related(ra, rb)
+    al = align(ra, rb, kinds)
+    common = np.intersect1d(ra.steps, rb.steps)
+    if window is not None:
+        lo, hi = window
+        common = common[
+            (common >= (lo if lo is not None else common.min(initial=0)))
+            & (common <= (hi if hi is not None else common.max(initial=0)))
+        ]
+    if not len(common):
+        raise GraddiffError(
+            f"{ra.path} and {rb.path} have no step in common" + (" in --steps" if window else "")
+        )
+    pair = RunPair(ra, rb, al, common)
+    w = walk(pair, rtol, exact)
+    env = environment_diff(ra.environment, rb.environment)
+    causes = diagnose(pair, w, rtol, env)
+    only_a = np.setdiff1d(ra.steps, rb.steps)
+    only_b = np.setdiff1d(rb.steps, ra.steps)
+    if len(only_a) or len(only_b):
+        notes.append(
+            f"steps in one run only (not compared): {len(only_a)} in A, {len(only_b)} in B"
+        )
+    structure = {
+        "only_in_a": al.only_a,
+        "only_in_b": al.only_b,
+        "pairing": [n for n in al.notes],
+        "shape_changes": _changes(w, al, "shape"),
+        "dtype_changes": _changes(w, al, "dtype"),
+        "steps_only_in_a": _span(only_a),
+        "steps_only_in_b": _span(only_b),
+    }
+    report = Report(
+        run_a=ra.path,
+        run_b=rb.path,
+        rtol=rtol,
+        exact=exact,
+        steps={
+            "compared": int(len(common)),
+            "first": int(common[0]),
+            "last": int(common[-1]),
+            "in_a": int(len(ra.steps)),
+            "in_b": int(len(rb.steps)),
+            "differing": int(w.steps_differing),
+        },
+        first=_difference(pair, w.first),
+        first_bitwise=_difference(pair, w.first_bitwise),
+        diagnosis=causes,
+        environment_diff=env,
+        structure=structure,
+        growth=w.growth,
+        kinds=list(al.kinds),
+        notes=notes,
+        max_rel_diff=w.max_rel,
+    )
+    report._matrix = partial(
+        divergence_matrix, ra.path, rb.path, al.kinds, common, dict(w.exact_rel)
+    )
+    return report
+
+
+def _span(steps: np.ndarray) -> Optional[list[int]]:
+    return [int(steps[0]), int(steps[-1]), int(len(steps))] if len(steps) else None
+
+
+def _changes(w, al, what: str) -> list[dict[str, Any]]:
+    out = []
+    for (kind, slot), (step, facts) in sorted(w.changes.items(), key=lambda kv: kv[1][0]):
+        if kind != what:
+            continue
+        fa, fb = facts.get("a") or {}, facts.get("b") or {}
+        key = "shape" if what == "shape" else "dtype"
+        out.append(
+            {"label": al.slots[slot].label, "step": step, "a": fa.get(key), "b": fb.get(key)}
+        )
+    return out
+
+
+def _difference(pair: RunPair, hit: Optional[Hit]) -> Optional[Difference]:
+    if hit is None:
+        return None
+    slot = pair.al.slots[hit.slot]
+    fa, fb = hit.facts.get("a"), hit.facts.get("b")
+    dtype = (fa or fb or {}).get("dtype", "")
+    rel = None if hit.basis == "structure" else float(hit.rel)
+    d = Difference(
+        step=hit.step,
+        kind=slot.kind,
+        name=slot.name,
+        call=max(slot.call, 0),
+        label=slot.label,
+        status=hit.status,
+        basis=hit.basis,
+        rel_diff=rel,
+        a=fa,
+        b=fb,
+        rounding_level=rel is not None
+        and hit.status in ("values", "stats")
+        and rounding_level(rel, dtype),
+    )
+    vd = hit.value_diff
+    if vd is not None and not vd.bitwise_equal:
+        d.max_abs_diff, d.index, d.fraction_differing = (
+            vd.max_abs_diff,
+            vd.index,
+            vd.fraction_differing,
+        )
+        d.a_value, d.b_value = vd.a_value, vd.b_value
+    if hit.basis == "stats":
+        d.note = (
+            f"judged on statistics only (rel_diff is a lower bound); re-record with "
+            f"graddiff.trace(..., full_steps=[{hit.step}]) for element detail"
+        )
+    if slot.note:
+        d.note = (d.note + "; " if d.note else "") + slot.note
+    return d

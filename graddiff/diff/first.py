@@ -1,0 +1,195 @@
+"""Walk the steps in order to find the first bitwise difference and the first divergence.
+
+Third stage of the differ: cells (per block of steps, vectorized) --> this walk --> diagnosis.
+Within a step the order is causal (param, input, activation in call order, loss, grad_output in
+firing order, grad, autograd_grad, buffer). Full values are read only for cells whose
+fingerprints differ, from the first bitwise difference until the first divergence (and a few
+steps after it, for the growth curve); elsewhere the statistics' lower bound is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from ..kinds import ALL_KINDS
+from .compare_records import (
+    CODE_NAMES,
+    DEFINITE,
+    DIFF,
+    EQUAL,
+    NONFINITE,
+    SHAPE,
+    STATS,
+    Cells,
+    classify,
+)
+from .exact import ValueDiff
+from .noise import rounding_level  # noqa: F401  (re-exported)
+from .pair import RunPair
+
+#: Steps per block of the vectorized pass (memory is proportional to this, not to the run).
+BLOCK_STEPS = 128
+#: After the first divergence, exact differences are still computed for this many steps.
+EXACT_STEPS_AFTER = 8
+#: The growth curve keeps at most this many steps (halved when full; pinned steps stay).
+GROWTH_POINTS = 256
+
+
+@dataclass
+class Hit:
+    """One cell the walk stopped at: a record's difference at a step."""
+
+    step: int
+    slot: int
+    code: int
+    rel: float  # exact where values were compared, else the stats lower bound
+    basis: str  # "values", "stats" or "structure"
+    value_diff: Optional[ValueDiff] = None
+    cell: int = -1  # index into the block's cells (internal)
+    facts: dict = field(default_factory=dict)  # shapes, dtypes, NaN/Inf counts, presence
+
+    @property
+    def status(self) -> str:
+        return CODE_NAMES[self.code]
+
+
+@dataclass
+class WalkResult:
+    first: Optional[Hit]
+    first_bitwise: Optional[Hit]
+    growth: dict[str, list[tuple[int, float]]]
+    exact_rel: dict[tuple[int, int], float]
+    steps_differing: int
+    max_rel: float
+    changes: dict[tuple[str, int], tuple[int, dict]] = field(default_factory=dict)
+
+
+def _facts(c: Cells, i: int, pair: RunPair) -> dict:
+    names = pair.dtypes.names
+
+    def side(s):
+        if not s.present[i]:
+            return None
+        nd = int(s.ndim[i])
+        return {
+            "shape": [int(x) for x in s.shape[i][:nd]],
+            "dtype": names[int(s.dtype[i])] if s.dtype[i] >= 0 else "mixed",
+            "nan": int(s.nan[i]),
+            "inf": int(s.inf[i]),
+            "norm": float(s.norm_hi[i]),
+            "values_stored": bool(s.values[i]),
+            "training": bool(s.training[i]),
+        }
+
+    return {"a": side(c.a), "b": side(c.b)}
+
+
+class _Growth:
+    """Per-step, per-kind maximum relative difference, bounded in memory."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.rows: list[np.ndarray] = []
+        self.pinned: set[int] = set()
+
+    def add(self, step: int, row: np.ndarray) -> None:
+        self.steps.append(step)
+        self.rows.append(row)
+        if len(self.steps) > 2 * GROWTH_POINTS:
+            keep = [i for i in range(len(self.steps)) if i % 2 == 0 or self.steps[i] in self.pinned]
+            keep.append(len(self.steps) - 1)
+            keep = sorted(set(keep))
+            self.steps = [self.steps[i] for i in keep]
+            self.rows = [self.rows[i] for i in keep]
+
+    def result(self) -> dict[str, list[tuple[int, float]]]:
+        if not self.steps:
+            return {}
+        m = np.vstack(self.rows)
+        out = {}
+        for j, kind in enumerate(ALL_KINDS):
+            col = m[:, j]
+            if np.all(np.isnan(col)):
+                continue
+            out[kind] = [(s, float(v)) for s, v in zip(self.steps, col) if not np.isnan(v)]
+        return out
+
+
+def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
+    """Find the first bitwise difference and the first divergence beyond ``rtol`` (or any, exact)."""
+    first: Optional[Hit] = None
+    first_bitwise: Optional[Hit] = None
+    exact_rel: dict[tuple[int, int], float] = {}
+    growth = _Growth()
+    steps_differing = 0
+    max_rel = 0.0
+    changes: dict[tuple[str, int], tuple[int, dict]] = {}
+    kind_col = {k: j for j, k in enumerate(ALL_KINDS)}
+    slot_col = np.array([kind_col.get(s.kind, 0) for s in pair.al.slots] or [0], np.int64)
+    steps = pair.steps
+    for lo in range(0, len(steps), BLOCK_STEPS):
+        block = steps[lo : lo + BLOCK_STEPS]
+        ea = pair.a.entries(int(block[0]), int(block[-1]))
+        eb = pair.b.entries(int(block[0]), int(block[-1]))
+        c = classify(pair.a, pair.b, pair.al, pair.dtypes, block, ea, eb)
+        best = c.rel_lb.copy()
+        different = c.code != EQUAL
+        different[c.code == STATS] &= c.proven[c.code == STATS] | (c.rel_lb[c.code == STATS] > 0)
+        need_exact = first is None or int(block[0]) <= first.step + EXACT_STEPS_AFTER
+        for i in np.flatnonzero(different) if need_exact else ():
+            step, slot = int(c.step[i]), int(c.slot[i])
+            if first is not None and step > first.step + EXACT_STEPS_AFTER:
+                break
+            code, vd, basis = int(c.code[i]), None, "stats"
+            if code == DIFF:
+                vd = pair.diff(pair.al.slots[slot], step, ea, eb, floor=float(c.floor[i]))
+                if vd is not None:
+                    basis = "values"
+                    if vd.bitwise_equal:
+                        different[i] = False
+                        best[i] = 0.0
+                        continue
+                    best[i] = vd.rel_diff
+                    exact_rel[(step, slot)] = vd.rel_diff
+            elif code in DEFINITE and code != NONFINITE:
+                basis = "structure"
+            if first is not None:
+                continue
+            hit = Hit(step, slot, code, float(best[i]), basis, vd, int(i), _facts(c, i, pair))
+            if basis == "structure":
+                hit.rel = float("nan")
+            if first_bitwise is None:
+                first_bitwise = hit
+            nonfinite = code == NONFINITE or (vd is not None and vd.nonfinite_mismatch)
+            if nonfinite:
+                hit.code = NONFINITE
+            if exact or code in DEFINITE or nonfinite or best[i] > rtol:
+                first = hit
+        # growth, vectorized: steps from the first bitwise difference on
+        if first_bitwise is not None:
+            comparable = np.isin(c.code, (EQUAL, DIFF, STATS))
+            val = np.where(different & comparable, best, 0.0)
+            val = np.where(comparable, val, np.nan)
+            for s in np.unique(c.step[c.step >= first_bitwise.step]):
+                m = c.step == s
+                row = np.full(len(ALL_KINDS), np.nan)
+                cols = slot_col[c.slot[m]]
+                v = val[m]
+                ok = ~np.isnan(v)
+                np.fmax.at(row, cols[ok], v[ok])
+                growth.add(int(s), row)
+            if first is not None:
+                growth.pinned.update({first_bitwise.step, first.step})
+        for what, mask in (("shape", c.code == SHAPE), ("dtype", c.dtype_diff)):
+            slots, idx = np.unique(c.slot[mask], return_index=True)
+            for slot, i in zip(slots, np.flatnonzero(mask)[idx]):
+                changes.setdefault((what, int(slot)), (int(c.step[i]), _facts(c, int(i), pair)))
+        steps_differing += len(np.unique(c.step[different]))
+        if different.any():
+            max_rel = max(max_rel, float(np.nanmax(np.where(different, best, 0.0))))
+    return WalkResult(
+        first, first_bitwise, growth.result(), exact_rel, steps_differing, max_rel, changes
+    )

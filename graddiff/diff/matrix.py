@@ -1,0 +1,43 @@
+"""The per-step, per-record relative difference of two runs: the data behind the heatmap.
+
+Computed on demand (``Report.divergence_matrix()``), in a second pass over the cells, so that
+the comparison itself keeps memory independent of the runs' length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..reader import open_run
+from .align import align
+from .compare_records import DIFF, EQUAL, STATS, classify
+from .first import BLOCK_STEPS
+from .pair import RunPair
+
+
+def divergence_matrix(
+    path_a: str,
+    path_b: str,
+    kinds: tuple[str, ...],
+    steps: np.ndarray,
+    exact_rel: dict[tuple[int, int], float],
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(steps, labels, rel[n_steps, n_labels]): exact where known, else the stats lower bound."""
+    with open_run(path_a) as a, open_run(path_b) as b:
+        al = align(a, b, kinds)
+        pair = RunPair(a, b, al, steps)
+        rel = np.full((len(steps), len(al.slots)), np.nan)
+        row_of = {int(s): i for i, s in enumerate(steps)}
+        for lo in range(0, len(steps), BLOCK_STEPS):
+            block = steps[lo : lo + BLOCK_STEPS]
+            c = classify(a, b, al, pair.dtypes, block)
+            val = np.where(
+                c.code == EQUAL, 0.0, np.where(np.isin(c.code, (DIFF, STATS)), c.rel_lb, np.nan)
+            )
+            for i in np.flatnonzero(c.code != EQUAL):
+                known = exact_rel.get((int(c.step[i]), int(c.slot[i])))
+                if known is not None:
+                    val[i] = known
+            rows = np.array([row_of[int(s)] for s in c.step], np.int64)
+            rel[rows, c.slot] = val
+        return np.asarray(steps, np.int64), [s.label for s in al.slots], rel

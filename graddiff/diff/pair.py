@@ -1,0 +1,111 @@
+"""Two open runs plus their alignment: cells, statistics and full values of any slot on demand.
+
+The walk (first.py) streams over blocks of steps; the diagnosis rules (diagnose.py) look at a
+few steps around the divergence. Both ask this object, which caches the last few steps read.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
+
+from ..errors import ValuesNotStoredError
+from ..reader import Run
+from .align import Alignment, Slot
+from .compare_records import Cells, DtypeTable, classify
+from .exact import ValueDiff, compare_values, slot_rows, slot_values
+
+_CACHE_STEPS = 8
+
+
+class RunPair:
+    """Random access to two aligned runs, step by step."""
+
+    def __init__(self, a: Run, b: Run, alignment: Alignment, steps: np.ndarray) -> None:
+        self.a, self.b, self.al = a, b, alignment
+        self.steps = steps
+        self.dtypes = DtypeTable(a, b)
+        self._rows: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._cells: OrderedDict[int, Cells] = OrderedDict()
+        self._by_label = {(s.kind, s.name, max(s.call, 0)): s for s in alignment.slots}
+
+    # -- lookups ------------------------------------------------------------------------
+    def run(self, side: str) -> Run:
+        return self.a if side == "a" else self.b
+
+    def slot(self, kind: str, name: str, call: int = 0) -> Optional[Slot]:
+        return self._by_label.get((kind, name, call))
+
+    def has_step(self, step: int) -> bool:
+        return bool(np.isin(step, self.steps))
+
+    def rows(self, side: str, step: int) -> np.ndarray:
+        """Entry rows of one run at one step (cached)."""
+        key = (side, int(step))
+        if key not in self._rows:
+            self._rows[key] = self.run(side).entries(int(step), int(step))
+            if len(self._rows) > 2 * _CACHE_STEPS:
+                self._rows.popitem(last=False)
+        return self._rows[key]
+
+    def cells(self, step: int) -> Cells:
+        """Classification of every slot at one step (cached)."""
+        step = int(step)
+        if step not in self._cells:
+            self._cells[step] = classify(
+                self.a,
+                self.b,
+                self.al,
+                self.dtypes,
+                np.array([step]),
+                self.rows("a", step),
+                self.rows("b", step),
+            )
+            if len(self._cells) > _CACHE_STEPS:
+                self._cells.popitem(last=False)
+        return self._cells[step]
+
+    def cell(self, slot: Slot, step: int) -> Optional[int]:
+        """Index of a slot's cell in ``cells(step)``, or None when neither run has it."""
+        c = self.cells(step)
+        hit = np.flatnonzero(c.slot == slot.index)
+        return int(hit[0]) if len(hit) else None
+
+    # -- values -------------------------------------------------------------------------
+    def values(
+        self, side: str, slot: Slot, step: int, rows: Optional[np.ndarray] = None
+    ) -> Optional[np.ndarray]:
+        """Full values of a slot in one run at a step; None when absent or statistics only."""
+        if not self.has_step(step):
+            return None
+        rows = self.rows(side, step) if rows is None else rows
+        rmap = self.al.side(side)
+        if not len(slot_rows(rows, rmap, slot.index, step)):
+            return None
+        try:
+            return slot_values(self.run(side), rows, rmap, slot, step)
+        except ValuesNotStoredError:
+            return None
+
+    def diff(
+        self,
+        slot: Slot,
+        step: int,
+        rows_a: Optional[np.ndarray] = None,
+        rows_b: Optional[np.ndarray] = None,
+        floor: Optional[float] = None,
+    ) -> Optional[ValueDiff]:
+        """Element-level difference of a slot at a step, or None without values or shapes.
+
+        ``floor``: the noise floor of the relative difference (default: the cell's).
+        """
+        va = self.values("a", slot, step, rows_a)
+        vb = self.values("b", slot, step, rows_b)
+        if va is None or vb is None or va.shape != vb.shape:
+            return None
+        if floor is None:
+            i = self.cell(slot, step)
+            floor = float(self.cells(step).floor[i]) if i is not None else 0.0
+        return compare_values(va, vb).with_floor(floor)

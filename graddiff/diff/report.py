@@ -1,0 +1,247 @@
+"""The result of a comparison: verdict, first divergence, diagnosis, environment diff.
+
+Built by ``graddiff.compare`` from the walk and the diagnosis; consumed by the CLI (terminal or
+``--json``), by the HTML report and the divergence plot. The report owns the verdict and the
+exit code, so the library and the command line cannot disagree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..errors import GraddiffError
+from .diagnose import Cause
+
+EXIT_SAME, EXIT_DIVERGED = 0, 1
+
+
+@dataclass
+class Difference:
+    """One record's difference at one step (the first divergence, or the first bitwise one).
+
+    ``rel_diff`` is exact when ``basis == "values"``, a lower bound from statistics when
+    ``basis == "stats"``, and None for structural differences (missing record, shape).
+    """
+
+    step: int
+    kind: str
+    name: str
+    call: int
+    label: str
+    status: str  # values | stats | missing_in_a | missing_in_b | shape | nonfinite
+    basis: str  # values | stats | structure
+    rel_diff: Optional[float]
+    max_abs_diff: Optional[float] = None
+    index: Optional[list[int]] = None
+    fraction_differing: Optional[float] = None
+    a_value: Optional[float] = None
+    b_value: Optional[float] = None
+    a: Optional[dict] = None
+    b: Optional[dict] = None
+    rounding_level: bool = False
+    note: str = ""
+
+    def __getitem__(self, key: str) -> Any:  # report.first["step"] works too
+        return getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean({k: getattr(self, k) for k in self.__dataclass_fields__})
+
+
+@dataclass
+class Report:
+    """What ``graddiff.compare`` returns and ``graddiff compare`` prints."""
+
+    run_a: str
+    run_b: str
+    rtol: float
+    exact: bool
+    steps: dict[str, Any]
+    first: Optional[Difference]
+    first_bitwise: Optional[Difference]
+    diagnosis: list[Cause]
+    environment_diff: list[dict[str, Any]]
+    structure: dict[str, Any]
+    growth: dict[str, list[tuple[int, float]]]
+    kinds: list[str]
+    notes: list[str] = field(default_factory=list)
+    max_rel_diff: float = 0.0
+    _matrix: Optional[Callable[[], tuple[np.ndarray, list[str], np.ndarray]]] = field(
+        default=None, repr=False
+    )
+
+    # -- verdict ---------------------------------------------------------------------------
+    @property
+    def diverged(self) -> bool:
+        return self.first is not None
+
+    @property
+    def verdict(self) -> str:
+        """``identical``, ``within_tolerance`` or ``diverged``."""
+        if self.first is not None:
+            return "diverged"
+        return "within_tolerance" if self.first_bitwise is not None else "identical"
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_DIVERGED if self.diverged else EXIT_SAME
+
+    @property
+    def cause(self) -> Optional[Cause]:
+        """The most likely cause (the first of ``diagnosis``)."""
+        return self.diagnosis[0] if self.diagnosis else None
+
+    @property
+    def amplified_rounding(self) -> bool:
+        """The divergence traces back to a rounding-level origin and no other cause was found."""
+        o, f = self.first_bitwise, self.first
+        return bool(
+            f is not None
+            and o is not None
+            and (o.step, o.label) != (f.step, f.label)
+            and self.cause is not None
+            and self.cause.cause == "rounding"
+        )
+
+    @property
+    def origin(self) -> Optional[Difference]:
+        """Where the difference started: the first bitwise difference."""
+        return self.first_bitwise
+
+    def headline(self) -> str:
+        """One line: the verdict."""
+        n = self.steps.get("compared", 0)
+        tol = "any bitwise difference (--exact)" if self.exact else f"rtol {self.rtol:g}"
+        if self.verdict == "identical":
+            return f"No difference: the runs are bitwise identical over {n} compared steps."
+        if self.verdict == "within_tolerance":
+            o = self.first_bitwise
+            return (
+                f"No divergence beyond {tol} over {n} steps (largest rel diff {_g(self.max_rel_diff)}; "
+                f"first bitwise difference: {o.label} at step {o.step})."
+            )
+        f = self.first
+        if f.status == "nonfinite":
+            what = "NaN/Inf at different places"
+        elif f.rel_diff is not None and f.basis != "structure":
+            what = f"rel {_g(f.rel_diff)}"
+        else:
+            what = f.status.replace("_", " ")
+        line = f"DIVERGED at step {f.step}: {f.label} ({what}; {tol})"
+        if self.amplified_rounding and self.first_bitwise is not None:
+            o = self.first_bitwise
+            line += (
+                f"; origin: rounding-level difference in {o.kind} at step {o.step} "
+                f"(rel {_g(o.rel_diff)}), amplified"
+            )
+        return line
+
+    # -- output ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` object (schema in docs/sections/compare.md)."""
+        return _clean(
+            {
+                "diverged": self.diverged,
+                "verdict": self.verdict,
+                "exit_code": self.exit_code,
+                "headline": self.headline(),
+                "run_a": self.run_a,
+                "run_b": self.run_b,
+                "rtol": self.rtol,
+                "exact": self.exact,
+                "kinds": list(self.kinds),
+                "steps": dict(self.steps),
+                "first": self.first.to_dict() if self.first else None,
+                "first_bitwise": self.first_bitwise.to_dict() if self.first_bitwise else None,
+                "amplified_rounding": self.amplified_rounding,
+                "max_rel_diff": self.max_rel_diff,
+                "diagnosis": [c.to_dict() for c in self.diagnosis],
+                "environment_diff": list(self.environment_diff),
+                "structure": dict(self.structure),
+                "growth": {k: [[s, r] for s, r in v] for k, v in self.growth.items()},
+                "notes": list(self.notes),
+            }
+        )
+
+    def render(self, console: Any = None) -> None:
+        """Print the report with rich (plain text when the console is not a terminal)."""
+        from .render import render_report
+
+        if console is None:
+            from rich.console import Console
+
+            console = Console()
+        render_report(self, console)
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        self.render(Console(file=buf, force_terminal=False, width=100, color_system=None))
+        return buf.getvalue()
+
+    def divergence_matrix(self) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """(steps, labels in causal order, rel of shape (n_steps, n_labels); NaN where absent).
+
+        Exact where the comparison read full values, else the statistics' lower bound.
+        """
+        if self._matrix is None:
+            return np.zeros(0, np.int64), [], np.zeros((0, 0))
+        return self._matrix()
+
+    def html(self, path: str) -> None:
+        """Write an HTML report (graddiff.postmortem.html)."""
+        _feature("graddiff.postmortem.html", "write_html", "HTML reports")(self, path)
+
+    def plot(self, path: str) -> None:
+        """Plot the divergence (graddiff.postmortem.plots)."""
+        _feature("graddiff.postmortem.plots", "plot_divergence", "divergence plots")(self, path)
+
+
+def _feature(module: str, attr: str, what: str) -> Callable[..., Any]:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module.startswith(exc.name):
+            raise GraddiffError(
+                f"{what} are not available in this installation ({module} is missing)"
+            ) from None
+        raise
+    fn = getattr(mod, attr, None)
+    if fn is None:
+        raise GraddiffError(
+            f"{what} are not available in this installation ({module}.{attr} is missing)"
+        )
+    return fn
+
+
+def _g(x: Optional[float]) -> str:
+    if x is None:
+        return "n/a"
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.2g}" if x == 0 or 1e-3 <= abs(x) < 1e3 else f"{x:.1e}"
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN/Inf to None, tuples to lists."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    return obj
