@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -227,6 +228,20 @@ class TraceWriter:
             self._ballast_path = None
 
 
+def _one_line(exc: BaseException) -> str:
+    """A write error as one short line. HDF5's messages span lines (a timestamp with a newline,
+    buffer addresses), and they end up in the warning and in the file's ``status``."""
+    code = getattr(exc, "errno", None)
+    if not code:  # RuntimeError from flush/close: the errno is only inside the text
+        m = re.search(r"errno = (\d+), error message = '([^']*)'", str(exc))
+        if m:
+            return f"{m.group(2)} (errno {m.group(1)})"
+    elif code > 0:
+        return f"{os.strerror(code)} (errno {code})"
+    text = " ".join(str(exc).split())
+    return text[:200] if text else type(exc).__name__
+
+
 _STOP = object()
 
 
@@ -280,7 +295,9 @@ class BackgroundWriter:
             except WriteFailed as exc:
                 self._failure = str(exc)
             except Exception as exc:  # any I/O error: stop recording, keep training
-                self._failure = f"writing step {step} to {self._writer.path} failed: {exc}"
+                self._failure = (
+                    f"writing step {step} to {self._writer.path} failed: {_one_line(exc)}"
+                )
             finally:
                 self.write_seconds += time.perf_counter() - t0
 
