@@ -1,0 +1,97 @@
+"""Each diagnosis rule on synthetic runs: the cause, and the evidence that names it."""
+
+from __future__ import annotations
+
+import pytest
+from diff_builders import simulate
+
+import graddiff
+
+# (id, variant of A, variant of B, step, kind, cause id, text in title or evidence)
+CASES = [
+    ("init", {}, {"init_seed": 1}, 0, "param", "different_init", "initial weights"),
+    ("inputs", {}, {"data_seed": 4}, 0, "input", "different_inputs", "samples"),
+    (
+        "accumulation",
+        {},
+        {"zero_grad": False},
+        1,
+        "grad",
+        "grad_accumulation",
+        "sum of A's gradients",
+    ),
+    (
+        "accumulation stats",
+        {"store_values": False},
+        {"store_values": False, "zero_grad": False},
+        1,
+        "grad",
+        "grad_accumulation",
+        "statistics only",
+    ),
+    (
+        "accumulation vs autograd",
+        {"zero_grad": False},
+        {"autograd": True},
+        1,
+        "grad",
+        "grad_accumulation",
+        "in A",
+    ),
+    ("learning rate", {}, {"lr_gamma": (2, 0.5)}, 3, "param", "update_rule", "learning rate"),
+    ("weight decay", {}, {"weight_decay": 0.1}, 1, "param", "update_rule", "weight decay"),
+    ("momentum", {}, {"momentum": 0.9}, 2, "param", "update_rule", "momentum"),
+    ("clipping", {}, {"clip": 0.05}, 0, "grad", "scaled_gradients", "clipping"),
+    ("batchnorm momentum", {}, {"bn_momentum": 0.3}, 0, "buffer", "batchnorm_stats", "momentum"),
+    (
+        "extra train forward",
+        {},
+        {"micro": 2},
+        0,
+        "buffer",
+        "batchnorm_stats",
+        "num_batches_tracked",
+    ),
+    (
+        "dropout",
+        {"dropout": 0.5},
+        {"dropout": 0.5, "dropout_seed": 7},
+        0,
+        "activation",
+        "dropout_rng",
+        "zeroed",
+    ),
+    (
+        "eval mode",
+        {"dropout": 0.5},
+        {"dropout": 0.5, "train_mode": False},
+        0,
+        "activation",
+        "train_eval_mode",
+        "model.train()",
+    ),
+    ("other op", {}, {"act": "tanh"}, 0, "activation", "module_output", "same input"),
+    ("frozen", {}, {"frozen": True}, 0, "grad", "frozen_parameter", "fc1.weight"),
+    ("nan", {}, {"nan_at": 1}, 1, "activation", "nonfinite", "NaN"),
+]
+
+
+@pytest.mark.parametrize(
+    ("va", "vb", "step", "kind", "cause", "text"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_rule(tmp_path, va, vb, step, kind, cause, text):
+    r = graddiff.compare(simulate(tmp_path / "a.h5", **va), simulate(tmp_path / "b.h5", **vb))
+    assert (r.first.step, r.first.kind, r.exit_code) == (step, kind, 1)
+    assert r.cause.cause == cause
+    assert text in r.cause.title + " ".join(r.cause.evidence)
+
+
+def test_rounding_cites_the_environment(tmp_path):
+    a = simulate(tmp_path / "a.h5", environment={"num_threads": 1, "argv": ["a.py"]})
+    b = simulate(tmp_path / "b.h5", ulp_at=1, environment={"num_threads": 2, "argv": ["b.py"]})
+    r = graddiff.compare(a, b)
+    assert r.verdict == "within_tolerance" and r.cause.cause == "rounding"
+    assert any("num_threads 1 vs 2" in e for e in r.cause.evidence)
+    assert any("update rounds differently" in e for e in r.cause.evidence)
+    rows = {row["key"]: row for row in r.environment_diff}
+    assert rows["num_threads"]["relevant"] and not rows["argv"]["relevant"]
