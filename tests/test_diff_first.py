@@ -142,3 +142,13 @@ def test_divergence_matrix(tmp_path):
     assert labels[0] == "param fc1.weight" and "grad fc1.weight" in labels
     assert np.all(rel[0] == 0)
     assert rel[1, labels.index("grad fc1.weight")] == pytest.approx(r.first.rel_diff)
+
+
+def test_a_sudden_parameter_jump_after_rounding_noise_is_not_called_amplified(tmp_path):
+    steps_a = [_step(P, G) for _ in range(4)]
+    steps_b = [_step(P, G)] + [_step(P, _noisy(G, 3e-7, seed=s)) for s in (1, 2)] + [_step(P * 1.5, G)]
+    r = graddiff.compare(write_run(tmp_path / "a.h5", steps_a), write_run(tmp_path / "b.h5", steps_b))
+    assert (r.first.step, r.first.kind) == (3, "param")
+    assert r.first_bitwise.rounding_level and not r.amplified_rounding
+    assert [c.cause for c in r.diagnosis] == ["update_rule", "rounding"]
+    assert "not its cause" in r.diagnosis[1].title

@@ -136,9 +136,13 @@ def _compare(ra: Run, rb: Run, rtol: float, exact: bool, window, kinds: tuple[st
             f"{ra.path} and {rb.path} have no step in common" + (" in --steps" if window else "")
         )
     pair = RunPair(ra, rb, al, common)
-    w = walk(pair, rtol, exact)
-    env = environment_diff(ra.environment, rb.environment)
-    causes = diagnose(pair, w, rtol, env)
+    try:
+        w = walk(pair, rtol, exact)
+        env = environment_diff(ra.environment, rb.environment)
+        causes = diagnose(pair, w, rtol, env)
+        first, first_bitwise = _difference(pair, w.first), _difference(pair, w.first_bitwise)
+    finally:
+        pair.close()
     only_a = np.setdiff1d(ra.steps, rb.steps)
     only_b = np.setdiff1d(rb.steps, ra.steps)
     if len(only_a) or len(only_b):
@@ -167,8 +171,8 @@ def _compare(ra: Run, rb: Run, rtol: float, exact: bool, window, kinds: tuple[st
             "in_b": int(len(rb.steps)),
             "differing": int(w.steps_differing),
         },
-        first=_difference(pair, w.first),
-        first_bitwise=_difference(pair, w.first_bitwise),
+        first=first,
+        first_bitwise=first_bitwise,
         diagnosis=causes,
         environment_diff=env,
         structure=structure,
@@ -177,9 +181,7 @@ def _compare(ra: Run, rb: Run, rtol: float, exact: bool, window, kinds: tuple[st
         notes=notes,
         max_rel_diff=w.max_rel,
     )
-    report._matrix = partial(
-        divergence_matrix, ra.path, rb.path, al.kinds, common, dict(w.exact_rel)
-    )
+    report._matrix = partial(divergence_matrix, ra.path, rb.path, al.kinds, common)
     return report
 
 

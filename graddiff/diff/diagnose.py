@@ -26,6 +26,9 @@ ACCUMULATION_LOOKBACK = 8
 #: A relation (sum, scale, ...) "holds" when its residual is below this relative error and far
 #: below the plain difference it explains.
 RELATION_TOL = 0.02
+#: How much larger than the previous step's parameter/gradient differences a parameter
+#: difference may be and still be called amplified rounding.
+UPDATE_AMPLIFICATION = 100.0
 
 
 @dataclass
@@ -634,6 +637,23 @@ def _generic(x: _Ctx) -> Optional[Cause]:
     )
 
 
+def _amplification_plausible(x: _Ctx) -> bool:
+    """Can rounding noise have grown into this difference? Training amplifies within a step
+    (forward and backward), but an update moves parameters by lr x gradient: a parameter cannot
+    jump far beyond the previous step's parameter and gradient differences."""
+    if x.slot.kind != "param":
+        return True
+    prev = x.prev(x.step)
+    if prev is None:
+        return False
+    worst = 0.0
+    for slot, code in x.slots_of(prev, ("param", "grad", "autograd_grad")):
+        if code != EQUAL:
+            r = x.rel(slot, prev)
+            worst = max(worst, float("inf") if r is None else r)
+    return x.hit.rel <= UPDATE_AMPLIFICATION * worst
+
+
 def _update_specific(x: _Ctx) -> Optional[Cause]:
     c = _update_rule(x)
     return c if c is not None and not c.title.startswith("update rule differs") else None
@@ -669,12 +689,14 @@ def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> li
     tiny = hit.status in ("values", "stats") and rounding_level(hit.rel, dtype)
     rules = (_nonfinite, _structure) if tiny else RULES  # rounding-level: no behavioural cause
     causes = [c for c in (rule(x) for rule in rules) if c is not None]
-    rounding = _rounding(x, secondary=bool(causes))
+    plausible = tiny or _amplification_plausible(x)
+    rounding = _rounding(x, secondary=bool(causes) or not plausible)
+    if not causes and (rounding is None or not plausible):
+        for rule in LATE_RULES:
+            c = rule(x)
+            if c is not None:
+                causes.append(c)
+                break
     if rounding is not None:
         causes.append(rounding)
-    for rule in LATE_RULES if not causes else ():
-        c = rule(x)
-        if c is not None:
-            causes.append(c)
-            break
     return causes

@@ -8,12 +8,11 @@ relative error, max abs diff, where the largest difference is, which fraction of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from ..reader import Run
-from .align import MODE_CONCAT, MODE_ONE, RunMap, Slot
+from .align import MODE_CONCAT, MODE_ONE, RunMap
 
 
 @dataclass
@@ -46,13 +45,13 @@ def slot_rows(rows: np.ndarray, rmap: RunMap, slot: int, step: int) -> np.ndarra
     return sel[np.argsort(rmap.part_of[sel["record"]], kind="stable")]
 
 
-def combine(run: Run, rows: np.ndarray, mode: int) -> np.ndarray:
+def combine(get: Callable[[np.void], np.ndarray], rows: np.ndarray, mode: int) -> np.ndarray:
     """Read the rows' full values and combine them (one / joined on dim 0 / summed in call order).
 
     Raises:
         ValuesNotStoredError: a row holds statistics only.
     """
-    parts = [run.values_of(r) for r in rows]
+    parts = [get(r) for r in rows]
     if len(parts) == 1 or mode == MODE_ONE:
         return parts[0]
     if mode == MODE_CONCAT:
@@ -62,13 +61,6 @@ def combine(run: Run, rows: np.ndarray, mode: int) -> np.ndarray:
     for p in parts[1:]:
         total = total + p  # in the stored dtype and call order, as autograd accumulates
     return total
-
-
-def slot_values(run: Run, rows: np.ndarray, rmap: RunMap, slot: Slot, step: int) -> np.ndarray:
-    """Full values of a slot at a step, from the entry rows of that step (caller holds them)."""
-    sel = slot_rows(rows, rmap, slot.index, step)
-    mode = int(rmap.mode_of_slot[slot.index]) if len(rmap.mode_of_slot) > slot.index else MODE_ONE
-    return combine(run, sel, mode)
 
 
 def _as_float(x: np.ndarray) -> np.ndarray:

@@ -61,7 +61,6 @@ class WalkResult:
     first: Optional[Hit]
     first_bitwise: Optional[Hit]
     growth: dict[str, list[tuple[int, float]]]
-    exact_rel: dict[tuple[int, int], float]
     steps_differing: int
     max_rel: float
     changes: dict[tuple[str, int], tuple[int, dict]] = field(default_factory=dict)
@@ -118,11 +117,21 @@ class _Growth:
         return out
 
 
+def _by_step(rows: np.ndarray):
+    """rows (sorted by step) -> a function giving the rows of one step, without a scan."""
+    steps = rows["step"]
+
+    def get(step: int) -> np.ndarray:
+        lo, hi = np.searchsorted(steps, step, "left"), np.searchsorted(steps, step, "right")
+        return rows[lo:hi]
+
+    return get
+
+
 def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
     """Find the first bitwise difference and the first divergence beyond ``rtol`` (or any, exact)."""
     first: Optional[Hit] = None
     first_bitwise: Optional[Hit] = None
-    exact_rel: dict[tuple[int, int], float] = {}
     growth = _Growth()
     steps_differing = 0
     max_rel = 0.0
@@ -139,13 +148,15 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         different = c.code != EQUAL
         different[c.code == STATS] &= c.proven[c.code == STATS] | (c.rel_lb[c.code == STATS] > 0)
         need_exact = first is None or int(block[0]) <= first.step + EXACT_STEPS_AFTER
+        by_step_a, by_step_b = _by_step(ea), _by_step(eb)
         for i in np.flatnonzero(different) if need_exact else ():
             step, slot = int(c.step[i]), int(c.slot[i])
             if first is not None and step > first.step + EXACT_STEPS_AFTER:
                 break
             code, vd, basis = int(c.code[i]), None, "stats"
             if code == DIFF:
-                vd = pair.diff(pair.al.slots[slot], step, ea, eb, floor=float(c.floor[i]))
+                ra, rb = by_step_a(step), by_step_b(step)
+                vd = pair.diff(pair.al.slots[slot], step, ra, rb, floor=float(c.floor[i]))
                 if vd is not None:
                     basis = "values"
                     if vd.bitwise_equal:
@@ -153,20 +164,22 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
                         best[i] = 0.0
                         continue
                     best[i] = vd.rel_diff
-                    exact_rel[(step, slot)] = vd.rel_diff
             elif code in DEFINITE and code != NONFINITE:
                 basis = "structure"
             if first is not None:
                 continue
+            nonfinite = code == NONFINITE or (vd is not None and vd.nonfinite_mismatch)
+            diverged = exact or code in DEFINITE or nonfinite or best[i] > rtol
+            if first_bitwise is not None and not diverged:
+                continue
             hit = Hit(step, slot, code, float(best[i]), basis, vd, int(i), _facts(c, i, pair))
             if basis == "structure":
                 hit.rel = float("nan")
-            if first_bitwise is None:
-                first_bitwise = hit
-            nonfinite = code == NONFINITE or (vd is not None and vd.nonfinite_mismatch)
             if nonfinite:
                 hit.code = NONFINITE
-            if exact or code in DEFINITE or nonfinite or best[i] > rtol:
+            if first_bitwise is None:
+                first_bitwise = hit
+            if diverged:
                 first = hit
         # growth, vectorized: steps from the first bitwise difference on
         if first_bitwise is not None:
@@ -190,6 +203,4 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         steps_differing += len(np.unique(c.step[different]))
         if different.any():
             max_rel = max(max_rel, float(np.nanmax(np.where(different, best, 0.0))))
-    return WalkResult(
-        first, first_bitwise, growth.result(), exact_rel, steps_differing, max_rel, changes
-    )
+    return WalkResult(first, first_bitwise, growth.result(), steps_differing, max_rel, changes)

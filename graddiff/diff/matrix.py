@@ -16,28 +16,33 @@ from .pair import RunPair
 
 
 def divergence_matrix(
-    path_a: str,
-    path_b: str,
-    kinds: tuple[str, ...],
-    steps: np.ndarray,
-    exact_rel: dict[tuple[int, int], float],
+    path_a: str, path_b: str, kinds: tuple[str, ...], steps: np.ndarray
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """(steps, labels, rel[n_steps, n_labels]): exact where known, else the stats lower bound."""
+    """(steps, labels, rel[n_steps, n_labels]).
+
+    rel is 0 where bitwise equal, exact where both runs stored full values, else the statistics'
+    lower bound; NaN where a record is absent or not comparable (shape, NaN/Inf placement).
+    """
     with open_run(path_a) as a, open_run(path_b) as b:
         al = align(a, b, kinds)
         pair = RunPair(a, b, al, steps)
         rel = np.full((len(steps), len(al.slots)), np.nan)
         row_of = {int(s): i for i, s in enumerate(steps)}
-        for lo in range(0, len(steps), BLOCK_STEPS):
-            block = steps[lo : lo + BLOCK_STEPS]
-            c = classify(a, b, al, pair.dtypes, block)
-            val = np.where(
-                c.code == EQUAL, 0.0, np.where(np.isin(c.code, (DIFF, STATS)), c.rel_lb, np.nan)
-            )
-            for i in np.flatnonzero(c.code != EQUAL):
-                known = exact_rel.get((int(c.step[i]), int(c.slot[i])))
-                if known is not None:
-                    val[i] = known
-            rows = np.array([row_of[int(s)] for s in c.step], np.int64)
-            rel[rows, c.slot] = val
+        try:
+            for lo in range(0, len(steps), BLOCK_STEPS):
+                block = steps[lo : lo + BLOCK_STEPS]
+                ea = a.entries(int(block[0]), int(block[-1]))
+                eb = b.entries(int(block[0]), int(block[-1]))
+                c = classify(a, b, al, pair.dtypes, block, ea, eb)
+                comparable = np.isin(c.code, (DIFF, STATS))
+                val = np.where(c.code == EQUAL, 0.0, np.where(comparable, c.rel_lb, np.nan))
+                for i in np.flatnonzero(c.code == DIFF):
+                    slot, step = al.slots[int(c.slot[i])], int(c.step[i])
+                    vd = pair.diff(slot, step, ea, eb, floor=float(c.floor[i]))
+                    if vd is not None:
+                        val[i] = vd.rel_diff
+                rows = np.array([row_of[int(s)] for s in c.step], np.int64)
+                rel[rows, c.slot] = val
+        finally:
+            pair.close()
         return np.asarray(steps, np.int64), [s.label for s in al.slots], rel

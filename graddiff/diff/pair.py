@@ -15,7 +15,8 @@ from ..errors import ValuesNotStoredError
 from ..reader import Run
 from .align import Alignment, Slot
 from .compare_records import Cells, DtypeTable, classify
-from .exact import ValueDiff, compare_values, slot_rows, slot_values
+from .exact import ValueDiff, combine, compare_values, slot_rows
+from .stepvalues import StepValues
 
 _CACHE_STEPS = 8
 
@@ -26,10 +27,17 @@ class RunPair:
     def __init__(self, a: Run, b: Run, alignment: Alignment, steps: np.ndarray) -> None:
         self.a, self.b, self.al = a, b, alignment
         self.steps = steps
+        self._step_set = {int(s) for s in steps}
         self.dtypes = DtypeTable(a, b)
         self._rows: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._cells: OrderedDict[int, Cells] = OrderedDict()
         self._by_label = {(s.kind, s.name, max(s.call, 0)): s for s in alignment.slots}
+        self._sv = {"a": StepValues(a), "b": StepValues(b)}
+
+    def close(self) -> None:
+        """Close the extra file handles of the value readers (not the runs)."""
+        for sv in self._sv.values():
+            sv.close()
 
     # -- lookups ------------------------------------------------------------------------
     def run(self, side: str) -> Run:
@@ -39,7 +47,7 @@ class RunPair:
         return self._by_label.get((kind, name, call))
 
     def has_step(self, step: int) -> bool:
-        return bool(np.isin(step, self.steps))
+        return int(step) in self._step_set
 
     def rows(self, side: str, step: int) -> np.ndarray:
         """Entry rows of one run at one step (cached)."""
@@ -82,10 +90,13 @@ class RunPair:
             return None
         rows = self.rows(side, step) if rows is None else rows
         rmap = self.al.side(side)
-        if not len(slot_rows(rows, rmap, slot.index, step)):
+        sel = slot_rows(rows, rmap, slot.index, step)
+        if not len(sel):
             return None
+        sv = self._sv[side]
+        sv.prefetch(rows if rows["step"][0] == rows["step"][-1] else rows[rows["step"] == step])
         try:
-            return slot_values(self.run(side), rows, rmap, slot, step)
+            return combine(sv.get, sel, int(rmap.mode_of_slot[slot.index]))
         except ValuesNotStoredError:
             return None
 
