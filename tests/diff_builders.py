@@ -67,6 +67,7 @@ def simulate(
     store_values: bool = True,
     environment: Optional[dict] = None,
     batch: int = 16,
+    scale_micro: bool = True,
 ) -> str:
     """Train a 4-hidden-2 MLP for ``n_steps`` on a fixed dataset and record it."""
     rng = np.random.default_rng(init_seed)
@@ -161,7 +162,7 @@ def simulate(
                     (1 - F32(bn_momentum)) * running_mean + F32(bn_momentum) * h.mean(0)
                 ).astype(F32)
                 tracked += 1
-            n_all = F32(batch * 2)
+            n_all = F32(batch * 2 / (1 if scale_micro else micro))
             loss = np.array(((out - y) ** 2).sum() / n_all, F32)
             ents.append(
                 entry_from_array("loss", "loss", loss, call=m, seq=seq(), store_values=store_values)

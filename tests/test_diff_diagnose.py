@@ -73,6 +73,15 @@ CASES = [
     ("other op", {}, {"act": "tanh"}, 0, "activation", "module_output", "same input"),
     ("frozen", {}, {"frozen": True}, 0, "grad", "frozen_parameter", "fc1.weight"),
     ("nan", {}, {"nan_at": 1}, 1, "activation", "nonfinite", "NaN"),
+    (
+        "unscaled micro-batch loss",
+        {},
+        {"micro": 2, "scale_micro": False},
+        0,
+        "loss",
+        "unscaled_micro_batches",
+        "not divided by 2",
+    ),
 ]
 
 

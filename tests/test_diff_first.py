@@ -146,8 +146,12 @@ def test_divergence_matrix(tmp_path):
 
 def test_a_sudden_parameter_jump_after_rounding_noise_is_not_called_amplified(tmp_path):
     steps_a = [_step(P, G) for _ in range(4)]
-    steps_b = [_step(P, G)] + [_step(P, _noisy(G, 3e-7, seed=s)) for s in (1, 2)] + [_step(P * 1.5, G)]
-    r = graddiff.compare(write_run(tmp_path / "a.h5", steps_a), write_run(tmp_path / "b.h5", steps_b))
+    steps_b = (
+        [_step(P, G)] + [_step(P, _noisy(G, 3e-7, seed=s)) for s in (1, 2)] + [_step(P * 1.5, G)]
+    )
+    r = graddiff.compare(
+        write_run(tmp_path / "a.h5", steps_a), write_run(tmp_path / "b.h5", steps_b)
+    )
     assert (r.first.step, r.first.kind) == (3, "param")
     assert r.first_bitwise.rounding_level and not r.amplified_rounding
     assert [c.cause for c in r.diagnosis] == ["update_rule", "rounding"]

@@ -654,6 +654,29 @@ def _amplification_plausible(x: _Ctx) -> bool:
     return x.hit.rel <= UPDATE_AMPLIFICATION * worst
 
 
+def _unscaled_micro_batches(x: _Ctx) -> Optional[Cause]:
+    """Summed micro-batch losses that are n x the other run's loss: the loss was not divided."""
+    s = x.slot
+    if s.kind != "loss" or s.call != -1:
+        return None
+    a, b = x.v("a", s, x.step), x.v("b", s, x.step)
+    if a is None or b is None or a.size != 1 or b.size != 1:
+        return None
+    va, vb = float(a.ravel()[0]), float(b.ravel()[0])
+    for side, n, mine, other in (("A", len(s.keys_a), va, vb), ("B", len(s.keys_b), vb, va)):
+        if n > 1 and other != 0 and abs(mine / other - n) < 1e-3 * n:
+            return Cause(
+                "unscaled_micro_batches",
+                f"{side}'s {n} micro-batch losses are not divided by {n}: its gradients are {n}x too large",
+                [
+                    f"sum of {side}'s {n} loss calls at step {x.step} = {_fmt(mine)}, {n}x the other run's "
+                    f"{_fmt(other)}"
+                ],
+                f"backpropagate loss / {n} for each micro-batch (or scale the learning rate)",
+            )
+    return None
+
+
 def _update_specific(x: _Ctx) -> Optional[Cause]:
     c = _update_rule(x)
     return c if c is not None and not c.title.startswith("update rule differs") else None
@@ -670,6 +693,7 @@ RULES: tuple[Callable[[_Ctx], Optional[Cause]], ...] = (
     _dropout,
     _batchnorm,
     _update_specific,
+    _unscaled_micro_batches,
 )
 #: Generic rules: used only when no specific rule matched and rounding does not explain it.
 LATE_RULES: tuple[Callable[[_Ctx], Optional[Cause]], ...] = (_update_rule, _module_output, _generic)

@@ -27,7 +27,6 @@ class RunPair:
     def __init__(self, a: Run, b: Run, alignment: Alignment, steps: np.ndarray) -> None:
         self.a, self.b, self.al = a, b, alignment
         self.steps = steps
-        self._step_set = {int(s) for s in steps}
         self.dtypes = DtypeTable(a, b)
         self._rows: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._cells: OrderedDict[int, Cells] = OrderedDict()
@@ -47,7 +46,8 @@ class RunPair:
         return self._by_label.get((kind, name, call))
 
     def has_step(self, step: int) -> bool:
-        return int(step) in self._step_set
+        i = int(np.searchsorted(self.steps, step))
+        return i < len(self.steps) and int(self.steps[i]) == int(step)
 
     def rows(self, side: str, step: int) -> np.ndarray:
         """Entry rows of one run at one step (cached)."""
