@@ -9,7 +9,9 @@ the file is closed.
 from __future__ import annotations
 
 import fnmatch
+import gc
 import os
+import sys
 import weakref
 from typing import Any, Optional, Union
 
@@ -51,7 +53,19 @@ def _owner(name: str) -> str:
 def _uses_compile(model: nn.Module, inner: nn.Module) -> bool:
     if is_compiled(model):
         return True
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in inner.modules())
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in inner.modules()):
+        return True
+    # trace(model) while the loop calls `cmodel = torch.compile(model)`: without this, hooks
+    # were skipped by the already compiled graph and inputs/activations/output grads were
+    # silently not recorded (tests/test_compile.py). Only a torch.compile wrapper knows its
+    # module, hence the scan (~0.1 s); only once Dynamo has compiled a frame in this process:
+    # code compiled later, inside the trace, sees the hooks anyway.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    wrapper = getattr(eval_frame, "OptimizedModule", None)
+    counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None)
+    if wrapper is None or counters is None or not counters["frames"].get("total"):
+        return False
+    return any(type(obj) is wrapper and unwrap_model(obj) is inner for obj in gc.get_objects())
 
 
 def _rank() -> int:
