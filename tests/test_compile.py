@@ -22,13 +22,18 @@ STEPS, AFTER = 3, 2  # as in the script
 
 @pytest.fixture(scope="module")
 def compiled_run(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("compile") / "compiled.h5")
+    d = tmp_path_factory.mktemp("compile")
+    path, path_plain = str(d / "compiled.h5"), str(d / "plain.h5")
     out = subprocess.run(
-        [sys.executable, SCRIPT, path, "inductor"], capture_output=True, text=True, timeout=240
+        [sys.executable, SCRIPT, path, path_plain, "inductor"],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "RuntimeWarning" not in out.stderr, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["path_plain"] = path_plain
     return path, result
 
 
@@ -91,3 +96,21 @@ def test_compiled_hooks_gone_after_exit(compiled_run):
     assert len(r["traced"]) == STEPS + AFTER
     with graddiff.open(path) as run:
         assert len(run.steps) == STEPS  # the post-trace steps added no records
+
+
+@pytest.mark.slow
+def test_trace_plain_module_of_precompiled_wrapper(compiled_run):
+    """``trace(model)`` while the loop calls ``torch.compile(model)``, compiled before the
+    trace: the tracer must still force the recompile that lets its hooks fire (this case once
+    recorded params, loss and grads but silently no inputs, activations or output grads)."""
+    _, r = compiled_run
+    assert r["traced_plain"] == r["untraced"]
+    assert r["weights_plain_equal"]
+    assert r["calls_plain"]["on_module_output"] == 5 * (STEPS - 1)
+    assert set(r["calls_plain_after_exit"].values()) == {0}
+    with graddiff.open(r["path_plain"]) as run:
+        assert [int(s) for s in run.steps] == list(range(STEPS - 1))
+        assert set(run.names("activation")) == {"0", "1", "2", "3", "(root)"}
+        for step in range(STEPS - 1):
+            assert run.get("input", "0", step).shape == (16, 8)
+            assert run.has_values("grad_output", "3", step)

@@ -3,8 +3,11 @@
 Trains the same seeded model three times, each time freshly built and compiled, for
 ``STEPS + AFTER`` steps: (1) untraced, (2) traced for ``STEPS`` steps and then untraced for
 ``AFTER`` more (the trace has ended: its hooks must be gone and the model must still train),
-(3) untraced again (is compile itself reproducible?). Recorder entry points are wrapped with
-call counters to see whether any hook fires after the trace. Prints one JSON line.
+(3) untraced again (is compile itself reproducible?), (4) one step before the trace (so the
+graph is compiled without hooks), then ``trace(model)`` -- the plain module, while the loop
+calls the compiled wrapper -- for ``STEPS - 1`` steps, then ``AFTER`` more. Recorder entry
+points are wrapped with call counters to see whether any hook fires after the trace. Prints
+one JSON line.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def build() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
 
 
-def run(path: Optional[str], backend: str, calls: dict) -> dict:
+def run(path: Optional[str], backend: str, calls: dict, warm: bool = False) -> dict:
     model = build()
     compiled = torch.compile(model, backend=backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -56,8 +59,10 @@ def run(path: Optional[str], backend: str, calls: dict) -> dict:
         loop(STEPS + AFTER)
         after = None
     else:
-        with graddiff.trace(compiled, path, values="full"):
-            loop(STEPS)
+        if warm:
+            loop(1)  # compiled before the trace exists
+        with graddiff.trace(model if warm else compiled, path, values="full"):
+            loop(STEPS - 1 if warm else STEPS)
         before = dict(calls)
         loop(AFTER)
         after = {k: calls[k] - before[k] for k in calls}
@@ -70,7 +75,7 @@ def run(path: Optional[str], backend: str, calls: dict) -> dict:
 
 
 def main() -> int:
-    path, backend = sys.argv[1], sys.argv[2]
+    path, path_plain, backend = sys.argv[1], sys.argv[2], sys.argv[3]
     calls = dict.fromkeys(COUNTED, 0)
     for name in COUNTED:
         original = getattr(Recorder, name)
@@ -84,6 +89,10 @@ def main() -> int:
     traced = run(path, backend, calls)
     calls_in_trace = dict(calls)
     again = run(None, backend, calls)
+    before = dict(calls)
+    calls_again = {k: before[k] - calls_in_trace[k] for k in COUNTED}
+    plain = run(path_plain, backend, calls, warm=True)
+    calls_plain = {k: calls[k] - before[k] - plain["calls_after_exit"][k] for k in COUNTED}
 
     def same_weights(a: dict, b: dict) -> bool:
         return all(torch.equal(x, y) for x, y in zip(a["weights"], b["weights"]))
@@ -96,12 +105,16 @@ def main() -> int:
                 "untraced_again": again["losses"],
                 "weights_traced_equal": same_weights(untraced, traced),
                 "weights_again_equal": same_weights(untraced, again),
+                "traced_plain": plain["losses"],
+                "weights_plain_equal": same_weights(untraced, plain),
+                "calls_plain": calls_plain,
+                "calls_plain_after_exit": plain["calls_after_exit"],
                 "calls_in_trace": {
                     k: calls_in_trace[k] - traced["calls_after_exit"][k] for k in COUNTED
                 },
                 "calls_after_exit": traced["calls_after_exit"],
-                "calls_untraced_again": {k: calls[k] - calls_in_trace[k] for k in COUNTED},
-                "seconds": [untraced["seconds"], traced["seconds"], again["seconds"]],
+                "calls_untraced_again": calls_again,
+                "seconds": [r["seconds"] for r in (untraced, traced, again, plain)],
             }
         ),
         flush=True,
