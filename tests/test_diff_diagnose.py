@@ -104,3 +104,41 @@ def test_rounding_cites_the_environment(tmp_path):
     assert any("update rounds differently" in e for e in r.cause.evidence)
     rows = {row["key"]: row for row in r.environment_diff}
     assert rows["num_threads"]["relevant"] and not rows["argv"]["relevant"]
+
+
+def test_same_samples_in_another_order(tmp_path):
+    import numpy as np
+    from diff_builders import write_run
+
+    from graddiff.entries import entry_from_array
+
+    w = np.ones((3, 4), np.float32)
+    x = np.arange(512, dtype=np.float32).reshape(64, 8)  # several fingerprint blocks
+    a = write_run(
+        tmp_path / "a.h5", [[entry_from_array("param", "w", w), entry_from_array("input", "0", x)]]
+    )
+    b = write_run(
+        tmp_path / "b.h5",
+        [[entry_from_array("param", "w", w), entry_from_array("input", "0", x[::-1])]],
+    )
+    r = graddiff.compare(a, b)
+    assert (
+        r.cause.cause == "different_inputs" and "same samples in a different order" in r.cause.title
+    )
+
+
+def test_dtype_change_is_structure_and_compared_by_value(tmp_path):
+    import numpy as np
+    from diff_builders import write_run
+
+    from graddiff.entries import entry_from_array
+
+    w = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    a = write_run(tmp_path / "a.h5", [[entry_from_array("param", "w", w)]])
+    b = write_run(tmp_path / "b.h5", [[entry_from_array("param", "w", w.astype(np.float64))]])
+    r = graddiff.compare(a, b)
+    assert r.verdict == "within_tolerance"  # same values, different bits
+    assert r.structure["dtype_changes"] == [
+        {"label": "param w", "step": 0, "a": "float32", "b": "float64"}
+    ]
+    assert graddiff.compare(a, b, exact=True).exit_code == 1

@@ -124,6 +124,10 @@ def _compare(ra: Run, rb: Run, rtol: float, exact: bool, window, kinds: tuple[st
             notes.append(f"{tag}: {run.values_note}")
     check_related(ra, rb)
     al = align(ra, rb, kinds)
+    if not al.slots:
+        raise GraddiffError(
+            f"nothing to compare: neither {ra.path} nor {rb.path} recorded {', '.join(kinds)}"
+        )
     common = np.intersect1d(ra.steps, rb.steps)
     if window is not None:
         lo, hi = window

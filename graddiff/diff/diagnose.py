@@ -194,6 +194,12 @@ def _init(x: _Ctx) -> Optional[Cause]:
     )
 
 
+def _sample_bytes(x: np.ndarray) -> list[bytes]:
+    """The raw bytes of each sample (row along dim 0) of a batch."""
+    flat = np.ascontiguousarray(x).reshape(len(x), -1)
+    return [row.tobytes() for row in flat]
+
+
 def _inputs(x: _Ctx) -> Optional[Cause]:
     if x.slot.kind != "input":
         return None
@@ -202,18 +208,14 @@ def _inputs(x: _Ctx) -> Optional[Cause]:
     ]
     a, b = x.v("a", x.slot, x.step), x.v("b", x.slot, x.step)
     title = "different inputs"
-    if a is not None and b is not None and a.shape == b.shape and a.ndim >= 1:
-        ra = np.sort(a.reshape(len(a), -1).view(f"V{a[0].nbytes}").ravel()) if a.size else a
-        rb = np.sort(b.reshape(len(b), -1).view(f"V{b[0].nbytes}").ravel()) if b.size else b
-        if a.size and ra.tobytes() == rb.tobytes():
+    if a is not None and b is not None and a.shape == b.shape and a.ndim >= 1 and a.size:
+        rows_a, rows_b = _sample_bytes(a), _sample_bytes(b)
+        if sorted(rows_a) == sorted(rows_b):
             title = "different data order: the same samples in a different order"
-            ev.append("the batch holds the same rows in both runs, permuted")
+            ev.append("the batch holds the same samples in both runs, permuted")
         else:
-            n_same = len(
-                set(ra.tobytes()[i * a[0].nbytes : (i + 1) * a[0].nbytes] for i in range(len(a)))
-                & set(rb.tobytes()[i * b[0].nbytes : (i + 1) * b[0].nbytes] for i in range(len(b)))
-            )
-            ev.append(f"{n_same} of {len(a)} samples of the batch occur in both runs")
+            shared = len(set(rows_a) & set(rows_b))
+            ev.append(f"{shared} of {len(a)} samples of the batch occur in both runs")
             title = "different inputs: different samples (data order) or augmentation"
     return Cause(
         "different_inputs",
