@@ -156,7 +156,7 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
             code, vd, basis = int(c.code[i]), None, "stats"
             if code == DIFF:
                 ra, rb = by_step_a(step), by_step_b(step)
-                vd = pair.diff(pair.al.slots[slot], step, ra, rb, floor=float(c.floor[i]))
+                vd = pair.diff(pair.al.slots[slot], step, ra, rb, float(c.floor[i]), detail=False)
                 if vd is not None:
                     basis = "values"
                     if vd.bitwise_equal:
@@ -172,6 +172,8 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
             diverged = exact or code in DEFINITE or nonfinite or best[i] > rtol
             if first_bitwise is not None and not diverged:
                 continue
+            if vd is not None:  # element detail, only for the cells the report shows
+                vd = pair.diff(pair.al.slots[slot], step, ra, rb, float(c.floor[i]))
             hit = Hit(step, slot, code, float(best[i]), basis, vd, int(i), _facts(c, i, pair))
             if basis == "structure":
                 hit.rel = float("nan")

@@ -15,7 +15,7 @@ from ..errors import ValuesNotStoredError
 from ..reader import Run
 from .align import Alignment, Slot
 from .compare_records import Cells, DtypeTable, classify
-from .exact import ValueDiff, combine, compare_values, slot_rows
+from .exact import ValueDiff, combine, compare_values, quick_diff
 from .stepvalues import StepValues
 
 _CACHE_STEPS = 8
@@ -32,6 +32,7 @@ class RunPair:
         self._cells: OrderedDict[int, Cells] = OrderedDict()
         self._by_label = {(s.kind, s.name, max(s.call, 0)): s for s in alignment.slots}
         self._sv = {"a": StepValues(a), "b": StepValues(b)}
+        self._index: OrderedDict[tuple[str, int], dict[int, np.ndarray]] = OrderedDict()
 
     def close(self) -> None:
         """Close the extra file handles of the value readers (not the runs)."""
@@ -82,21 +83,41 @@ class RunPair:
         return int(hit[0]) if len(hit) else None
 
     # -- values -------------------------------------------------------------------------
+    def _slot_index(
+        self, side: str, step: int, rows: Optional[np.ndarray]
+    ) -> dict[int, np.ndarray]:
+        """slot -> its rows (in call order) at one step; the step's values are read once."""
+        key = (side, int(step))
+        index = self._index.get(key)
+        if index is None:
+            rows = self.rows(side, step) if rows is None else rows
+            if len(rows) and rows["step"][0] != rows["step"][-1]:
+                rows = rows[rows["step"] == step]
+            rmap = self.al.side(side)
+            slots = rmap.slot_of[rows["record"]] if len(rows) else np.zeros(0, np.int64)
+            order = np.lexsort((rmap.part_of[rows["record"]], slots)) if len(rows) else slots
+            rows, slots = rows[order], slots[order]
+            uniq, start = np.unique(slots, return_index=True)
+            parts = np.split(rows, start[1:]) if len(rows) else []
+            index = {int(u): p for u, p in zip(uniq, parts) if u >= 0}
+            self._sv[side].prefetch(rows)
+            self._index[key] = index
+            if len(self._index) > 2 * _CACHE_STEPS:
+                self._index.popitem(last=False)
+        return index
+
     def values(
         self, side: str, slot: Slot, step: int, rows: Optional[np.ndarray] = None
     ) -> Optional[np.ndarray]:
         """Full values of a slot in one run at a step; None when absent or statistics only."""
         if not self.has_step(step):
             return None
-        rows = self.rows(side, step) if rows is None else rows
-        rmap = self.al.side(side)
-        sel = slot_rows(rows, rmap, slot.index, step)
-        if not len(sel):
+        sel = self._slot_index(side, step, rows).get(slot.index)
+        if sel is None or not len(sel):
             return None
-        sv = self._sv[side]
-        sv.prefetch(rows if rows["step"][0] == rows["step"][-1] else rows[rows["step"] == step])
+        rmap = self.al.side(side)
         try:
-            return combine(sv.get, sel, int(rmap.mode_of_slot[slot.index]))
+            return combine(self._sv[side].get, sel, int(rmap.mode_of_slot[slot.index]))
         except ValuesNotStoredError:
             return None
 
@@ -107,10 +128,12 @@ class RunPair:
         rows_a: Optional[np.ndarray] = None,
         rows_b: Optional[np.ndarray] = None,
         floor: Optional[float] = None,
+        detail: bool = True,
     ) -> Optional[ValueDiff]:
         """Element-level difference of a slot at a step, or None without values or shapes.
 
         ``floor``: the noise floor of the relative difference (default: the cell's).
+        ``detail``: False gives only equality and the relative difference (faster).
         """
         va = self.values("a", slot, step, rows_a)
         vb = self.values("b", slot, step, rows_b)
@@ -119,4 +142,4 @@ class RunPair:
         if floor is None:
             i = self.cell(slot, step)
             floor = float(self.cells(step).floor[i]) if i is not None else 0.0
-        return compare_values(va, vb).with_floor(floor)
+        return (compare_values(va, vb) if detail else quick_diff(va, vb)).with_floor(floor)
