@@ -132,8 +132,13 @@ def _structure(report: Report, console: Console) -> None:
         lines.append(
             f"dtype differs: {ch['label']} from step {ch['step']}: {ch['a']} in A vs {ch['b']} in B"
         )
-    for note in st.get("pairing", [])[:5]:
-        lines.append(f"paired: {note}")
+    groups: dict[str, list[str]] = {}
+    for note in st.get("pairing", []):
+        label, _, how = note.partition(": ")
+        groups.setdefault(how, []).append(label)
+    for how, labels in groups.items():
+        names = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+        lines.append(f"paired: {names}: {how}")
     if lines:
         console.print("Structure:", style="bold")
         for line in lines:
