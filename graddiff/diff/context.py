@@ -1,0 +1,123 @@
+"""What the diagnosis rules see: the Cause they return and the context they query.
+
+Part of the differ's last stage (walk --> diagnose --> Report): the context answers "how far
+apart are these two records at this step?" (exact where values exist, else the stats bound),
+reads values, and lists the cells of a step, so each rule module stays about evidence only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from .align import Slot
+from .compare_records import DIFF, EQUAL, MISSING_A, MISSING_B, NONFINITE, SHAPE
+from .first import Hit, WalkResult
+from .pair import RunPair
+
+#: How many steps back the accumulation rule sums gradients.
+ACCUMULATION_LOOKBACK = 8
+#: A relation (sum, scale, ...) "holds" when its residual is below this relative error and far
+#: below the plain difference it explains.
+RELATION_TOL = 0.02
+#: How much larger than the previous step's parameter/gradient differences a parameter
+#: difference may be and still be called amplified rounding.
+UPDATE_AMPLIFICATION = 100.0
+
+
+@dataclass
+class Cause:
+    """One candidate explanation."""
+
+    cause: str  # stable id: different_init, grad_accumulation, rounding, ...
+    title: str
+    evidence: list[str] = field(default_factory=list)
+    fix: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cause": self.cause,
+            "title": self.title,
+            "evidence": list(self.evidence),
+            "fix": self.fix,
+        }
+
+
+def fmt(x: Optional[float]) -> str:
+    if x is None or not np.isfinite(x):
+        return str(x)
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
+
+
+class Context:
+    """What the rules may ask: relative differences, values and cells around a step."""
+
+    def __init__(
+        self, pair: RunPair, walk: WalkResult, hit: Hit, rtol: float, env_rows: list
+    ) -> None:
+        self.pair, self.walk, self.hit, self.rtol, self.env_rows = pair, walk, hit, rtol, env_rows
+        self.slot: Slot = pair.al.slots[hit.slot]
+        self.step = hit.step
+
+    def prev(self, step: int) -> Optional[int]:
+        earlier = self.pair.steps[self.pair.steps < step]
+        return int(earlier[-1]) if len(earlier) else None
+
+    def v(self, side: str, slot: Slot, step: int) -> Optional[np.ndarray]:
+        return self.pair.values(side, slot, step)
+
+    def rel(self, slot: Slot, step: int) -> Optional[float]:
+        """Exact relative difference where both runs stored values, else the stats bound."""
+        i = self.pair.cell(slot, step)
+        if i is None:
+            return None
+        c = self.pair.cells(step)
+        code = int(c.code[i])
+        if code == EQUAL:
+            return 0.0
+        if code in (MISSING_A, MISSING_B, SHAPE) or code == NONFINITE:
+            return None
+        if code == DIFF:
+            vd = self.pair.diff(slot, step)
+            if vd is not None:
+                return 0.0 if vd.bitwise_equal else vd.rel_diff
+        return float(c.rel_lb[i])
+
+    def slots_of(self, step: int, kinds: tuple[str, ...]) -> list[tuple[Slot, int]]:
+        c = self.pair.cells(step)
+        return [
+            (self.pair.al.slots[int(s)], int(code))
+            for s, code in zip(c.slot, c.code)
+            if self.pair.al.slots[int(s)].kind in kinds
+        ]
+
+    def within(
+        self, step: Optional[int], kinds: tuple[str, ...], tol: Optional[float] = None
+    ) -> Optional[bool]:
+        """True when every record of these kinds agrees within ``tol`` at ``step`` (None: none)."""
+        if step is None:
+            return None
+        tol = self.rtol if tol is None else tol
+        found = False
+        for slot, code in self.slots_of(step, kinds):
+            found = True
+            if code == EQUAL:
+                continue
+            r = self.rel(slot, step)
+            if r is None or r > tol:
+                return False
+        return True if found else None
+
+
+# -- rules --------------------------------------------------------------------------------
+
+
+def some_names(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def cosine(u: np.ndarray, v: np.ndarray) -> float:
+    nu, nv = float(u @ u), float(v @ v)
+    return float(u @ v) / np.sqrt(nu * nv) if nu > 0 and nv > 0 else 0.0

@@ -1,0 +1,169 @@
+"""Diagnosis rules about gradients: accumulation across steps, scaled gradients, micro-batches.
+
+Each rule: context in, Cause or None out (see context.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .align import Slot
+from .compare_records import EQUAL
+from .context import ACCUMULATION_LOOKBACK, RELATION_TOL, Cause, Context, fmt
+from .exact import rel_diff
+
+
+def _grad_pairs(x: Context, limit: int = 8) -> list[Slot]:
+    out = [x.slot]
+    for s, code in x.slots_of(x.step, ("grad", "autograd_grad")):
+        if code != EQUAL and s.index != x.slot.index and len(out) < limit:
+            out.append(s)
+    return out
+
+
+def rule_accumulation(x: Context) -> Optional[Cause]:
+    if x.slot.kind not in ("grad", "autograd_grad") or x.prev(x.step) is None:
+        return None
+    best = None
+    for acc, ref in (("a", "b"), ("b", "a")):
+        g = x.v(acc, x.slot, x.step)
+        if g is None:
+            return _accumulation_stats(x)
+        total = None
+        plain = None
+        step = x.step
+        for back in range(ACCUMULATION_LOOKBACK + 1):
+            gr = x.v(ref, x.slot, step)
+            if gr is None or gr.shape != g.shape:
+                break
+            total = gr.astype(np.float64) if total is None else total + gr
+            if back == 0:
+                plain = rel_diff(g, gr)
+            else:
+                r = rel_diff(g, total)
+                if r < RELATION_TOL and r < 0.1 * plain and (best is None or r < best[2]):
+                    best = (acc, ref, r, step, plain)
+            step = x.prev(step)
+            if step is None:
+                break
+    if best is None:
+        return None
+    acc, ref, r, since, plain = best
+    A, R = acc.upper(), ref.upper()
+    n_ok = 1
+    others = _grad_pairs(x)[1:]
+    for s in others:
+        g = x.v(acc, s, x.step)
+        parts = [x.v(ref, s, t) for t in x.pair.steps if since <= t <= x.step]
+        ok = g is not None and parts and all(p is not None and p.shape == g.shape for p in parts)
+        if ok and rel_diff(g, np.sum([p.astype(np.float64) for p in parts], axis=0)) < RELATION_TOL:
+            n_ok += 1
+    steps = f"steps {since}..{x.step}" if since < x.step - 1 else f"steps {since}+{x.step}"
+    return Cause(
+        "grad_accumulation",
+        f"gradients accumulate across steps in {A} (missing zero_grad?)",
+        [
+            f"{A}'s {x.slot.label} at step {x.step} equals the sum of {R}'s gradients of {steps} "
+            f"(residual rel {fmt(r)}; plain difference rel {fmt(plain)})",
+            f"the same holds for {n_ok} of {1 + len(others)} differing gradients checked",
+        ],
+        f"call optimizer.zero_grad() once per step in {A} (before backward); if {A} accumulates "
+        "micro-batches on purpose, step the optimizer after the last one only",
+    )
+
+
+def _accumulation_stats(x: Context) -> Optional[Cause]:
+    """Statistics-only variant: means add up exactly, so compare mean(A,k) with sum of B's means."""
+
+    def mean(side, step):
+        i = x.pair.cell(x.slot, step)
+        if i is None:
+            return None
+        s = getattr(x.pair.cells(step), side)
+        return float(s.mean[i]) if s.present[i] else None
+
+    prev = x.prev(x.step)
+    for acc, ref in (("a", "b"), ("b", "a")):
+        ma, m0, m1 = mean(acc, x.step), mean(ref, x.step), mean(ref, prev)
+        if None in (ma, m0, m1):
+            continue
+        scale = max(abs(ma), abs(m0) + abs(m1), 1e-30)
+        if abs(ma - (m0 + m1)) / scale < RELATION_TOL and abs(ma - m0) / scale > 0.1:
+            return Cause(
+                "grad_accumulation",
+                f"gradients accumulate across steps in {acc.upper()} (missing zero_grad?)",
+                [
+                    f"mean of {acc.upper()}'s {x.slot.label} at step {x.step} = {fmt(ma)} equals "
+                    f"{ref.upper()}'s step {x.step} + step {prev} means ({fmt(m0)} + {fmt(m1)}) "
+                    "(statistics only)"
+                ],
+                "call optimizer.zero_grad() once per step",
+            )
+    return None
+
+
+def rule_scaled_grads(x: Context) -> Optional[Cause]:
+    if x.slot.kind not in ("grad", "autograd_grad"):
+        return None
+    if not x.within(x.step, ("param", "input", "activation", "loss")):
+        return None
+    ratios, worst = [], 0.0
+    for s in _grad_pairs(x):
+        a, b = x.v("a", s, x.step), x.v("b", s, x.step)
+        if a is None or b is None or a.shape != b.shape:
+            continue
+        a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        bb = float(b64 @ b64)
+        if bb == 0:
+            continue
+        c = float(a64 @ b64) / bb
+        worst = max(worst, rel_diff(a64, c * b64))
+        ratios.append(c)
+    if not ratios or worst > RELATION_TOL or all(abs(c - 1) < 10 * x.rtol for c in ratios):
+        return None
+    same = max(ratios) - min(ratios) <= 1e-3 * max(abs(max(ratios)), 1e-30)
+    small, big = ("A", "B") if abs(np.median(ratios)) < 1 else ("B", "A")
+    factors = ratios if small == "A" else [1 / c if c else float("inf") for c in ratios]
+    ev = [
+        f"the forward pass and loss agree at step {x.step}; each differing gradient of {small} is "
+        f"{big}'s times a constant (residual rel {fmt(worst)})",
+        f"factors: {', '.join(fmt(c) for c in factors[:5])}"
+        + (" (the same for all)" if same else ""),
+    ]
+    what = (
+        "gradient clipping by global norm or loss scaling"
+        if same
+        else "per-parameter gradient clipping or scaling"
+    )
+    return Cause(
+        "scaled_gradients",
+        f"{small}'s gradients are scaled down: {what}",
+        ev,
+        "compare the clip_grad_norm_ / clip_grad_value_ calls and loss scaling (GradScaler, "
+        "loss / n) of the two runs",
+    )
+
+
+def rule_unscaled_micro_batches(x: Context) -> Optional[Cause]:
+    """Summed micro-batch losses that are n x the other run's loss: the loss was not divided."""
+    s = x.slot
+    if s.kind != "loss" or s.call != -1:
+        return None
+    a, b = x.v("a", s, x.step), x.v("b", s, x.step)
+    if a is None or b is None or a.size != 1 or b.size != 1:
+        return None
+    va, vb = float(a.ravel()[0]), float(b.ravel()[0])
+    for side, n, mine, other in (("A", len(s.keys_a), va, vb), ("B", len(s.keys_b), vb, va)):
+        if n > 1 and other != 0 and abs(mine / other - n) < 1e-3 * n:
+            return Cause(
+                "unscaled_micro_batches",
+                f"{side}'s {n} micro-batch losses are not divided by {n}: its gradients are {n}x too large",
+                [
+                    f"sum of {side}'s {n} loss calls at step {x.step} = {fmt(mine)}, {n}x the other run's "
+                    f"{fmt(other)}"
+                ],
+                f"backpropagate loss / {n} for each micro-batch (or scale the learning rate)",
+            )
+    return None

@@ -1,0 +1,209 @@
+"""Diagnosis rules about the forward pass and the records themselves.
+
+NaN/Inf, missing or reshaped records, initial weights, inputs, train/eval mode, dropout masks,
+a module whose output differs from the same input. Each rule: context in, Cause or None out.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .compare_records import EQUAL, MISSING_A, MISSING_B, NONFINITE, SHAPE
+from .context import Cause, Context, fmt, some_names
+from .exact import rel_diff
+
+
+def rule_nonfinite(x: Context) -> Optional[Cause]:
+    h = x.hit
+    if h.code != NONFINITE:
+        return None
+    fa, fb = h.facts.get("a") or {}, h.facts.get("b") or {}
+    bad = (
+        "A"
+        if (fa.get("nan", 0) + fa.get("inf", 0)) > (fb.get("nan", 0) + fb.get("inf", 0))
+        else "B"
+    )
+    return Cause(
+        "nonfinite",
+        f"the first NaN/Inf: {x.slot.label} at step {h.step} (run {bad})",
+        [
+            f"NaN/Inf counts: A {fa.get('nan')}/{fa.get('inf')}, B {fb.get('nan')}/{fb.get('inf')}",
+            "every record before it in causal order agrees within tolerance",
+        ],
+        "look at what produces this tensor at this step: learning rate, log/div of zero, "
+        "overflow in float16 (loss scaling), an exploding gradient",
+    )
+
+
+def rule_structure(x: Context) -> Optional[Cause]:
+    h, s = x.hit, x.slot
+    if h.code == SHAPE:
+        fa, fb = h.facts["a"], h.facts["b"]
+        return Cause(
+            "structure",
+            f"{s.label}: shapes differ at step {h.step}",
+            [f"shape {tuple(fa['shape'])} in A vs {tuple(fb['shape'])} in B"],
+            "the two runs build different models or feed different batch sizes",
+        )
+    if h.code not in (MISSING_A, MISSING_B):
+        return None
+    has, lacks = ("A", "B") if h.code == MISSING_B else ("B", "A")
+    if s.kind in ("grad", "autograd_grad", "grad_output"):
+        gone = [
+            g.name for g, code in x.slots_of(h.step, ("grad", "autograd_grad")) if code == h.code
+        ]
+        if gone or s.kind != "grad_output":
+            names = gone or [s.name]
+            return Cause(
+                "frozen_parameter",
+                f"{len(names)} parameter(s) have a gradient in {has} only: a frozen layer?",
+                [
+                    f"run {lacks} computes no gradient for {some_names(names)} at step {h.step}",
+                    f"first missing record: {s.label}",
+                ],
+                "a frozen layer (requires_grad=False) or a parameter unused in one run; "
+                "freeze the same parameters in both",
+            )
+    return Cause(
+        "missing_record",
+        f"{s.label} is recorded in {has} only at step {h.step}",
+        [f"run {lacks} has no {s.kind} '{s.name}' (call {max(s.call, 0)}) at step {h.step}"],
+        "the runs execute different modules or a different number of calls",
+    )
+
+
+def rule_init(x: Context) -> Optional[Cause]:
+    if x.slot.kind != "param" or x.step != int(x.pair.steps[0]) or x.hit.rel <= x.rtol:
+        return None
+    params = x.slots_of(x.step, ("param",))
+    differ = [(s, x.rel(s, x.step)) for s, code in params if code != EQUAL]
+    big = [(s, r) for s, r in differ if r is None or r > x.rtol]
+    return Cause(
+        "different_init",
+        f"different initial weights: {len(big)} of {len(params)} parameters differ at step {x.step}",
+        [f"{s.name}: rel {fmt(r)}" for s, r in big[:5]],
+        "start both runs from the same weights: copy.deepcopy(model), "
+        "model_b.load_state_dict(model_a.state_dict()), or torch.manual_seed(...) before building",
+    )
+
+
+def _sample_bytes(x: np.ndarray) -> list[bytes]:
+    """The raw bytes of each sample (row along dim 0) of a batch."""
+    flat = np.ascontiguousarray(x).reshape(len(x), -1)
+    return [row.tobytes() for row in flat]
+
+
+def rule_inputs(x: Context) -> Optional[Cause]:
+    if x.slot.kind != "input":
+        return None
+    ev = [
+        f"{x.slot.label} differs at step {x.step} (rel {fmt(x.hit.rel)}) while the parameters agree"
+    ]
+    a, b = x.v("a", x.slot, x.step), x.v("b", x.slot, x.step)
+    title = "different inputs"
+    if a is not None and b is not None and a.shape == b.shape and a.ndim >= 1 and a.size:
+        rows_a, rows_b = _sample_bytes(a), _sample_bytes(b)
+        if sorted(rows_a) == sorted(rows_b):
+            title = "different data order: the same samples in a different order"
+            ev.append("the batch holds the same samples in both runs, permuted")
+        else:
+            shared = len(set(rows_a) & set(rows_b))
+            ev.append(f"{shared} of {len(a)} samples of the batch occur in both runs")
+            title = "different inputs: different samples (data order) or augmentation"
+    return Cause(
+        "different_inputs",
+        title,
+        ev,
+        "seed the data pipeline identically: DataLoader(generator=torch.Generator().manual_seed(0)), "
+        "the same sampler, augmentation seeded the same way",
+    )
+
+
+def rule_mode(x: Context) -> Optional[Cause]:
+    if x.slot.kind not in ("activation", "grad_output", "loss"):
+        return None
+    c = x.pair.cells(x.step)
+    flips = []
+    for i in range(len(c)):
+        s = x.pair.al.slots[int(c.slot[i])]
+        if (
+            s.kind == "activation"
+            and c.a.present[i]
+            and c.b.present[i]
+            and c.a.training[i] != c.b.training[i]
+        ):
+            flips.append(
+                (s, "train" if c.a.training[i] else "eval", "train" if c.b.training[i] else "eval")
+            )
+    if not flips:
+        return None
+    s, ma, mb = flips[0]
+    wrong = "A" if ma == "eval" else "B"
+    return Cause(
+        "train_eval_mode",
+        f"train/eval mode differs: run {wrong} trains in eval mode (forgotten model.train()?)",
+        [
+            f"{len(flips)} module(s) run in different modes at step {x.step}, e.g. '{s.name}': {ma} in A, {mb} in B",
+            f"first divergence: {x.slot.label} (rel {fmt(x.hit.rel)})",
+        ],
+        f"call model.train() after evaluation in run {wrong}",
+    )
+
+
+def rule_dropout(x: Context) -> Optional[Cause]:
+    if x.slot.kind != "activation":
+        return None
+    a, b = x.v("a", x.slot, x.step), x.v("b", x.slot, x.step)
+    if a is None or b is None or a.shape != b.shape or not a.size:
+        return None
+    za, zb = a == 0, b == 0
+    if not (za != zb).any():
+        return None
+    both = ~za & ~zb
+    if both.sum() == 0 or rel_diff(a[both], b[both]) > 1e-5:
+        return None
+    return Cause(
+        "dropout_rng",
+        f"different dropout masks in '{x.slot.name}' (random number state differs)",
+        [
+            f"at step {x.step} the outputs agree where both runs kept an element, but different elements are "
+            f"zeroed ({za.mean():.1%} in A, {zb.mean():.1%} in B)",
+            "the module's input agrees (every earlier record is within tolerance)",
+        ],
+        "seed torch identically (torch.manual_seed) and make both runs draw the same random numbers "
+        "before this step (an extra random op shifts every later mask)",
+    )
+
+
+def rule_module_output(x: Context) -> Optional[Cause]:
+    if x.slot.kind != "activation":
+        return None
+    return Cause(
+        "module_output",
+        f"module '{x.slot.name}' gives a different output from the same input",
+        [
+            f"{x.slot.label} differs at step {x.step} (rel {fmt(x.hit.rel)}) while every earlier "
+            "record (parameters, inputs, earlier modules) agrees"
+        ],
+        "a different op or module here (e.g. a swapped activation), different module settings, "
+        "or random numbers (dropout)",
+    )
+
+
+def rule_generic(x: Context) -> Optional[Cause]:
+    what = {
+        "loss": "the loss differs while the model output agrees: different targets or loss function",
+        "grad_output": "the backward pass differs while the forward agrees: loss scaling or a custom backward",
+        "grad": "gradients differ while the forward pass agrees",
+        "autograd_grad": "gradients differ while the forward pass agrees",
+        "param": "parameters differ",
+        "buffer": "buffers differ",
+    }.get(x.slot.kind, f"{x.slot.kind} differs")
+    return Cause(
+        "unknown",
+        what,
+        [f"first divergence: {x.slot.label} at step {x.step} (rel {fmt(x.hit.rel)})"],
+        "inspect the two runs' code around this step",
+    )
