@@ -22,29 +22,44 @@ import graddiff
 
 def make_parser(description: str, out: str, epochs: int, width: int) -> argparse.ArgumentParser:
     """The options every example has; each script adds its own variants."""
-    p = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=description)
     p.add_argument(
         "--data",
         choices=("synthetic", "mnist"),
         default="synthetic",
-        help="synthetic: MNIST-shaped, no network; mnist: torchvision MNIST in --root",
+        help="synthetic (default): MNIST-shaped, no network; mnist: torchvision MNIST in --root",
     )
-    p.add_argument("--root", default="data", help="MNIST folder (downloaded there if missing)")
     p.add_argument(
-        "--train-size", type=int, default=12000, help="synthetic training samples (test: 2000)"
+        "--root",
+        default="data",
+        help="MNIST folder, downloaded there if missing (default: %(default)s)",
     )
-    p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument(
-        "--steps", type=int, default=None, help="stop each run after N steps (overrides --epochs)"
+        "--train-size",
+        type=int,
+        default=12000,
+        help="synthetic training samples (default: %(default)s; test: 2000)",
     )
-    p.add_argument("--batch", type=int, default=300, help="batch size")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--width", type=int, default=width, help="hidden width (smaller = faster)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=epochs, help="default: %(default)s")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="stop each run after N steps, counted over epochs (overrides --epochs)",
+    )
+    p.add_argument("--batch", type=int, default=300, help="batch size (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=0.1, help="default: %(default)s")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=width,
+        help="hidden width, smaller = faster (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="model and data seed (default: 0)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--out", default=out, help="folder for the two trace files")
+    p.add_argument(
+        "--out", default=out, help="folder for the two trace files (default: %(default)s)"
+    )
     return p
 
 

@@ -9,6 +9,11 @@ so from the second step on the update uses the sum of every gradient so far. gra
 first difference at step 1, in the gradient, with parameters and loss still equal at that step.
 ``--zero-grad`` adds the missing ``m2.zero_grad()``: then the two runs agree.
 
+Accuracy alone can mislead here: a ``.grad`` that sums every past gradient acts like momentum
+without decay, and on the synthetic data the accumulating run does not fail within 5 epochs
+(it may even score higher); the asker's MNIST run did fail. Either way the update is not the
+intended one, and graddiff shows where that starts.
+
     python examples/q2_missing_zero_grad.py
     python examples/q2_missing_zero_grad.py --zero-grad
     python examples/q2_missing_zero_grad.py --data mnist --root ~/data

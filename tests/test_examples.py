@@ -111,3 +111,29 @@ def test_example_runs_as_a_script(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "No difference: the runs are bitwise identical" in proc.stdout
+
+
+def fake_mnist(root: Path, n_train: int = 96, n_test: int = 32) -> None:
+    """MNIST's raw idx files with random content: torchvision then loads without a download."""
+    import numpy as np
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        header = np.array([2051, n, 28, 28], ">u4").tobytes()
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        header = np.array([2049, n], ">u4").tobytes()
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
+
+
+def test_mnist_through_torchvision(tmp_path):
+    pytest.importorskip("torchvision")
+    fake_mnist(tmp_path / "data")
+    out = run_example(
+        "q2_missing_zero_grad", tmp_path, "--data", "mnist", "--root", str(tmp_path / "data")
+    )
+    r = verdict(out / "autograd_grad.h5", out / "backward.h5")
+    assert (r["first"]["step"], r["first"]["name"]) == (1, "conv1.0.weight")

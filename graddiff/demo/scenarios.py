@@ -177,7 +177,7 @@ def q1_manual_vs_optimizer(setup: Setup) -> Recorded:
         a,
         b,
         {"manual (autograd.grad)": setup.accuracy(m1), "opt.step()": setup.accuracy(m2)},
-        note=f"MLP 784-{setup.mlp_width}-{setup.mlp_width}-784-784-10 (the question's is "
+        note=f"the MLP is 784-{setup.mlp_width}-{setup.mlp_width}-784-784-10 (the question's is "
         "784-1440-1440-784-784-10)",
     )
 
@@ -199,6 +199,8 @@ def q2_missing_zero_grad(setup: Setup) -> Recorded:
         a,
         b,
         {"autograd.grad": setup.accuracy(m1), "backward, no zero_grad": setup.accuracy(m2)},
+        note="accumulating .grad acts like momentum without decay: in a short run B may even "
+        "score higher; the asker's model failed after 5 MNIST epochs. The update is wrong from step 1.",
     )
 
 
