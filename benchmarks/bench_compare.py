@@ -71,14 +71,15 @@ def build(path: str, n_steps: int, diverge_at: int, noise: float) -> str:
     return path
 
 
-def measure(a: str, b: str, repeat: int) -> tuple[float, float, float, graddiff.Report]:
+def measure(a: str, b: str, repeat: int) -> tuple[float, float, float, float, graddiff.Report]:
     """Best time to the verdict (paths in, report out); memory of the two runs' index once
     opened, and the peak the comparison adds on top of it (tracemalloc sees numpy buffers)."""
-    times = []
+    times, cpu = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         report = graddiff.compare(a, b)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     tracemalloc.start()
     with graddiff.open(a) as ra, graddiff.open(b) as rb:
         index = tracemalloc.get_traced_memory()[0]
@@ -86,7 +87,7 @@ def measure(a: str, b: str, repeat: int) -> tuple[float, float, float, graddiff.
         graddiff.compare(ra, rb)
         peak = tracemalloc.get_traced_memory()[1] - index
     tracemalloc.stop()
-    return min(times), index / 2**20, peak / 2**20, report
+    return min(times), min(cpu), index / 2**20, peak / 2**20, report
 
 
 def main() -> None:
@@ -100,21 +101,22 @@ def main() -> None:
     d = args.dir or tempfile.mkdtemp(prefix="graddiff-bench-")
     os.makedirs(d, exist_ok=True)
     print(
-        "| scenario | steps | MiB/trace | verdict (s) | index (MiB) | compare peak (MiB) | verdict |"
+        "| scenario | steps | MiB/trace | verdict (s) | CPU (s) | index (MiB) | compare peak (MiB) | verdict |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for scenario, noise in (("identical", 0.0), ("noisy", 3e-7)):
         for n in args.steps:
             at = n - 10
             a = build(os.path.join(d, f"{scenario}{n}_a.h5"), n, -1, 0.0)
             b = build(os.path.join(d, f"{scenario}{n}_b.h5"), n, at, noise)
-            secs, index, peak, report = measure(a, b, args.repeat)
+            secs, cpu, index, peak, report = measure(a, b, args.repeat)
             size = os.path.getsize(a) / 2**20
             row = [
                 scenario,
                 n,
                 f"{size:.1f}",
                 f"{secs:.3f}",
+                f"{cpu:.3f}",
                 f"{index:.2f}",
                 f"{peak:.1f}",
                 report.headline(),

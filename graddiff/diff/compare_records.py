@@ -80,6 +80,8 @@ class Side:
     fp_pos: np.ndarray
     parts_hash: np.ndarray
     merged_sum: np.ndarray  # several calls summed: NaN/Inf known only as present/absent
+    offset: np.ndarray  # first call's byte offset into the step's values (-1: stats only)
+    nbytes: np.ndarray
 
 
 @dataclass
@@ -181,6 +183,8 @@ def _aggregate(
         fp_pos=first["fp_pos"].astype(_U64),
         parts_hash=add(mixed, start),
         merged_sum=summed,
+        offset=first["offset"].astype(np.int64),
+        nbytes=first["nbytes"].astype(np.int64),
     )
     return uniq, agg
 
@@ -202,7 +206,18 @@ def _expand(keys: np.ndarray, agg, union: np.ndarray) -> Side:
             fields[name] = np.zeros(
                 shape, np.uint64 if name.startswith(("fp_", "parts")) else np.float64
             )
-            if name in ("count", "ndim", "seq", "dtype", "nan", "inf", "numel", "fp_level"):
+            if name in (
+                "count",
+                "ndim",
+                "seq",
+                "dtype",
+                "nan",
+                "inf",
+                "numel",
+                "fp_level",
+                "offset",
+                "nbytes",
+            ):
                 fields[name] = fields[name].astype(np.int64)
             if name in ("values", "training", "merged_sum"):
                 fields[name] = fields[name].astype(bool)

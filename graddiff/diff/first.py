@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from ..kinds import ALL_KINDS
+from .batch import batch_rel, eligible
 from .compare_records import (
     CODE_NAMES,
     DEFINITE,
@@ -149,6 +150,13 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         different[c.code == STATS] &= c.proven[c.code == STATS] | (c.rel_lb[c.code == STATS] > 0)
         need_exact = first is None or int(block[0]) <= first.step + EXACT_STEPS_AFTER
         by_step_a, by_step_b = _by_step(ea), _by_step(eb)
+        fast: dict[int, tuple[bool, float]] = {}
+        if need_exact:
+            window = c.step <= (
+                first.step + EXACT_STEPS_AFTER if first is not None else c.step.max()
+            )
+            cand = np.flatnonzero(different & window & eligible(c, pair.dtypes.names))
+            fast = batch_rel(pair, c, cand, {"a": by_step_a, "b": by_step_b})
         for i in np.flatnonzero(different) if need_exact else ():
             step, slot = int(c.step[i]), int(c.slot[i])
             if first is not None and step > first.step + EXACT_STEPS_AFTER:
@@ -156,7 +164,13 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
             code, vd, basis = int(c.code[i]), None, "stats"
             if code == DIFF:
                 ra, rb = by_step_a(step), by_step_b(step)
-                vd = pair.diff(pair.al.slots[slot], step, ra, rb, float(c.floor[i]), detail=False)
+                if int(i) in fast:
+                    same, rel = fast[int(i)]
+                    vd = ValueDiff(same, rel, np.nan, None, np.nan, None, None, False)
+                else:
+                    vd = pair.diff(
+                        pair.al.slots[slot], step, ra, rb, float(c.floor[i]), detail=False
+                    )
                 if vd is not None:
                     basis = "values"
                     if vd.bitwise_equal:

@@ -83,6 +83,14 @@ class RunPair:
         return int(hit[0]) if len(hit) else None
 
     # -- values -------------------------------------------------------------------------
+    def prefetch(self, side: str, rows: np.ndarray) -> None:
+        """Read the stored bytes of these rows (one step) in one call."""
+        self._sv[side].prefetch(rows)
+
+    def raw(self, side: str, step: int, offset: int, nbytes: int) -> Optional[np.ndarray]:
+        """Prefetched, unverified bytes (see batch.py), or None."""
+        return self._sv[side].raw(step, offset, nbytes)
+
     def _slot_index(
         self, side: str, step: int, rows: Optional[np.ndarray]
     ) -> dict[int, np.ndarray]:

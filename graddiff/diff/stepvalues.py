@@ -10,6 +10,7 @@ verifies each tensor's fingerprint exactly as the reader does. Large ranges fall
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Optional
 
 import h5py
 import numpy as np
@@ -69,6 +70,13 @@ class StepValues:
             self._blobs[int(step)] = (lo, ds[lo:hi])
             while len(self._blobs) > _CACHE:
                 self._blobs.popitem(last=False)
+
+    def raw(self, step: int, offset: int, nbytes: int) -> Optional[np.ndarray]:
+        """Unverified stored bytes from the prefetched range, or None when not prefetched."""
+        blob = self._blobs.get(int(step))
+        if blob is None or offset < blob[0] or offset + nbytes > blob[0] + len(blob[1]):
+            return None
+        return blob[1][offset - blob[0] : offset - blob[0] + nbytes]
 
     def get(self, e: np.void) -> np.ndarray:
         """Full values of an entry row, verified against its fingerprint."""
