@@ -33,6 +33,7 @@ __all__ = ["Cause", "diagnose"]
 
 
 def _rounding(x: Context, secondary: bool = False) -> Optional[Cause]:
+    """The origin is rounding-level: say so, with the environment differences."""
     o = x.walk.first_bitwise
     if o is None or o.status not in ("values", "stats"):
         return None

@@ -16,6 +16,7 @@ from .exact import rel_diff
 
 
 def _grad_pairs(x: Context, limit: int = 8) -> list[Slot]:
+    """The hit's slot and up to ``limit - 1`` other differing gradient slots of its step."""
     out = [x.slot]
     for s, code in x.slots_of(x.step, ("grad", "autograd_grad")):
         if code != EQUAL and s.index != x.slot.index and len(out) < limit:
@@ -24,6 +25,7 @@ def _grad_pairs(x: Context, limit: int = 8) -> list[Slot]:
 
 
 def rule_accumulation(x: Context) -> Optional[Cause]:
+    """One run's .grad equals the sum of the other's gradients since an earlier step."""
     if x.slot.kind not in ("grad", "autograd_grad") or x.prev(x.step) is None:
         return None
     best = None
@@ -105,6 +107,7 @@ def _accumulation_stats(x: Context) -> Optional[Cause]:
 
 
 def rule_scaled_grads(x: Context) -> Optional[Cause]:
+    """Forward and loss agree; each gradient is the other run's times a constant."""
     if x.slot.kind not in ("grad", "autograd_grad"):
         return None
     if not x.within(x.step, ("param", "input", "activation", "loss")):

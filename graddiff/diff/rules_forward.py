@@ -16,6 +16,7 @@ from .exact import rel_diff
 
 
 def rule_nonfinite(x: Context) -> Optional[Cause]:
+    """NaN/Inf at different places: the first one, and in which run."""
     h = x.hit
     if h.code != NONFINITE:
         return None
@@ -38,6 +39,7 @@ def rule_nonfinite(x: Context) -> Optional[Cause]:
 
 
 def rule_structure(x: Context) -> Optional[Cause]:
+    """A record missing or reshaped in one run (a frozen layer has no gradient)."""
     h, s = x.hit, x.slot
     if h.code == SHAPE:
         fa, fb = h.facts["a"], h.facts["b"]
@@ -75,6 +77,7 @@ def rule_structure(x: Context) -> Optional[Cause]:
 
 
 def rule_init(x: Context) -> Optional[Cause]:
+    """Parameters differ at the first compared step: different initial weights."""
     if x.slot.kind != "param" or x.step != int(x.pair.steps[0]) or x.hit.rel <= x.rtol:
         return None
     params = x.slots_of(x.step, ("param",))
@@ -96,6 +99,7 @@ def _sample_bytes(x: np.ndarray) -> list[bytes]:
 
 
 def rule_inputs(x: Context) -> Optional[Cause]:
+    """An input differs while parameters agree: data order or augmentation."""
     if x.slot.kind != "input":
         return None
     ev = [
@@ -122,6 +126,7 @@ def rule_inputs(x: Context) -> Optional[Cause]:
 
 
 def rule_mode(x: Context) -> Optional[Cause]:
+    """A module runs in train mode in one run and eval mode in the other (FLAG_TRAINING)."""
     if x.slot.kind not in ("activation", "grad_output", "loss"):
         return None
     c = x.pair.cells(x.step)
@@ -153,6 +158,7 @@ def rule_mode(x: Context) -> Optional[Cause]:
 
 
 def rule_dropout(x: Context) -> Optional[Cause]:
+    """Same values where both runs kept an element, different elements zeroed."""
     if x.slot.kind != "activation":
         return None
     a, b = x.v("a", x.slot, x.step), x.v("b", x.slot, x.step)
@@ -178,6 +184,7 @@ def rule_dropout(x: Context) -> Optional[Cause]:
 
 
 def rule_module_output(x: Context) -> Optional[Cause]:
+    """Generic: a module's output differs while everything before it agrees."""
     if x.slot.kind != "activation":
         return None
     return Cause(
@@ -193,6 +200,7 @@ def rule_module_output(x: Context) -> Optional[Cause]:
 
 
 def rule_generic(x: Context) -> Optional[Cause]:
+    """Fallback: name where the first difference is, by kind."""
     what = {
         "loss": "the loss differs while the model output agrees: different targets or loss function",
         "grad_output": "the backward pass differs while the forward agrees: loss scaling or a custom backward",

@@ -15,6 +15,7 @@ from .exact import rel_diff
 
 
 def rule_batchnorm(x: Context) -> Optional[Cause]:
+    """Only buffers differ: BatchNorm momentum, or an extra forward in train mode."""
     if x.slot.kind != "buffer":
         return None
     if not x.within(
@@ -57,6 +58,7 @@ def rule_batchnorm(x: Context) -> Optional[Cause]:
 
 
 def _bn_ratio(x: Context) -> Optional[float]:
+    """How far A's running statistic moved this step, relative to B's (least squares)."""
     a, b = x.v("a", x.slot, x.step), x.v("b", x.slot, x.step)
     if a is None or b is None or a.dtype.kind != "f":
         return None
@@ -77,6 +79,7 @@ def _bn_ratio(x: Context) -> Optional[float]:
 
 
 def rule_update_rule(x: Context) -> Optional[Cause]:
+    """Parameters differ while the previous step's parameters and gradients agree."""
     if x.slot.kind != "param" or x.step == int(x.pair.steps[0]):
         return None
     prev = x.prev(x.step)
@@ -105,6 +108,7 @@ def rule_update_rule(x: Context) -> Optional[Cause]:
 
 
 def _update_detail(x: Context, prev: int) -> Optional[tuple[str, list[str]]]:
+    """Classify the update difference: uniform ratio, proportional to weights, or momentum."""
     votes: dict[str, list[float]] = {"ratio": [], "momentum": [], "decay": []}
     pprev = x.prev(prev)
     for s, code in x.slots_of(x.step, ("param",)):
@@ -161,5 +165,6 @@ def _update_detail(x: Context, prev: int) -> Optional[tuple[str, list[str]]]:
 
 
 def rule_update_specific(x: Context) -> Optional[Cause]:
+    """The update-rule rule, only when it names the difference (lr, decay, momentum)."""
     c = rule_update_rule(x)
     return c if c is not None and not c.title.startswith("update rule differs") else None
