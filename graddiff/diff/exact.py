@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .align import MODE_CONCAT, MODE_ONE, RunMap
+from .align import MODE_CONCAT, MODE_ONE
 
 
 @dataclass
@@ -37,12 +37,6 @@ class ValueDiff:
         if not self.bitwise_equal and den > 0:
             self.rel_diff = self.diff_norm / den
         return self
-
-
-def slot_rows(rows: np.ndarray, rmap: RunMap, slot: int, step: int) -> np.ndarray:
-    """The entry rows of one slot at one step, in call order."""
-    sel = rows[(rows["step"] == step) & (rmap.slot_of[rows["record"]] == slot)]
-    return sel[np.argsort(rmap.part_of[sel["record"]], kind="stable")]
 
 
 def combine(get: Callable[[np.void], np.ndarray], rows: np.ndarray, mode: int) -> np.ndarray:

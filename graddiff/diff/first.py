@@ -28,7 +28,6 @@ from .compare_records import (
     classify,
 )
 from .exact import ValueDiff
-from .noise import rounding_level  # noqa: F401  (re-exported)
 from .pair import RunPair
 
 #: Steps per block of the vectorized pass (memory is proportional to this, not to the run).
