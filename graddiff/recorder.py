@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import functools
 import threading
-import warnings
 from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
 import torch
 
+from ._warn import warn_user
 from .entries import EntryData
 from .format import FLAG_TRAINING
 from .hooks.autograd_hooks import as_tensor_list, inside_backward
@@ -144,11 +144,9 @@ class Recorder:
                 f"(max_bytes={self.max_bytes} reached)"
             )
             self.writer.set_attr("values_note", self._budget_note)
-            warnings.warn(
+            warn_user(
                 f"graddiff: {self._budget_note}; raise max_bytes= or pass full_steps=[...] "
-                f"to keep values where you need them",
-                RuntimeWarning,
-                stacklevel=2,
+                f"to keep values where you need them"
             )
         return False
 
@@ -394,9 +392,7 @@ class Recorder:
             self.failure = why
             self.active = False
             self.writer.set_attr("status", f"stopped: {why}")
-            warnings.warn(
+            warn_user(
                 f"graddiff: recording stopped at step {self.clock.step}: {why}; training is "
-                f"unaffected and the trace keeps the steps before it",
-                RuntimeWarning,
-                stacklevel=3,
+                f"unaffected and the trace keeps the steps before it"
             )

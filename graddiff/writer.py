@@ -21,7 +21,6 @@ import re
 import shutil
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -29,6 +28,7 @@ import h5py
 import numpy as np
 
 from ._version import __version__
+from ._warn import warn_user
 from .entries import EntryData
 from .format import (
     ENTRY_DTYPE,
@@ -310,11 +310,9 @@ class BackgroundWriter:
     def warn_if_failed(self) -> None:
         if self._failure is not None and not self._warned:
             self._warned = True
-            warnings.warn(
+            warn_user(
                 f"graddiff: {self._failure}; training continues, the trace keeps the steps "
-                f"completed before this",
-                RuntimeWarning,
-                stacklevel=4,
+                f"completed before this"
             )
 
     def set_attr(self, key: str, value: str) -> None:
