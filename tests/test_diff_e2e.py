@@ -99,3 +99,12 @@ def test_gradient_accumulation_vs_big_batch_is_rounding(tmp_path):
     assert r.exit_code == 0 and r.first_bitwise is not None
     assert any("joined along dim 0" in n for n in r.structure["pairing"])
     assert graddiff.compare(a, b, exact=True).exit_code == 1
+
+
+def test_statistics_only_traces_still_find_and_name_the_bug(tmp_path):
+    a = record(tmp_path / "a.h5", model="bn_mlp", zero_grad=False, values="stats")
+    b = record(tmp_path / "b.h5", model="bn_mlp", loop="autograd", values="stats")
+    r = graddiff.compare(a, b)
+    assert (r.first.step, r.first.kind, r.first.basis) == (1, "grad", "stats")
+    assert r.cause.cause == "grad_accumulation" and "full_steps=[1]" in r.first.note
+    assert "rel >= " in r.headline()

@@ -42,7 +42,12 @@ def _rounding(x: Context, secondary: bool = False) -> Optional[Cause]:
     if not rounding_level(o.rel, dtype):
         return None
     ev = [
-        f"origin: rounding-level difference in {os_.kind} ({os_.name}) at step {o.step} (rel {fmt(o.rel)})"
+        f"origin: rounding-level difference in {os_.kind} ({os_.name}) at step {o.step} "
+        + (
+            f"(rel {fmt(o.rel)})"
+            if o.basis == "values"
+            else f"(rel >= {fmt(o.rel)}, statistics only)"
+        )
     ]
     h = x.hit
     same = (h.step, h.slot) == (o.step, o.slot)

@@ -30,7 +30,7 @@ def render_report(report: Report, console: Console) -> None:
         report.first is None or (o.step, o.label) != (report.first.step, report.first.label)
     ):
         console.print(
-            f"First bitwise difference: {o.label} at step {o.step} (rel {_g(o.rel_diff)}"
+            f"First bitwise difference: {o.label} at step {o.step} ({_rel(o)}"
             + (", rounding level" if o.rounding_level else "")
             + ")",
             highlight=False,
@@ -42,6 +42,11 @@ def render_report(report: Report, console: Console) -> None:
         _environment(report, console)
     for note in report.notes:
         console.print(f"note: {note}", style="dim", highlight=False)
+
+
+def _rel(d) -> str:
+    """'rel X', or 'rel >= X' when judged on statistics (a lower bound)."""
+    return f"rel {'>= ' if d.basis == 'stats' else ''}{_g(d.rel_diff)}"
 
 
 def _causes(report: Report, console: Console) -> None:

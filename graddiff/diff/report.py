@@ -130,7 +130,7 @@ class Report:
         if f.status == "nonfinite":
             what = "NaN/Inf at different places"
         elif f.rel_diff is not None and f.basis != "structure":
-            what = f"rel {_g(f.rel_diff)}"
+            what = f"rel {'>= ' if f.basis == 'stats' else ''}{_g(f.rel_diff)}"
         else:
             what = f.status.replace("_", " ")
         line = f"DIVERGED at step {f.step}: {f.label} ({what}; {tol})"
@@ -138,7 +138,7 @@ class Report:
             o = self.first_bitwise
             line += (
                 f"; origin: rounding-level difference in {o.kind} at step {o.step} "
-                f"(rel {_g(o.rel_diff)}), amplified"
+                f"(rel {'>= ' if o.basis == 'stats' else ''}{_g(o.rel_diff)}), amplified"
             )
         return line
 
