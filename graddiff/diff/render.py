@@ -14,6 +14,14 @@ from rich.text import Text
 
 from .report import Report, _g
 
+_STATUS = {
+    "values": "values differ",
+    "stats": "statistics differ (full values not stored)",
+    "missing_in_a": "absent in A",
+    "missing_in_b": "absent in B",
+    "shape": "shapes differ",
+    "nonfinite": "NaN/Inf at different places",
+}
 _STYLE = {"identical": "bold green", "within_tolerance": "bold green", "diverged": "bold red"}
 
 
@@ -53,14 +61,25 @@ def _causes(report: Report, console: Console) -> None:
     main, *rest = report.diagnosis
     label = "Likely cause" if report.diverged else "Explanation"
     console.print(Text.assemble((f"{label}: ", "bold"), (main.title, "bold yellow")))
-    for line in main.evidence:
-        console.print(f"  - {line}", highlight=False)
+    rows = [("  -", line) for line in main.evidence]
     if main.fix:
-        console.print(Text.assemble(("  fix: ", "bold"), main.fix))
+        rows.append(("  fix:", main.fix))
+    _hanging(console, rows)
     for c in rest:
         console.print(f"Also: {c.title}", style="yellow", highlight=False)
-        for line in c.evidence[:2]:
-            console.print(f"  - {line}", highlight=False)
+        _hanging(console, [("  -", line) for line in c.evidence[:2]])
+
+
+def _hanging(console: Console, rows: list[tuple[str, str]]) -> None:
+    """Bullets whose wrapped lines stay indented."""
+    if not rows:
+        return
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True, style="bold")
+    grid.add_column()
+    for mark, text in rows:
+        grid.add_row(mark, Text(text))
+    console.print(grid)
 
 
 def _difference_table(report: Report, console: Console) -> None:
@@ -72,7 +91,7 @@ def _difference_table(report: Report, console: Console) -> None:
     t.add_column()
     t.add_row("step", str(f.step))
     t.add_row("record", f"{f.kind} {f.name}" + (f" (call {f.call})" if f.call else ""))
-    t.add_row("status", f.status.replace("_", " ") + f" (compared on {f.basis})")
+    t.add_row("status", _STATUS.get(f.status, f.status))
     if f.rel_diff is not None:
         t.add_row("rel diff", _g(f.rel_diff) + (" (lower bound)" if f.basis == "stats" else ""))
     if f.max_abs_diff is not None:
