@@ -128,3 +128,16 @@ def test_bad_options_exit_2(traces, opt, value):
 def test_compare_path_never_imports_torch():
     code = "import graddiff, graddiff.diff, graddiff.cli.compare, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_corrupted_values_are_an_input_error(tmp_path):
+    import h5py
+
+    a = simulate(tmp_path / "a.h5", n_steps=2)
+    b = simulate(tmp_path / "b.h5", n_steps=2, zero_grad=False)
+    with h5py.File(b, "r+") as f:  # flip the stored bytes of step 1, fingerprints untouched
+        raw = f["values/00000001"][:]
+        f["values/00000001"][:] = raw ^ 0x5A
+    r = _run(a, b)
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert "do not match their fingerprint" in r.output
