@@ -156,3 +156,12 @@ def test_a_sudden_parameter_jump_after_rounding_noise_is_not_called_amplified(tm
     assert r.first_bitwise.rounding_level and not r.amplified_rounding
     assert [c.cause for c in r.diagnosis] == ["update_rule", "rounding"]
     assert "not its cause" in r.diagnosis[1].title
+
+
+def test_steps_without_compared_records_are_skipped(tmp_path):
+    w = np.ones((2, 2), np.float32)
+    steps = [[entry_from_array("param", "w", w)] for _ in range(3)]
+    steps[1] = [entry_from_array("grad", "w", w)]  # step 1 holds no param
+    a = write_run(tmp_path / "a.h5", steps)
+    r = graddiff.compare(a, a, kinds="param", steps="1")
+    assert r.verdict == "identical" and r.steps["compared"] == 1

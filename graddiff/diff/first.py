@@ -144,6 +144,8 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         ea = pair.a.entries(int(block[0]), int(block[-1]))
         eb = pair.b.entries(int(block[0]), int(block[-1]))
         c = classify(pair.a, pair.b, pair.al, pair.dtypes, block, ea, eb)
+        if not len(c):
+            continue  # nothing of the compared kinds was recorded in these steps
         best = c.rel_lb.copy()
         different = c.code != EQUAL
         different[c.code == STATS] &= c.proven[c.code == STATS] | (c.rel_lb[c.code == STATS] > 0)
