@@ -48,6 +48,8 @@ def render_report(report: Report, console: Console) -> None:
     _structure(report, console)
     if report.environment_diff:
         _environment(report, console)
+    else:
+        console.print("Environment: no differences recorded.", style="dim", highlight=False)
     for note in report.notes:
         console.print(f"note: {note}", style="dim", highlight=False)
 
