@@ -30,7 +30,7 @@ import graddiff
 
 
 class TwoHeads(nn.Module):
-    def __init__(self, width: int = 256) -> None:
+    def __init__(self, width: int = 128) -> None:
         super().__init__()
         self.trunk = nn.Sequential(
             nn.Linear(784, width, bias=False),
@@ -100,7 +100,7 @@ def per_parameter(a_path, b_path, step=0) -> None:
 
 
 def main(argv=None) -> int:
-    parser = make_parser(__doc__.split("\n")[0], out="graddiff-runs/q3", epochs=3, width=256)
+    parser = make_parser(__doc__.split("\n")[0], out="graddiff-runs/q3", epochs=2, width=128)
     parser.add_argument(
         "--forget-branch",
         action="store_true",
@@ -116,7 +116,9 @@ def main(argv=None) -> int:
     m1 = TwoHeads(args.width).to(device)
     m2 = copy.deepcopy(m1)
 
-    # Small model: full values; activations left out (they are batch-sized and not needed here).
+    # Full values at every step: graddiff pairs A's .grad with the sum of B's autograd.grad
+    # outputs, and summing needs the values (statistics alone cannot be summed). Activations
+    # are left out: batch-sized and not needed here. About 1 MB a step at width 128.
     options = dict(values="full", kinds=["param", "loss", "grad", "autograd_grad"])
     loader, epochs = train_loader(args, train)
     with graddiff.trace(m1, a, **options):

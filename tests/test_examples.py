@@ -32,6 +32,7 @@ def run_example(script: str, tmp_path: Path, *extra: str) -> tuple[Path, str]:
         assert module.main([*SMALL, "--out", str(out), *extra]) == 0
     finally:
         sys.path.remove(str(EXAMPLES))
+        sys.modules.pop("common", None)  # the examples' helper, not to be seen by other tests
     return out
 
 
