@@ -143,7 +143,7 @@ def verdict(
     exact: bool = False,
 ) -> Any:
     """Compare the two traces, print the report and the final accuracies; return the report."""
-    report = graddiff.compare(a, b, exact=exact) if exact else graddiff.compare(a, b)
+    report = graddiff.compare(a, b, exact=exact)
     print(report)
     print()
     for label, acc in results.items():
