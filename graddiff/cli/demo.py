@@ -81,8 +81,8 @@ def demo_cmd(
             console.print(f'"{rec.question}"')
             if rec.note:
                 console.print(f"note: {rec.note}")
-            for ab, path, (label, acc) in zip("AB", (rec.a, rec.b), rec.accuracy.items()):
-                console.print(f"run {ab}: {label:<24} test accuracy {100 * acc:5.1f} %  {path}")
+            for ab, (label, acc) in zip("AB", rec.accuracy.items()):
+                console.print(f"run {ab}: {label:<24} test accuracy {100 * acc:5.1f} %")
             console.print(f"recorded in {time.perf_counter() - t0:.1f} s; graddiff compare says:\n")
             compare(rec.a, rec.b).render(console)
             console.print()
