@@ -10,8 +10,11 @@ step 0, on the first layer's weights.
 
 With ``--same-init`` the second model is a ``deepcopy`` of the first. Then the only difference is
 float rounding: ``p.data -= LR * g`` rounds ``LR * g`` before subtracting, SGD computes
-``p.add_(g, alpha=-LR)`` in one go. graddiff calls that noise (no divergence); ``--exact`` shows
-the first bitwise difference, and graddiff's growth table how the difference grows over the steps.
+``p.add_(g, alpha=-LR)`` in one go. graddiff traces it back to that: over a few steps the runs
+agree within tolerance; over the default 40 steps BatchNorm + ReLU amplify the rounding past the
+tolerance (a gradient at step 15), and the report names the origin, a rounding-level difference
+in the weights at step 1 (cause ``rounding``). ``--exact`` shows the first bitwise difference;
+graddiff's growth table and the script's last table show how the difference spreads.
 
     python examples/q1_manual_vs_optimizer.py                 # separate Model() calls
     python examples/q1_manual_vs_optimizer.py --same-init --exact
