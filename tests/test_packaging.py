@@ -31,6 +31,46 @@ def test_top_level_is_only_graddiff():
     assert "graddiff.hooks = hooks" in cfg and "packages = find:" not in cfg
 
 
+def test_every_subpackage_is_listed_in_setup_cfg():
+    """`packages` is explicit (see setup.cfg): a new subpackage must be added there."""
+    cfg = (ROOT / "setup.cfg").read_text()
+    listed = set(cfg.split("packages =", 1)[1].split("package_dir", 1)[0].split())
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "graddiff").rglob("__init__.py")
+    }
+    assert found | {"graddiff.hooks"} == listed
+
+
+def test_wheel_contains_every_module(tmp_path):
+    """A non-editable install ships the demo, post-mortem and hooks packages."""
+    import zipfile
+
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    wheel = next(tmp_path.glob("graddiff-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ROOT.joinpath("graddiff").rglob("*.py"):
+        assert str(module.relative_to(ROOT)) in names, module
+    for module in ROOT.joinpath("hooks").glob("*.py"):
+        assert f"graddiff/hooks/{module.name}" in names, module
+
+
 def _run(code):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
