@@ -36,11 +36,14 @@ Reading one tensor without graddiff (h5py and numpy only)::
     arr = raw.view(rec[RECORD_ID]["dtype"].decode()).reshape(row["shape"][: row["ndim"]])
 
 The fingerprint of a tensor is two unsigned 64-bit sums over its raw bytes read as
-little-endian int64 words (the last partial word zero-padded): ``fp_sum`` = sum of all words,
-``fp_pos`` = sum over blocks of ``FP_BLOCK_WORDS`` words of (block index + 1) * (block sum),
-both modulo 2**64. Integer sums are exact and independent of reduction order, so equal
-tensors give equal fingerprints on any device and thread count; ``fp_pos`` also sees elements
-that moved between blocks (a shuffled batch), which a plain sum cannot.
+little-endian int64 words (the last partial word zero-padded), both modulo 2**64:
+``fp_sum`` = sum of all words; ``fp_pos`` = sum over blocks of (block index + 1) * (block
+sum), where a block is one word for tensors of at most ``FP_SMALL_BYTES`` bytes and
+``FP_BLOCK_WORDS`` words (512 bytes) for larger ones (``fp_block_words``). Integer sums are
+exact and independent of reduction order, so equal tensors give equal fingerprints on any
+device and thread count; ``fp_pos`` also sees elements that moved: any move in a small tensor
+(a permuted batch of labels or of short rows), and moves between 512-byte blocks in a large
+one, where per-word weights would cost a second pass over the data.
 """
 
 from __future__ import annotations
@@ -52,8 +55,10 @@ FORMAT_VERSION = 1
 
 #: Tensors with more dimensions are stored flattened (shape recorded as (numel,)).
 MAX_NDIM = 8
-#: Words per block of the position-sensitive fingerprint.
+#: Words per block of the position-sensitive fingerprint of large tensors.
 FP_BLOCK_WORDS = 64
+#: Tensors up to this many bytes are fingerprinted with one-word blocks (per-word weights).
+FP_SMALL_BYTES = 32768
 
 #: Flags in ``entries["flags"]``.
 FLAG_TRAINING = 1  # activation: the module was in train() mode
@@ -136,27 +141,26 @@ def decode_values(raw: np.ndarray, dtype_name: str, shape: tuple[int, ...]) -> n
     return arr
 
 
+def fp_block_words(n_bytes: int) -> int:
+    """Words per ``fp_pos`` block for a tensor of ``n_bytes`` bytes."""
+    return 1 if n_bytes <= FP_SMALL_BYTES else FP_BLOCK_WORDS
+
+
 def fingerprint_bytes(raw: np.ndarray) -> tuple[int, int]:
     """(fp_sum, fp_pos) of a buffer, as specified above. Pure numpy; used to verify reads."""
     b = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    block = fp_block_words(b.size)
     n_words = b.size // 8
-    n_full = n_words // FP_BLOCK_WORDS
+    n_full = n_words // block
     words = b[: n_words * 8].view("<i8")
     last = 0  # the partial last block: leftover words plus the zero-padded tail bytes
     with np.errstate(over="ignore"):
-        block_sums = (
-            words[: n_full * FP_BLOCK_WORDS]
-            .reshape(n_full, FP_BLOCK_WORDS)
-            .sum(axis=1, dtype="<i8")
-        )
+        block_sums = words[: n_full * block].reshape(n_full, block).sum(axis=1, dtype="<i8")
         weights = np.arange(1, n_full + 1, dtype="<i8")
         fp_sum = int(block_sums.sum(dtype="<i8"))
         fp_pos = int((block_sums * weights).sum(dtype="<i8"))
-    last += (
-        int(words[n_full * FP_BLOCK_WORDS :].sum(dtype="<i8"))
-        if n_words > n_full * FP_BLOCK_WORDS
-        else 0
-    )
+    if n_words > n_full * block:
+        last += int(words[n_full * block :].sum(dtype="<i8"))
     tail = b[n_words * 8 :]
     if tail.size:
         padded = np.zeros(8, np.uint8)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..entries import EntryData
-from ..format import FP_BLOCK_WORDS
+from ..format import fp_block_words
 
 _WEIGHTS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -52,11 +52,12 @@ def fingerprint_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp_sum, fp_pos) as int64 tensors on x's device, no sync (see graddiff.format)."""
     b = _as_bytes(x)
     n = b.numel()
+    block = fp_block_words(n)
     n_words = n // 8
-    n_full = n_words // FP_BLOCK_WORDS
+    n_full = n_words // block
     words = b[: n_words * 8].view(torch.int64)
-    block_sums = words[: n_full * FP_BLOCK_WORDS].view(n_full, FP_BLOCK_WORDS).sum(1)
-    last = words[n_full * FP_BLOCK_WORDS :].sum()
+    block_sums = words[: n_full * block].view(n_full, block).sum(1)
+    last = words[n_full * block :].sum()
     if n % 8:
         pad = torch.zeros(8, dtype=torch.uint8, device=b.device)
         pad[: n % 8] = b[n_words * 8 :]
@@ -127,14 +128,15 @@ def fingerprint_cpu(x: torch.Tensor) -> tuple[int, int]:
     """
     b = _as_bytes(x)
     n = b.numel()
+    block = fp_block_words(n)
     n_words = n // 8
-    n_full = n_words // FP_BLOCK_WORDS
+    n_full = n_words // block
     s = pos = last = 0
     if n_words:
         words = (b if n == n_words * 8 else b[: n_words * 8]).view(torch.int64)
-        full = n_full * FP_BLOCK_WORDS
+        full = n_full * block
         if n_full:
-            blocks = (words if n_words == full else words[:full]).view(n_full, FP_BLOCK_WORDS)
+            blocks = (words if n_words == full else words[:full]).view(n_full, block)
             s, pos = torch.mv(_mv_weights(n_full), blocks.sum(1)).tolist()
         if n_words > full:
             last = int(words[full:].sum())

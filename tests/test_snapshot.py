@@ -25,6 +25,8 @@ CASES = {
     "matrix": lambda: torch.randn(37, 41),
     "scalar": lambda: torch.tensor(3.5),
     "exact_blocks": lambda: torch.randn(128, 64),  # whole 64-word blocks, no tail
+    "large_with_tail": lambda: torch.randn(8203),  # > 32 KiB, leftover words and a tail
+    "at_small_limit": lambda: torch.randn(8192),  # exactly 32 KiB: per-word weights
     "odd_bytes_half": lambda: torch.randn(7).half(),
     "bfloat16": lambda: torch.randn(9).bfloat16(),
     "int64": lambda: torch.randint(-50, 50, (13,)),
@@ -81,6 +83,19 @@ def test_fingerprint_sees_moves_and_single_bits():
     assert fingerprint_bytes(_bytes(flipped)) != fx
     signed_zero = torch.zeros(4)
     assert fingerprint_bytes(_bytes(signed_zero)) != fingerprint_bytes(_bytes(-signed_zero))
+
+
+def test_small_tensors_see_any_permutation():
+    """A small batch whose rows (or labels) were permuted never fingerprints as equal."""
+    torch.manual_seed(0)
+    rows = torch.randn(8, 4)  # 128 bytes: one 512-byte block would hide the permutation
+    labels = torch.randint(0, 10, (300,))
+    for t, perm in ((rows, torch.tensor([1, 0, 2, 3, 4, 5, 6, 7])), (labels, torch.randperm(300))):
+        if torch.equal(t, t[perm]):
+            continue
+        a, b = fingerprint_bytes(_bytes(t)), fingerprint_bytes(_bytes(t[perm]))
+        assert a[0] == b[0] and a[1] != b[1]
+        assert tuple(int(v) % 2**64 for v in fingerprint_parts(t[perm])) == b
 
 
 def test_capture_copies_instead_of_referencing():
