@@ -1,0 +1,627 @@
+"""Recording overhead of graddiff.trace, measured against what else could be done per step.
+
+Runs, interleaved round-robin in one process, the same training steps of the same model from
+the same initial weights and data under several variants:
+
+    untraced   plain training (the reference)
+    stats      graddiff.trace(values="stats"), every kind on
+    full       graddiff.trace(values="full"), every kind on
+    save       untraced + torch.save({params, grads, buffers, loss}) to a new file each step
+               (what users do by hand; PEERS.md 3.2 "naive torch.save")
+    save_all   untraced + torch.save of the same tensors graddiff records in full mode
+               (params, inputs, activations, loss, output gradients, grads, buffers)
+    raw        untraced + writing as many bytes per step as a full trace does, with
+               numpy tofile + flush, to a file on the same disk (the physical limit)
+    floor      untraced + one read (a sum) of every tensor graddiff records, with minimal hooks
+               (the floor of any recorder that looks at every value)
+
+Each round runs every variant once (the start rotates between rounds), each run does --steps
+steps; per-step times are medians, ratios are medians over rounds of (variant median /
+untraced median of the same round). After each run the final parameters and buffers are
+compared bitwise with the same round's untraced run (OK / MISMATCH).
+
+Models: ``mlp`` is the seed MLP of the forum question (fc1..fc4 = Sequential(Linear(bias=False),
+BatchNorm1d, ReLU), widths 784-1440-1440-784-784, fc5 = Linear(784, 10)) at batch 300 on
+synthetic data; ``resnet18`` is torchvision's resnet18 (10 classes) at a small CPU-sized batch
+(--resnet-batch images of 3 x --resnet-size^2; default 16 x 3x64x64, about 0.2 s a step on
+2 cores). SGD lr 0.1, cross entropy, CPU, --threads torch threads (default 2).
+
+Usage::
+
+    python benchmarks/bench_record.py                       # both models, defaults (~5 min)
+    python benchmarks/bench_record.py --model mlp --rounds 7 --steps 20 --json
+    python benchmarks/bench_record.py --profile full        # cProfile of the traced step
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import cProfile
+import io
+import json
+import os
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+import graddiff
+from graddiff.kinds import ALL_KINDS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = ("untraced", "stats", "full", "save", "save_all", "raw", "floor")
+
+
+# -- models and data ------------------------------------------------------------------------
+class SeedMLP(nn.Module):
+    """The model of the forum question behind graddiff (PEERS.md: the benchmark MLP)."""
+
+    def __init__(
+        self, widths: tuple[int, ...] = (784, 1440, 1440, 784, 784), classes: int = 10
+    ) -> None:
+        super().__init__()
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+            self.add_module(
+                f"fc{i}", nn.Sequential(nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU())
+            )
+        self.fc5 = nn.Linear(widths[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        x = self.fc4(self.fc3(self.fc2(self.fc1(x))))
+        return self.fc5(x)
+
+
+class Workload:
+    """A model with its initial state and a few fixed batches; every run starts identically."""
+
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        self.name = name
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1234)
+        if name == "mlp":
+            self.model = SeedMLP()
+            self.batch_desc = "300 x 1x28x28"
+            shape, n = (300, 1, 28, 28), 300
+        elif name == "resnet18":
+            import torchvision
+
+            self.model = torchvision.models.resnet18(num_classes=10)
+            s, n = args.resnet_size, args.resnet_batch
+            self.batch_desc = f"{n} x 3x{s}x{s}"
+            shape = (n, 3, s, s)
+        else:
+            raise SystemExit(f"unknown model {name}")
+        self.batches = [
+            (torch.rand(shape, generator=g), torch.randint(0, 10, (n,), generator=g))
+            for _ in range(4)
+        ]
+
+    def fresh(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = copy.deepcopy(self.model)
+        model.train()
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: tuple,
+    after_backward: Optional[Callable] = None,
+) -> torch.Tensor:
+    x, y = batch
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    if after_backward is not None:
+        after_backward(loss)
+    opt.step()
+    return loss
+
+
+def final_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if not torch.equal(
+            x.contiguous().reshape(-1).view(torch.uint8),
+            y.contiguous().reshape(-1).view(torch.uint8),
+        ):
+            return False
+    return True
+
+
+# -- hooks the baselines need (not graddiff's) --------------------------------------------------
+class Collector:
+    """Minimal hooks that see what graddiff records: inputs, every module output, every output
+    gradient. ``on_tensor`` is called with each tensor once per step (aliases skipped)."""
+
+    def __init__(self, model: nn.Module, on_tensor: Callable[[str, torch.Tensor], None]) -> None:
+        self.on_tensor = on_tensor
+        self.seen: set[tuple[int, int]] = set()
+        self.handles = [model.register_forward_pre_hook(self._pre)]
+        for name, m in model.named_modules():
+            self.handles.append(m.register_forward_hook(self._fwd(name or "(root)")))
+
+    def _once(self, key: str, t: torch.Tensor) -> None:
+        ident = (id(t), t._version)
+        if ident not in self.seen:
+            self.seen.add(ident)
+            self.on_tensor(key, t)
+
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                self._once(f"input/{i}", a.detach())
+
+    def _fwd(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                self._once(f"activation/{name}", out.detach())
+                if out.requires_grad:
+                    out.register_hook(lambda g, _n=name: self._once(f"grad_output/{_n}", g) or None)
+
+        return hook
+
+    def new_step(self) -> None:
+        self.seen = set()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def state_tensors(model: nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for n, p in model.named_parameters():
+        out[f"param/{n}"] = p.detach()
+        if p.grad is not None:
+            out[f"grad/{n}"] = p.grad
+    for n, b in model.named_buffers():
+        out[f"buffer/{n}"] = b
+    out["loss"] = loss.detach()
+    return out
+
+
+# -- other processes on the same cores ------------------------------------------------------
+def _busy_jiffies() -> int:
+    """CPU time used by everything on the machine (and stolen by the hypervisor), in ticks."""
+    with open("/proc/stat") as fh:
+        f = [int(x) for x in fh.readline().split()[1:]]
+    return f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] if len(f) > 7 else 0)
+
+
+class OthersMeter:
+    """Share of the machine's CPUs that other processes used while a run was timed.
+
+    The benchmark is only meaningful when it has the cores to itself; runs where others used
+    more than --max-others are repeated (the round is run again)."""
+
+    def __init__(self) -> None:
+        self.ok = os.path.exists("/proc/stat")
+        self.tick = os.sysconf("SC_CLK_TCK") if self.ok else 100
+        self.ncpu = os.cpu_count() or 1
+
+    def start(self) -> tuple[float, float, int]:
+        return time.perf_counter(), time.process_time(), _busy_jiffies() if self.ok else 0
+
+    def share(self, t0: tuple[float, float, int]) -> float:
+        if not self.ok:
+            return 0.0
+        wall = time.perf_counter() - t0[0]
+        mine = time.process_time() - t0[1]
+        busy = (_busy_jiffies() - t0[2]) / self.tick
+        return max(0.0, busy - mine) / max(wall * self.ncpu, 1e-9)
+
+    def wait_quiet(self, limit: float, max_wait: float, log: Callable[[str], None]) -> None:
+        """Sleep until others use less than ``limit`` of the CPUs over 1 s (or max_wait)."""
+        deadline = time.perf_counter() + max_wait
+        said = False
+        while self.ok and time.perf_counter() < deadline:
+            t0 = self.start()
+            time.sleep(1.0)
+            if self.share(t0) < limit:
+                return
+            if not said:
+                log(f"  (other processes busy on this machine; waiting up to {max_wait:.0f} s)")
+                said = True
+
+
+METER = OthersMeter()
+
+
+# -- one run of one variant ----------------------------------------------------------------
+def run_variant(
+    variant: str, wl: Workload, steps: int, out_dir: str, raw_bytes: int
+) -> dict[str, Any]:
+    model, opt = wl.fresh()
+    times: list[float] = []
+    cpu: list[float] = []  # process CPU time (all threads, the writer's included)
+    res: dict[str, Any] = {"variant": variant}
+    files: list[str] = []
+    path = os.path.join(out_dir, f"bench-{wl.name}-{variant}.h5")
+
+    def loop(
+        before: Optional[Callable] = None,
+        after_backward: Optional[Callable] = None,
+        after: Optional[Callable] = None,
+    ) -> None:
+        for i in range(steps):
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            if before is not None:
+                before(i)
+            loss = train_step(model, opt, wl.batches[i % len(wl.batches)], after_backward)
+            if after is not None:
+                after(i, loss)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+
+    t_start = time.perf_counter()
+    meter = METER.start()
+    if variant == "untraced":
+        loop()
+    elif variant in ("stats", "full"):
+        waits: list[float] = []
+        with graddiff.trace(model, path, values=variant, kinds=list(ALL_KINDS)) as tr:
+            bw = tr._writer  # benchmark instrumentation: time spent blocked in submit()
+            submit = bw.submit
+
+            def timed_submit(step: int, entries: list) -> None:
+                t = time.perf_counter()
+                submit(step, entries)
+                waits.append(time.perf_counter() - t)
+
+            bw.submit = timed_submit
+            loop()
+            t_loop = time.perf_counter()
+        res["exit_s"] = time.perf_counter() - t_loop
+        res["steps_written"] = bw.steps_written
+        res["writer_s_per_step"] = bw.write_seconds / max(bw.steps_written, 1)
+        res["queue_wait_s_per_step"] = sum(waits) / max(len(waits), 1)
+        res["steps_waited"] = sum(1 for w in waits if w > 1e-3)
+        res["bytes_per_step"] = os.path.getsize(path) / max(bw.steps_written, 1)
+        res["status"] = graddiff.open(path).status
+        files.append(path)
+    elif variant in ("save", "save_all"):
+        keep: dict[str, torch.Tensor] = {}
+        col = (
+            Collector(model, lambda k, t: keep.__setitem__(k, t)) if variant == "save_all" else None
+        )
+
+        def save(i: int, loss: torch.Tensor) -> None:
+            f = os.path.join(out_dir, f"bench-{wl.name}-{variant}-{i:05d}.pt")
+            torch.save({**keep, **state_tensors(model, loss)}, f)
+            files.append(f)
+            keep.clear()
+            if col is not None:
+                col.new_step()
+
+        loop(after=save)
+        if col is not None:
+            col.remove()
+        res["bytes_per_step"] = sum(os.path.getsize(f) for f in files) / steps
+    elif variant == "raw":
+        buf = np.full(raw_bytes, 7, dtype=np.uint8)
+        wtimes: list[float] = []
+        raw_path = path.replace(".h5", ".bin")
+        files.append(raw_path)
+        with open(raw_path, "wb") as fh:
+
+            def write(i: int, loss: torch.Tensor) -> None:
+                t = time.perf_counter()
+                buf.tofile(fh)
+                fh.flush()
+                wtimes.append(time.perf_counter() - t)
+
+            loop(after=write)
+        res["raw_write_s"] = statistics.median(wtimes)
+        res["bytes_per_step"] = float(raw_bytes)
+    elif variant == "floor":
+        sink: list[torch.Tensor] = []
+        col = Collector(model, lambda k, t: sink.append(t.sum()))
+
+        def before(i: int) -> None:
+            col.new_step()
+            for p in model.parameters():  # params at step start
+                sink.append(p.detach().sum())
+
+        def after_backward(loss: torch.Tensor) -> None:
+            sink.append(loss.detach().sum())
+            for p in model.parameters():
+                if p.grad is not None:
+                    sink.append(p.grad.sum())
+
+        def after(i: int, loss: torch.Tensor) -> None:
+            for b in model.buffers():
+                sink.append(b.sum())
+            sink.clear()
+
+        loop(before=before, after_backward=after_backward, after=after)
+        col.remove()
+    else:
+        raise ValueError(variant)
+    res["wall_s"] = time.perf_counter() - t_start
+    res["others"] = METER.share(meter)
+    res["times"] = times
+    res["cpu"] = cpu
+    res["state"] = final_state(model)
+    for f in files:
+        with contextlib.suppress(OSError):
+            os.unlink(f)
+    return res
+
+
+# -- the benchmark -------------------------------------------------------------------------
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def bench_model(
+    name: str, args: argparse.Namespace, out_dir: str, log: Callable[[str], None]
+) -> dict[str, Any]:
+    wl = Workload(name, args)
+    steps = args.steps if args.steps else (20 if name == "mlp" else 8)
+    variants = [v for v in args.variants.split(",") if v]
+    # Warm-up (discarded): first-call costs, and the full trace's bytes per step for "raw".
+    warm = {v: run_variant(v, wl, 3, out_dir, 1 << 20) for v in variants if v != "raw"}
+    raw_bytes = int(warm["full"]["bytes_per_step"]) if "full" in warm else 64 << 20
+    log(
+        f"[{name}] batch {wl.batch_desc}; {args.rounds} rounds x {steps} steps; raw write {raw_bytes / 1e6:.1f} MB/step"
+    )
+    per: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    transparency: dict[str, bool] = {v: True for v in variants}
+    r = attempts = discarded = 0
+    while r < args.rounds:
+        attempts += 1
+        METER.wait_quiet(args.max_others, args.max_wait, log)
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
+        results = {v: run_variant(v, wl, steps, out_dir, raw_bytes) for v in order}
+        busiest = max(res["others"] for res in results.values())
+        if busiest > args.max_others and discarded < args.retries:
+            discarded += 1
+            log(f"[{name}] round discarded: other processes used {busiest:.0%} of the CPUs")
+            continue
+        ref = results.get("untraced")
+        for v, res in results.items():
+            if ref is not None:
+                transparency[v] &= bitwise_equal(res["state"], ref["state"])
+            per[v].append(res)
+        for res in results.values():
+            del res["state"]
+        line = "  ".join(
+            f"{v} {median(results[v]['times'][1:]):.3f} ({results[v]['wall_s']:.1f}s)"
+            for v in variants
+        )
+        log(f"[{name}] round {r + 1}/{args.rounds} (others {busiest:.0%}): {line}")
+        r += 1
+    rows = []
+    base = [median(res["times"][1:]) for res in per.get("untraced", [])]
+    for v in variants:
+        meds = [median(res["times"][1:]) for res in per[v]]
+        row: dict[str, Any] = {
+            "model": name,
+            "variant": v,
+            "median_s": median([t for res in per[v] for t in res["times"][1:]]),
+            "cpu_s": median([t for res in per[v] for t in res["cpu"][1:]]),
+            "cpu_ratio": median(
+                [
+                    median(res["cpu"][1:]) / median(u["cpu"][1:])
+                    for res, u in zip(per[v], per.get("untraced", []))
+                ]
+            ),
+            "others": median([res["others"] for res in per[v]]),
+            "round_medians_s": meds,
+            "ratio": median([m / b for m, b in zip(meds, base)]) if base else float("nan"),
+            "transparent": transparency[v],
+        }
+        for key in (
+            "bytes_per_step",
+            "writer_s_per_step",
+            "queue_wait_s_per_step",
+            "exit_s",
+            "raw_write_s",
+        ):
+            vals = [res[key] for res in per[v] if key in res]
+            if vals:
+                row[key] = median(vals)
+        waited = [res["steps_waited"] for res in per[v] if "steps_waited" in res]
+        if waited:
+            row["steps_waited"] = f"{sum(waited)}/{sum(res['steps_written'] for res in per[v])}"
+        rows.append(row)
+    by = {r["variant"]: r for r in rows}
+    targets: dict[str, Any] = {}
+    if "untraced" in by:
+        u = by["untraced"]["median_s"]
+        if "stats" in by:
+            targets["stats_ratio"] = by["stats"]["ratio"]
+            targets["stats_met"] = by["stats"]["ratio"] <= 1.25
+        if "full" in by and "raw" in by:
+            limit = 1.3 * (u + by["raw"]["raw_write_s"])
+            targets["full_limit_s"] = limit
+            targets["full_vs_limit"] = by["full"]["median_s"] / limit
+            targets["full_met"] = by["full"]["median_s"] <= limit
+        if "full" in by and "save" in by:
+            targets["full_faster_than_save"] = by["full"]["median_s"] < by["save"]["median_s"]
+        if "full" in by and "save_all" in by:
+            targets["full_faster_than_save_all"] = (
+                by["full"]["median_s"] < by["save_all"]["median_s"]
+            )
+    return {
+        "model": name,
+        "batch": wl.batch_desc,
+        "steps": steps,
+        "rounds": args.rounds,
+        "rounds_discarded": discarded,
+        "rows": rows,
+        "targets": targets,
+    }
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| model | variant | median s/step | x untraced | CPU s/step | CPU x untraced | bytes/step "
+        "| writer s/step | queue wait s/step (steps > 1 ms) | others' CPU share | params bitwise |"
+    )
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for res in results:
+        for r in res["rows"]:
+            b = r.get("bytes_per_step")
+            variant = r["variant"] + (
+                f" (write alone {r['raw_write_s']:.3f})" if "raw_write_s" in r else ""
+            )
+            size = "-" if not b else (f"{b / 1e6:.1f} MB" if b >= 1e6 else f"{b / 1e3:.0f} KB")
+            writer = f"{r['writer_s_per_step']:.3f}" if "writer_s_per_step" in r else "-"
+            wait = (
+                f"{r['queue_wait_s_per_step']:.3f} ({r['steps_waited']})"
+                if "queue_wait_s_per_step" in r
+                else "-"
+            )
+            ok = "OK" if r["transparent"] else "MISMATCH"
+            lines.append(
+                f"| {r['model']} | {variant} | {r['median_s']:.3f} | {r['ratio']:.2f} | {r['cpu_s']:.3f} | "
+                f"{r['cpu_ratio']:.2f} | {size} | {writer} | {wait} | {r['others']:.0%} | {ok} |"
+            )
+    return "\n".join(lines)
+
+
+def profile(args: argparse.Namespace, out_dir: str) -> None:
+    """cProfile of traced steps (main thread), plus the writer thread's total time."""
+    wl = Workload(args.model if args.model != "both" else "mlp", args)
+    steps = args.steps or 20
+    run_variant(args.profile, wl, 3, out_dir, 0)  # warm-up
+    model, opt = wl.fresh()
+    path = os.path.join(out_dir, "bench-profile.h5")
+    prof = cProfile.Profile()
+    with graddiff.trace(model, path, values=args.profile) as tr:
+        t0 = time.perf_counter()
+        prof.enable()
+        for i in range(steps):
+            train_step(model, opt, wl.batches[i % len(wl.batches)])
+        prof.disable()
+        t_loop = time.perf_counter() - t0
+    bw = tr._writer
+    os.unlink(path)
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+    print(s.getvalue())
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(30)
+    print(s.getvalue())
+    print(
+        f"loop {t_loop / steps:.4f} s/step; writer thread {bw.write_seconds / max(bw.steps_written, 1):.4f} s/step"
+    )
+
+
+def same_disk_tmp() -> str:
+    """The system temp dir if it is on the repository's disk, else the repository's parent."""
+    tmp = tempfile.gettempdir()
+    return tmp if os.stat(tmp).st_dev == os.stat(REPO).st_dev else os.path.dirname(REPO)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--model", choices=("mlp", "resnet18", "both"), default="both")
+    p.add_argument(
+        "--steps", type=int, default=0, help="steps per run (default: mlp 20, resnet18 8)"
+    )
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of every variant")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated subset of " + ",".join(VARIANTS),
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="scratch folder for trace files (default: a temp dir inside the repo's disk)",
+    )
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--max-others",
+        type=float,
+        default=0.1,
+        help="repeat a round when other processes used more than this share of the CPUs",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a quiet machine before each round",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=10,
+        help="noisy rounds to run again, at most (then noisy rounds are kept and flagged)",
+    )
+    p.add_argument("--resnet-batch", type=int, default=16)
+    p.add_argument("--resnet-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument(
+        "--profile",
+        choices=("stats", "full"),
+        default=None,
+        help="cProfile the traced loop instead",
+    )
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    scratch = args.out or tempfile.mkdtemp(prefix="graddiff-bench-", dir=same_disk_tmp())
+    os.makedirs(scratch, exist_ok=True)
+    log = (
+        (lambda m: print(m, file=sys.stderr, flush=True))
+        if args.json
+        else (lambda m: print(m, flush=True))
+    )
+    try:
+        if args.profile:
+            profile(args, scratch)
+            return 0
+        if "untraced" not in args.variants.split(","):
+            args.variants = "untraced," + args.variants
+        models = ("mlp", "resnet18") if args.model == "both" else (args.model,)
+        results = [bench_model(m, args, scratch, log) for m in models]
+    finally:
+        if args.out is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    meta = {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "graddiff": graddiff.__version__,
+    }
+    if args.json:
+        print(json.dumps({"meta": meta, "results": results}, indent=1))
+        return 0
+    print()
+    print(format_table(results))
+    for res in results:
+        print(
+            f"{res['model']} ({res['batch']}, {res['rounds']} rounds x {res['steps']} steps, "
+            f"{res['rounds_discarded']} noisy rounds discarded): {json.dumps(res['targets'])}"
+        )
+    print(json.dumps(meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
