@@ -55,6 +55,7 @@ def simulate(
     clip: Optional[float] = None,
     zero_grad: bool = True,
     autograd: bool = False,
+    assign_grad: bool = False,
     dropout: float = 0.0,
     dropout_seed: int = 1,
     train_mode: bool = True,
@@ -69,7 +70,12 @@ def simulate(
     batch: int = 16,
     scale_micro: bool = True,
 ) -> str:
-    """Train a 4-hidden-2 MLP for ``n_steps`` on a fixed dataset and record it."""
+    """Train a 4-hidden-2 MLP for ``n_steps`` on a fixed dataset and record it.
+
+    ``autograd``: gradients come from torch.autograd.grad (one autograd_grad record per
+    micro-batch) instead of ``.grad``; with ``assign_grad`` their sum is also assigned to
+    ``p.grad`` before the update (both kinds recorded).
+    """
     rng = np.random.default_rng(init_seed)
     params = {
         "fc1.weight": rng.standard_normal((hidden, 4)).astype(F32) * F32(0.5),
@@ -199,7 +205,7 @@ def simulate(
             )
             if total > clip:
                 used = {k: (v * F32(clip / (total + 1e-6))).astype(F32) for k, v in used.items()}
-        if not autograd:
+        if not autograd or assign_grad:
             for k in params:
                 if not (frozen and k.startswith("fc1")):
                     ents.append(

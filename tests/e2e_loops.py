@@ -60,11 +60,15 @@ def record(
     act: type = nn.ReLU,
     bn_momentum: float = 0.1,
     values: str = "full",
+    full_steps: Optional[list[int]] = None,
 ) -> str:
     """Train ``model`` for ``steps`` steps under graddiff.trace and return the trace path.
 
-    loop: "sgd" (optimizer.step), "manual" (backward, then p -= lr * p.grad) or "autograd"
-    (g = torch.autograd.grad(loss, params); p -= lr * g).
+    loop: "sgd" (optimizer.step), "manual" (backward, then p -= lr * p.grad), "autograd"
+    (g = torch.autograd.grad(loss, params); p -= lr * g) or "autograd_assign" (the same
+    gradients assigned to ``p.grad``, then optimizer.step()). With ``micro`` > 1 every loop
+    takes one backward()/autograd.grad() call per micro-batch (autograd loops sum the calls'
+    gradients in call order, the way .grad accumulates).
     """
     torch.manual_seed(init_seed)
     kwargs = (
@@ -86,15 +90,26 @@ def record(
     sched = torch.optim.lr_scheduler.StepLR(opt, schedule[0], schedule[1]) if schedule else None
     loss_fn = nn.CrossEntropyLoss()
     torch.manual_seed(rng_seed)  # dropout masks
-    with graddiff.trace(net, path, values=values):
+    with graddiff.trace(net, path, values=values, full_steps=full_steps):
         for step in range(steps):
             x, y = xs[step * batch : (step + 1) * batch], ys[step * batch : (step + 1) * batch]
-            if loop == "autograd":
-                loss = loss_fn(net(x), y)
-                grads = torch.autograd.grad(loss, params)
-                with torch.no_grad():
+            if loop in ("autograd", "autograd_assign"):
+                grads = None
+                for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
+                    gs = torch.autograd.grad(loss_fn(net(xm), ym) / micro, params)
+                    grads = list(gs) if grads is None else [t + g for t, g in zip(grads, gs)]
+                if loop == "autograd_assign":
                     for p, gp in zip(params, grads):
-                        p -= lr * gp
+                        p.grad = gp
+                    if clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, clip)
+                    opt.step()
+                    if sched is not None:
+                        sched.step()
+                else:
+                    with torch.no_grad():
+                        for p, gp in zip(params, grads):
+                            p -= lr * gp
             else:
                 if zero_grad:
                     opt.zero_grad()

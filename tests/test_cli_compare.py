@@ -141,3 +141,36 @@ def test_corrupted_values_are_an_input_error(tmp_path):
     r = _run(a, b)
     assert r.exit_code == 2 and r.output.count("\n") == 1
     assert "do not match their fingerprint" in r.output
+
+
+@pytest.mark.parametrize("store_values", [True, False], ids=["full", "stats"])
+def test_autograd_grad_assigned_to_dot_grad_exit_0(tmp_path, store_values):
+    # B: autograd.grad per micro-batch, summed into p.grad, optimizer step: .grad vs .grad
+    a = simulate(tmp_path / "a.h5", micro=2, store_values=store_values)
+    b = simulate(
+        tmp_path / "b.h5", micro=2, autograd=True, assign_grad=True, store_values=store_values
+    )
+    for extra in ([], ["--exact"]):
+        r = _run(a, b, *extra)
+        assert r.exit_code == 0, r.output
+        assert r.output.startswith("No difference: the runs are bitwise identical")
+    assert "autograd_grad records only in B (its .grad is compared)" in r.output
+
+
+def test_summed_stats_only_gradients_exit_0_even_exact(tmp_path):
+    a = simulate(tmp_path / "a.h5", micro=2, store_values=False)
+    b = simulate(tmp_path / "b.h5", micro=2, autograd=True, store_values=False)
+    for extra in ([], ["--exact"]):
+        r = _run(a, b, *extra, "--json")
+        assert r.exit_code == 0, r.output
+        d = json.loads(r.output)
+        assert (d["verdict"], d["first_bitwise"]) == ("identical", None)
+        assert {u["label"] for u in d["structure"]["not_comparable"]} == {
+            "grad fc1.weight",
+            "grad fc1.bias",
+            "grad fc2.weight",
+            "grad fc2.bias",
+        }
+    text = " ".join(_run(a, b, "--exact").output.split())  # the terminal wraps long lines
+    assert text.startswith("No difference over 4 compared steps") and "statistics only" in text
+    assert "not comparable bitwise at up to 4 step(s) (statistics only): grad fc1.weight" in text

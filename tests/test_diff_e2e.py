@@ -45,6 +45,22 @@ BUGS = [
     ("swapped activation", {}, {"act": nn.Tanh}, 0, "activation", "module_output"),
     ("frozen layer", {}, {"freeze": "0."}, 0, "grad_output", "frozen_parameter"),
     (
+        "frozen layer, autograd.grad assigned to .grad",
+        {"loop": "autograd_assign"},
+        {"loop": "autograd_assign", "freeze": "0."},
+        0,
+        "grad_output",
+        "frozen_parameter",
+    ),
+    (
+        "gradient clipping, autograd.grad assigned to .grad",
+        {},
+        {"loop": "autograd_assign", "clip": 0.05},
+        0,
+        "grad",
+        "scaled_gradients",
+    ),
+    (
         "forgotten model.train()",
         {"model": "drop_mlp", "evaluate": True},
         {"model": "drop_mlp", "evaluate": True, "back_to_train": False},
@@ -71,10 +87,13 @@ def test_missing_zero_grad_names_the_accumulating_run(tmp_path):
     assert "in A" in r.cause.title and "steps 0+1" in r.cause.evidence[0]
 
 
-def test_identical_runs_exit_0_even_exact(tmp_path):
-    a, b = record(tmp_path / "a.h5", model="bn_mlp"), record(tmp_path / "b.h5", model="bn_mlp")
+@pytest.mark.parametrize("values", ["full", "stats"])
+def test_identical_runs_exit_0_even_exact(tmp_path, values):
+    kw = {"model": "bn_mlp", "micro": 2, "values": values}
+    a, b = record(tmp_path / "a.h5", **kw), record(tmp_path / "b.h5", **kw)
     assert graddiff.compare(a, b).verdict == "identical"
-    assert graddiff.compare(a, b, exact=True).exit_code == 0
+    e = graddiff.compare(a, b, exact=True)
+    assert (e.exit_code, e.verdict, e.structure["not_comparable"]) == (0, "identical", [])
 
 
 def test_manual_sgd_vs_optimizer_step_is_rounding_not_divergence(tmp_path):
@@ -108,3 +127,49 @@ def test_statistics_only_traces_still_find_and_name_the_bug(tmp_path):
     assert (r.first.step, r.first.kind, r.first.basis) == (1, "grad", "stats")
     assert r.cause.cause == "grad_accumulation" and "full_steps=[1]" in r.first.note
     assert "rel >= " in r.headline()
+
+
+@pytest.mark.parametrize("values", ["full", "stats"])
+@pytest.mark.parametrize("micro", [1, 2])
+def test_autograd_grad_assigned_to_dot_grad_is_no_divergence(tmp_path, micro, values):
+    # B: gs = torch.autograd.grad(loss, params); p.grad = g; opt.step(). Both runs have .grad,
+    # which is compared; B's autograd_grad records are a structure note, not "missing in A".
+    a = record(tmp_path / "a.h5", micro=micro, values=values)
+    b = record(tmp_path / "b.h5", loop="autograd_assign", micro=micro, values=values)
+    for x, y, extra in ((a, b, "B"), (b, a, "A")):
+        for exact in (False, True):
+            r = graddiff.compare(x, y, exact=exact)
+            assert (r.verdict, r.exit_code) == ("identical", 0), r.headline()
+        assert r.structure["only_in_a"] == r.structure["only_in_b"] == []
+        note = f"autograd_grad records only in {extra} (its .grad is compared)"
+        assert sum(note in n for n in r.structure["pairing"]) == 4  # one per parameter
+
+
+@pytest.mark.parametrize("values", ["full", "stats", "step 0 full"])
+def test_dot_grad_vs_sum_of_autograd_grad_calls_has_no_made_up_difference(tmp_path, values):
+    # A accumulates 2 backward() calls in .grad; B sums 2 autograd.grad calls: parameters and
+    # losses are bitwise equal at every step. Without values the sum cannot be judged bitwise.
+    kw = {"values": values} if values != "step 0 full" else {"full_steps": [0]}
+    a = record(tmp_path / "a.h5", loop="manual", micro=2, **kw)
+    b = record(tmp_path / "b.h5", loop="autograd", micro=2, **kw)
+    for exact in (False, True):
+        r = graddiff.compare(a, b, exact=exact)
+        assert (r.verdict, r.exit_code, r.first_bitwise) == ("identical", 0, None), r.headline()
+    assert any("sum of 2 autograd_grad call(s) in B" in n for n in r.structure["pairing"])
+    unjudged = r.structure["not_comparable"]
+    if values == "full":
+        assert unjudged == [] and "bitwise identical" in r.headline()
+    else:
+        assert sorted(u["label"] for u in unjudged) == sorted(
+            f"grad {n}" for n in ("0.weight", "0.bias", "2.weight", "2.bias")
+        )
+        assert all(u["steps"] == (2 if "step 0" in values else 3) for u in unjudged)
+        assert "statistics only" in r.headline() and "statistics only" in str(r)
+
+
+def test_sum_of_autograd_grad_calls_stats_only_still_finds_a_real_bug(tmp_path):
+    a = record(tmp_path / "a.h5", loop="manual", micro=2, zero_grad=False, values="stats")
+    b = record(tmp_path / "b.h5", loop="autograd", micro=2, values="stats")
+    r = graddiff.compare(a, b)
+    assert (r.exit_code, r.first.step, r.first.kind, r.first.basis) == (1, 1, "grad", "stats")
+    assert r.first_bitwise.step == 1 and r.cause.cause == "grad_accumulation"

@@ -4,7 +4,9 @@ Runs --> align (slots: which records of A compare with which of B) --> cells (pe
 first divergence --> diagnosis --> Report. Records pair by (kind, name, call); two exceptions
 keep equivalent loops equal: a parameter's ``.grad`` pairs with the sum of another run's
 ``autograd_grad`` outputs, and a name with a different number of calls (micro-batching) is
-compared as the calls joined along the batch dimension (losses: summed).
+compared as the calls joined along the batch dimension (losses: summed). A gradient recorded
+both as ``.grad`` and as ``autograd_grad`` in one run is compared with the kind the other run
+has (the extra kind is a structure note, not a missing record).
 """
 
 from __future__ import annotations
@@ -149,12 +151,32 @@ def align(a: Run, b: Run, kinds: tuple[str, ...]) -> Alignment:
     specs: list[tuple] = []  # (kind, name, call, keys_a, keys_b, mode_a, mode_b, note)
     used: set[tuple[str, str]] = set()
 
-    # (a) gradient source: .grad in one run, only autograd.grad outputs in the other.
+    # (a) gradient source. A parameter's gradient is present in a run when it has .grad or
+    # autograd_grad records; only a run with neither lacks it (a frozen layer). Both runs have
+    # .grad: .grad is compared and autograd_grad records in one run only are a note (and the
+    # other way round); .grad in one run only and autograd_grad in the other only: .grad is
+    # compared with the sum of the autograd_grad calls; both kinds in both runs: each with its own.
+    extra: dict[tuple[str, str], str] = {}  # (kind, name) compared -> note on the other kind
     if grad_kinds:
         names = dict.fromkeys(n for (k, n) in [*ca, *cb] if k in ("grad", "autograd_grad"))
         for name in names:
             ga, gb = ("grad", name) in ca, ("grad", name) in cb
             aa, ab = ("autograd_grad", name) in ca, ("autograd_grad", name) in cb
+            if (ga and gb and aa != ab) or (aa and ab and ga != gb):
+                kept, other = ("grad", "autograd_grad") if ga and gb else ("autograd_grad", "grad")
+                side = "A" if (aa if other == "autograd_grad" else ga) else "B"
+                shown = {"grad": ".grad", "autograd_grad": "autograd_grad"}
+                if kept in kinds:
+                    extra[(kept, name)] = (
+                        f"{shown[other]} records only in {side} (its {shown[kept]} is compared)"
+                    )
+                else:
+                    notes.append(
+                        f"{other} {name}: {shown[other]} records only in {side} (not compared: "
+                        f"its {shown[kept]} is not among the compared kinds)"
+                    )
+                used.add((other, name))
+                continue
             if ga and not gb and ab and not aa:
                 calls = cb[("autograd_grad", name)]
                 keys_b = tuple(RecordKey("autograd_grad", name, c) for c in calls)
@@ -205,10 +227,13 @@ def align(a: Run, b: Run, kinds: tuple[str, ...]) -> Alignment:
             for c in sorted(set(calls_a) | set(calls_b)):
                 ka = (RecordKey(kind, name, c),) if c in calls_a else ()
                 kb = (RecordKey(kind, name, c),) if c in calls_b else ()
-                specs.append((kind, name, c, ka, kb, MODE_ONE, MODE_ONE, ""))
+                specs.append(
+                    (kind, name, c, ka, kb, MODE_ONE, MODE_ONE, extra.get((kind, name), ""))
+                )
             continue
         mode = MODE_CONCAT if kind in _CONCAT_KINDS else MODE_SUM
         how = "joined along dim 0" if mode == MODE_CONCAT else "summed"
+        how += f"; {extra[(kind, name)]}" if (kind, name) in extra else ""
         specs.append(
             (
                 kind,
@@ -224,9 +249,8 @@ def align(a: Run, b: Run, kinds: tuple[str, ...]) -> Alignment:
 
     specs.sort(key=lambda s: CAUSAL_RANK.get(s[0], 99))  # stable: keeps first-seen order per kind
     slots = [Slot(i, *spec) for i, spec in enumerate(specs)]
-    for s in slots:
-        if s.note:
-            notes.append(f"{s.label}: {s.note}")
+    # one note per (kind, name): the calls of a name share its note
+    notes.extend(dict.fromkeys(f"{s.kind} {s.name}: {s.note}" for s in slots if s.note))
     return Alignment(
         slots, _run_map(a, slots, "a"), _run_map(b, slots, "b"), only_a, only_b, notes, kinds
     )

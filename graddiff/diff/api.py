@@ -159,6 +159,10 @@ def _compare(ra: Run, rb: Run, rtol: float, exact: bool, window, kinds: tuple[st
         "pairing": [n for n in al.notes],
         "shape_changes": _changes(w, al, "shape"),
         "dtype_changes": _changes(w, al, "dtype"),
+        "not_comparable": [
+            {"label": al.slots[slot].label, "steps": n, "how": al.slots[slot].note}
+            for slot, n in sorted(w.unjudged.items())
+        ],
         "steps_only_in_a": _span(only_a),
         "steps_only_in_b": _span(only_b),
     }

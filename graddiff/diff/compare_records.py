@@ -14,7 +14,7 @@ import numpy as np
 from ..format import FLAG_TRAINING, FLAG_VALUES, MAX_NDIM, storage_dtype
 from ..reader import Run
 from .align import MODE_CONCAT, Alignment, RunMap
-from .noise import floor_factor
+from .noise import ROUNDING_ULPS, eps_of, floor_factor
 
 #: Cell codes. DIFF: bitwise different (or not provably equal) with full values on both sides;
 #: STATS: different, statistics only on at least one side.
@@ -47,6 +47,11 @@ class DtypeTable:
                 sizes.append(1)
         self.itemsize = np.array(sizes or [1], np.int64)
         self.floor = np.array([floor_factor(n) for n in self.names] or [0.0], np.float64)
+        # roundoff of a dtype's arithmetic (0: integers), and of its statistics (computed in
+        # float32 for float32 and narrower floats, in float64 for float64 and integers)
+        self.eps = np.array([eps_of(n) for n in self.names] or [0.0], np.float64)
+        f32, f64 = eps_of("float32"), eps_of("float64")
+        self.eps_stats = np.where(self.eps >= f32, f32, f64)
 
     def _id(self, name: str) -> int:
         if name not in self._ids:
@@ -64,6 +69,7 @@ class Side:
     numel: np.ndarray
     norm_lo: np.ndarray
     norm_hi: np.ndarray
+    norm_parts: np.ndarray  # sum of the calls' norms (the scale of rounding in their stats)
     mean: np.ndarray
     min: np.ndarray
     max: np.ndarray
@@ -96,6 +102,7 @@ class Cells:
     floor: np.ndarray  # noise floor of the denominator (see noise_floor)
     dtype_diff: np.ndarray
     proven: np.ndarray  # the fingerprints prove a bitwise difference
+    loose: np.ndarray  # calls summed or joined, values not on both sides: stats within rounding
     a: Side
     b: Side
 
@@ -167,6 +174,7 @@ def _aggregate(
         numel=out_numel,
         norm_lo=norm_lo,
         norm_hi=norm_hi,
+        norm_parts=np.where(merged, normsum, norm),
         mean=mean,
         min=mn,
         max=mx,
@@ -244,8 +252,14 @@ def noise_floor(
     return factor[np.clip(dt, 0, None)] * np.where(dt >= 0, 1.0, 0.0) * peak[inv]
 
 
-def _rel_lower_bound(a: Side, b: Side, floor: np.ndarray) -> np.ndarray:
-    """max(|d norm|, sqrt(n)|d mean|, |d max|, |d min|) / max(norm): <= the true relative diff."""
+def _rel_lower_bound(
+    a: Side, b: Side, floor: np.ndarray, slack: np.ndarray | float = 0.0
+) -> np.ndarray:
+    """max(|d norm|, sqrt(n)|d mean|, |d max|, |d min|) / max(norm): <= the true relative diff.
+
+    ``slack`` (absolute, per cell) is taken off the numerator first: the rounding that the
+    statistics of summed or joined calls carry (see ``derived_slack``).
+    """
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         terms = [
             np.maximum(a.norm_lo - b.norm_hi, b.norm_lo - a.norm_hi),
@@ -256,11 +270,34 @@ def _rel_lower_bound(a: Side, b: Side, floor: np.ndarray) -> np.ndarray:
         num = terms[0]
         for t in terms[1:]:
             num = np.fmax(num, t)
-        num = np.where(np.isfinite(num), np.maximum(num, 0.0), 0.0)
+        num = np.where(np.isfinite(num), np.maximum(num - slack, 0.0), 0.0)
         den = np.fmax(np.fmax(a.norm_hi, b.norm_hi), floor)
         den = np.where(np.isfinite(den), den, 0.0)
         rel = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(num > 0, np.inf, 0.0))
     return rel
+
+
+def derived_slack(a: Side, b: Side, eps: np.ndarray, eps_stats: np.ndarray) -> np.ndarray:
+    """How far the statistics of summed or joined calls may stray from the combined tensor's
+    through rounding alone, as an absolute bound on the numerator of ``_rel_lower_bound``.
+
+    Statistics do not combine exactly: the norm of a sum is only bracketed by the calls' norms;
+    the sum itself rounds in the stored dtype (at most (calls - 1) x eps/2 x the sum of the
+    calls' norms); each call's norm and mean were computed in float32 or float64 with an error
+    growing like log2(numel), and are recombined in float64. The allowance, in units of the sum
+    of both runs' calls' norms, is 2 x eps x calls (4x the sum's bound) + ROUNDING_ULPS x
+    eps_stats x (calls + log2(numel)): about 5e-5 of the norm for a float32 .grad of 2,000
+    elements vs the sum of 2 calls, so no rounding reads as a difference while real bugs (1e-3
+    and more) still do.
+    """
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        calls = (a.count + b.count).astype(np.float64)
+        log_n = np.log2(np.maximum(np.maximum(a.numel, b.numel), 2))
+        unit = 2 * eps * calls + ROUNDING_ULPS * eps_stats * (calls + log_n)
+        scale = np.where(np.isfinite(a.norm_parts), a.norm_parts, 0.0) + np.where(
+            np.isfinite(b.norm_parts), b.norm_parts, 0.0
+        )
+        return unit * scale
 
 
 def classify(
@@ -294,9 +331,9 @@ def classify(
     eq_fp = same & (a.fp_level >= 1) & (b.fp_level >= 1) & (a.fp_sum == b.fp_sum)
     eq_fp &= ~((a.fp_level == 2) & (b.fp_level == 2)) | (a.fp_pos == b.fp_pos)
     equal = both & (eq_parts | eq_fp)
-    loose = a.merged_sum | b.merged_sum
+    summed = a.merged_sum | b.merged_sum
     nonfinite = np.where(
-        loose,
+        summed,
         ((a.nan > 0) != (b.nan > 0)) | ((a.inf > 0) != (b.inf > 0)),
         (a.nan != b.nan) | (a.inf != b.inf),
     )
@@ -309,9 +346,19 @@ def classify(
     code[~a.present] = MISSING_A
     code[~b.present] = MISSING_B
     floor = noise_floor(step, rank, a, b, dtypes.floor)
-    rel = np.where(diff & shape_eq, _rel_lower_bound(a, b, floor), 0.0)
+    # Calls summed or joined without full values on both sides: their statistics are compared
+    # within a rounding allowance, and only the fingerprints of joined aligned calls are exact.
+    loose = diff & ((a.count > 1) | (b.count > 1)) & ~(a.values & b.values)
+    dt = np.where(a.dtype >= 0, a.dtype, b.dtype)
+    known = dt >= 0  # mixed dtypes among the calls: float32's roundoff
+    eps = np.where(known, dtypes.eps[np.clip(dt, 0, None)], eps_of("float32"))
+    eps_stats = np.where(known, dtypes.eps_stats[np.clip(dt, 0, None)], eps_of("float32"))
+    slack = np.where(loose, derived_slack(a, b, eps, eps_stats), 0.0)
+    rel = np.where(diff & shape_eq, _rel_lower_bound(a, b, floor, slack), 0.0)
+    # fp_sum is additive over 8-byte aligned calls: different sums prove different bytes
+    sums_differ = same & (a.fp_level >= 1) & (b.fp_level >= 1) & (a.fp_sum != b.fp_sum)
     proven = (code != EQUAL) & (
-        (code != DIFF) & (code != STATS) | ((a.fp_level == 2) & (b.fp_level == 2))
+        (code != DIFF) & (code != STATS) | ((a.fp_level == 2) & (b.fp_level == 2)) | sums_differ
     )
     seq = np.where(a.present, a.seq, b.seq)
     order = np.lexsort((slot, seq, rank, step))
@@ -326,6 +373,7 @@ def classify(
         floor=take(floor),
         dtype_diff=take(both & ~dtype_eq),
         proven=take(proven),
+        loose=take(loose),
         a=side(a),
         b=side(b),
     )

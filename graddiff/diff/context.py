@@ -13,7 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .align import Slot
-from .compare_records import DIFF, EQUAL, MISSING_A, MISSING_B, NONFINITE, SHAPE
+from .compare_records import DIFF, EQUAL, MISSING_A, MISSING_B, NONFINITE, SHAPE, STATS
 from .first import Hit, WalkResult
 from .pair import RunPair
 
@@ -105,6 +105,8 @@ class Context:
             found = True
             if code == EQUAL:
                 continue
+            if tol == 0 and code == STATS:
+                return False  # statistics cannot prove bitwise equality
             r = self.rel(slot, step)
             if r is None or r > tol:
                 return False

@@ -64,6 +64,9 @@ class WalkResult:
     steps_differing: int
     max_rel: float
     changes: dict[tuple[str, int], tuple[int, dict]] = field(default_factory=dict)
+    #: slot -> steps where its summed or joined calls were stats-only and agreed within
+    #: rounding: not comparable bitwise there, and not counted as a difference
+    unjudged: dict[int, int] = field(default_factory=dict)
 
 
 def _facts(c: Cells, i: int, pair: RunPair) -> dict:
@@ -78,7 +81,8 @@ def _facts(c: Cells, i: int, pair: RunPair) -> dict:
             "dtype": names[int(s.dtype[i])] if s.dtype[i] >= 0 else "mixed",
             "nan": int(s.nan[i]),
             "inf": int(s.inf[i]),
-            "norm": float(s.norm_hi[i]),
+            # a sum of several calls: its norm is only bracketed by theirs (not stored)
+            "norm": None if s.merged_sum[i] else float(s.norm_hi[i]),
             "values_stored": bool(s.values[i]),
             "training": bool(s.training[i]),
         }
@@ -136,6 +140,7 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
     steps_differing = 0
     max_rel = 0.0
     changes: dict[tuple[str, int], tuple[int, dict]] = {}
+    unjudged: dict[int, int] = {}
     kind_col = {k: j for j, k in enumerate(ALL_KINDS)}
     slot_col = np.array([kind_col.get(s.kind, 0) for s in pair.al.slots] or [0], np.int64)
     steps = pair.steps
@@ -149,6 +154,10 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         best = c.rel_lb.copy()
         different = c.code != EQUAL
         different[c.code == STATS] &= c.proven[c.code == STATS] | (c.rel_lb[c.code == STATS] > 0)
+        # summed/joined stats-only calls within rounding: neither equal nor a difference
+        unsure = (c.code == STATS) & c.loose & ~different
+        for slot, n in zip(*np.unique(c.slot[unsure], return_counts=True)):
+            unjudged[int(slot)] = unjudged.get(int(slot), 0) + int(n)
         need_exact = first is None or int(block[0]) <= first.step + EXACT_STEPS_AFTER
         by_step_a, by_step_b = _by_step(ea), _by_step(eb)
         fast: dict[int, tuple[bool, float]] = {}
@@ -200,7 +209,7 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
                 first = hit
         # growth, vectorized: steps from the first bitwise difference on
         if first_bitwise is not None:
-            comparable = np.isin(c.code, (EQUAL, DIFF, STATS))
+            comparable = np.isin(c.code, (EQUAL, DIFF, STATS)) & ~unsure
             val = np.where(different & comparable, best, 0.0)
             val = np.where(comparable, val, np.nan)
             for s in np.unique(c.step[c.step >= first_bitwise.step]):
@@ -220,4 +229,6 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         steps_differing += len(np.unique(c.step[different]))
         if different.any():
             max_rel = max(max_rel, float(np.nanmax(np.where(different, best, 0.0))))
-    return WalkResult(first, first_bitwise, growth.result(), steps_differing, max_rel, changes)
+    return WalkResult(
+        first, first_bitwise, growth.result(), steps_differing, max_rel, changes, unjudged
+    )

@@ -21,7 +21,8 @@ def divergence_matrix(
     """(steps, labels, rel[n_steps, n_labels]).
 
     rel is 0 where bitwise equal, exact where both runs stored full values, else the statistics'
-    lower bound; NaN where a record is absent or not comparable (shape, NaN/Inf placement).
+    lower bound; NaN where a record is absent or not comparable (shape, NaN/Inf placement, or
+    summed/joined calls without values whose statistics agree within rounding).
     """
     with open_run(path_a) as a, open_run(path_b) as b:
         al = align(a, b, kinds)
@@ -34,7 +35,8 @@ def divergence_matrix(
                 ea = a.entries(int(block[0]), int(block[-1]))
                 eb = b.entries(int(block[0]), int(block[-1]))
                 c = classify(a, b, al, pair.dtypes, block, ea, eb)
-                comparable = np.isin(c.code, (DIFF, STATS))
+                unsure = (c.code == STATS) & c.loose & ~c.proven & (c.rel_lb == 0)
+                comparable = np.isin(c.code, (DIFF, STATS)) & ~unsure
                 val = np.where(c.code == EQUAL, 0.0, np.where(comparable, c.rel_lb, np.nan))
                 for i in np.flatnonzero(c.code == DIFF):
                     slot, step = al.slots[int(c.slot[i])], int(c.step[i])

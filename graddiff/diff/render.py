@@ -112,7 +112,8 @@ def _difference_table(report: Report, console: Console) -> None:
 def _facts(facts: Any) -> str:
     if not facts:
         return "absent"
-    text = f"{facts['dtype']} {tuple(facts['shape'])}, norm {_g(facts['norm'])}"
+    norm = "n/a (sum of calls)" if facts.get("norm") is None else _g(facts["norm"])
+    text = f"{facts['dtype']} {tuple(facts['shape'])}, norm {norm}"
     if facts.get("nan") or facts.get("inf"):
         text += f", {facts['nan']} NaN, {facts['inf']} Inf"
     return text
@@ -165,6 +166,17 @@ def _structure(report: Report, console: Console) -> None:
     for how, labels in groups.items():
         names = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
         lines.append(f"paired: {names}: {how}")
+    unsure = st.get("not_comparable") or []
+    if unsure:
+        labels = [u["label"] for u in unsure]
+        names = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+        steps = max(u["steps"] for u in unsure)
+        lines.append(
+            f"not comparable bitwise at up to {steps} step(s) (statistics only): {names}: a sum "
+            "or join of several calls cannot be judged bitwise from statistics; they agree "
+            "within rounding (store full values, e.g. values='full' or full_steps=[...], to "
+            "compare them exactly)"
+        )
     if lines:
         console.print("Structure:", style="bold")
         for line in lines:

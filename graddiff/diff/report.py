@@ -119,6 +119,13 @@ class Report:
         n = self.steps.get("compared", 0)
         tol = "any bitwise difference (--exact)" if self.exact else f"rtol {self.rtol:g}"
         if self.verdict == "identical":
+            unsure = self.structure.get("not_comparable") or []
+            if unsure:
+                return (
+                    f"No difference over {n} compared steps: bitwise identical except "
+                    f"{len(unsure)} summed or joined record(s) stored as statistics only, "
+                    "which agree within rounding (not comparable bitwise)."
+                )
             return f"No difference: the runs are bitwise identical over {n} compared steps."
         if self.verdict == "within_tolerance":
             o = self.first_bitwise
