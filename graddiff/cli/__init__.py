@@ -44,6 +44,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def terminal_console() -> Any:
+    """The rich Console every command prints with: colour on a terminal, plain text when piped."""
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console(highlight=False)
+    return Console(force_terminal=False, color_system=None, highlight=False, soft_wrap=True)
+
+
 class GraddiffGroup(click.Group):
     """Lazy subcommands, and one-line errors with graddiff's exit codes."""
 

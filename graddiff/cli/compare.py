@@ -7,12 +7,12 @@ problems raise GraddiffError, which the CLI group turns into one ``Error:`` line
 from __future__ import annotations
 
 import json
-import sys
 from typing import Optional
 
 import click
 
 from ..diff import DEFAULT_RTOL, compare
+from . import terminal_console
 
 
 @click.command("compare")
@@ -60,9 +60,5 @@ def compare_cmd(
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     else:
-        from rich.console import Console
-
-        report.render(
-            Console(force_terminal=None if sys.stdout.isatty() else False, highlight=False)
-        )
+        report.render(terminal_console())
     return report.exit_code

@@ -7,13 +7,14 @@ exits 0 whenever it ran, whatever the reports say.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import click
+
+from . import terminal_console
 
 
 @click.command("demo")
@@ -55,12 +56,11 @@ def demo_cmd(
     on a laptop CPU; the examples/ folder of the repository has the full-size versions.
     """
     import torch
-    from rich.console import Console
 
     from ..demo.scenarios import SCENARIOS, Setup
     from ..diff import compare
 
-    console = Console(force_terminal=None if sys.stdout.isatty() else False, highlight=False)
+    console = terminal_console()
     with tempfile.TemporaryDirectory(prefix="graddiff-demo-") as tmp:
         out = Path(keep) if keep else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
