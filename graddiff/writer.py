@@ -46,6 +46,8 @@ from .kinds import CAUSAL_RANK
 #: Stop recording when fewer bytes than this (plus twice the last step's size) remain free.
 MIN_FREE_BYTES = 64 * 2**20
 BALLAST_BYTES = 4 * 2**20
+#: Tensors at least this large are written from their own memory, without concatenation.
+DIRECT_WRITE_BYTES = 1 * 2**20
 
 
 class WriteFailed(Exception):
@@ -160,8 +162,7 @@ class TraceWriter:
             self._entries.resize((start + len(rows),))
             self._entries[start:] = rows
         if blobs:
-            # One contiguous dataset per step: the cheapest HDF5 write (FIELD-NOTES 8).
-            self._values.create_dataset(f"{step:08d}", data=np.concatenate(blobs))
+            self._write_values(f"{step:08d}", blobs, offset)
         self._n_entries = start + len(rows)
         n = self._steps.shape[0]
         self._steps.resize((n + 1,))
@@ -169,6 +170,34 @@ class TraceWriter:
         self._file.flush()  # the commit: after this, the step survives kill -9
         self._last_step_bytes = offset + rows.nbytes
         return offset
+
+    def _write_values(self, name: str, blobs: list[np.ndarray], total: int) -> None:
+        """One contiguous dataset per step (the cheapest HDF5 layout, FIELD-NOTES 8).
+
+        Large tensors are written straight from their own memory into their slice; only runs of
+        small ones are concatenated first, so the step's bytes are not copied once more.
+        """
+        ds = self._values.create_dataset(name, (total,), dtype=np.uint8)
+        pending: list[np.ndarray] = []
+        start = offset = 0
+
+        def flush_pending() -> None:
+            if pending:
+                chunk = pending[0] if len(pending) == 1 else np.concatenate(pending)
+                ds.write_direct(chunk, dest_sel=np.s_[start : start + chunk.size])
+                pending.clear()
+
+        for raw in blobs:
+            if raw.size >= DIRECT_WRITE_BYTES:
+                flush_pending()
+                ds.write_direct(raw, dest_sel=np.s_[offset : offset + raw.size])
+                start = offset + raw.size
+            else:
+                if not pending:
+                    start = offset
+                pending.append(raw)
+            offset += raw.size
+        flush_pending()
 
     def _check_space(self, value_bytes: int) -> None:
         need = value_bytes + 2 * self._last_step_bytes + MIN_FREE_BYTES

@@ -87,3 +87,20 @@ def test_nan_and_inf_are_counted(tmp_path):
     s = graddiff.open(tmp_path / "n.h5").stats("param", "weight", 0)
     assert (s["nan"], s["inf"]) == (1, 2)
     assert np.isfinite(s["min"]) and np.isfinite(s["max"])
+
+
+def test_large_and_small_tensors_read_back_exactly(tmp_path):
+    """Large tensors are written straight into their slice, small ones batched: both exact."""
+    from graddiff.writer import DIRECT_WRITE_BYTES
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.ReLU(), torch.nn.Linear(600, 3))
+    assert model[0].weight.numel() * 4 >= DIRECT_WRITE_BYTES > model[2].weight.numel() * 4
+    x = torch.randn(4, 600)
+    with graddiff.trace(model, tmp_path / "big.h5", values="full"):
+        model(x).sum().backward()
+    run = graddiff.open(tmp_path / "big.h5")
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(run.get("param", name, 0), p.detach().numpy())
+        np.testing.assert_array_equal(run.get("grad", name, 0), p.grad.numpy())
+    np.testing.assert_array_equal(run.get("input", "0", 0), x.numpy())
