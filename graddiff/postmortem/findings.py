@@ -106,6 +106,7 @@ def check_run(
     vanish_factor: float = 1e-4,
     max_value_steps: int = 32,
     ignore: tuple[str, ...] = (),
+    series: Optional[dict[RecordKey, Series]] = None,
 ) -> CheckReport:
     """Run every single-run check on ``run``.
 
@@ -116,11 +117,26 @@ def check_run(
         vanish_factor: a gradient norm that stays below this fraction of its early level vanished.
         max_value_steps: at most this many steps' stored values are read per check.
         ignore: finding kinds to leave out.
+        series: the run's series when the caller already collected them.
     """
+    if series is None:
+        series = collect_series(run)
+    with np.errstate(all="ignore"):  # NaN/Inf in the data are findings, not numpy warnings
+        found = _detect(run, series, explode_factor, explode_abs, vanish_factor, max_value_steps)
+    found = [f for f in found if f.kind not in ignore]
+    # by step, then causal order within the step: the first listed is what went wrong first
+    found.sort(
+        key=lambda f: (f.step, CAUSAL_RANK.get(f.record_kind, 99), FINDING_KINDS.index(f.kind))
+    )
+    return CheckReport(run.path, len(run.steps), found)
+
+
+def _detect(
+    run, series, explode_factor, explode_abs, vanish_factor, max_value_steps
+) -> list[Finding]:
     from .accumulation import find_grad_accumulation
     from .dead import find_dead_units
 
-    series = collect_series(run)
     found: list[Finding] = []
     found += find_nonfinite(run, series)
     accumulated = find_grad_accumulation(run, series, max_value_steps=max_value_steps)
@@ -132,9 +148,7 @@ def check_run(
     found += find_vanishing(series, vanish_factor)
     found += find_frozen(series)
     found += find_dead_units(run, series, max_value_steps=max_value_steps)
-    found = [f for f in found if f.kind not in ignore]
-    found.sort(key=lambda f: (f.step, FINDING_KINDS.index(f.kind), CAUSAL_RANK.get(f.record_kind, 99)))
-    return CheckReport(run.path, len(run.steps), found)
+    return found
 
 
 # -- NaN / Inf --------------------------------------------------------------------------------
@@ -151,7 +165,9 @@ def find_nonfinite(run: Run, series: dict[RecordKey, Series]) -> list[Finding]:
             continue
         hits.sort(key=lambda h: (h[0], h[1]))
         step, _, key, row = hits[0]
-        at_step = sorted({h[2] for h in hits if h[0] == step}, key=lambda k: CAUSAL_RANK.get(k.kind, 99))
+        at_step = sorted(
+            {h[2] for h in hits if h[0] == step}, key=lambda k: CAUSAL_RANK.get(k.kind, 99)
+        )
         bad_steps = sorted({h[0] for h in hits})
         count, numel = int(row[field_name]), int(row["numel"])
         others = len(at_step) - 1
@@ -199,7 +215,9 @@ def _aggregate(kind: str, hits: list[tuple[int, Series, str, dict]]) -> list[Fin
     step, s, message, evidence = hits[0]
     names = [h[1].key.name for h in hits]
     if len(hits) > 1:
-        message += f" ({len(hits) - 1} more: {', '.join(names[1:4])}{', ...' if len(hits) > 4 else ''})"
+        message += (
+            f" ({len(hits) - 1} more: {', '.join(names[1:4])}{', ...' if len(hits) > 4 else ''})"
+        )
     evidence = dict(evidence, count=len(hits), names=names[:MAX_NAMES])
     return [Finding(kind, step, s.key.kind, s.key.name, message, evidence, s.key.call)]
 
@@ -269,7 +287,12 @@ def find_vanishing(series: dict[RecordKey, Series], factor: float) -> list[Findi
                 s,
                 f"gradient norm vanished to {value:.3g} ({value / base:.2g}x its early level "
                 f"{base:.3g}) and stayed there for {len(low) - start} steps",
-                {"baseline": base, "value": value, "ratio": value / base, "steps": len(low) - start},
+                {
+                    "baseline": base,
+                    "value": value,
+                    "ratio": value / base,
+                    "steps": len(low) - start,
+                },
             )
         )
     return _aggregate("vanishing_grad", hits)

@@ -74,7 +74,9 @@ def collect_series(run: Run, kinds: Optional[Iterable[str]] = None) -> dict[Reco
     return out
 
 
-def loss_curve(run: Run, series: Optional[dict[RecordKey, Series]] = None) -> tuple[np.ndarray, np.ndarray]:
+def loss_curve(
+    run: Run, series: Optional[dict[RecordKey, Series]] = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(steps, loss): per step, the mean of the ``loss`` entries' means (a scalar's mean is it).
 
     Several backward calls in one step (micro-batches) are averaged. Empty arrays without losses.

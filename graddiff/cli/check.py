@@ -1,0 +1,42 @@
+"""``graddiff check RUN.h5``: single-run findings; exit 0 clean, 1 findings, 2 bad input."""
+
+from __future__ import annotations
+
+import click
+
+from ..postmortem.findings import FINDING_KINDS, check_run
+from ..postmortem.jsonout import dumps
+from ..reader import open_run
+
+
+@click.command("check")
+@click.argument("run_path", metavar="RUN.h5")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.option(
+    "--ignore",
+    multiple=True,
+    type=click.Choice(FINDING_KINDS),
+    help="Leave out findings of this kind (repeatable).",
+)
+def check_cmd(run_path: str, as_json: bool, ignore: tuple[str, ...]) -> int:
+    """Find what went wrong in one run: the first NaN/Inf, .grad accumulating across steps,
+    exploding or vanishing gradients, parameters that never change, dead ReLU units.
+
+    Each finding names the step, the record (kind and layer) and the evidence.
+    Exit code 0 clean, 1 findings, 2 bad input.
+    """
+    with open_run(run_path) as run:
+        report = check_run(run, ignore=ignore)
+    if as_json:
+        click.echo(dumps(report.to_dict()))
+        return report.exit_code
+    if report.clean:
+        click.echo(f"{run_path}: clean ({report.n_steps} steps checked)")
+        return 0
+    n = len(report)
+    click.echo(f"{run_path}: {n} finding{'s' if n > 1 else ''} in {report.n_steps} steps")
+    for f in report:
+        call = f" (call {f.call})" if f.call else ""
+        click.echo(f"  step {f.step}  {f.kind}  {f.record_kind} {f.name}{call}")
+        click.echo(f"      {f.message}")
+    return report.exit_code

@@ -1,0 +1,29 @@
+"""``graddiff show RUN.h5``: the summary of one trace (a thin shell over postmortem.summary)."""
+
+from __future__ import annotations
+
+import click
+
+from ..postmortem.jsonout import dumps
+from ..postmortem.summary import render_summary, summarize
+from ..reader import open_run
+
+
+@click.command("show")
+@click.argument("run_path", metavar="RUN.h5")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--no-check", is_flag=True, help="Leave out the findings of 'graddiff check'.")
+@click.option("--width", default=60, show_default=True, help="Columns of the loss chart.")
+def show_cmd(run_path: str, as_json: bool, no_check: bool, width: int) -> int:
+    """Summarise one trace: status, steps, records, values, environment, loss, findings.
+
+    Exit code 0 (findings do not change it; 'graddiff check' owns that verdict), 2 for a bad file.
+    """
+    with open_run(run_path) as run:
+        summary = summarize(run, findings=not no_check)
+    if as_json:
+        click.echo(dumps(summary))
+    else:
+        for line in render_summary(summary, width=max(8, width)):
+            click.echo(line)
+    return 0

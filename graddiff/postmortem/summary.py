@@ -1,0 +1,183 @@
+"""The summary of one trace (``graddiff show``, ``Run.summary()``): a plain dict, and its text.
+
+Data flow: Run --series--> :func:`summarize` (dict, JSON-ready) --> :func:`render_summary`
+(lines of text for the CLI). The single-run findings come from :func:`check_run`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..reader import Run
+from .findings import check_run
+from .series import collect_series, loss_curve
+from .termchart import render_chart
+
+#: Environment keys shown first, in this order; the rest follow sorted.
+_ENV_FIRST = (
+    "torch_version",
+    "cuda_version",
+    "device",
+    "dtype",
+    "model_class",
+    "n_parameters",
+    "initial_seed",
+    "deterministic_algorithms",
+    "cudnn_deterministic",
+    "cudnn_benchmark",
+    "num_threads",
+    "world_size",
+    "python",
+    "platform",
+)
+
+
+def describe_ranges(steps: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
+    if not steps:
+        return "none"
+    parts, start, prev = [], steps[0], steps[0]
+    for s in [*steps[1:], None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if s is not None:
+            start = prev = s
+    return ", ".join(parts)
+
+
+def describe_status(status: str, n_steps: int) -> str:
+    if status == "complete":
+        return "complete"
+    if status == "recording":
+        return (
+            f"recording: the recording process was killed or is still running; the {n_steps} "
+            f"committed steps are readable"
+        )
+    return status
+
+
+def describe_values(run: Run) -> dict[str, Any]:
+    """Whether full values were stored, at which steps, and why they stopped (if they did)."""
+    table = run.step_table
+    full = [int(s) for s in table["step"][table["full"] != 0]]
+    n = len(table)
+    mode = "none" if not n else "full" if len(full) == n else "stats" if not full else "mixed"
+    out: dict[str, Any] = {
+        "mode": mode,
+        "full_steps": len(full),
+        "full_ranges": describe_ranges(full),
+    }
+    if (
+        mode == "mixed"
+        and full
+        and full[-1] < int(table["step"][-1])
+        and full == list(range(full[0], full[-1] + 1))
+    ):
+        out["stats_only_from"] = full[-1] + 1
+    out["note"] = run.values_note
+    return out
+
+
+def summarize(run: Run, *, findings: bool = True) -> dict[str, Any]:
+    """Everything ``graddiff show`` prints, as a JSON-ready dict."""
+    series = collect_series(run)
+    kinds: dict[str, dict[str, int]] = {}
+    for key, s in series.items():
+        k = kinds.setdefault(key.kind, {"records": 0, "entries": 0})
+        k["records"] += 1
+        k["entries"] += len(s.rows)
+    for kind in run.kinds:
+        kinds.setdefault(kind, {"records": 0, "entries": 0})
+    steps, loss = loss_curve(run, series)
+    out: dict[str, Any] = {
+        "path": run.path,
+        "file_size": run.file_size,
+        "status": run.status,
+        "status_text": describe_status(run.status, len(run.steps)),
+        "created": run.created,
+        "graddiff_version": run.graddiff_version,
+        "steps": {
+            "count": len(run.steps),
+            "first": int(run.steps[0]) if len(run.steps) else None,
+            "last": int(run.steps[-1]) if len(run.steps) else None,
+        },
+        "kinds": kinds,
+        "values": describe_values(run),
+        "environment": dict(run.environment),
+        "options": dict(run.options),
+        "loss": {"steps": [int(s) for s in steps], "values": [float(v) for v in loss]},
+    }
+    if findings:
+        out["findings"] = [f.to_dict() for f in check_run(run, series=series)]
+    return out
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_summary(summary: dict[str, Any], *, width: int = 60) -> list[str]:
+    """The text of ``graddiff show``: one line per fact, the loss chart, the findings."""
+    st = summary["steps"]
+    lines = [
+        f"{summary['path']}  ({_size(summary['file_size'])}, graddiff {summary['graddiff_version']})",
+        f"  status   {summary['status_text']}",
+        "  steps    "
+        + (
+            f"{st['count']} ({st['first']}..{st['last']})"
+            if st["count"]
+            else "0 (no complete step)"
+        ),
+    ]
+    v = summary["values"]
+    values = {
+        "full": "full values at every step",
+        "stats": "statistics only (no full values)",
+        "none": "-",
+        "mixed": f"full values at steps {v['full_ranges']}, statistics only elsewhere",
+    }[v["mode"]]
+    if "stats_only_from" in v:
+        values = f"full values at steps {v['full_ranges']}, statistics only from step {v['stats_only_from']}"
+    if v["note"]:
+        values += f" ({v['note']})"
+    lines.append(f"  values   {values}")
+    lines.append("  records")
+    for kind, k in summary["kinds"].items():
+        lines.append(f"    {kind:<14}{k['records']:>6} records {k['entries']:>9} entries")
+    env = summary["environment"]
+    if env:
+        lines.append("  environment")
+        for key in [
+            *(k for k in _ENV_FIRST if k in env),
+            *sorted(k for k in env if k not in _ENV_FIRST),
+        ]:
+            value = env[key]
+            if key == "argv" and isinstance(value, list):
+                value = " ".join(str(a) for a in value)
+            lines.append(f"    {key:<26}{value}")
+    loss = summary["loss"]
+    if loss["values"]:
+        vals = np.array(loss["values"], dtype=np.float64)
+        finite = vals[np.isfinite(vals)]
+        last = f"{finite[-1]:.4g}" if len(finite) else "nan"
+        lines.append(f"  loss     {len(vals)} steps, first {vals[0]:.4g}, last {last}")
+        lines += [
+            "    " + line
+            for line in render_chart(np.array(loss["steps"]), vals, width=width, label="loss")
+        ]
+    if "findings" in summary:
+        found = summary["findings"]
+        lines.append(f"  findings {len(found) or 'none (graddiff check: clean)'}")
+        for f in found:
+            lines.append(
+                f"    step {f['step']}  {f['kind']}  {f['record_kind']} {f['name']}: {f['message']}"
+            )
+    return lines
