@@ -318,6 +318,25 @@ class Run:
             )
         return decode_values(raw, dtype, shape)
 
+    # -- post-mortem (thin delegations to graddiff.postmortem) ------------------------------
+    def check(self, **kw: Any) -> Any:
+        """Single-run findings (``graddiff check``): a ``postmortem.CheckReport``."""
+        from .postmortem.findings import check_run
+
+        return check_run(self, **kw)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``graddiff show`` prints, as a dict."""
+        from .postmortem.summary import summarize
+
+        return summarize(self)
+
+    def plot(self, path: Optional[PathLike] = None) -> Any:
+        """Loss and per-layer norm heatmaps (``graddiff plot``); returns the matplotlib Figure."""
+        from .postmortem.plots import plot_run
+
+        return plot_run(self, path)
+
 
 def entry_stats(e: np.void, dtype: str) -> dict[str, Any]:
     """An entry row as a plain dict (what ``Run.stats`` and ``--json`` show)."""

@@ -188,7 +188,7 @@ def _first_label(first: Any, labels: list[str]) -> Optional[int]:
         return None
     kind, name = str(first.get("kind", "")), str(first.get("name", ""))
     for i, lab in enumerate(labels):
-        if lab == f"{kind} {name}" or lab == name:
+        if lab in (first.get("label"), f"{kind} {name}", name):
             return i
     for i, lab in enumerate(labels):
         if name and name in lab and kind in lab:
