@@ -13,7 +13,9 @@ from ..reader import open_run
 @click.command("plot")
 @click.argument("run_a", metavar="A.h5")
 @click.argument("run_b", metavar="[B.h5]", required=False)
-@click.option("-o", "--output", required=True, metavar="FILE", help="Image to write: .png, .svg or .pdf.")
+@click.option(
+    "-o", "--output", required=True, metavar="FILE", help="Image to write: .png, .svg or .pdf."
+)
 def plot_cmd(run_a: str, run_b: Optional[str], output: str) -> int:
     """One run: the loss and per-layer gradient and parameter norms over steps (log10 heatmaps).
     Two runs: the divergence heatmap (steps x records, log10 relative difference, first

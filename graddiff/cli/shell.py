@@ -15,10 +15,16 @@ from ..postmortem.shellns import build_namespace, close_namespace
 @click.command("shell")
 @click.argument("run_a", metavar="A.h5")
 @click.argument("run_b", metavar="[B.h5]", required=False)
-@click.option("-c", "--command", "source", metavar="CODE", help="Run CODE with the runs loaded, then exit.")
-@click.option("--plain", is_flag=True, help="Use the plain Python console even if IPython is installed.")
+@click.option(
+    "-c", "--command", "source", metavar="CODE", help="Run CODE with the runs loaded, then exit."
+)
+@click.option(
+    "--plain", is_flag=True, help="Use the plain Python console even if IPython is installed."
+)
 @click.option("--no-compare", is_flag=True, help="Do not compare two runs on start.")
-def shell_cmd(run_a: str, run_b: Optional[str], source: Optional[str], plain: bool, no_compare: bool) -> int:
+def shell_cmd(
+    run_a: str, run_b: Optional[str], source: Optional[str], plain: bool, no_compare: bool
+) -> int:
     """Open an interactive Python session (IPython when installed) with the runs loaded:
     a, b (graddiff.Run), report (graddiff.compare of a and b), np (numpy).
 

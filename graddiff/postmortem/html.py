@@ -54,7 +54,8 @@ def render_value(v: Any) -> str:
             cols = list(dict.fromkeys(k for x in v for k in x))
             head = "".join(f"<th>{_e(c)}</th>" for c in cols)
             body = "".join(
-                "<tr>" + "".join(f"<td>{render_value(x.get(c))}</td>" for c in cols) + "</tr>" for x in v
+                "<tr>" + "".join(f"<td>{render_value(x.get(c))}</td>" for c in cols) + "</tr>"
+                for x in v
             )
             return f"<table><tr>{head}</tr>{body}</table>"
         return _e(", ".join(_fmt(x) for x in v))
@@ -82,7 +83,15 @@ def _growth_table(growth: dict) -> str:
             continue
         nonzero = [(s, r) for s, r in pts if r]
         first = nonzero[0][0] if nonzero else "-"
-        rows.append({"kind": kind, "first step with a difference": first, "last step": pts[-1][0], "rel diff at last step": pts[-1][1], "max rel diff": max(r for _, r in pts)})
+        rows.append(
+            {
+                "kind": kind,
+                "first step with a difference": first,
+                "last step": pts[-1][0],
+                "rel diff at last step": pts[-1][1],
+                "max rel diff": max(r for _, r in pts),
+            }
+        )
     return render_value(rows)
 
 
@@ -92,7 +101,11 @@ def render_html(report: Any, title: Optional[str] = None) -> str:
     a, b = os.path.basename(str(report.run_a)), os.path.basename(str(report.run_b))
     title = title or f"graddiff: {a} vs {b}"
     verdict = d.get("verdict") or ("diverged" if d.get("diverged") else "same")
-    css_class = {"identical": "same", "diverged": "diverged", "within_tolerance": "within_tolerance"}.get(verdict, "diverged" if d.get("diverged") else "same")
+    css_class = {
+        "identical": "same",
+        "diverged": "diverged",
+        "within_tolerance": "within_tolerance",
+    }.get(verdict, "diverged" if d.get("diverged") else "same")
     headline = d.get("headline") or ("DIVERGED" if d.get("diverged") else "No divergence")
     parts = [
         "<!DOCTYPE html>",
@@ -129,5 +142,7 @@ def write_html(report: Any, path: Any, *, title: Optional[str] = None) -> str:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(text)
     except OSError as exc:
-        raise GraddiffError(f"{path}: cannot write the HTML report ({exc.strerror or exc})") from None
+        raise GraddiffError(
+            f"{path}: cannot write the HTML report ({exc.strerror or exc})"
+        ) from None
     return path

@@ -21,12 +21,16 @@ def build_namespace(paths: list[str], *, compare: bool = True) -> tuple[dict[str
     lines = ["graddiff shell: loaded"]
     for name, run in zip("ab", runs):
         ns[name] = run
-        lines.append(f"  {name} = graddiff.open({run.path!r})  # {len(run.steps)} steps, {len(run.keys)} records")
+        lines.append(
+            f"  {name} = graddiff.open({run.path!r})  # {len(run.steps)} steps, {len(run.keys)} records"
+        )
     if len(runs) == 2 and compare:
         report = graddiff.compare(runs[0].path, runs[1].path)
         ns["report"] = report
         verdict = getattr(report, "headline", None)
-        lines.append(f"  report = graddiff.compare(a.path, b.path)  # {verdict() if callable(verdict) else report}")
+        lines.append(
+            f"  report = graddiff.compare(a.path, b.path)  # {verdict() if callable(verdict) else report}"
+        )
     lines.append("  np = numpy, graddiff")
     lines.append(
         "Try: a.steps, a.names('grad'), a.stats('grad', NAME, STEP), a.get(KIND, NAME, STEP), "
