@@ -153,7 +153,8 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch):
 
 def test_html_is_self_contained_and_escaped(tmp_path):
     path = write_html(FakeReport(), tmp_path / "r.html")
-    text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert path == str(tmp_path / "r.html")
+    text = (tmp_path / "r.html").read_text("utf-8")
     assert "data:image/png;base64," in text
     assert "&lt;script&gt;" in text and "<script" not in text
     assert "http://" not in text and "https://" not in text and "<link" not in text
