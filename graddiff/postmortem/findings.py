@@ -156,19 +156,18 @@ def find_nonfinite(run: Run, series: dict[RecordKey, Series]) -> list[Finding]:
     """The first NaN and the first Inf (step, then causal order within the step)."""
     out = []
     for field_name, kind, word in (("nan", "nan", "NaN"), ("inf", "inf", "Inf")):
-        hits = []  # (step, causal position, key, row)
-        for pos, (key, s) in enumerate(series.items()):
-            bad = np.flatnonzero(s.rows[field_name] > 0)
-            for i in bad:
-                hits.append((int(s.rows["step"][i]), pos, key, s.rows[i]))
-        if not hits:
+        # per record, its steps with a NaN (Inf); vectorised, so a run that is NaN everywhere
+        # for thousands of steps costs one pass
+        bad = {key: s.rows[s.rows[field_name] > 0] for key, s in series.items()}
+        bad = {key: rows for key, rows in bad.items() if len(rows)}
+        if not bad:
             continue
-        hits.sort(key=lambda h: (h[0], h[1]))
-        step, _, key, row = hits[0]
-        at_step = sorted(
-            {h[2] for h in hits if h[0] == step}, key=lambda k: CAUSAL_RANK.get(k.kind, 99)
-        )
-        bad_steps = sorted({h[0] for h in hits})
+        step = min(int(rows["step"][0]) for rows in bad.values())
+        at_step = [key for key, rows in bad.items() if int(rows["step"][0]) == step]
+        at_step.sort(key=lambda k: CAUSAL_RANK.get(k.kind, 99))  # dict order is causal already
+        key = at_step[0]
+        row = bad[key][0]
+        bad_steps = np.unique(np.concatenate([rows["step"] for rows in bad.values()]))
         count, numel = int(row[field_name]), int(row["numel"])
         others = len(at_step) - 1
         spread = f"; {others} more records have {word} in step {step}" if others else ""
@@ -188,7 +187,7 @@ def find_nonfinite(run: Run, series: dict[RecordKey, Series]) -> list[Finding]:
                     "numel": numel,
                     "records_at_step": len(at_step),
                     "steps_affected": len(bad_steps),
-                    "last_step_affected": bad_steps[-1],
+                    "last_step_affected": int(bad_steps[-1]),
                     "names": [str(k) for k in at_step[:MAX_NAMES]],
                 },
             )
