@@ -28,6 +28,7 @@ from .series import Series, loss_curve
 ACC, NORMAL = "acc", "normal"
 FIT_TOL = 0.05  # relative residual of a fit that explains the gradient
 MISFIT = 0.2  # relative residual of a fit that does not
+MAX_PAIRS = 512  # consecutive step pairs per parameter: accumulation shows from the first ones
 
 Vote = tuple[Series, str, int, dict]  # (grad series, ACC/NORMAL, first step, evidence)
 
@@ -167,6 +168,8 @@ def _by_reference(run: Run, series, grads: list[Series], max_value_steps: int) -
         vec: list[tuple[int, str, dict]] = []
         sums = []  # (step, G_k, G_k-1, S_k, |G_k| / max possible)
         for i in range(1, len(g.rows)):
+            if len(sums) >= MAX_PAIRS:
+                break
             prev, cur = g.rows[i - 1], g.rows[i]
             step = int(cur["step"])
             if int(prev["step"]) != step - 1 or any(r["nan"] or r["inf"] for r in (prev, cur)):
