@@ -144,6 +144,22 @@ def test_shell_command_and_stdin(traces):
     assert r.exit_code == 0 and "a = graddiff.open(" in r.output and "4" in r.output
 
 
+def test_shell_prefers_ipython_on_a_terminal(traces, monkeypatch):
+    import types
+
+    import graddiff.cli.shell as shell
+
+    seen = {}
+    fake = types.ModuleType("IPython")
+    fake.start_ipython = lambda argv, user_ns, **kw: seen.update(ns=user_ns, kw=kw)
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    monkeypatch.setattr(shell, "_interactive", lambda: True)
+    r = invoke("shell", traces["clean"])
+    assert r.exit_code == 0 and "a = graddiff.open(" in r.output
+    assert seen["ns"]["a"].path == traces["clean"] and seen["kw"] == {"display_banner": False}
+    assert invoke("shell", traces["clean"], "--plain", input="print(7*6)\n").output.count("42") == 1
+
+
 def test_namespace_is_pure(traces):
     from graddiff.postmortem.shellns import build_namespace, close_namespace
 

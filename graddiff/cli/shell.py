@@ -12,6 +12,11 @@ import click
 from ..postmortem.shellns import build_namespace, close_namespace
 
 
+def _interactive() -> bool:
+    """IPython only on a terminal: piped input goes to the plain console, line by line."""
+    return sys.stdin.isatty()
+
+
 @click.command("shell")
 @click.argument("run_a", metavar="A.h5")
 @click.argument("run_b", metavar="[B.h5]", required=False)
@@ -42,15 +47,15 @@ def shell_cmd(
                 click.echo(traceback.format_exc().rstrip(), err=True)
                 return 1
             return 0
-        if not plain and sys.stdin.isatty():
+        click.echo(banner)
+        if not plain and _interactive():
             try:
                 import IPython
             except ImportError:
                 pass
             else:
-                IPython.start_ipython(argv=["--no-banner"], user_ns=ns, display_banner=False)
+                IPython.start_ipython(argv=[], user_ns=ns, display_banner=False)
                 return 0
-        click.echo(banner)
         code.interact(banner="", local=ns, exitmsg="")
         return 0
     finally:
