@@ -26,7 +26,7 @@ from .report import Difference, Report
 
 #: Default tolerance on the tensor-level relative difference ||a-b|| / max(||a||, ||b||).
 #: Rounding noise amplified by one step of a BatchNorm+ReLU MLP reaches 7e-4 in float32 gradients
-#: (docs/sections/compare.md); the bugs graddiff looks for give 1e-2 and more within a step.
+#: (README.md, "The tolerance, and why 1e-3"); the bugs graddiff looks for give 1e-2 and more within a step.
 DEFAULT_RTOL = 1e-3
 
 RunLike = Union[str, "os.PathLike[str]", Run]

@@ -151,7 +151,7 @@ class Report:
 
     # -- output ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` object (schema in docs/sections/compare.md)."""
+        """The ``--json`` object (schema in README.md, "--json schema")."""
         return _clean(
             {
                 "diverged": self.diverged,
