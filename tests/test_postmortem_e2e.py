@@ -78,24 +78,13 @@ def test_parameter_left_out_of_the_optimizer_is_frozen(tmp_path):
 def test_real_compare_html_renders_in_headless_chromium(tmp_path):
     """`graddiff compare --html` on two real traces, rendered by a real browser."""
     import html as html_module
-    import os
-    import shutil
-    import subprocess
 
-    import numpy as np
+    from browser import distinct_colours, find_chromium, screenshot
     from click.testing import CliRunner
 
     from graddiff.cli import main
 
-    browser = next(
-        (
-            shutil.which(n)
-            for n in ("chromium", "chromium-browser", "google-chrome")
-            if shutil.which(n)
-        ),
-        None,
-    )
-    if browser is None:
+    if find_chromium() is None:
         pytest.skip("no chromium found (CI installs it in .ci/run)")
     good = train(tmp_path / "good.h5")
     bad = train(tmp_path / "bad.h5", zero_grad=False)
@@ -104,30 +93,6 @@ def test_real_compare_html_renders_in_headless_chromium(tmp_path):
     assert result.exit_code == 1, result.output
     text = html_module.unescape(page.read_text())
     assert "step 1" in text and "zero_grad" in text and "data:image/png;base64," in text
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--screenshot={shot}",
-            "--window-size=1200,1600",
-            "file://" + os.path.abspath(page),
-        ],
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert shot.exists(), "chromium wrote no screenshot"
-    import matplotlib.image
-
-    img = matplotlib.image.imread(str(shot))
+    img = screenshot(page, tmp_path)
     assert img.shape[:2] == (1600, 1200)
-    assert len(np.unique(img.reshape(-1, img.shape[2])[:, :3].round(2), axis=0)) > 50
+    assert distinct_colours(img) > 50
