@@ -150,6 +150,9 @@ class Run:
             self._dtypes.append(rec["dtype"].decode())
             self._ids_by_key.setdefault(key, []).append(rid)
         self._step_pos = {int(s): i for i, s in enumerate(self.steps)}
+        self._ordered_keys = sorted(
+            self._ids_by_key, key=lambda k: (CAUSAL_RANK.get(k.kind, 99), self._ids_by_key[k][0])
+        )
 
     # -- context manager ---------------------------------------------------------------------
     def close(self) -> None:
@@ -176,8 +179,7 @@ class Run:
     @property
     def keys(self) -> list[RecordKey]:
         """Every record key (kind, name, call), in causal order."""
-        uniq = list(dict.fromkeys(self._keys))
-        return sorted(uniq, key=lambda k: (CAUSAL_RANK.get(k.kind, 99), self._ids_by_key[k][0]))
+        return list(self._ordered_keys)
 
     @property
     def kinds(self) -> list[str]:

@@ -289,11 +289,8 @@ class Recorder:
             used.add(call)
             self._record(Kind.GRAD_OUTPUT.value, rname, grad, call=call, alias=True)
 
-    def before_gradient(self, outputs: Any, accumulate: bool) -> None:
-        self._before_gradient(outputs)
-
     @_guarded
-    def _before_gradient(self, outputs: Any) -> None:
+    def before_gradient(self, outputs: Any, accumulate: bool) -> None:
         self._ensure_started()
         if Kind.LOSS.value in self.kinds:
             tensors = as_tensor_list(outputs)
@@ -301,11 +298,8 @@ class Recorder:
                 name = "loss" if len(tensors) == 1 else f"loss:{i}"
                 self._record(Kind.LOSS.value, name, t, call=self._next_call("loss", name))
 
-    def after_gradient(self, outputs: Any, accumulate: bool, inputs: Any, result: Any) -> None:
-        self._after_gradient(accumulate, inputs, result)
-
     @_guarded
-    def _after_gradient(self, accumulate: bool, inputs: Any, result: Any) -> None:
+    def after_gradient(self, outputs: Any, accumulate: bool, inputs: Any, result: Any) -> None:
         self.clock.gradient()
         if not accumulate:
             if Kind.AUTOGRAD_GRAD.value not in self.kinds or result is None:

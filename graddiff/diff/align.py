@@ -141,6 +141,16 @@ def recorded_kinds(a: Run, b: Run, kinds: tuple[str, ...]) -> tuple[tuple[str, .
     return tuple(out), notes
 
 
+def _grad_vs_summed_autograd(name: str, calls: list[int], summed_side: str) -> tuple:
+    """The spec pairing one run's .grad with the sum of the other's autograd_grad calls."""
+    one = (RecordKey("grad", name),)
+    summed = tuple(RecordKey("autograd_grad", name, c) for c in calls)
+    sum_note = f"sum of {len(calls)} autograd_grad call(s)"
+    if summed_side == "B":
+        return ("grad", name, -1, one, summed, MODE_ONE, MODE_SUM, f".grad in A vs {sum_note} in B")
+    return ("grad", name, -1, summed, one, MODE_SUM, MODE_ONE, f"{sum_note} in A vs .grad in B")
+
+
 def align(a: Run, b: Run, kinds: tuple[str, ...]) -> Alignment:
     """Pair the records of two runs into slots, in causal order (A's order first)."""
     kinds, notes = recorded_kinds(a, b, kinds)
@@ -178,35 +188,9 @@ def align(a: Run, b: Run, kinds: tuple[str, ...]) -> Alignment:
                 used.add((other, name))
                 continue
             if ga and not gb and ab and not aa:
-                calls = cb[("autograd_grad", name)]
-                keys_b = tuple(RecordKey("autograd_grad", name, c) for c in calls)
-                specs.append(
-                    (
-                        "grad",
-                        name,
-                        -1,
-                        (RecordKey("grad", name),),
-                        keys_b,
-                        MODE_ONE,
-                        MODE_SUM,
-                        f".grad in A vs sum of {len(calls)} autograd_grad call(s) in B",
-                    )
-                )
+                specs.append(_grad_vs_summed_autograd(name, cb[("autograd_grad", name)], "B"))
             elif gb and not ga and aa and not ab:
-                calls = ca[("autograd_grad", name)]
-                keys_a = tuple(RecordKey("autograd_grad", name, c) for c in calls)
-                specs.append(
-                    (
-                        "grad",
-                        name,
-                        -1,
-                        keys_a,
-                        (RecordKey("grad", name),),
-                        MODE_SUM,
-                        MODE_ONE,
-                        f"sum of {len(calls)} autograd_grad call(s) in A vs .grad in B",
-                    )
-                )
+                specs.append(_grad_vs_summed_autograd(name, ca[("autograd_grad", name)], "A"))
             else:
                 continue
             used.update({("grad", name), ("autograd_grad", name)})
