@@ -38,6 +38,20 @@ from . import terminal_console
     "--kinds", default=None, multiple=True, help="Kinds to compare (repeat or comma-separate)."
 )
 @click.option(
+    "--map",
+    "name_map",
+    default=None,
+    metavar="MAP",
+    help="Rules from B's names to A's (a .yaml/.json file), or 'auto' (docs/porting.md).",
+)
+@click.option(
+    "--steps-a", default=None, metavar="RANGE", help="A's steps, e.g. 500: (resumed runs)."
+)
+@click.option("--steps-b", default=None, metavar="RANGE", help="B's steps, e.g. 0: (resumed runs).")
+@click.option(
+    "--offset", type=int, default=None, help="Compare B's step s with A's step s + OFFSET."
+)
+@click.option(
     "--html", "html_path", default=None, metavar="FILE", help="Also write an HTML report."
 )
 def compare_cmd(
@@ -48,13 +62,28 @@ def compare_cmd(
     as_json: bool,
     steps: Optional[str],
     kinds: tuple[str, ...],
+    name_map: Optional[str],
+    steps_a: Optional[str],
+    steps_b: Optional[str],
+    offset: Optional[int],
     html_path: Optional[str],
 ) -> int:
     """Find where two runs diverge: the first step, kind and record, and the likely cause.
 
     Exit code 0: no divergence beyond the tolerance; 1: diverged; 2: usage or input error.
     """
-    report = compare(run_a, run_b, rtol=rtol, exact=exact, steps=steps, kinds=list(kinds) or None)
+    report = compare(
+        run_a,
+        run_b,
+        rtol=rtol,
+        exact=exact,
+        steps=steps,
+        kinds=list(kinds) or None,
+        name_map=name_map,
+        steps_a=steps_a,
+        steps_b=steps_b,
+        offset=offset,
+    )
     if html_path:
         report.html(html_path)
     if as_json:

@@ -7,6 +7,9 @@ turns user input problems into one-line GraddiffErrors and never imports torch.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import weakref
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -19,10 +22,13 @@ from .align import align, check_related
 from .diagnose import diagnose
 from .envdiff import environment_diff
 from .first import Hit, walk
+from .mapped import describe, drop_unpaired, write_mapped
 from .matrix import divergence_matrix
+from .namemap import load_map
 from .noise import rounding_level
 from .pair import RunPair
 from .report import Difference, Report
+from .stepalign import offset_note, resolve_offset
 
 #: Default tolerance on the tensor-level relative difference ||a-b|| / max(||a||, ||b||).
 #: Rounding noise amplified by one step of a BatchNorm+ReLU MLP reaches 7e-4 in float32 gradients
@@ -70,6 +76,10 @@ def compare(
     exact: bool = False,
     steps: Any = None,
     kinds: Any = None,
+    name_map: Any = None,
+    steps_a: Any = None,
+    steps_b: Any = None,
+    offset: Optional[int] = None,
 ) -> Report:
     """Compare two recorded runs and find where they part ways.
 
@@ -80,6 +90,12 @@ def compare(
         exact: any bitwise difference is a divergence.
         steps: restrict to these steps ("LO:HI" inclusive, an int, a range).
         kinds: restrict to these kinds (names or a comma-separated string).
+        name_map: rules from B's record names to A's (a .yaml/.json path, rules as data, a
+            ``NameMap``), or "auto" for the structural match (docs/porting.md).
+        steps_a: A's steps to compare ("LO:HI" inclusive, ...); with ``steps_b``, B's first step
+            compares with A's first (a run resumed from a checkpoint).
+        steps_b: B's steps to compare.
+        offset: compare B's step s with A's step s + offset (instead of steps_a/steps_b).
 
     Returns:
         A :class:`Report`; ``report.exit_code`` is 0 (no divergence) or 1 (diverged).
@@ -103,7 +119,17 @@ def compare(
             ra.close()
         raise
     try:
-        return _compare(ra, rb, rtol, exact, window, kinds_t)
+        if name_map is None and offset is None and steps_a is None and steps_b is None:
+            report = _compare(ra, rb, rtol, exact, window, kinds_t)
+            first = report.first
+            if first is not None and first.kind == "param" and first.step == report.steps["first"]:
+                note = offset_note(ra, rb)  # a run resumed from a checkpoint of A?
+                if note:
+                    report.notes.append(note)
+            return report
+        return _compare_mapped(
+            ra, rb, rtol, exact, window, kinds_t, name_map, steps_a, steps_b, offset
+        )
     finally:
         if own_a:
             ra.close()
@@ -111,7 +137,69 @@ def compare(
             rb.close()
 
 
-def _compare(ra: Run, rb: Run, rtol: float, exact: bool, window, kinds: tuple[str, ...]) -> Report:
+def _compare_mapped(ra, rb, rtol, exact, window, kinds, name_map, steps_a, steps_b, offset):
+    """Rename/transform/shift B into a temporary trace (mapped.py), then compare as usual."""
+    win_a, win_b = parse_steps(steps_a), parse_steps(steps_b)
+    if offset is not None and not isinstance(offset, int):
+        try:
+            offset = int(str(offset))
+        except ValueError:
+            raise GraddiffError(
+                f"--offset {offset!r}: must be an integer number of steps"
+            ) from None
+    shift = resolve_offset(ra, rb, win_a, win_b, offset)
+    notes = []
+    nm = None
+    if isinstance(name_map, str) and name_map == "auto":
+        from .automap import propose_map
+
+        proposal = propose_map(ra, rb)
+        nm = proposal.name_map
+        notes.extend(proposal.notes())
+    elif name_map is not None:
+        nm = load_map(name_map)
+    if win_a is not None:
+        window = _intersect(window, win_a)
+    tmpdir = tempfile.mkdtemp(prefix="graddiff-map-")
+    try:
+        res = write_mapped(ra, rb, nm, os.path.join(tmpdir, "b-mapped.h5"), shift, win_b)
+        if not res.steps_written:
+            raise GraddiffError(f"{rb.path}: no step of B left to compare after --steps-b/--offset")
+        with open_run(res.path) as rb2:
+            report = _compare(ra, rb2, rtol, exact, window, kinds, mapped=nm is not None)
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    weakref.finalize(report, shutil.rmtree, tmpdir, True)
+    report.run_b = rb.path
+    if nm is not None:
+        notes.insert(0, describe(res, nm))
+    if shift:
+        notes.append(f"B's step s is compared with A's step s{shift:+d} (step offset {shift})")
+    notes.extend(res.notes)
+    report.notes[:0] = notes
+    report.structure["name_map"] = {
+        "map": nm.origin if nm is not None else None,
+        "rules": len(nm) if nm is not None else 0,
+        "renamed": res.renamed,
+        "transformed": res.transformed,
+        "unmapped_b": res.unmapped_b,
+        "step_offset": shift,
+    }
+    return report
+
+
+def _intersect(window, other):
+    if window is None:
+        return other
+    lo = max((x for x in (window[0], other[0]) if x is not None), default=None)
+    hi = min((x for x in (window[1], other[1]) if x is not None), default=None)
+    return (lo, hi)
+
+
+def _compare(
+    ra: Run, rb: Run, rtol: float, exact: bool, window, kinds: tuple[str, ...], mapped: bool = False
+) -> Report:
     notes = []
     for run, tag in ((ra, "A"), (rb, "B")):
         if not len(run.steps):
@@ -124,6 +212,13 @@ def _compare(ra: Run, rb: Run, rtol: float, exact: bool, window, kinds: tuple[st
             notes.append(f"{tag}: {run.values_note}")
     check_related(ra, rb)
     al = align(ra, rb, kinds)
+    if mapped:  # records without a counterpart are listed (structure), not compared
+        al = drop_unpaired(al)
+        if al.only_a or al.only_b:
+            notes.append(
+                f"with a name map, records without a counterpart are listed, not compared: "
+                f"{len(al.only_a)} of A, {len(al.only_b)} of B (see structure)"
+            )
     if not al.slots:
         raise GraddiffError(
             f"nothing to compare: neither {ra.path} nor {rb.path} recorded {', '.join(kinds)}"

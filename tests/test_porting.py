@@ -1,0 +1,239 @@
+"""Comparing two implementations (issue 15): name maps, transforms, step offsets.
+
+A tiny transformer written two ways (porting_models.py) with weights copied across compares
+clean through a map; each planted port bug is named at its mapped layer; a run resumed from a
+checkpoint aligns with its uninterrupted twin. Bad maps: one ``Error:`` line naming the rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import porting_models as pm
+import pytest
+import torch
+from click.testing import CliRunner
+
+import graddiff
+import graddiff.cli
+
+MAP = """\
+rules:
+  - tok -> embed
+  - layers.{i}.norm_a -> blocks.{i}.ln1
+  - layers.{i}.norm_b -> blocks.{i}.ln2
+  - layers.{i}.attention -> blocks.{i}.attn
+  - from: layers.{i}.attention.qkv
+    to: ["blocks.{i}.attn.q_proj", "blocks.{i}.attn.k_proj", "blocks.{i}.attn.v_proj"]
+  - layers.{i}.attention.proj -> blocks.{i}.attn.out_proj
+  - layers.{i}.ff -> blocks.{i}.mlp
+  - layers.{i}.ff.up -> blocks.{i}.mlp.fc1
+  - layers.{i}.ff.down -> blocks.{i}.mlp.fc2
+  - layers.{i} -> blocks.{i}
+  - final_norm -> ln_f
+  - lm_head -> head
+  - {from: "layers.{i}.attention.proj.W", to: "blocks.{i}.attn.out_proj.weight", transpose: true}
+  - {from: "layers.{i}.ff.up.W", to: "blocks.{i}.mlp.fc1.weight", transpose: true}
+  - {from: "layers.{i}.ff.down.W", to: "blocks.{i}.mlp.fc2.weight", transpose: true}
+  - {from: lm_head.W, to: head.weight, transpose: true}
+  - {regex: true, from: 'layers\\.(\\d+)\\.attention\\.proj\\.b', to: 'blocks.\\1.attn.out_proj.bias'}
+  - layers.{i}.ff.up.b -> blocks.{i}.mlp.fc1.bias
+  - layers.{i}.ff.down.b -> blocks.{i}.mlp.fc2.bias
+  - lm_head.b -> head.bias
+"""
+
+#: the first layer where each planted bug shows, by A's (mapped) name
+BUGS = {
+    "scale": ("activation", "blocks.0.attn.out_proj"),  # the attention output feeds out_proj
+    "eps": ("activation", "blocks.0.ln1"),
+    "transpose": ("param", "blocks.1.attn.out_proj.weight"),
+}
+
+
+def _cli(*args):
+    return CliRunner().invoke(graddiff.cli.main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("porting")
+    out = {}
+    for bug in ["", *BUGS]:
+        sub = d / (bug or "clean")
+        sub.mkdir()
+        out[bug] = pm.pair(sub, bug)
+    (d / "map.yaml").write_text(MAP)
+    out["map"] = str(d / "map.yaml")
+    out["dir"] = d
+    return out
+
+
+def test_port_compares_clean_through_a_map(runs):
+    a, b = runs[""]
+    r = _cli("compare", a, b, "--map", runs["map"])
+    assert r.exit_code == 0, r.output
+    assert "No divergence" in r.output
+    assert "mapped onto A's" in r.output
+    # the same pair without a map: unrelated models, exit 2
+    r = _cli("compare", a, b)
+    assert r.exit_code == 2 and "no param names in common" in r.output
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_port_bug_named_at_the_mapped_layer(runs, bug):
+    a, b = runs[bug]
+    r = _cli("compare", a, b, "--map", runs["map"], "--json")
+    assert r.exit_code == 1, r.output
+    rep = json.loads(r.output)
+    assert (rep["first"]["kind"], rep["first"]["name"], rep["first"]["step"]) == (*BUGS[bug], 0)
+    assert rep["run_b"] == b
+    assert rep["structure"]["name_map"]["transformed"] > 0
+
+
+def test_map_as_data_and_the_api(runs):
+    a, b = runs[""]
+    import yaml
+
+    rules = yaml.safe_load(MAP)["rules"]
+    rep = graddiff.compare(a, b, name_map=rules)
+    assert rep.exit_code == 0 and rep.first is None
+    assert rep.structure["name_map"]["unmapped_b"] == []
+
+
+def _write(tmp_path, text, name="bad.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        # names of A on the left: the rule matches nothing in B
+        (
+            "rules: ['blocks.{i}.ln1 -> layers.{i}.norm_a']",
+            "rule 1 (blocks.{i}.ln1 -> layers.{i}.norm_a) matches no record of B",
+        ),
+        ("rules: ['tok -> nowhere']", "rule 1 (tok -> nowhere) maps onto names that A"),
+        (
+            "rules: [{from: 'layers.{i}.attention.qkv', to: ['blocks.{i}.attn.q_proj', 'blocks.{i}.attn.k_proj']}]",
+            "'layers.0.attention.qkv.weight' has 48 along dim 0, but A's parts have 16+16",
+        ),
+        (
+            "rules: [{from: lm_head.W, to: head.weight, reshape: [5, 7]}]",
+            "cannot reshape to [5, 7]",
+        ),
+        (
+            "rules: ['tok -> embed', 'tok -> embed']",
+            "rule 1 (tok -> embed) and rule 2 (tok -> embed) both map",
+        ),
+        (
+            "rules: ['layers.{i}.norm_a -> blocks.{i}.ln1', 'layers.{j}.norm_b -> blocks.{j}.ln1']",
+            "both map onto",
+        ),
+        ("rules: [{from: tok}]", "rule 1: needs both 'from'"),
+        ("rules: ['tok => embed']", "write it as 'B_NAME -> A_NAME'"),
+        ("rules: [{from: 'a.{i}', to: 'b.{j}'}]", "uses {j}, which 'from' does not capture"),
+        ("rules: [\n  - tok -> [a", "not valid YAML"),
+    ],
+    ids=[
+        "backwards",
+        "no-target",
+        "split-sizes",
+        "reshape",
+        "duplicate",
+        "collision",
+        "no-to",
+        "arrow",
+        "capture",
+        "yaml",
+    ],
+)
+def test_bad_maps_exit_2_naming_the_rule(runs, tmp_path, text, expect):
+    a, b = runs[""]
+    r = _cli("compare", a, b, "--map", _write(tmp_path, text))
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("Error: ") and r.output.count("\n") == 1, r.output
+    assert expect in r.output
+
+
+def test_missing_map_file_exit_2(runs, tmp_path):
+    a, b = runs[""]
+    r = _cli("compare", a, b, "--map", tmp_path / "nope.yaml")
+    assert r.exit_code == 2 and "cannot read the name map" in r.output
+
+
+# -- a run resumed from a checkpoint ------------------------------------------------------------
+
+
+def _adam_run(model, opt, path, batches):
+    with graddiff.trace(model, path):
+        for ids, target in batches:
+            loss = torch.nn.functional.cross_entropy(
+                model(ids).reshape(-1, pm.V), target.reshape(-1)
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """A: 4 Adam steps in one go. B: resumed at step 2 from A's checkpoint (with and without
+    the optimizer state)."""
+    d = tmp_path_factory.mktemp("resume")
+    data = pm.batches(4)
+    torch.manual_seed(0)
+    model = pm.RefModel()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for ids, target in data[:2]:  # the untraced warm-up, then the checkpoint
+        loss = torch.nn.functional.cross_entropy(model(ids).reshape(-1, pm.V), target.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    torch.manual_seed(0)
+    full = pm.RefModel()
+    full_opt = torch.optim.Adam(full.parameters(), lr=1e-2)
+    _adam_run(full, full_opt, d / "full.h5", data)
+    out = {"full": str(d / "full.h5")}
+    for tag, restore_opt in (("resumed", True), ("reset", False)):
+        m = pm.RefModel()
+        m.load_state_dict(ckpt[0])
+        o = torch.optim.Adam(m.parameters(), lr=1e-2)
+        if restore_opt:
+            o.load_state_dict(ckpt[1])
+        _adam_run(m, o, d / f"{tag}.h5", data[2:])
+        out[tag] = str(d / f"{tag}.h5")
+    return out
+
+
+def test_resumed_run_aligns_with_offset(resumed):
+    for args in (["--offset", "2"], ["--steps-a", "2:", "--steps-b", "0:"]):
+        r = _cli("compare", resumed["full"], resumed["resumed"], "--exact", *args)
+        assert r.exit_code == 0, r.output
+        assert "bitwise identical over 2 compared steps" in r.output
+        assert "compared with A's step s+2" in r.output
+
+
+def test_resumed_run_without_offset_suggests_it(resumed):
+    rep = graddiff.compare(resumed["full"], resumed["resumed"])
+    assert rep.exit_code == 1 and rep.first.kind == "param" and rep.first.step == 0
+    assert any("--offset 2" in n and "resumed from A's step 2" in n for n in rep.notes), rep.notes
+
+
+def test_optimizer_state_not_restored_found_at_the_right_step(resumed):
+    rep = graddiff.compare(resumed["full"], resumed["reset"], offset=2)
+    assert rep.exit_code == 1
+    # step 2 (A's numbering) agrees up to the gradients; its update differs: params of step 3
+    assert (rep.first.step, rep.first.kind) == (3, "param")
+
+
+def test_bad_step_options_exit_2(resumed):
+    r = _cli("compare", resumed["full"], resumed["resumed"], "--offset", "2", "--steps-a", "2:")
+    assert r.exit_code == 2 and "either --offset or --steps-a/--steps-b" in r.output
+    r = _cli("compare", resumed["full"], resumed["resumed"], "--steps-b", "x:")
+    assert r.exit_code == 2 and "Error:" in r.output
+    r = _cli("compare", resumed["full"], resumed["resumed"], "--offset", "100")
+    assert r.exit_code == 2 and "no step in common" in r.output
