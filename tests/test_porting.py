@@ -237,3 +237,76 @@ def test_bad_step_options_exit_2(resumed):
     assert r.exit_code == 2 and "Error:" in r.output
     r = _cli("compare", resumed["full"], resumed["resumed"], "--offset", "100")
     assert r.exit_code == 2 and "no step in common" in r.output
+
+
+# -- automatic structural matching ----------------------------------------------------------------
+
+
+def test_port_compares_clean_through_map_auto(runs):
+    a, b = runs[""]
+    r = _cli("compare", a, b, "--map", "auto")
+    assert r.exit_code == 0, r.output
+    assert "No divergence" in r.output and "--map auto" in r.output
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_port_bug_named_through_map_auto(runs, bug):
+    a, b = runs[bug]
+    rep = graddiff.compare(a, b, name_map="auto")
+    assert rep.exit_code == 1
+    kind, name = BUGS[bug]
+    if bug == "transpose":
+        # the untransposed copy has equal values without a transpose, so the proposed map pairs
+        # it as copied; the layer still parts first, at its output
+        kind, name = "activation", "blocks.1.attn.out_proj"
+    assert (rep.first.kind, rep.first.name, rep.first.step) == (kind, name, 0)
+
+
+def test_map_command_writes_a_reviewable_map(runs, tmp_path):
+    import yaml
+
+    a, b = runs[""]
+    out = tmp_path / "auto.yaml"
+    r = _cli("map", a, b, "-o", out)
+    assert r.exit_code == 0, r.output
+    data = yaml.safe_load(out.read_text())
+    rules = {(str(x["from"]), str(x["to"])): x for x in data["rules"]}
+    qkv = rules[
+        (
+            "layers.0.attention.qkv.weight",
+            str(
+                [
+                    "blocks.0.attn.q_proj.weight",
+                    "blocks.0.attn.k_proj.weight",
+                    "blocks.0.attn.v_proj.weight",
+                ]
+            ),
+        )
+    ]
+    assert qkv["confidence"] == 1.0 and "fused" in qkv["evidence"]
+    assert rules[("lm_head.W", "head.weight")]["transpose"] is True
+    assert rules[("layers.1.ff.up", "blocks.1.mlp.fc1")]["kinds"] == ["activation", "grad_output"]
+    assert data["ambiguous"] == [] and data["unmatched_a"] == [] and data["unmatched_b"] == []
+    # the written map, unedited, compares clean
+    r = _cli("compare", a, b, "--map", out)
+    assert r.exit_code == 0, r.output
+
+
+def test_map_command_reports_ambiguous_pairs(tmp_path):
+    """Two same-shape layers whose weights were not copied: their order is the only evidence."""
+    torch.manual_seed(0)
+    m1 = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    m2 = torch.nn.Sequential()
+    m2.add_module("first", torch.nn.Linear(4, 4))
+    m2.add_module("second", torch.nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    for m, p in ((m1, tmp_path / "a.h5"), (m2, tmp_path / "b.h5")):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        with graddiff.trace(m, p):
+            m(x).sum().backward()
+            opt.step()
+    r = _cli("map", tmp_path / "a.h5", tmp_path / "b.h5")
+    assert r.exit_code == 1, r.output
+    assert "ambiguous pair(s)" in r.output
+    r = _cli("map", tmp_path / "a.h5", tmp_path / "nope.h5")
+    assert r.exit_code == 2 and r.output.startswith("Error: ")

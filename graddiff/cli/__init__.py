@@ -27,6 +27,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "compare_cmd",
         "Find where two runs diverge (the first step, kind, layer).",
     ),
+    "map": (
+        "map",
+        "map_cmd",
+        "Propose a name map between two implementations (for compare --map).",
+    ),
     "show": ("show", "show_cmd", "Summarise one trace: steps, kinds, environment, loss, findings."),
     "inspect": (
         "inspect",
