@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from ._version import __version__
+from .launch import current_launch
 
 
 def collect_environment(model: Any, options: dict[str, Any]) -> dict[str, Any]:
@@ -53,10 +54,11 @@ def collect_environment(model: Any, options: dict[str, Any]) -> dict[str, Any]:
     }
     if first is not None and first.device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(first.device)
+    launch = current_launch()  # torch.distributed when initialised, else torchrun's variables
+    env["rank"], env["world_size"] = launch.rank, launch.world_size
+    env["local_rank"], env["node"] = launch.local_rank, launch.node
     dist = getattr(torch, "distributed", None)
     if dist is not None and dist.is_available() and dist.is_initialized():
-        env["rank"] = int(dist.get_rank())
-        env["world_size"] = int(dist.get_world_size())
         env["dist_backend"] = str(dist.get_backend())
     return env
 

@@ -35,6 +35,13 @@ Reading one tensor without graddiff (h5py and numpy only)::
     raw = f[f"values/{3:08d}"][row["offset"] : row["offset"] + row["nbytes"]]
     arr = raw.view(rec[RECORD_ID]["dtype"].decode()).reshape(row["shape"][: row["ndim"]])
 
+Additive extensions (optional: older files lack them, readers tolerate that):
+
+- kind ``buffer_start`` (records table): module buffers at the step's start, captured with the
+  parameters; recorded whenever ``buffer`` (the step's end) is. Distributed replicas that sync
+  buffers agree here (graddiff/launch.py, ``graddiff ranks``).
+- environment keys ``local_rank`` and ``node`` next to ``rank`` and ``world_size``.
+
 The fingerprint of a tensor is two unsigned 64-bit sums over its raw bytes read as
 little-endian int64 words (the last partial word zero-padded), both modulo 2**64:
 ``fp_sum`` = sum of all words; ``fp_pos`` = sum over blocks of (block index + 1) * (block

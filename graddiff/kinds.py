@@ -13,13 +13,14 @@ class Kind(str, Enum):
     """A family of recorded tensors. The value is the on-disk and JSON spelling."""
 
     PARAM = "param"  # parameter value at the start of the step
+    BUFFER_START = "buffer_start"  # module buffers at the start of the step (with params)
     INPUT = "input"  # the model's forward inputs
     ACTIVATION = "activation"  # a module's output, per call
     LOSS = "loss"  # the tensor backward()/autograd.grad() was called on
     GRAD_OUTPUT = "grad_output"  # gradient w.r.t. a module output
     GRAD = "grad"  # parameter .grad as the update consumes it
     AUTOGRAD_GRAD = "autograd_grad"  # outputs of torch.autograd.grad
-    BUFFER = "buffer"  # module buffers (BatchNorm running stats, ...) after the forward
+    BUFFER = "buffer"  # module buffers (BatchNorm running stats, ...) at the step's end
 
     def __str__(self) -> str:  # click and f-strings print the plain value
         return self.value
@@ -28,6 +29,7 @@ class Kind(str, Enum):
 #: Within one step, the order in which a difference can cause the next one.
 CAUSAL_ORDER: tuple[Kind, ...] = (
     Kind.PARAM,
+    Kind.BUFFER_START,
     Kind.INPUT,
     Kind.ACTIVATION,
     Kind.LOSS,
@@ -60,3 +62,10 @@ def parse_kinds(kinds: object) -> tuple[str, ...]:
                 raise ValueError(f"unknown kind {part!r}; choose from {', '.join(ALL_KINDS)}")
             out.append(part)
     return tuple(k for k in ALL_KINDS if k in out)
+
+
+def with_buffer_start(kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """Recording "buffer" also records "buffer_start" (the same buffers where params are)."""
+    if Kind.BUFFER.value in kinds and Kind.BUFFER_START.value not in kinds:
+        kinds = (*kinds, Kind.BUFFER_START.value)
+    return tuple(k for k in ALL_KINDS if k in kinds)

@@ -5,7 +5,8 @@ BackgroundWriter. It owns the current step's entries, the per-step call counters
 full-values policy (``values``, ``max_bytes``, ``full_steps``) and what is captured when:
 parameters at the step's first forward, inputs/activations/output grads as they happen,
 losses and ``autograd.grad`` outputs at each gradient computation, ``.grad`` at
-``optimizer.step()`` (or after each backward without an optimizer), buffers at the step's end.
+``optimizer.step()`` (or after each backward without an optimizer), buffers at the step's start
+(``buffer_start``, with the parameters) and at its end (``buffer``).
 
 Every event handler is guarded: an internal error stops recording with one warning and never
 reaches the user's training code.
@@ -160,6 +161,11 @@ class Recorder:
         if Kind.PARAM.value in self.kinds:
             for name, p in self.params:
                 self._record(Kind.PARAM.value, name, p, call=0)
+        if Kind.BUFFER_START.value in self.kinds:
+            # Where params are: replicas that sync buffers (DDP broadcast_buffers) agree here
+            # and not at the step's end, where each rank's own batch has updated them.
+            for name, buf in self.buffers:
+                self._record(Kind.BUFFER_START.value, name, buf, call=0)
 
     def _record(
         self,

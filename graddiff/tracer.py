@@ -15,7 +15,6 @@ import sys
 import weakref
 from typing import Any, Optional, Union
 
-import torch
 from torch import nn
 
 from .environment import collect_environment
@@ -25,7 +24,8 @@ from .hooks.handles import HandleBag
 from .hooks.module_hooks import install_module_hooks
 from .hooks.naming import ROOT_NAME, is_compiled, unwrap_model
 from .hooks.optimizer_hooks import add_step_pre_hook
-from .kinds import parse_kinds
+from .kinds import parse_kinds, with_buffer_start
+from .launch import current_launch, resolve_path
 from .recorder import Recorder
 from .writer import BackgroundWriter, TraceWriter
 
@@ -68,13 +68,6 @@ def _uses_compile(model: nn.Module, inner: nn.Module) -> bool:
     return any(type(obj) is wrapper and unwrap_model(obj) is inner for obj in gc.get_objects())
 
 
-def _rank() -> int:
-    dist = getattr(torch, "distributed", None)
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank())
-    return int(os.environ.get("RANK", 0))
-
-
 class Tracer:
     """The object ``with graddiff.trace(...) as tr`` gives: optional ``tr.step()``, stats."""
 
@@ -96,15 +89,14 @@ class Tracer:
         if values not in VALUE_MODES:
             raise TraceUsageError(f"values={values!r}: choose one of {', '.join(VALUE_MODES)}")
         try:
-            self.kinds = parse_kinds(kinds)
+            self.kinds = with_buffer_start(parse_kinds(kinds))
         except ValueError as exc:
             raise TraceUsageError(f"kinds: {exc}") from None
         if int(max_bytes) < 0:
             raise TraceUsageError("max_bytes must be >= 0")
         self.model = model
-        self.path = (
-            os.fspath(path).format(rank=_rank()) if "{rank}" in os.fspath(path) else os.fspath(path)
-        )
+        self.launch = current_launch()
+        self.path = resolve_path(os.fspath(path), self.launch)
         self.modules = (
             [modules]
             if isinstance(modules, str)
@@ -246,9 +238,12 @@ def trace(
 
     Args:
         model: the model being trained (compiled, DDP and DataParallel wrappers are unwrapped).
-        path: the trace file; ``{rank}`` is replaced by the distributed rank.
-        kinds: kinds to record (default all): param, input, activation, loss, grad_output,
-            grad, autograd_grad, buffer; a list or a comma-separated string.
+        path: the trace file; ``{rank}``, ``{local_rank}``, ``{world_size}`` and ``{node}``
+            are replaced (``graddiff.launch``); under a distributed launch a path without
+            ``{rank}`` gets ``_rank{rank}`` inserted before its extension, with a warning.
+        kinds: kinds to record (default all): param, buffer_start, input, activation, loss,
+            grad_output, grad, autograd_grad, buffer; a list or a comma-separated string
+            ("buffer" also records buffer_start).
         modules: glob patterns of module names (a match includes its submodules); default all.
         values: "auto" (full values until ``max_bytes`` is spent, then statistics only),
             "full", or "stats" (fingerprints and statistics only).
