@@ -8,7 +8,9 @@ one-line :class:`~graddiff.errors.TraceFileError` naming the file. Never imports
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -52,15 +54,155 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
+#: Deepest nesting accepted in the JSON metadata (environment, options).
+MAX_JSON_DEPTH = 32
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular_file(p: str) -> None:
+    """Refuse what is not a regular file before HDF5 opens it (a FIFO would block forever)."""
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise TraceFileError(p, "no such file") from None
+    except (OSError, ValueError) as exc:
+        raise TraceFileError(p, f"cannot read ({_short(exc)})") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = next((w for test, w in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+        raise TraceFileError(p, f"is {what}, not a trace file")
+    if st.st_size == 0:
+        raise TraceFileError(p, "empty file, not a graddiff trace")
+
+
+def _same_field(got: np.dtype, want: np.dtype) -> bool:
+    """One table column: same kind, width and shape as the format says (byte order aside)."""
+    if h5py.check_string_dtype(want) is not None:  # variable-length string
+        return h5py.check_string_dtype(got) is not None or got.kind == "S"
+    if got.shape != want.shape:
+        return False
+    g, w = got.base, want.base
+    return g.kind == w.kind and g.itemsize == w.itemsize and g.names is None
+
+
+def _local_object(f: h5py.Group, name: str, path: str) -> object:
+    """``f[name]`` if it is a hard link (external and soft links are never followed)."""
+    try:
+        link = f.get(name, getlink=True)
+    except Exception as exc:
+        raise TraceFileError(
+            path, f"corrupt graddiff file: cannot read '{name}' ({_short(exc)})"
+        ) from None
+    if link is None:
+        return None
+    if isinstance(link, h5py.ExternalLink):
+        raise TraceFileError(
+            path,
+            f"refused: '{name}' is an external link to another file (a trace is self-contained)",
+        )
+    if not isinstance(link, h5py.HardLink):
+        raise TraceFileError(path, f"refused: '{name}' is a soft link (a trace has none)")
+    try:
+        return f[name]
+    except Exception as exc:
+        raise TraceFileError(
+            path, f"corrupt graddiff file: cannot read '{name}' ({_short(exc)})"
+        ) from None
+
+
+def _check_storage(ds: h5py.Dataset, name: str, path: str) -> None:
+    """Refuse datasets whose bytes live outside the trace (external raw storage, virtual)."""
+    try:
+        dcpl = ds.id.get_create_plist()
+        layout = dcpl.get_layout()
+        external = dcpl.get_external_count()
+    except Exception as exc:
+        raise TraceFileError(
+            path, f"corrupt graddiff file: cannot read '{name}' ({_short(exc)})"
+        ) from None
+    if layout == h5py.h5d.VIRTUAL:
+        raise TraceFileError(path, f"refused: '{name}' is a virtual dataset (a trace has none)")
+    if external:
+        raise TraceFileError(
+            path, f"refused: '{name}' keeps its data in external files (a trace is self-contained)"
+        )
+
+
 def _check_table(f: h5py.File, name: str, dtype: np.dtype, path: str) -> h5py.Dataset:
-    ds = f.get(name)
+    ds = _local_object(f, name, path)
     if not isinstance(ds, h5py.Dataset):
         raise TraceFileError(path, f"corrupt graddiff file: the '{name}' table is missing")
-    if ds.ndim != 1 or ds.dtype.names != dtype.names:
+    _check_storage(ds, name, path)
+    got = ds.dtype
+    if (
+        ds.ndim != 1
+        or got.names != dtype.names
+        or not all(_same_field(got.fields[n][0], dtype.fields[n][0]) for n in dtype.names)
+    ):
         raise TraceFileError(
             path, f"corrupt graddiff file: the '{name}' table has the wrong layout"
         )
     return ds
+
+
+def _read(ds: h5py.Dataset, sel: Any, path: str, what: str) -> np.ndarray:
+    """``ds[sel]``; any HDF5 failure becomes one TraceFileError line."""
+    try:
+        return ds[sel]
+    except Exception as exc:
+        raise TraceFileError(
+            path, f"corrupt graddiff file: cannot read {what} ({_short(exc)})"
+        ) from None
+
+
+def _json_attr(f: h5py.File, name: str, path: str) -> dict[str, Any]:
+    """A JSON-object attribute (environment, options), shape and depth checked."""
+    raw = f.attrs.get(name, "{}")
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else None
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict) or _depth(value) > MAX_JSON_DEPTH:
+        raise TraceFileError(
+            path, f"corrupt graddiff file: unreadable metadata ('{name}' is not a JSON object)"
+        )
+    return value
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of a JSON value, without recursion."""
+    depth, level = 0, [obj]
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            return depth
+        nxt: list[Any] = []
+        for o in level:
+            if isinstance(o, dict):
+                nxt.extend(o.values())
+            elif isinstance(o, list):
+                nxt.extend(o)
+        level = nxt
+    return depth
+
+
+def _str_attr(f: h5py.File, name: str, default: str) -> str:
+    v = f.attrs.get(name, default)
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return v if isinstance(v, str) else str(v)
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
 class Run:
@@ -69,10 +211,7 @@ class Run:
     def __init__(self, path: PathLike) -> None:
         self.path = os.fspath(path)
         p = self.path
-        if not os.path.exists(p):
-            raise TraceFileError(p, "no such file")
-        if os.path.isdir(p):
-            raise TraceFileError(p, "is a directory, not a trace file")
+        _check_regular_file(p)
         try:
             self._file = h5py.File(p, "r")
         except BlockingIOError:
@@ -80,18 +219,16 @@ class Run:
                 p, "locked: a running trace is still writing it; wait for the trace to finish"
             ) from None
         except Exception as exc:  # OSError for truncated/non-HDF5 files, and friends
-            if os.path.getsize(p) == 0:
-                raise TraceFileError(p, "empty file, not a graddiff trace") from None
             raise TraceFileError(
                 p, f"not a readable HDF5 file (truncated or not a graddiff trace: {_short(exc)})"
             ) from None
         try:
             self._load_index()
         except TraceFileError:
-            self._file.close()
+            self.close()
             raise
         except Exception as exc:  # corrupt metadata: KeyError, ValueError, MemoryError, ...
-            self._file.close()
+            self.close()
             raise TraceFileError(p, f"corrupt graddiff file ({_short(exc)})") from None
 
     # -- loading ---------------------------------------------------------------------------
@@ -99,14 +236,17 @@ class Run:
         f, p = self._file, self.path
         marker = f.attrs.get("graddiff_format")
         if isinstance(marker, bytes):
-            marker = marker.decode()
-        if marker != FORMAT_MARKER:
+            marker = marker.decode("utf-8", "replace")
+        if not isinstance(marker, str) or marker != FORMAT_MARKER:
             raise TraceFileError(
                 p,
                 "not a graddiff file (no 'graddiff_format' attribute); "
                 "record one with graddiff.trace(model, path)",
             )
-        version = int(f.attrs.get("format_version", -1))
+        version = f.attrs.get("format_version", -1)
+        if not isinstance(version, (int, np.integer)) or isinstance(version, bool):
+            raise TraceFileError(p, "corrupt graddiff file: bad 'format_version'")
+        version = int(version)
         if version > FORMAT_VERSION:
             raise TraceFileError(
                 p,
@@ -115,44 +255,97 @@ class Run:
             )
         if version < 1:
             raise TraceFileError(p, "corrupt graddiff file: bad 'format_version'")
-        try:
-            self.environment: dict[str, Any] = json.loads(f.attrs.get("environment", "{}"))
-            self.options: dict[str, Any] = json.loads(f.attrs.get("options", "{}"))
-        except (TypeError, ValueError):
-            raise TraceFileError(p, "corrupt graddiff file: unreadable metadata") from None
-        self.status: str = str(f.attrs.get("status", "unknown"))
-        self.values_note: str = str(f.attrs.get("values_note", ""))
-        self.graddiff_version: str = str(f.attrs.get("graddiff_version", "?"))
-        self.created: str = str(f.attrs.get("created", ""))
+        self.environment: dict[str, Any] = _json_attr(f, "environment", p)
+        self.options: dict[str, Any] = _json_attr(f, "options", p)
+        self.status: str = _str_attr(f, "status", "unknown")
+        self.values_note: str = _str_attr(f, "values_note", "")
+        self.graddiff_version: str = _str_attr(f, "graddiff_version", "?")
+        self.created: str = _str_attr(f, "created", "")
 
         self._entries_ds = _check_table(f, "entries", ENTRY_DTYPE, p)
-        records = _check_table(f, "records", RECORD_DTYPE, p)[:]
-        steps = _check_table(f, "steps", STEP_DTYPE, p)[:]
+        records = _read(_check_table(f, "records", RECORD_DTYPE, p), (), p, "the records table")
+        steps = _read(_check_table(f, "steps", STEP_DTYPE, p), (), p, "the step index")
+        values = _local_object(f, "values", p)
+        if values is not None and not isinstance(values, h5py.Group):
+            raise TraceFileError(p, "corrupt graddiff file: '/values' is not a group")
+        self._values_group: Optional[h5py.Group] = values
         n_entries = self._entries_ds.shape[0]
         if len(steps) and (
             np.any(steps["start"] < 0)
             or np.any(steps["stop"] < steps["start"])
             or int(steps["stop"].max()) > n_entries
             or np.any(np.diff(steps["step"]) <= 0)
+            or np.any(steps["start"][1:] < steps["stop"][:-1])
         ):
             raise TraceFileError(p, "corrupt graddiff file: the step index is inconsistent")
         self._step_rows = steps
         self.steps: np.ndarray = steps["step"].astype(np.int64)
         self._committed_entries = int(steps["stop"].max()) if len(steps) else 0
+        # Entry rows of one contiguous read [start of a step range, stop) that no step covers.
+        self._has_gaps = bool(len(steps) and np.any(steps["start"][1:] != steps["stop"][:-1]))
 
         self._keys: list[RecordKey] = []
         self._dtypes: list[str] = []
         self._ids_by_key: dict[RecordKey, list[int]] = {}
         for rid, rec in enumerate(records):
-            name = rec["name"].decode() if isinstance(rec["name"], bytes) else str(rec["name"])
-            key = RecordKey(rec["kind"].decode(), name, int(rec["call"]))
+            key = RecordKey(_text(rec["kind"]), _text(rec["name"]), int(rec["call"]))
             self._keys.append(key)
-            self._dtypes.append(rec["dtype"].decode())
+            self._dtypes.append(_text(rec["dtype"]))
             self._ids_by_key.setdefault(key, []).append(rid)
         self._step_pos = {int(s): i for i, s in enumerate(self.steps)}
         self._ordered_keys = sorted(
             self._ids_by_key, key=lambda k: (CAUSAL_RANK.get(k.kind, 99), self._ids_by_key[k][0])
         )
+
+    def _validated(self, out: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Entry rows of the step rows ``rows`` (read as one range), checked before anyone
+        indexes with them: record ids, steps, shapes, counts. Uncovered rows are dropped."""
+        p = self.path
+        lo = int(rows["start"].min())
+        lengths = (rows["stop"] - rows["start"]).astype(np.int64)
+        if self._has_gaps:
+            idx = (
+                np.concatenate([np.arange(int(r["start"]), int(r["stop"])) for r in rows]).astype(
+                    np.int64
+                )
+                - lo
+            )
+            out = out[idx] if len(idx) else out[:0]
+        want_step = np.repeat(rows["step"], lengths)
+        if len(out) != len(want_step):
+            raise TraceFileError(
+                p, "corrupt graddiff file: the entries table is shorter than its index"
+            )
+        if not len(out):
+            return out
+        rec = out["record"]
+        bad = None
+        if np.any(rec < 0) or np.any(rec >= len(self._keys)):
+            bad = "names a record that does not exist"
+        elif np.any(out["step"] != want_step):
+            bad = "is filed under the wrong step"
+        elif np.any(out["ndim"] < 0) or np.any(out["ndim"] > MAX_NDIM):
+            bad = "has a bad number of dimensions"
+        else:
+            dims = np.arange(MAX_NDIM)[None, :] < out["ndim"][:, None]
+            shape = np.where(dims, out["shape"], 1)
+            if np.any(shape < 0) or np.any(out["numel"] < 0):
+                bad = "has a negative size"
+            elif (
+                np.any(out["nan"] < 0)
+                | np.any(out["inf"] < 0)
+                | np.any(out["nan"] + out["inf"] > np.maximum(out["numel"], 1))
+            ):
+                bad = "has impossible NaN/Inf counts"
+            else:
+                with np.errstate(over="ignore"):
+                    numel = np.prod(shape, axis=1, dtype=np.int64)
+                    huge = np.any(np.log2(np.maximum(shape, 1)).sum(axis=1) > 62)
+                if huge or np.any(numel != out["numel"]):
+                    bad = "has a shape that does not match its size"
+        if bad is not None:
+            raise TraceFileError(p, f"corrupt graddiff file: an entry row {bad}")
+        return out
 
     # -- context manager ---------------------------------------------------------------------
     def close(self) -> None:
@@ -223,13 +416,8 @@ class Run:
         if not len(rows):
             return np.zeros(0, dtype=ENTRY_DTYPE)
         lo, hi = int(rows["start"].min()), int(rows["stop"].max())
-        try:
-            out = self._entries_ds[lo:hi]
-        except Exception as exc:
-            raise TraceFileError(
-                self.path, f"corrupt graddiff file: cannot read entries ({_short(exc)})"
-            ) from None
-        return out
+        out = _read(self._entries_ds, np.s_[lo:hi], self.path, "entries")
+        return self._validated(out, rows)
 
     def iter_step_blocks(self, block_steps: int = 256) -> Iterator[np.ndarray]:
         """Entries in blocks of steps: constant memory whatever the trace length."""
@@ -249,8 +437,16 @@ class Run:
             raise KeyError(
                 f"{self.path}: step {step} is not a complete step (steps {self._describe_steps()})"
             )
-        row = self._step_rows[pos]
-        ents = self._entries_ds[int(row["start"]) : int(row["stop"])]
+        row = self._step_rows[pos : pos + 1]
+        ents = self._validated(
+            _read(
+                self._entries_ds,
+                np.s_[int(row["start"][0]) : int(row["stop"][0])],
+                self.path,
+                "entries",
+            ),
+            row,
+        )
         hit = ents[np.isin(ents["record"], ids)]
         if not len(hit):
             raise KeyError(f"{self.path}: {key} was not recorded at step {step}")
@@ -277,7 +473,26 @@ class Run:
 
     def values_of(self, e: np.void) -> np.ndarray:
         """Full values of an entry row (verified against its fingerprint)."""
+        key, dtype, shape, step, offset, nbytes = self.value_layout(e)
+        ds = self.values_dataset(step)
+        if offset + nbytes > ds.shape[0]:
+            raise TraceFileError(
+                self.path, f"corrupt graddiff file: values of {key} at step {step} are out of range"
+            )
+        raw = _read(ds, np.s_[offset : offset + nbytes], self.path, f"the values of {key}")
+        return self.verified(e, raw)
+
+    def value_layout(self, e: np.void) -> tuple[RecordKey, str, tuple[int, ...], int, int, int]:
+        """(key, dtype, shape, step, offset, nbytes) of an entry's stored values, checked.
+
+        Raises ValuesNotStoredError for a statistics-only entry, TraceFileError when the row
+        does not describe bytes of its dtype and shape.
+        """
         rid = int(e["record"])
+        if not 0 <= rid < len(self._keys):
+            raise TraceFileError(
+                self.path, "corrupt graddiff file: an entry row names a record that does not exist"
+            )
         key, dtype = self._keys[rid], self._dtypes[rid]
         step = int(e["step"])
         if not e["flags"] & FLAG_VALUES:
@@ -291,28 +506,39 @@ class Run:
                 self.path, f"corrupt graddiff file: bad shape of {key} at step {step}"
             )
         shape = tuple(int(s) for s in e["shape"][:ndim])
+        try:
+            itemsize = storage_dtype(dtype).itemsize
+        except ValueError:
+            raise TraceFileError(
+                self.path,
+                f"{key} has dtype {dtype!r}, which this graddiff cannot decode; upgrade graddiff",
+            ) from None
         nbytes, offset = int(e["nbytes"]), int(e["offset"])
-        expected = (
-            int(np.prod(shape)) * storage_dtype(dtype).itemsize
-            if shape
-            else storage_dtype(dtype).itemsize
-        )
-        ds = self._file.get(f"values/{step:08d}")
-        if (
-            not isinstance(ds, h5py.Dataset)
-            or nbytes != expected
-            or offset < 0
-            or offset + nbytes > ds.shape[0]
-        ):
+        if any(s < 0 for s in shape) or nbytes != math.prod(shape) * itemsize or offset < 0:
             raise TraceFileError(
                 self.path, f"corrupt graddiff file: values of {key} at step {step} are out of range"
             )
-        try:
-            raw = ds[offset : offset + nbytes]
-        except Exception as exc:
+        return key, dtype, shape, step, offset, nbytes
+
+    def values_dataset(self, step: int) -> h5py.Dataset:
+        """The ``/values/<step>`` dataset, checked: a local, contiguous 1-D byte array."""
+        name = f"{int(step):08d}"
+        group = self._values_group
+        ds = _local_object(group, name, self.path) if group is not None else None
+        if not isinstance(ds, h5py.Dataset):
             raise TraceFileError(
-                self.path, f"corrupt graddiff file: cannot read values ({_short(exc)})"
-            ) from None
+                self.path, f"corrupt graddiff file: values of step {step} are missing"
+            )
+        _check_storage(ds, f"values/{name}", self.path)
+        if ds.ndim != 1 or ds.dtype != np.uint8:
+            raise TraceFileError(
+                self.path, f"corrupt graddiff file: values of step {step} have the wrong layout"
+            )
+        return ds
+
+    def verified(self, e: np.void, raw: np.ndarray) -> np.ndarray:
+        """Stored bytes of an entry, checked against its fingerprint and decoded."""
+        key, dtype, shape, step, _, _ = self.value_layout(e)
         if fingerprint_bytes(raw) != (int(e["fp_sum"]), int(e["fp_pos"])):
             raise TraceFileError(
                 self.path,

@@ -1,24 +1,39 @@
 """The ``graddiff`` command line: a thin shell over the library.
 
 Each subcommand lives in its own module and is imported only when used, so ``graddiff --help``
-and the reading commands stay fast and never import torch. Exit codes, for every command:
-0 = clean (no divergence, no findings), 1 = diverged / findings, 2 = usage or input error
-(one ``Error:`` line on stderr, no traceback).
+and the reading commands stay fast and never import torch. Exit codes, for every command
+(docs/json-and-exit-codes.md):
+
+- 0 clean (no divergence, no findings), 1 diverged / findings;
+- 2 usage or input error: one ``Error:`` line on stderr naming the file and the problem;
+- 3 internal error (a bug in graddiff): one ``Error:`` line naming a log file that holds the
+  traceback (printed instead with ``graddiff --debug``);
+- 130 interrupted (Ctrl-C), 141 the output pipe was closed (``graddiff show a.h5 | head``).
+
+The reading commands run under a watchdog (``cli/watchdog.py``) so that a file on which HDF5
+loops forever ends in exit 2, not a hang. Everything printed goes through ``graddiff.textsafe``.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
+import tempfile
+import traceback
 from typing import Any, Optional
 
 import click
 
 from .._version import __version__
 from ..errors import GraddiffError
+from ..textsafe import one_line, safe_console
 
-EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_PIPE = 130, 141
+#: Commands that read traces run under the watchdog (demo records, shell is interactive).
+WATCHED = {"compare", "show", "inspect", "check", "plot"}
 
 #: name -> (module under graddiff.cli, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -50,12 +65,55 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def terminal_console() -> Any:
-    """The rich Console every command prints with: colour on a terminal, plain text when piped."""
-    from rich.console import Console
-
+    """The rich Console every command prints with: colour on a terminal, plain text when piped;
+    markup never interpreted, control characters escaped (``graddiff.textsafe``)."""
     if sys.stdout.isatty():
-        return Console(highlight=False)
-    return Console(force_terminal=False, color_system=None, highlight=False, soft_wrap=True)
+        return safe_console()
+    return safe_console(force_terminal=False, color_system=None, soft_wrap=True)
+
+
+def _command_name(args: list[str]) -> Optional[str]:
+    """The subcommand in an argument list (the first word that is not a group option)."""
+    for a in args:
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+def _trace_args(args: list[str]) -> list[str]:
+    """Arguments that name existing files (for the watchdog's message)."""
+    out = []
+    for a in args[1:]:
+        try:
+            if not a.startswith("-") and os.path.exists(a):
+                out.append(a)
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _internal_error(exc: BaseException, debug: bool, args: list[str]) -> int:
+    """A bug in graddiff: one line, traceback in a log file (or on stderr with --debug)."""
+    what = one_line(f"{type(exc).__name__}: {exc}")[:300]
+    if debug:
+        traceback.print_exc()
+        click.echo(f"Error: internal error in graddiff {__version__} ({what})", err=True)
+        return EXIT_INTERNAL
+    where = "rerun with 'graddiff --debug ...' for the traceback"
+    try:
+        fd, log = tempfile.mkstemp(prefix="graddiff-crash-", suffix=".log")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"graddiff {__version__}, python {sys.version.split()[0]}\n")
+            fh.write(f"argv: {['graddiff', *args]!r}\n\n")
+            fh.write(traceback.format_exc())
+        where = f"traceback in {log}"
+    except OSError:
+        pass
+    click.echo(
+        f"Error: internal error in graddiff {__version__} ({what}); please report it, {where}",
+        err=True,
+    )
+    return EXIT_INTERNAL
 
 
 class GraddiffGroup(click.Group):
@@ -88,34 +146,90 @@ class GraddiffGroup(click.Group):
 
     def main(self, args: Any = None, prog_name: Any = None, **extra: Any) -> Any:  # type: ignore[override]
         extra.pop("standalone_mode", None)
+        args = list(sys.argv[1:] if args is None else args)
+        if not args:  # bare `graddiff`: the help, not an error
+            with click.Context(self, info_name=prog_name or "graddiff") as ctx:
+                click.echo(self.get_help(ctx))
+            sys.exit(EXIT_OK)
+        name = _command_name(args)
+        debug = "--debug" in args[: args.index(name)] if name in args else "--debug" in args
+
+        def run() -> int:
+            return self._run(args, prog_name, debug, extra)
+
+        if name in WATCHED:
+            from .watchdog import run_watched
+
+            def on_stall(limit: float) -> int:
+                files = ", ".join(one_line(a) for a in _trace_args(args)) or "the input"
+                click.echo(
+                    f"Error: {files}: reading made no progress for {limit:g} s (a corrupt HDF5 "
+                    f"structure can make the HDF5 library loop forever), stopped; set "
+                    f"GRADDIFF_WATCHDOG=SECONDS to wait longer, 0 to wait forever",
+                    err=True,
+                )
+                return EXIT_ERROR
+
+            sys.exit(run_watched(run, on_stall))
+        sys.exit(run())
+
+    def _run(self, args: list[str], prog_name: Any, debug: bool, extra: dict) -> int:
+        """Run the command line; every outcome becomes an exit code and at most one line."""
         try:
             rv = super().main(
                 args=args, prog_name=prog_name or "graddiff", standalone_mode=False, **extra
             )
         except click.exceptions.Exit as exc:
-            sys.exit(exc.exit_code)
+            return exc.exit_code
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
-            sys.exit(EXIT_ERROR)
-        except click.Abort:
-            click.echo("Error: aborted", err=True)
-            sys.exit(130)
+            click.echo(f"Error: {one_line(exc.format_message())}{hint}", err=True)
+            return EXIT_ERROR
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("Error: interrupted", err=True)
+            return EXIT_INTERRUPTED
         except GraddiffError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(EXIT_ERROR)
+            click.echo(f"Error: {one_line(exc)}", err=True)
+            return EXIT_ERROR
         except click.ClickException as exc:
-            click.echo(f"Error: {exc.format_message()}", err=True)
-            sys.exit(EXIT_ERROR)
-        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+            click.echo(f"Error: {one_line(exc.format_message())}", err=True)
+            return EXIT_ERROR
+        except BrokenPipeError:
+            _silence_stdout()
+            return EXIT_PIPE
+        except OSError as exc:  # writing an output (--html, -o) failed: the user's environment
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"Error: {one_line(where)}{one_line(exc.strerror or exc)}", err=True)
+            return EXIT_ERROR
+        except MemoryError:
+            click.echo("Error: out of memory", err=True)
+            return EXIT_ERROR
+        except Exception as exc:
+            return _internal_error(exc, debug, args)
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+            return EXIT_PIPE
+        return rv if isinstance(rv, int) else EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """After EPIPE: point stdout at /dev/null so that the final flush cannot raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 @click.group(cls=GraddiffGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="graddiff")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Print the traceback of an internal error.")
+def main(debug: bool) -> None:
     """graddiff: find where two PyTorch training runs part ways.
 
     Record each run with `with graddiff.trace(model, "run.h5"):` around the training loop,
     then `graddiff compare a.h5 b.h5`. Exit codes: 0 clean, 1 diverged or findings,
-    2 usage or input error.
+    2 usage or input error, 3 internal error (a bug: please report it).
     """

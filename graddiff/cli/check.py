@@ -7,6 +7,7 @@ import click
 from ..postmortem.findings import FINDING_KINDS, check_run
 from ..postmortem.jsonout import dumps
 from ..reader import open_run
+from ..textsafe import echo
 
 
 @click.command("check")
@@ -28,15 +29,15 @@ def check_cmd(run_path: str, as_json: bool, ignore: tuple[str, ...]) -> int:
     with open_run(run_path) as run:
         report = check_run(run, ignore=ignore)
     if as_json:
-        click.echo(dumps(report.to_dict()))
+        echo(dumps(report.to_dict()))
         return report.exit_code
     if report.clean:
-        click.echo(f"{run_path}: clean ({report.n_steps} steps checked)")
+        echo(f"{run_path}: clean ({report.n_steps} steps checked)")
         return 0
     n = len(report)
-    click.echo(f"{run_path}: {n} finding{'s' if n > 1 else ''} in {report.n_steps} steps")
+    echo(f"{run_path}: {n} finding{'s' if n > 1 else ''} in {report.n_steps} steps")
     for f in report:
         call = f" (call {f.call})" if f.call else ""
-        click.echo(f"  step {f.step}  {f.kind}  {f.record_kind} {f.name}{call}")
-        click.echo(f"      {f.message}")
+        echo(f"  step {f.step}  {f.kind}  {f.record_kind} {f.name}{call}")
+        echo(f"      {f.message}")
     return report.exit_code

@@ -17,6 +17,7 @@ from ..postmortem.lookup import (
     resolve,
 )
 from ..reader import open_run
+from ..textsafe import echo
 
 MAX_SHOWN = 20
 
@@ -58,10 +59,10 @@ def inspect_cmd(
         if listing:
             rows = list_records(run, resolve(run, kind, name, call_index))
             if as_json:
-                click.echo(dumps(rows))
+                echo(dumps(rows))
             else:
                 for line in format_listing(rows):
-                    click.echo(line)
+                    echo(line)
             return 0
         if name is None and kind is None:
             raise GraddiffError(
@@ -95,15 +96,15 @@ def inspect_cmd(
             out = [
                 dict(st, values=values[id(st)].tolist()) if id(st) in values else st for st in shown
             ]
-            click.echo(dumps(out if len(out) > 1 else out[0]))
+            echo(dumps(out if len(out) > 1 else out[0]))
             return 0
         for i, st in enumerate(shown):
             if i:
-                click.echo("")
+                echo("")
             for line in format_record(st, values.get(id(st)), threshold=threshold):
-                click.echo(line)
+                echo(line)
             if show_values and id(st) not in values:
-                click.echo("    (values not stored at this step)")
+                echo("    (values not stored at this step)")
         if len(keys) > MAX_SHOWN:
-            click.echo(f"... {len(keys) - MAX_SHOWN} more records match; narrow --name or --kind")
+            echo(f"... {len(keys) - MAX_SHOWN} more records match; narrow --name or --kind")
     return 0

@@ -8,6 +8,7 @@ import click
 
 from ..postmortem.plots import check_output, plot_divergence, plot_run
 from ..reader import open_run
+from ..textsafe import echo
 
 
 @click.command("plot")
@@ -32,5 +33,5 @@ def plot_cmd(run_a: str, run_b: Optional[str], output: str) -> int:
 
         fig = plot_divergence(graddiff.compare(run_a, run_b), output)
     panels = sum(1 for ax in fig.axes if ax.get_label() != "<colorbar>")
-    click.echo(f"wrote {output} ({panels} panels)")
+    echo(f"wrote {output} ({panels} panels)")
     return 0

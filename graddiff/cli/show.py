@@ -7,6 +7,7 @@ import click
 from ..postmortem.jsonout import dumps
 from ..postmortem.summary import render_summary, summarize
 from ..reader import open_run
+from ..textsafe import echo
 
 
 @click.command("show")
@@ -22,8 +23,8 @@ def show_cmd(run_path: str, as_json: bool, no_check: bool, width: int) -> int:
     with open_run(run_path) as run:
         summary = summarize(run, findings=not no_check)
     if as_json:
-        click.echo(dumps(summary))
+        echo(dumps(summary))
     else:
         for line in render_summary(summary, width=max(8, width)):
-            click.echo(line)
+            echo(line)
     return 0

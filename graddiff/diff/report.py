@@ -181,16 +181,16 @@ class Report:
         from .render import render_report
 
         if console is None:
-            from rich.console import Console
+            from ..textsafe import safe_console
 
-            console = Console()
+            console = safe_console()
         render_report(self, console)
 
     def __str__(self) -> str:
-        from rich.console import Console
+        from ..textsafe import safe_console
 
         buf = io.StringIO()
-        self.render(Console(file=buf, force_terminal=False, width=100, color_system=None))
+        self.render(safe_console(file=buf, force_terminal=False, width=100, color_system=None))
         return buf.getvalue()
 
     def divergence_matrix(self) -> tuple[np.ndarray, list[str], np.ndarray]:

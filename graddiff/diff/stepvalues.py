@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Optional
 
-import h5py
 import numpy as np
 
 from ..errors import TraceFileError, ValuesNotStoredError
-from ..format import FLAG_VALUES, MAX_NDIM, decode_values, fingerprint_bytes, storage_dtype
+from ..format import FLAG_VALUES
 from ..reader import Run
 
 #: Read ranges up to this size in one call; bigger steps are read tensor by tensor.
@@ -29,23 +28,13 @@ class StepValues:
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self._file = None
         self._blobs: OrderedDict[int, tuple[int, np.ndarray]] = OrderedDict()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._blobs.clear()
 
     def _dataset(self, step: int):
-        if self._file is None:
-            self._file = h5py.File(self.run.path, "r")
-        ds = self._file.get(f"values/{step:08d}")
-        if not isinstance(ds, h5py.Dataset):
-            raise TraceFileError(
-                self.run.path, f"corrupt graddiff file: values of step {step} are missing"
-            )
-        return ds
+        return self.run.values_dataset(step)  # checked: local, contiguous bytes
 
     def prefetch(self, rows: np.ndarray) -> None:
         """Read, in one call per step, the bytes of these rows (those with stored values)."""
@@ -67,7 +56,7 @@ class StepValues:
                 raise TraceFileError(
                     self.run.path, f"corrupt graddiff file: values of step {step} are out of range"
                 )
-            self._blobs[int(step)] = (lo, ds[lo:hi])
+            self._blobs[int(step)] = (lo, read_range(ds, lo, hi, self.run.path))
             while len(self._blobs) > _CACHE:
                 self._blobs.popitem(last=False)
 
@@ -87,26 +76,15 @@ class StepValues:
         lo, data = blob
         if offset < lo or offset + nbytes > lo + len(data):
             return self.run.values_of(e)
-        rid = int(e["record"])
-        dtype, key = self.run.record_dtype(rid), self.run.record_key(rid)
-        ndim = int(e["ndim"])
-        if not 0 <= ndim <= MAX_NDIM:
-            raise TraceFileError(
-                self.run.path, f"corrupt graddiff file: bad shape of {key} at step {step}"
-            )
-        shape = tuple(int(s) for s in e["shape"][:ndim])
-        if nbytes != int(np.prod(shape)) * storage_dtype(dtype).itemsize:
-            raise TraceFileError(
-                self.run.path,
-                f"corrupt graddiff file: values of {key} at step {step} are out of range",
-            )
-        raw = data[offset - lo : offset - lo + nbytes]
-        if fingerprint_bytes(raw) != (int(e["fp_sum"]), int(e["fp_pos"])):
-            raise TraceFileError(
-                self.run.path,
-                f"corrupt graddiff file: values of {key} at step {step} do not match their fingerprint",
-            )
-        return decode_values(raw, dtype, shape)
+        return self.run.verified(e, data[offset - lo : offset - lo + nbytes])
+
+
+def read_range(ds, lo: int, hi: int, path: str) -> np.ndarray:
+    """``ds[lo:hi]``; an HDF5 failure becomes one TraceFileError line."""
+    try:
+        return ds[lo:hi]
+    except Exception as exc:
+        raise TraceFileError(path, f"corrupt graddiff file: cannot read values ({exc})") from None
 
 
 __all__ = ["StepValues", "ValuesNotStoredError"]
