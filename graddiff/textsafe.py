@@ -49,11 +49,11 @@ def escape_markup(text: Any) -> str:
     return escape(printable(text))
 
 
-def echo(text: Any = "", *, err: bool = False) -> None:
-    """Print one line (or lines) with control characters escaped."""
+def echo(text: Any = "", *, err: bool = False, nl: bool = True) -> None:
+    """``click.echo`` with control characters escaped."""
     import click
 
-    click.echo(printable(text), err=err)
+    click.echo(printable(text), err=err, nl=nl)
 
 
 def safe_console(**kwargs: Any) -> Any:

@@ -15,6 +15,7 @@ from ..diff.automap import propose_map
 from ..diff.namemap import dump_map
 from ..diff.stepalign import offset_note
 from ..reader import open_run
+from ..textsafe import echo
 
 
 @click.command("map")
@@ -42,21 +43,21 @@ def map_cmd(run_a: str, run_b: str, output: Optional[str]) -> int:
             dump_map(data, output)
         except OSError as exc:
             raise click.ClickException(f"{output}: cannot write ({exc.strerror or exc})") from None
-        click.echo(f"wrote {len(data['rules'])} rule(s) to {output}")
+        echo(f"wrote {len(data['rules'])} rule(s) to {output}")
     else:
         import yaml
 
-        click.echo(yaml.safe_dump(data, sort_keys=False, width=100), nl=False)
+        echo(yaml.safe_dump(data, sort_keys=False, width=100), nl=False)
     err = output is None
     amb = proposal.ambiguous
     if amb:
-        click.echo(f"{len(amb)} ambiguous pair(s): review them before use", err=err)
+        echo(f"{len(amb)} ambiguous pair(s): review them before use", err=err)
         for p in amb[:10]:
-            click.echo(f"  {p.group} {', '.join(p.b)} -> {', '.join(p.a)} ({p.evidence})", err=err)
+            echo(f"  {p.group} {', '.join(p.b)} -> {', '.join(p.a)} ({p.evidence})", err=err)
     for side, names in (("A", proposal.unmatched_a), ("B", proposal.unmatched_b)):
         if names:
             shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
-            click.echo(f"unmatched in {side}: {len(names)} ({shown})", err=err)
+            echo(f"unmatched in {side}: {len(names)} ({shown})", err=err)
     if note:
-        click.echo(f"note: {note}", err=err)
+        echo(f"note: {note}", err=err)
     return 1 if amb or proposal.unmatched_a or proposal.unmatched_b else 0
