@@ -5,7 +5,10 @@ The fingerprint here must equal ``graddiff.format.fingerprint_bytes`` of the sam
 bit: the reader recomputes it to verify stored values, and the differ trusts it for equality.
 
 CPU tensors that keep full values are copied on the hot path (one memcpy) and summarised on the
-writer thread; stats-only CPU tensors are summarised in place (no copy). CUDA tensors are
+writer thread; stats-only CPU tensors are summarised in place (no copy). On CPU the summary is
+one fused pass (``hooks/fused.py``, numba) for the dtypes in ``_FUSED_DTYPES``; every other
+dtype, and every tensor when numba is absent, takes the pure-torch reference path
+(``stats_on_cpu_reference``), which gives the same fingerprint bit for bit. CUDA tensors are
 summarised on the device and copied to pinned host memory without a sync; the writer thread
 waits on a CUDA event (UNVERIFIED here: no GPU on the development machines).
 """
@@ -15,10 +18,12 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..entries import EntryData
 from ..format import fp_block_words
+from . import fused
 
 _WEIGHTS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -146,15 +151,71 @@ def fingerprint_cpu(x: torch.Tensor) -> tuple[int, int]:
     return (s + last) % 2**64, (pos + (n_full + 1) * last) % 2**64
 
 
+# -- the fused pass (hooks/fused.py) and which dtypes take it --------------------------------
+#: dtypes the fused kernel reads directly; every other dtype takes the reference path.
+_FUSED_DTYPES = frozenset(
+    (torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8)
+)
+
+
+def _fused_array(x: torch.Tensor):
+    """A 1-D numpy view of ``x``'s bytes for the fused kernel, or None (dtype dispatch only)."""
+    if x.dtype not in _FUSED_DTYPES or x.layout != torch.strided or x.device.type != "cpu":
+        return None
+    if not x.is_contiguous() or (x.storage_offset() * x.element_size()) % 8:
+        x = _as_bytes(x).view(x.dtype)
+    try:
+        return x.reshape(-1).numpy()
+    except (RuntimeError, TypeError):  # tensor subclasses, conjugate/negative views, ...
+        return None
+
+
 def stats_on_cpu(
     x: torch.Tensor,
 ) -> tuple[tuple[float, float, float, float, int, int], tuple[int, int]]:
-    """Stats and fingerprint of a CPU tensor; counts NaN/Inf only when the norm is not finite.
+    """Stats and fingerprint of a CPU tensor: one fused pass where it applies, else the
+    reference (:func:`stats_on_cpu_reference`). Same fingerprint bit for bit either way."""
+    arr = _fused_array(x) if fused.available() else None
+    if arr is None:
+        return stats_on_cpu_reference(x)
+    n = arr.nbytes
+    block = fp_block_words(n)
+    n_words = n // 8
+    n_full = n_words // block
+    r = fused.summarise(arr, n_full, block, torch.get_num_threads())
+    if r is None:
+        return stats_on_cpu_reference(x)
+    s, pos, last, total, squares, lo, hi, bad = r
+    if n % 8:
+        tail = arr.view(np.uint8)[n_words * 8 :].tobytes()
+        last += int.from_bytes(tail + bytes(8 - len(tail)), "little", signed=True)
+    fp = ((s + last) % 2**64, (pos + (n_full + 1) * last) % 2**64)
+    if arr.size == 0:
+        return (0.0, 0.0, 0.0, 0.0, 0, 0), fp
+    if bad or not math.isfinite(total):
+        return _reference_stats(x, fp)  # NaN/Inf (counted there) or a float64 sum overflow
+    if squares < 1e-290 and (lo or hi) or squares > 1e300:
+        # float64 squares under/overflow (only float64 tensors get here): torch's scaled norm
+        norm = float(torch.linalg.vector_norm(x.to(torch.float64)))
+    else:
+        norm = math.sqrt(squares)
+    return (norm, total / arr.size, lo, hi, 0, 0), fp
 
-    Four passes over the data (block sums, norm, mean, min/max) and about ten torch calls;
+
+def stats_on_cpu_reference(
+    x: torch.Tensor,
+) -> tuple[tuple[float, float, float, float, int, int], tuple[int, int]]:
+    """Stats and fingerprint of a CPU tensor in pure torch: the reference for the fused pass.
+
+    Counts NaN/Inf only when the norm is not finite. Four passes over the data (block sums, norm, mean, min/max) and about ten torch calls;
     floats are checked with ``math.isfinite`` on the host values, not with more torch calls.
     """
-    fp = fingerprint_cpu(x)
+    return _reference_stats(x, fingerprint_cpu(x))
+
+
+def _reference_stats(
+    x: torch.Tensor, fp: tuple[int, int]
+) -> tuple[tuple[float, float, float, float, int, int], tuple[int, int]]:
     if x.numel() == 0:
         return (0.0, 0.0, 0.0, 0.0, 0, 0), fp
     xf = _float_view(x)

@@ -1,0 +1,175 @@
+"""The fused one-pass kernel (numba) agrees with the pure-torch reference path.
+
+Fingerprints, min/max and NaN/Inf counts must agree exactly; norm and mean to the documented
+float tolerance (docs/performance.md): the fused pass accumulates in float64 in a vectorised
+order, the reference in the tensor's dtype in torch's order. Without numba (or with
+``GRADDIFF_NO_NUMBA=1``, which CI runs too) the fused-only tests are skipped and the
+dispatching tests check the reference path against itself and the numpy definition.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from graddiff.format import fingerprint_bytes
+from graddiff.hooks import fused
+from graddiff.hooks.snapshot import capture, stats_on_cpu, stats_on_cpu_reference
+
+FUSED = (torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8)
+needs_numba = pytest.mark.skipif(
+    not fused.available(), reason=f"fused kernel unavailable: {fused.unavailable_reason()}"
+)
+
+#: norm: relative; mean: relative to the RMS of the tensor. Against the reference the bound is
+#: the reference's own float32 accumulation error; against float64 arithmetic it is rounding.
+RTOL_REFERENCE = 1e-4
+RTOL_FLOAT64 = 1e-9
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    big = r(1_100_000)  # > SPLIT_BYTES: split across threads
+    return {
+        "scalar": torch.tensor(3.5),
+        "one": r(1),
+        "odd_float32": r(7),  # a partial last word
+        "small_limit": r(8192),  # 32 KiB: one-word blocks
+        "just_large": r(8193),  # 64-word blocks, leftover words and a tail
+        "blocks_exact": r(128, 64),
+        "large_tail": r(3, 100_003),
+        "split": big,
+        "split_odd": big[:1_099_999],
+        "float64": r(5000, dtype=torch.float64),
+        "float64_large": r(300_001, dtype=torch.float64),
+        "int64": torch.randint(-(2**62), 2**62, (4099,), generator=g),
+        "int32": torch.randint(-(2**31), 2**31 - 1, (70_001,), generator=g, dtype=torch.int32),
+        "int16": torch.randint(-(2**15), 2**15 - 1, (33,), generator=g, dtype=torch.int16),
+        "int8": torch.randint(-128, 127, (40_003,), generator=g, dtype=torch.int8),
+        "transposed": r(300, 70).t(),
+        "offset_view": r(50, 50)[1:, 3:],
+        "signed_zeros": torch.tensor([-0.0, 0.0, -0.0]),
+        "extremes": torch.tensor([3.4e38, -3.4e38, 1e-45, -1e-45, 0.0]),
+        "huge_float64": torch.tensor([1e300, -1e300, 5.0], dtype=torch.float64),
+        "nan_inf": torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), -2.0] * 10_000),
+        "all_nan": torch.full((9,), float("nan")),
+        "empty": torch.zeros(0),
+        "half": r(101, dtype=torch.float16),  # reference path (dispatch)
+        "bfloat16": r(40_000, dtype=torch.bfloat16),  # reference path (dispatch)
+        "bool": torch.tensor([True, False, True]),
+        "uint8": torch.arange(200, dtype=torch.uint8),
+        "complex": torch.randn(17, dtype=torch.complex64, generator=g),
+    }
+
+
+CASES = _cases()
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    t = t.contiguous().reshape(-1)
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def assert_stats_agree(fast, ref, x):
+    (fs, ffp), (rs, rfp) = fast, ref
+    assert ffp == rfp, "fingerprints differ"
+    assert fs[4:] == rs[4:], "NaN/Inf counts differ"
+    for a, b in zip(fs[2:4], rs[2:4]):  # min/max: exact, -0.0 == 0.0
+        assert a == b or (math.isnan(a) and math.isnan(b)), (fs, rs)
+    n = max(1, x.numel())
+    truth = (0.0, 0.0)
+    if x.numel() and not (x.is_complex() or x.dtype == torch.bool):
+        d = x.double()
+        truth = (float(torch.linalg.vector_norm(d)), float(d.mean()))
+    for expected, rtol in ((rs[:2], RTOL_REFERENCE), (truth, RTOL_FLOAT64)):
+        if rtol == RTOL_FLOAT64 and (
+            rs[4] or rs[5] or x.dtype not in FUSED or not fused.available()
+        ):
+            continue  # not a fused result: the reference path matched above
+        scale = truth[0] if math.isfinite(truth[0]) and truth[0] else expected[0]
+        rms = scale / math.sqrt(n) if math.isfinite(scale) else 0.0
+        for a, b, tol in (
+            (fs[0], expected[0], rtol * abs(expected[0])),
+            (fs[1], expected[1], rtol * rms),
+        ):
+            # float32 squares underflow below ~1e-19 in the reference, not in float64
+            floor = 1e-18 * math.sqrt(n) if rtol == RTOL_REFERENCE else 1e-300
+            if math.isfinite(b):
+                assert abs(a - b) <= tol + floor, (fs, expected)
+            elif rtol == RTOL_REFERENCE and not (rs[4] or rs[5]) and fused.available():
+                pass  # the reference overflowed float32 on finite inputs: checked below
+            else:
+                assert (math.isnan(a) and math.isnan(b)) or a == b, (fs, expected)
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_dispatching_path_matches_reference_and_format(case):
+    x = CASES[case]
+    fast, ref = stats_on_cpu(x), stats_on_cpu_reference(x)
+    assert_stats_agree(fast, ref, x)
+    assert fast[1] == fingerprint_bytes(_bytes(x))
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_split_across_threads_gives_the_same_fingerprint(threads, monkeypatch):
+    x = CASES["split_odd"]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    stats, fp = stats_on_cpu(x)
+    assert fp == fingerprint_bytes(_bytes(x))
+    assert stats[2:] == stats_on_cpu_reference(x)[0][2:]
+
+
+@needs_numba
+def test_the_kernel_really_runs_for_its_dtypes():
+    arr = CASES["large_tail"].reshape(-1).numpy()
+    assert fused.summarise(arr, 1, 64, 1) is not None
+    assert fused.summarise(np.zeros(3, np.float16), 0, 1, 1) is None  # half: reference path
+    assert fused.summarise(np.zeros(3, np.uint8), 0, 1, 1) is None
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None)
+@given(
+    raw=st.binary(min_size=0, max_size=40_000),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.int64, torch.int32, torch.int8]),
+)
+def test_any_bit_pattern_agrees_with_the_reference(raw, dtype):
+    """Arbitrary bytes (NaN payloads, denormals, -0.0, infinities) reinterpreted as a dtype."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    raw = raw[: len(raw) // size * size]
+    x = (
+        torch.zeros(0, dtype=dtype)
+        if not raw
+        else torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).view(dtype)
+    )
+
+    assert_stats_agree(stats_on_cpu(x), stats_on_cpu_reference(x), x)
+
+
+def test_disabled_by_environment_falls_back(monkeypatch):
+    monkeypatch.setattr(fused, "_kernels", None)
+    monkeypatch.setattr(fused, "_failed", None)
+    monkeypatch.setenv("GRADDIFF_NO_NUMBA", "1")
+    assert not fused.available()
+    assert "GRADDIFF_NO_NUMBA" in fused.unavailable_reason()
+    x = CASES["large_tail"]
+    assert stats_on_cpu(x) == stats_on_cpu_reference(x)
+
+
+def test_capture_uses_the_dispatching_path():
+    x = CASES["just_large"]
+    entry = capture("param", "w", x, call=0, seq=0, flags=0, keep_values=False)
+    assert entry.fingerprint == fingerprint_bytes(_bytes(x))
+    assert_stats_agree((entry.stats, entry.fingerprint), stats_on_cpu_reference(x), x)
