@@ -87,8 +87,12 @@ class Recorder:
         values: str,
         max_bytes: int,
         full_steps: Optional[set[int]],
+        forward_only: bool = False,
     ) -> None:
         self.writer = writer
+        # forward_only: every call of the model is one step, recorded with or without grad
+        # (ports compared on one batch before any training); gradients are not recorded.
+        self.forward_only = forward_only
         self.params = params
         self.buffers = buffers
         self._param_by_id = {id(p): (name, p) for name, p in params}
@@ -233,12 +237,25 @@ class Recorder:
     @_guarded
     def on_model_forward(self, args: Any, kwargs: Any) -> None:
         grad = torch.is_grad_enabled() and not inside_backward()
+        if self.forward_only:
+            # A step ends when the next model call begins (or at trace exit), not at the end
+            # of this one: the root module's own output hook fires after the forward-end hook.
+            outer = not self._forward_depth and not inside_backward()
+            self._forward_depth.append(False)
+            if outer:
+                self._end_step()
+                self._ensure_started()
+                self._record_inputs(args, kwargs)
+            return
         self._forward_depth.append(grad)
         if not grad:
             return
         if self.clock.forward(True, self._params_changed):
             self._end_step()
         self._ensure_started()
+        self._record_inputs(args, kwargs)
+
+    def _record_inputs(self, args: Any, kwargs: Any) -> None:
         if Kind.INPUT.value in self.kinds:
             for path, t in flatten_tensors(list(args)) + flatten_tensors(dict(kwargs or {})):
                 self._record(
@@ -261,6 +278,8 @@ class Recorder:
     def _in_training_forward(self) -> bool:
         if inside_backward():  # gradient-checkpoint recompute (FIELD-NOTES 5)
             return False
+        if self.forward_only:
+            return self.clock.started
         return torch.is_grad_enabled() or any(self._forward_depth)
 
     @_guarded
@@ -270,7 +289,11 @@ class Recorder:
         self._ensure_started()
         flags = FLAG_TRAINING if module.training else 0
         want_act = Kind.ACTIVATION.value in self.kinds
-        want_go = Kind.GRAD_OUTPUT.value in self.kinds and torch.is_grad_enabled()
+        want_go = (
+            Kind.GRAD_OUTPUT.value in self.kinds
+            and torch.is_grad_enabled()
+            and not self.forward_only
+        )
         for path, t in flatten_tensors(output):
             rname = record_name(name, path)
             call = self._next_call("forward", rname)
@@ -297,6 +320,8 @@ class Recorder:
 
     @_guarded
     def before_gradient(self, outputs: Any, accumulate: bool) -> None:
+        if self.forward_only:
+            return
         self._ensure_started()
         if Kind.LOSS.value in self.kinds:
             tensors = as_tensor_list(outputs)
@@ -306,6 +331,8 @@ class Recorder:
 
     @_guarded
     def after_gradient(self, outputs: Any, accumulate: bool, inputs: Any, result: Any) -> None:
+        if self.forward_only:
+            return
         self.clock.gradient()
         if not accumulate:
             if Kind.AUTOGRAD_GRAD.value not in self.kinds or result is None:
@@ -338,6 +365,8 @@ class Recorder:
 
     @_guarded
     def on_optimizer_step(self, optimizer: Any) -> None:
+        if self.forward_only:
+            return
         key = id(optimizer)
         owned = self._optimizer_params.get(key)
         if owned is None:
@@ -359,6 +388,8 @@ class Recorder:
 
     @_guarded
     def explicit_step(self) -> None:
+        if self.forward_only:
+            return  # every model call already is a step
         if self.clock.explicit_step():
             self._end_step()
 

@@ -32,6 +32,8 @@ from .writer import BackgroundWriter, TraceWriter
 #: Default budget for full values under ``values="auto"``: 2 GiB, then statistics only.
 DEFAULT_MAX_BYTES = 2 * 2**30
 VALUE_MODES = ("auto", "full", "stats")
+#: What ``forward_only=True`` records unless ``kinds=`` says otherwise.
+FORWARD_KINDS = ("param", "input", "activation", "buffer")
 
 _active_models: weakref.WeakSet = weakref.WeakSet()
 
@@ -81,6 +83,7 @@ class Tracer:
         values: str = "auto",
         max_bytes: int = DEFAULT_MAX_BYTES,
         full_steps: Optional[Any] = None,
+        forward_only: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TraceUsageError(
@@ -88,6 +91,9 @@ class Tracer:
             )
         if values not in VALUE_MODES:
             raise TraceUsageError(f"values={values!r}: choose one of {', '.join(VALUE_MODES)}")
+        self.forward_only = bool(forward_only)
+        if self.forward_only and kinds is None:
+            kinds = FORWARD_KINDS
         try:
             self.kinds = with_buffer_start(parse_kinds(kinds))
         except ValueError as exc:
@@ -136,6 +142,7 @@ class Tracer:
             "values": self.values,
             "max_bytes": self.max_bytes,
             "full_steps": sorted(self.full_steps) if self.full_steps is not None else None,
+            "forward_only": self.forward_only,
         }
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -163,6 +170,7 @@ class Tracer:
             values=self.values,
             max_bytes=self.max_bytes,
             full_steps=self.full_steps,
+            forward_only=self.forward_only,
         )
         self._inner = inner
         _active_models.add(inner)
@@ -233,6 +241,7 @@ def trace(
     values: str = "auto",
     max_bytes: int = DEFAULT_MAX_BYTES,
     full_steps: Optional[Any] = None,
+    forward_only: bool = False,
 ) -> Tracer:
     """Record a training run into ``path`` while the ``with`` block runs.
 
@@ -249,6 +258,9 @@ def trace(
             "full", or "stats" (fingerprints and statistics only).
         max_bytes: the full-values budget of ``values="auto"``.
         full_steps: store full values exactly at these steps (statistics elsewhere).
+        forward_only: every call of the model is one step, recorded also under
+            ``torch.no_grad()`` (parameters, inputs, module outputs, buffers; no gradients):
+            compare two implementations on one batch before training them.
 
     Returns:
         A :class:`Tracer`; ``tr.step()`` ends a step explicitly.
@@ -261,4 +273,5 @@ def trace(
         values=values,
         max_bytes=max_bytes,
         full_steps=full_steps,
+        forward_only=forward_only,
     )

@@ -310,3 +310,34 @@ def test_map_command_reports_ambiguous_pairs(tmp_path):
     assert "ambiguous pair(s)" in r.output
     r = _cli("map", tmp_path / "a.h5", tmp_path / "nope.h5")
     assert r.exit_code == 2 and r.output.startswith("Error: ")
+
+
+# -- forward-only recording ---------------------------------------------------------------------
+
+
+def test_forward_only_compares_two_ports_on_one_batch(tmp_path):
+    torch.manual_seed(0)
+    ids = pm.batches(1)[0][0]
+    out = {}
+    for bug in ("", "scale"):
+        ref, port = pm.RefModel(), pm.PortModel(bug)
+        pm.copy_weights(ref, port)
+        for tag, m in (("a", ref), ("b", port)):
+            p = out[(tag, bug)] = tmp_path / f"{tag}{bug}.h5"
+            with graddiff.trace(m, p, forward_only=True):
+                with torch.no_grad():  # an evaluation forward: one step per model call
+                    m(ids)
+                m(ids).sum().backward()  # a grad forward is one step too; no gradients recorded
+    run = graddiff.open(out[("a", "")])
+    assert list(run.steps) == [0, 1] and run.options["forward_only"] is True
+    assert set(run.kinds) == {"param", "input", "activation"}
+    assert "(root)" in run.names("activation")
+    run.close()
+    rep = graddiff.compare(out[("a", "")], out[("b", "")], name_map="auto")
+    assert rep.exit_code == 0, rep.first
+    rep = graddiff.compare(out[("a", "scale")], out[("b", "scale")], name_map="auto")
+    assert (rep.first.step, rep.first.kind, rep.first.name) == (
+        0,
+        "activation",
+        "blocks.0.attn.out_proj",
+    )
