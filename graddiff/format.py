@@ -9,7 +9,10 @@ A trace is an HDF5 file in HDF5's default (oldest compatible) format, flushed af
                                    format_version  = 1
                                    graddiff_version, created (ISO 8601 UTC)
                                    environment     = JSON (torch/CUDA versions, seeds, flags, ...)
-                                   options         = JSON (the trace() options used)
+                                   options         = JSON (the trace() options used;
+                                                     "forward_only" since 0.1, absent = false;
+                                                     "mapped_from" only in the temporary
+                                                     copies written by compare --map/--offset)
                                    status          = "recording" | "complete" | "stopped: <why>"
                                    values_note     = "" or why full values stopped (budget)
     /records                1-D table, one row per record key (kind, name, call, dtype);

@@ -7,7 +7,9 @@ The rules (README, "The step model"):
   starts a new step, provided the parameters changed since the step began (so gradient
   accumulation without an optimizer, or before the optimizer's first step, stays one step);
 - forwards under ``torch.no_grad()`` never start a step;
-- once the user calls ``tracer.step()``, only those calls end steps.
+- once the user calls ``tracer.step()``, only those calls end steps;
+- under ``trace(forward_only=True)`` the recorder bypasses this clock's boundary rules: each
+  call of the model is one step, with or without grad.
 """
 
 from __future__ import annotations

@@ -341,3 +341,22 @@ def test_forward_only_compares_two_ports_on_one_batch(tmp_path):
         "activation",
         "blocks.0.attn.out_proj",
     )
+
+
+def test_mapping_side_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import graddiff.cli.map, graddiff.diff.automap, graddiff.diff.mapped, "
+        "graddiff.diff.namemap, graddiff.diff.stepalign, sys; assert 'torch' not in sys.modules"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_html_report_through_a_map(runs, tmp_path):
+    a, b = runs["scale"]
+    out = tmp_path / "r.html"
+    r = _cli("compare", a, b, "--map", runs["map"], "--html", out)
+    assert r.exit_code == 1, r.output
+    assert "blocks.0.attn.out_proj" in out.read_text()

@@ -167,6 +167,12 @@ def _compare_mapped(ra, rb, rtol, exact, window, kinds, name_map, steps_a, steps
             raise GraddiffError(f"{rb.path}: no step of B left to compare after --steps-b/--offset")
         with open_run(res.path) as rb2:
             report = _compare(ra, rb2, rtol, exact, window, kinds, mapped=nm is not None)
+            first = report.first
+            at_start = first is not None and first.step == report.steps["first"]
+            if not shift and at_start and first.kind == "param":
+                note = offset_note(ra, rb2)  # B's names are A's here
+                if note:
+                    report.notes.append(note)
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
