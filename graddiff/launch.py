@@ -82,7 +82,9 @@ def template_fields(template: str) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise TraceUsageError(f"path {template!r}: {exc} (write {{{{ and }}}} for braces)") from None
+        raise TraceUsageError(
+            f"path {template!r}: {exc} (write {{{{ and }}}} for braces)"
+        ) from None
     out = []
     for _, field, _, conversion in parsed:
         if field is None:
@@ -107,7 +109,8 @@ def resolve_path(template: str, launch: Launch) -> str:
     """The trace path of this rank (see the module docstring for the rules)."""
     fields = template_fields(template)
     unique = "rank" in fields or (
-        "local_rank" in fields and ("node" in fields or launch.local_world_size == launch.world_size)
+        "local_rank" in fields
+        and ("node" in fields or launch.local_world_size == launch.world_size)
     )
     if launch.distributed and not unique:
         fixed = _insert_rank(template)

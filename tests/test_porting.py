@@ -271,21 +271,20 @@ def test_map_command_writes_a_reviewable_map(runs, tmp_path):
     assert r.exit_code == 0, r.output
     data = yaml.safe_load(out.read_text())
     rules = {(str(x["from"]), str(x["to"])): x for x in data["rules"]}
-    qkv = rules[
-        (
-            "layers.0.attention.qkv.weight",
-            str(
-                [
-                    "blocks.0.attn.q_proj.weight",
-                    "blocks.0.attn.k_proj.weight",
-                    "blocks.0.attn.v_proj.weight",
-                ]
-            ),
-        )
+    # per-layer rules are folded into {i} patterns
+    qkv = [
+        "blocks.{i}.attn.q_proj.weight",
+        "blocks.{i}.attn.k_proj.weight",
+        "blocks.{i}.attn.v_proj.weight",
     ]
+    qkv = rules[("layers.{i}.attention.qkv.weight", str(qkv))]
     assert qkv["confidence"] == 1.0 and "fused" in qkv["evidence"]
     assert rules[("lm_head.W", "head.weight")]["transpose"] is True
-    assert rules[("layers.1.ff.up", "blocks.1.mlp.fc1")]["kinds"] == ["activation", "grad_output"]
+    assert rules[("layers.{i}.ff.up", "blocks.{i}.mlp.fc1")]["kinds"] == [
+        "activation",
+        "grad_output",
+    ]
+    assert not any(".0." in str(x["from"]) for x in data["rules"])
     assert data["ambiguous"] == [] and data["unmatched_a"] == [] and data["unmatched_b"] == []
     # the written map, unedited, compares clean
     r = _cli("compare", a, b, "--map", out)

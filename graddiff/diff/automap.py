@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import GraddiffError
 from ..format import FLAG_VALUES
 from ..reader import Run
+from .generalize import generalize
 from .namemap import NameMap, parse_rule
 
 _MODULE_KINDS = ["activation", "grad_output"]
@@ -69,13 +70,16 @@ class Proposal:
     pairs: list[Pair]
     unmatched_a: list[str] = field(default_factory=list)
     unmatched_b: list[str] = field(default_factory=list)
+    keys_b: list[tuple[str, str]] = field(default_factory=list)  # B's (kind, name)s
 
     @property
     def ambiguous(self) -> list[Pair]:
         return [p for p in self.pairs if p.ambiguous]
 
     def rules(self) -> list[dict[str, Any]]:
-        return [p.rule() for p in self.pairs if p.a != p.b or p.transpose]
+        """The map's rules, per-layer rules folded into ``{i}`` patterns where equivalent."""
+        concrete = [p.rule() for p in self.pairs if p.a != p.b or p.transpose]
+        return generalize(concrete, self.keys_b)
 
     @property
     def name_map(self) -> NameMap:
@@ -393,7 +397,8 @@ def propose_map(a: Run, b: Run) -> Proposal:
     kinds = ("activation", "param", "buffer")
     una = [f"{k} {x.name}" for k in kinds for x in fa.get(k, []) if x.name not in matched_a]
     unb = [f"{k} {x.name}" for k in kinds for x in fb.get(k, []) if x.name not in matched_b]
-    return Proposal(pairs, una, unb)
+    keys_b = list(dict.fromkeys((k.kind, k.name) for k in b.keys))
+    return Proposal(pairs, una, unb, keys_b)
 
 
 def _reorder(items: list[Item], grads: list[Item]) -> list[Item]:
