@@ -156,6 +156,13 @@ class Tracer:
         params = [(n, p) for n, p in inner.named_parameters() if _matches(_owner(n), self.modules)]
         buffers = [(n, b) for n, b in inner.named_buffers() if _matches(_owner(n), self.modules)]
         modules = [(n, m) for n, m in inner.named_modules() if _matches(n, self.modules)]
+        if self.modules is not None and not modules:
+            names = [n for n, _ in inner.named_modules() if n][:6]
+            raise TraceUsageError(
+                f"modules={self.modules!r} matches no module of {type(inner).__name__} "
+                f"(its modules are named e.g. {', '.join(names) or '(none: no submodules)'}); "
+                "nothing but inputs and losses would be recorded"
+            )
         environment = collect_environment(inner, self.options())
         options = self.options()
         try:

@@ -16,10 +16,10 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import GraddiffError
-from ..kinds import parse_kinds
+from ..kinds import ALL_KINDS, parse_kinds
 from ..reader import Run, open_run
 from .align import align, check_related
-from .diagnose import diagnose
+from .diagnose import Cause, diagnose
 from .envdiff import environment_diff
 from .first import Hit, walk
 from .mapped import describe, drop_unpaired, write_mapped
@@ -120,7 +120,7 @@ def compare(
         raise
     try:
         if name_map is None and offset is None and steps_a is None and steps_b is None:
-            report = _compare(ra, rb, rtol, exact, window, kinds_t)
+            report = _compare(ra, rb, rtol, exact, window, kinds_t, filtered=kinds is not None)
             first = report.first
             if first is not None and first.kind == "param" and first.step == report.steps["first"]:
                 note = offset_note(ra, rb)  # a run resumed from a checkpoint of A?
@@ -128,7 +128,17 @@ def compare(
                     report.notes.append(note)
             return report
         return _compare_mapped(
-            ra, rb, rtol, exact, window, kinds_t, name_map, steps_a, steps_b, offset
+            ra,
+            rb,
+            rtol,
+            exact,
+            window,
+            kinds_t,
+            name_map,
+            steps_a,
+            steps_b,
+            offset,
+            filtered=kinds is not None,
         )
     finally:
         if own_a:
@@ -137,7 +147,9 @@ def compare(
             rb.close()
 
 
-def _compare_mapped(ra, rb, rtol, exact, window, kinds, name_map, steps_a, steps_b, offset):
+def _compare_mapped(
+    ra, rb, rtol, exact, window, kinds, name_map, steps_a, steps_b, offset, filtered=False
+):
     """Rename/transform/shift B into a temporary trace (mapped.py), then compare as usual."""
     win_a, win_b = parse_steps(steps_a), parse_steps(steps_b)
     if offset is not None and not isinstance(offset, int):
@@ -166,7 +178,18 @@ def _compare_mapped(ra, rb, rtol, exact, window, kinds, name_map, steps_a, steps
         if not res.steps_written:
             raise GraddiffError(f"{rb.path}: no step of B left to compare after --steps-b/--offset")
         with open_run(res.path) as rb2:
-            report = _compare(ra, rb2, rtol, exact, window, kinds, mapped=nm is not None)
+            report = _compare(
+                ra,
+                rb2,
+                rtol,
+                exact,
+                window,
+                kinds,
+                mapped=nm is not None,
+                filtered=filtered,
+                # shifted or windowed runs cover different steps by design
+                restricted=bool(shift) or win_a is not None or win_b is not None,
+            )
             first = report.first
             at_start = first is not None and first.step == report.steps["first"]
             if not shift and at_start and first.kind == "param":
@@ -204,7 +227,15 @@ def _intersect(window, other):
 
 
 def _compare(
-    ra: Run, rb: Run, rtol: float, exact: bool, window, kinds: tuple[str, ...], mapped: bool = False
+    ra: Run,
+    rb: Run,
+    rtol: float,
+    exact: bool,
+    window,
+    kinds: tuple[str, ...],
+    mapped: bool = False,
+    filtered: bool = False,
+    restricted: bool = False,
 ) -> Report:
     notes = []
     for run, tag in ((ra, "A"), (rb, "B")):
@@ -250,10 +281,11 @@ def _compare(
         pair.close()
     only_a = np.setdiff1d(ra.steps, rb.steps)
     only_b = np.setdiff1d(rb.steps, ra.steps)
-    if len(only_a) or len(only_b):
-        notes.append(
-            f"steps in one run only (not compared): {len(only_a)} in A, {len(only_b)} in B"
-        )
+    if window is not None:  # --steps restricts the comparison: steps outside it do not count
+        only_a, only_b = _inside(only_a, window), _inside(only_b, window)
+    mismatch = None if restricted else _step_mismatch(ra, rb, only_a, only_b)
+    if mismatch is not None:
+        causes.insert(0 if w.first is None else len(causes), mismatch)
     structure = {
         "only_in_a": al.only_a,
         "only_in_b": al.only_b,
@@ -287,11 +319,57 @@ def _compare(
         structure=structure,
         growth=w.growth,
         kinds=list(al.kinds),
+        compared_kinds=[k for k in ALL_KINDS if any(s.kind == k for s in al.slots)],
+        kinds_filtered=filtered,
+        steps_mismatch=mismatch is not None,
         notes=notes,
         max_rel_diff=w.max_rel,
     )
     report._matrix = partial(divergence_matrix, ra.path, rb.path, al.kinds, common)
     return report
+
+
+def _inside(steps: np.ndarray, window) -> np.ndarray:
+    lo, hi = window
+    keep = np.ones(len(steps), bool)
+    if lo is not None:
+        keep &= steps >= lo
+    if hi is not None:
+        keep &= steps <= hi
+    return steps[keep]
+
+
+def _steps_text(steps: np.ndarray) -> str:
+    n = len(steps)
+    if not n:
+        return "none"
+    contiguous = int(steps[-1]) - int(steps[0]) + 1 == n
+    span = f"{int(steps[0])}..{int(steps[-1])}" if n > 1 else f"{int(steps[0])}"
+    return f"{n} step{'s' if n > 1 else ''} ({span}{'' if contiguous else ', with gaps'})"
+
+
+def _step_mismatch(ra: Run, rb: Run, only_a: np.ndarray, only_b: np.ndarray) -> Optional[Cause]:
+    """Steps recorded in one run only: a truncated or longer run is a difference, not a pass."""
+    if not len(only_a) and not len(only_b):
+        return None
+    ev = [f"A records {_steps_text(ra.steps)}, B records {_steps_text(rb.steps)}"]
+    for tag, only in (("A", only_a), ("B", only_b)):
+        if len(only):
+            ev.append(f"in {tag} only (not compared): {_steps_text(only)}")
+    shorter = [t for t, o in (("B", only_a), ("A", only_b)) if len(o)]
+    title = (
+        f"the runs record different steps: {shorter[0]} is missing {len(only_a) or len(only_b)} "
+        "step(s) of the other run"
+        if len(shorter) == 1
+        else "the runs record different steps (each has steps the other lacks)"
+    )
+    return Cause(
+        "step_mismatch",
+        title,
+        ev,
+        "compare only the common steps with --steps LO:HI, or re-record the shorter run to the "
+        "same length (a crashed or truncated run also shows here)",
+    )
 
 
 def _span(steps: np.ndarray) -> Optional[list[int]]:

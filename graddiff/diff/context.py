@@ -45,9 +45,31 @@ class Cause:
         }
 
 
+#: How evidence names each kind.
+KIND_WORDS = {
+    "param": "parameters",
+    "input": "inputs",
+    "activation": "activations",
+    "loss": "losses",
+    "grad_output": "output gradients",
+    "grad": "gradients",
+    "autograd_grad": "autograd.grad results",
+    "buffer": "buffers",
+}
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def fmt(x: Optional[float]) -> str:
-    if x is None or not np.isfinite(x):
-        return str(x)
+    """A number for evidence text; never "None" or "nan" (those read as a bug)."""
+    if x is None:
+        return "not comparable"
+    if np.isnan(x):
+        return "NaN"
+    if not np.isfinite(x):
+        return "infinite"
     return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
 
 
@@ -60,6 +82,29 @@ class Context:
         self.pair, self.walk, self.hit, self.rtol, self.env_rows = pair, walk, hit, rtol, env_rows
         self.slot: Slot = pair.al.slots[hit.slot]
         self.step = hit.step
+        self.compared = {s.kind for s in pair.al.slots}
+
+    def hit_text(self) -> str:
+        """The hit's size in words: "rel 0.01", "rel >= 0.01" (statistics) or its status."""
+        h = self.hit
+        if h.basis == "structure" or h.code == NONFINITE or not np.isfinite(h.rel):
+            return {
+                MISSING_A: "absent in A",
+                MISSING_B: "absent in B",
+                SHAPE: "shapes differ",
+                NONFINITE: "NaN/Inf at different places",
+            }.get(h.code, h.status.replace("_", " "))
+        return f"rel {'>= ' if h.basis == 'stats' else ''}{fmt(h.rel)}"
+
+    def agree(self, kinds: tuple[str, ...], verb: str = "agree") -> str:
+        """ "the parameters and inputs agree (activations not compared)": never a claim about a
+        kind that was not compared."""
+        have = [KIND_WORDS[k] for k in kinds if k in self.compared]
+        lack = [KIND_WORDS[k] for k in kinds if k not in self.compared]
+        if not have:
+            return f"{_and(lack)} were not compared"
+        text = f"the compared {_and(have)} {verb}"
+        return text + (f" ({_and(lack)} not compared)" if lack and have else "")
 
     def prev(self, step: int) -> Optional[int]:
         earlier = self.pair.steps[self.pair.steps < step]

@@ -70,6 +70,12 @@ class Report:
     structure: dict[str, Any]
     growth: dict[str, list[tuple[int, float]]]
     kinds: list[str]
+    #: kinds that had at least one record to compare (in causal order)
+    compared_kinds: list[str] = field(default_factory=list)
+    #: the user restricted the kinds (--kinds)
+    kinds_filtered: bool = False
+    #: steps recorded in one run only (outside --steps): a difference in itself
+    steps_mismatch: bool = False
     notes: list[str] = field(default_factory=list)
     max_rel_diff: float = 0.0
     _matrix: Optional[Callable[[], tuple[np.ndarray, list[str], np.ndarray]]] = field(
@@ -79,12 +85,13 @@ class Report:
     # -- verdict ---------------------------------------------------------------------------
     @property
     def diverged(self) -> bool:
-        return self.first is not None
+        """A record diverged, or the runs record different steps (without --steps)."""
+        return self.first is not None or self.steps_mismatch
 
     @property
     def verdict(self) -> str:
         """``identical``, ``within_tolerance`` or ``diverged``."""
-        if self.first is not None:
+        if self.diverged:
             return "diverged"
         return "within_tolerance" if self.first_bitwise is not None else "identical"
 
@@ -114,25 +121,45 @@ class Report:
         """Where the difference started: the first bitwise difference."""
         return self.first_bitwise
 
-    def headline(self) -> str:
-        """One line: the verdict."""
+    def scope(self) -> str:
+        """What was compared: steps and kinds ("5 steps (0..4) of param, grad (--kinds)")."""
         n = self.steps.get("compared", 0)
+        lo, hi = self.steps.get("first"), self.steps.get("last")
+        span = f" ({lo}..{hi})" if n > 1 and lo is not None else (f" ({lo})" if n == 1 else "")
+        kinds = ", ".join(self.compared_kinds or self.kinds) or "no kind"
+        return f"{n} step{'s' if n != 1 else ''}{span} of {kinds}" + (
+            " (--kinds)" if self.kinds_filtered else ""
+        )
+
+    def headline(self) -> str:
+        """One line: the verdict, and what it covers (steps and kinds compared)."""
         tol = "any bitwise difference (--exact)" if self.exact else f"rtol {self.rtol:g}"
+        scope = self.scope()
+        if self.first is None and self.steps_mismatch:
+            a, b = self.steps.get("in_a", 0), self.steps.get("in_b", 0)
+            same = "bitwise identical" if self.first_bitwise is None else f"within {tol}"
+            return (
+                f"DIVERGED: the runs record different steps (A {a}, B {b}); compared {scope} are "
+                f"{same}. Restrict with --steps to accept this."
+            )
         if self.verdict == "identical":
             unsure = self.structure.get("not_comparable") or []
             if unsure:
                 return (
-                    f"No difference over {n} compared steps: bitwise identical except "
+                    f"No difference over {scope}: bitwise identical except "
                     f"{len(unsure)} summed or joined record(s) stored as statistics only, "
                     "which agree within rounding (not comparable bitwise)."
                 )
-            return f"No difference: the runs are bitwise identical over {n} compared steps."
+            return f"No difference: the runs are bitwise identical over {scope}."
         if self.verdict == "within_tolerance":
             o = self.first_bitwise
             return (
-                f"No divergence beyond {tol} over {n} steps (largest rel diff {_g(self.max_rel_diff)}; "
+                f"No divergence beyond {tol} over {scope} (largest rel diff {_g(self.max_rel_diff)}; "
                 f"first bitwise difference: {o.label} at step {o.step})."
             )
+        return self._diverged_line(tol) + f"; compared {scope}"
+
+    def _diverged_line(self, tol: str) -> str:
         f = self.first
         if f.status == "nonfinite":
             what = "NaN/Inf at different places"
@@ -163,6 +190,9 @@ class Report:
                 "rtol": self.rtol,
                 "exact": self.exact,
                 "kinds": list(self.kinds),
+                "compared_kinds": list(self.compared_kinds),
+                "kinds_filtered": self.kinds_filtered,
+                "steps_mismatch": self.steps_mismatch,
                 "steps": dict(self.steps),
                 "first": self.first.to_dict() if self.first else None,
                 "first_bitwise": self.first_bitwise.to_dict() if self.first_bitwise else None,

@@ -130,7 +130,8 @@ def rule_scaled_grads(x: Context) -> Optional[Cause]:
     small, big = ("A", "B") if abs(np.median(ratios)) < 1 else ("B", "A")
     factors = ratios if small == "A" else [1 / c if c else float("inf") for c in ratios]
     ev = [
-        f"the forward pass and loss agree at step {x.step}; each differing gradient of {small} is "
+        f"at step {x.step} {x.agree(('param', 'input', 'activation', 'loss'))}; "
+        f"each differing gradient of {small} is "
         f"{big}'s times a constant (residual rel {fmt(worst)})",
         f"factors: {', '.join(fmt(c) for c in factors[:5])}"
         + (" (the same for all)" if same else ""),

@@ -31,7 +31,7 @@ def rule_nonfinite(x: Context) -> Optional[Cause]:
         f"the first NaN/Inf: {x.slot.label} at step {h.step} (run {bad})",
         [
             f"NaN/Inf counts: A {fa.get('nan')}/{fa.get('inf')}, B {fb.get('nan')}/{fb.get('inf')}",
-            "every record before it in causal order agrees within tolerance",
+            "every compared record before it in causal order agrees within tolerance",
         ],
         "look at what produces this tensor at this step: learning rate, log/div of zero, "
         "overflow in float16 (loss scaling), an exploding gradient",
@@ -86,7 +86,10 @@ def rule_init(x: Context) -> Optional[Cause]:
     return Cause(
         "different_init",
         f"different initial weights: {len(big)} of {len(params)} parameters differ at step {x.step}",
-        [f"{s.name}: rel {fmt(r)}" for s, r in big[:5]],
+        [
+            f"{s.name}: " + (f"rel {fmt(r)}" if r is not None else "not comparable by value")
+            for s, r in big[:5]
+        ],
         "start both runs from the same weights: copy.deepcopy(model), "
         "model_b.load_state_dict(model_a.state_dict()), or torch.manual_seed(...) before building",
     )
@@ -102,9 +105,7 @@ def rule_inputs(x: Context) -> Optional[Cause]:
     """An input differs while parameters agree: data order or augmentation."""
     if x.slot.kind != "input":
         return None
-    ev = [
-        f"{x.slot.label} differs at step {x.step} (rel {fmt(x.hit.rel)}) while the parameters agree"
-    ]
+    ev = [f"{x.slot.label} differs at step {x.step} ({x.hit_text()}) while " + x.agree(("param",))]
     a, b = x.v("a", x.slot, x.step), x.v("b", x.slot, x.step)
     title = "different inputs"
     if a is not None and b is not None and a.shape == b.shape and a.ndim >= 1 and a.size:
@@ -151,7 +152,7 @@ def rule_mode(x: Context) -> Optional[Cause]:
         f"train/eval mode differs: run {wrong} trains in eval mode (forgotten model.train()?)",
         [
             f"{len(flips)} module(s) run in different modes at step {x.step}, e.g. '{s.name}': {ma} in A, {mb} in B",
-            f"first divergence: {x.slot.label} (rel {fmt(x.hit.rel)})",
+            f"first divergence: {x.slot.label} ({x.hit_text()})",
         ],
         f"call model.train() after evaluation in run {wrong}",
     )
@@ -176,7 +177,7 @@ def rule_dropout(x: Context) -> Optional[Cause]:
         [
             f"at step {x.step} the outputs agree where both runs kept an element, but different elements are "
             f"zeroed ({za.mean():.1%} in A, {zb.mean():.1%} in B)",
-            "the module's input agrees (every earlier record is within tolerance)",
+            "the module's input agrees (every earlier compared record is within tolerance)",
         ],
         "seed torch identically (torch.manual_seed) and make both runs draw the same random numbers "
         "before this step (an extra random op shifts every later mask)",
@@ -191,8 +192,8 @@ def rule_module_output(x: Context) -> Optional[Cause]:
         "module_output",
         f"module '{x.slot.name}' gives a different output from the same input",
         [
-            f"{x.slot.label} differs at step {x.step} (rel {fmt(x.hit.rel)}) while every earlier "
-            "record (parameters, inputs, earlier modules) agrees"
+            f"{x.slot.label} differs at step {x.step} ({x.hit_text()}) while every earlier "
+            "module's output agrees; " + x.agree(("param", "input"))
         ],
         "a different op or module here (e.g. a swapped activation), different module settings, "
         "or random numbers (dropout)",
@@ -201,17 +202,19 @@ def rule_module_output(x: Context) -> Optional[Cause]:
 
 def rule_generic(x: Context) -> Optional[Cause]:
     """Fallback: name where the first difference is, by kind."""
+    forward = ("param", "input", "activation") + (("loss",) if x.slot.kind != "loss" else ())
+    seen = any(k in x.compared for k in forward)
     what = {
-        "loss": "the loss differs while the model output agrees: different targets or loss function",
-        "grad_output": "the backward pass differs while the forward agrees: loss scaling or a custom backward",
-        "grad": "gradients differ while the forward pass agrees",
-        "autograd_grad": "gradients differ while the forward pass agrees",
+        "loss": "the loss differs"
+        + (": different targets or loss function" if "activation" in x.compared else ""),
+        "grad_output": "the backward pass differs"
+        + (": loss scaling or a custom backward" if seen else ""),
+        "grad": "gradients differ",
+        "autograd_grad": "gradients differ",
         "param": "parameters differ",
         "buffer": "buffers differ",
     }.get(x.slot.kind, f"{x.slot.kind} differs")
-    return Cause(
-        "unknown",
-        what,
-        [f"first divergence: {x.slot.label} at step {x.step} (rel {fmt(x.hit.rel)})"],
-        "inspect the two runs' code around this step",
-    )
+    ev = [f"first divergence: {x.slot.label} at step {x.step} ({x.hit_text()})"]
+    if x.slot.kind in ("loss", "grad_output", "grad", "autograd_grad"):
+        ev.append(f"at step {x.step}, " + x.agree(forward))
+    return Cause("unknown", what, ev, "inspect the two runs' code around this step")

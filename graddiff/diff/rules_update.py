@@ -23,8 +23,8 @@ def rule_batchnorm(x: Context) -> Optional[Cause]:
     ):
         return None
     ev = [
-        f"{x.slot.label} differs at step {x.step} (rel {fmt(x.hit.rel)}) while parameters, "
-        "activations and gradients agree"
+        f"{x.slot.label} differs at step {x.step} ({x.hit_text()}) while "
+        + x.agree(("param", "activation", "grad"))
     ]
     title = "BatchNorm running statistics differ (momentum, or an extra forward in train mode)"
     counter = next(
@@ -87,7 +87,7 @@ def rule_update_rule(x: Context) -> Optional[Cause]:
     params_ok = x.within(prev, ("param",))
     if grads_ok is False or params_ok is False:
         return None
-    ev = [f"{x.slot.label} differs at step {x.step} (rel {fmt(x.hit.rel)})"]
+    ev = [f"{x.slot.label} differs at step {x.step} ({x.hit_text()})"]
     ev.append(
         f"at step {prev} the parameters and gradients agree"
         if grads_ok
