@@ -154,8 +154,11 @@ def test_a_sudden_parameter_jump_after_rounding_noise_is_not_called_amplified(tm
     )
     assert (r.first.step, r.first.kind) == (3, "param")
     assert r.first_bitwise.rounding_level and not r.amplified_rounding
-    assert [c.cause for c in r.diagnosis] == ["update_rule", "rounding"]
-    assert "not its cause" in r.diagnosis[1].title
+    # B's parameters jump by 0.5 p with equal gradients: a rate or a decay difference (the
+    # update is proportional to the weights), never amplified rounding
+    causes = [c.cause for c in r.diagnosis]
+    assert causes[0] in ("learning_rate", "weight_decay") and causes[-1] == "rounding"
+    assert "not its cause" in r.diagnosis[-1].title
 
 
 def test_steps_without_compared_records_are_skipped(tmp_path):

@@ -8,7 +8,7 @@ matched and amplification is plausible; generic descriptions are the fallback.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .compare_records import EQUAL
 from .context import UPDATE_AMPLIFICATION, Cause, Context, fmt
@@ -16,7 +16,12 @@ from .envdiff import numeric_differences
 from .first import WalkResult
 from .noise import rounding_level
 from .pair import RunPair
-from .rules_backward import rule_accumulation, rule_scaled_grads, rule_unscaled_micro_batches
+from .rules_backward import (
+    rule_accumulation,
+    rule_loss_scale,
+    rule_scaled_grads,
+    rule_unscaled_micro_batches,
+)
 from .rules_forward import (
     rule_dropout,
     rule_generic,
@@ -25,6 +30,7 @@ from .rules_forward import (
     rule_mode,
     rule_module_output,
     rule_nonfinite,
+    rule_precision,
     rule_structure,
 )
 from .rules_update import rule_batchnorm, rule_update_rule, rule_update_specific
@@ -98,7 +104,7 @@ def _amplification_plausible(x: Context) -> bool:
     return x.hit.rel <= UPDATE_AMPLIFICATION * worst
 
 
-RULES: tuple[Callable[[Context], Optional[Cause]], ...] = (
+RULES: tuple[Callable[[Context], Any], ...] = (
     rule_nonfinite,
     rule_structure,
     rule_init,
@@ -110,9 +116,11 @@ RULES: tuple[Callable[[Context], Optional[Cause]], ...] = (
     rule_batchnorm,
     rule_update_specific,
     rule_unscaled_micro_batches,
+    rule_loss_scale,
+    rule_precision,
 )
 #: Generic rules: used only when no specific rule matched and rounding does not explain it.
-LATE_RULES: tuple[Callable[[Context], Optional[Cause]], ...] = (
+LATE_RULES: tuple[Callable[[Context], Any], ...] = (
     rule_update_rule,
     rule_module_output,
     rule_generic,
@@ -134,7 +142,10 @@ def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> li
     rules = (
         (rule_nonfinite, rule_structure) if tiny else RULES
     )  # rounding-level: no behavioural cause
-    causes = [c for c in (rule(x) for rule in rules) if c is not None]
+    causes: list[Cause] = []
+    for rule in rules:
+        c = rule(x)
+        causes.extend(c if isinstance(c, list) else ([c] if c is not None else []))
     plausible = tiny or _amplification_plausible(x)
     rounding = _rounding(x, secondary=bool(causes) or not plausible)
     if not causes and (rounding is None or not plausible):

@@ -171,3 +171,87 @@ def rule_unscaled_micro_batches(x: Context) -> Optional[Cause]:
                 f"backpropagate loss / {n} for each micro-batch (or scale the learning rate)",
             )
     return None
+
+
+def _scalars(x: Context, side: str, slot: Slot) -> Optional[float]:
+    v = x.v(side, slot, x.step)
+    return float(v.ravel()[0]) if v is not None and v.size == 1 else None
+
+
+def rule_loss_scale(x: Context) -> Optional[Cause]:
+    """Every loss is the other run's times one constant k, with the forward pass agreeing: an
+    un-normalised accumulation over k micro-batches, a loss scale, or a loss weight."""
+    if x.slot.kind != "loss" or x.within(x.step, ("param", "input", "activation")) is False:
+        return None
+    ratios, calls = [], {"a": 0, "b": 0}
+    for s, _ in x.slots_of(x.step, ("loss",)):
+        va, vb = _scalars(x, "a", s), _scalars(x, "b", s)
+        calls["a"] += va is not None
+        calls["b"] += vb is not None
+        if va is not None and vb is not None and vb != 0 and np.isfinite(va / vb):
+            ratios.append(va / vb)
+    if not ratios:
+        return None
+    c = float(np.median(ratios))
+    if c <= 0 or max(abs(r / c - 1) for r in ratios) > 1e-4 or abs(c - 1) < 10 * x.rtol:
+        return None
+    big, k = ("A", c) if c > 1 else ("B", 1 / c)
+    n = calls[big.lower()]
+    ev = [
+        f"at step {x.step} each of the {len(ratios)} loss call(s) of {big} is {fmt(k)}x the other "
+        f"run's; {x.agree(('param', 'input', 'activation'))}"
+    ]
+    gk = _grad_factor(x, big)
+    if gk is not None:
+        ev.append(f"{big}'s gradients are {fmt(gk)}x the other run's (residual below 2%)")
+    log2 = np.log2(k)
+    if n > 1 and abs(k - n) < 1e-3 * n:
+        return Cause(
+            "unscaled_micro_batches",
+            f"{big}'s {n} micro-batch losses are not divided by {n}: its gradients are {n}x too "
+            "large (un-normalised gradient accumulation)",
+            ev,
+            f"backpropagate loss / {n} for each of the {n} micro-batches (or scale the learning "
+            "rate)",
+        )
+    if k >= 16 and abs(log2 - round(log2)) < 1e-6:
+        unscaled = gk is None or abs(gk - 1) < 0.01
+        return Cause(
+            "loss_scaling",
+            f"{big}'s loss is scaled by 2^{round(log2)} (AMP GradScaler)"
+            + ("" if unscaled else " and its gradients are not unscaled"),
+            ev,
+            "a GradScaler scales the loss; call scaler.unscale_(optimizer) before clipping or "
+            "inspecting gradients, and scaler.step(optimizer) instead of optimizer.step()",
+        )
+    return Cause(
+        "loss_scale",
+        f"{big}'s loss is {fmt(k)}x the other run's: a loss weight or normalisation differs "
+        "(sum vs mean, / k)",
+        ev,
+        "use the same loss reduction and weights in both runs",
+    )
+
+
+def _grad_factor(x: Context, big: str) -> Optional[float]:
+    """One factor that maps the other run's gradients at this step onto ``big``'s, or None."""
+    num = den = 0.0
+    worst = 0.0
+    found = False
+    pairs = []
+    for s, _ in x.slots_of(x.step, ("grad", "autograd_grad")):
+        a, b = x.v("a", s, x.step), x.v("b", s, x.step)
+        if a is None or b is None or a.shape != b.shape:
+            continue
+        hi, lo = (a, b) if big == "A" else (b, a)
+        hi, lo = hi.astype(np.float64).ravel(), lo.astype(np.float64).ravel()
+        num += float(hi @ lo)
+        den += float(lo @ lo)
+        pairs.append((hi, lo))
+        found = True
+    if not found or den == 0:
+        return None
+    k = num / den
+    for hi, lo in pairs:
+        worst = max(worst, rel_diff(hi, k * lo))
+    return k if worst < RELATION_TOL else None

@@ -13,6 +13,7 @@ import numpy as np
 from .compare_records import EQUAL, MISSING_A, MISSING_B, NONFINITE, SHAPE
 from .context import Cause, Context, fmt, some_names
 from .exact import rel_diff
+from .noise import eps_of
 
 
 def rule_nonfinite(x: Context) -> Optional[Cause]:
@@ -218,3 +219,57 @@ def rule_generic(x: Context) -> Optional[Cause]:
     if x.slot.kind in ("loss", "grad_output", "grad", "autograd_grad"):
         ev.append(f"at step {x.step}, " + x.agree(forward))
     return Cause("unknown", what, ev, "inspect the two runs' code around this step")
+
+
+def _float_dtypes(x: Context, side: str, kinds: tuple[str, ...]) -> dict[str, int]:
+    """dtype -> number of records of these kinds at the step (floating point only)."""
+    c = x.pair.cells(x.step)
+    sd = getattr(c, side)
+    out: dict[str, int] = {}
+    for i in range(len(c)):
+        s = x.pair.al.slots[int(c.slot[i])]
+        if s.kind in kinds and sd.present[i] and sd.dtype[i] >= 0:
+            name = x.pair.dtypes.names[int(sd.dtype[i])]
+            if eps_of(name) > 0:
+                out[name] = out.get(name, 0) + 1
+    return out
+
+
+def precision_of(x: Context) -> dict[str, dict[str, dict[str, int]]]:
+    """side -> kind -> dtype counts, for activations and parameters at the hit's step."""
+    return {
+        side: {k: _float_dtypes(x, side, (k,)) for k in ("activation", "param")}
+        for side in ("a", "b")
+    }
+
+
+def rule_precision(x: Context) -> Optional[Cause]:
+    """The runs compute in different floating-point precision (autocast, parameter dtype)."""
+    p = precision_of(x)
+    ev, lower = [], None
+    for kind, what in (("param", "parameters"), ("activation", "module outputs")):
+        da, db = p["a"][kind], p["b"][kind]
+        if not da or not db or set(da) == set(db):
+            continue
+        ea = max(eps_of(d) for d in da)
+        eb = max(eps_of(d) for d in db)
+        side = "A" if ea > eb else "B"
+        lower = lower or (side, max(da, key=eps_of) if side == "A" else max(db, key=eps_of))
+        ev.append(
+            f"{what} at step {x.step}: {_dtypes(da)} in A vs {_dtypes(db)} in B (recorded dtypes)"
+        )
+    if lower is None:
+        return None
+    side, dtype = lower
+    ev.append(f"first divergence: {x.slot.label} at step {x.step} ({x.hit_text()})")
+    return Cause(
+        "precision",
+        f"different precision: {side} computes in {dtype} (autocast or a {dtype} model)",
+        ev,
+        f"expected rounding differences of {dtype} are judged by its tolerance (docs: tolerance); "
+        "to compare the computation itself, record both runs in the same precision",
+    )
+
+
+def _dtypes(counts: dict[str, int]) -> str:
+    return ", ".join(f"{d} ({n})" for d, n in sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -10,8 +10,8 @@ from typing import Optional
 import numpy as np
 
 from .compare_records import EQUAL
-from .context import RELATION_TOL, Cause, Context, cosine, fmt
-from .exact import rel_diff
+from .context import Cause, Context, fmt, some_names
+from .update_fit import differs, fit_difference, fit_sgd, fresh_adam
 
 
 def rule_batchnorm(x: Context) -> Optional[Cause]:
@@ -79,92 +79,276 @@ def _bn_ratio(x: Context) -> Optional[float]:
 
 
 def rule_update_rule(x: Context) -> Optional[Cause]:
-    """Parameters differ while the previous step's parameters and gradients agree."""
-    if x.slot.kind != "param" or x.step == int(x.pair.steps[0]):
+    """Parameters differ while the previous step's parameters and gradients agree (generic)."""
+    if not _after_agreeing_step(x):
         return None
     prev = x.prev(x.step)
-    grads_ok = x.within(prev, ("grad", "autograd_grad"))
-    params_ok = x.within(prev, ("param",))
-    if grads_ok is False or params_ok is False:
-        return None
     ev = [f"{x.slot.label} differs at step {x.step} ({x.hit_text()})"]
+    grads_ok = x.within(prev, ("grad", "autograd_grad"))
     ev.append(
         f"at step {prev} the parameters and gradients agree"
         if grads_ok
-        else f"at step {prev} the parameters agree (gradients not recorded)"
+        else f"at step {prev} the parameters agree (gradients not compared)"
     )
-    title = "update rule differs (learning rate, weight decay, momentum or a manual update)"
-    detail = _update_detail(x, prev)
-    if detail:
-        title, more = detail
-        ev.extend(more)
     return Cause(
         "update_rule",
-        title,
+        "update rule differs (learning rate, weight decay, momentum or a manual update)",
         ev,
         "compare the optimizers: learning rate and its schedule, weight_decay, momentum, "
         "and any manual update of the parameters",
     )
 
 
-def _update_detail(x: Context, prev: int) -> Optional[tuple[str, list[str]]]:
-    """Classify the update difference: uniform ratio, proportional to weights, or momentum."""
-    votes: dict[str, list[float]] = {"ratio": [], "momentum": [], "decay": []}
-    pprev = x.prev(prev)
-    for s, code in x.slots_of(x.step, ("param",)):
-        if code == EQUAL:
-            continue
-        pa, pb, qa, qb = (x.v(side, s, t) for t in (x.step, prev) for side in ("a", "b"))
-        if any(v is None for v in (pa, pb, qa, qb)):
-            continue
-        da = (pa.astype(np.float64) - qa).ravel()
-        db = (pb.astype(np.float64) - qb).ravel()
-        if float(db @ db) == 0:
-            continue
-        c = float(da @ db) / float(db @ db)
-        if rel_diff(da, c * db) < RELATION_TOL:
-            votes["ratio"].append(c)
-            continue
-        e = da - db
-        rb = x.v("b", s, pprev) if pprev is not None else None
-        if rb is not None and abs(cosine(e, (qb.astype(np.float64) - rb).ravel())) > 0.99:
-            votes["momentum"].append(1.0)
-            continue
-        w = qa.astype(np.float64).ravel()
-        if abs(cosine(e, w)) > 0.99:
-            votes["decay"].append(float(e @ w) / float(w @ w))
-    kind = max(votes, key=lambda k: len(votes[k]))
-    vals = votes[kind]
-    if not vals:
-        return None
-    if kind == "ratio":
-        same = max(vals) - min(vals) <= 1e-3 * max(abs(max(vals)), 1e-30)
-        return (
-            "learning rate differs" + (" (a schedule?)" if x.step > 1 else ""),
-            [
-                f"A's update is B's x {fmt(float(np.median(vals)))}"
-                + (
-                    " for every parameter"
-                    if same
-                    else f" (factors {', '.join(fmt(c) for c in vals[:4])})"
-                )
-            ],
-        )
-    if kind == "decay":
-        return (
-            "weight decay differs",
-            [
-                f"A's update minus B's is proportional to the weights (coefficient {fmt(float(np.median(vals)))} "
-                "= -lr x the weight_decay difference)"
-            ],
-        )
+def _after_agreeing_step(x: Context, step: Optional[int] = None) -> bool:
+    step = x.step if step is None else step
+    if x.slot.kind != "param" or step == int(x.pair.steps[0]):
+        return False
+    prev = x.prev(step)
     return (
-        "momentum (optimizer state) differs",
-        [f"A's update minus B's points along the previous update ({len(vals)} parameters)"],
+        x.within(prev, ("grad", "autograd_grad")) is not False
+        and x.within(prev, ("param",)) is not False
     )
 
 
-def rule_update_specific(x: Context) -> Optional[Cause]:
-    """The update-rule rule, only when it names the difference (lr, decay, momentum)."""
-    c = rule_update_rule(x)
-    return c if c is not None and not c.title.startswith("update rule differs") else None
+def rule_update_specific(x: Context) -> list[Cause]:
+    """The update-rule causes the recorded series prove: learning rate, weight decay (and on
+    which parameters), momentum / optimizer state. Several when the evidence fits several.
+
+    The update looked at is the first one that differs (the origin, when it is a parameter),
+    else the one that diverged.
+    """
+    o = x.walk.first_bitwise
+    steps = [x.step]
+    if o is not None and x.pair.al.slots[o.slot].kind == "param" and o.step < x.step:
+        steps.insert(0, o.step)
+    for step in steps:
+        if _after_agreeing_step(x, step):
+            causes = _update_causes(x, step)
+            if causes:
+                return causes
+    return []
+
+
+def _update_causes(x: Context, step: int) -> list[Cause]:
+    prev = x.prev(step)
+    pprev = x.prev(prev)
+    found: dict[tuple, list[str]] = {}  # finding -> parameter names
+    alike, total = [], 0
+    for s, code in x.slots_of(step, ("param",)):
+        total += 1
+        if code == EQUAL:
+            alike.append(s.name)
+            continue
+        for f in _findings(x, s, step, prev, pprev):
+            found.setdefault(f, []).append(s.name)
+    if not found:
+        return []
+    causes = [_cause(x, f, names, alike, total, prev, step) for f, names in found.items()]
+    order = {f: -len(n) for f, n in found.items()}
+    ranked = sorted(zip(found, causes), key=lambda fc: order[fc[0]])
+    out, seen = [], set()
+    for _, c in ranked:  # one cause per id, the best-supported first
+        if c.cause not in seen:
+            seen.add(c.cause)
+            out.append(c)
+    return out
+
+
+def _series(x: Context, s, step: int, prev: int, pprev: Optional[int], side: str):
+    """(delta, g, p, u) of one parameter in one run, float64 and flat; None where missing."""
+    p1, p0 = x.v(side, s, step), x.v(side, s, prev)
+    if p1 is None or p0 is None or p1.shape != p0.shape or p0.dtype.kind != "f":
+        return None
+    p0 = p0.astype(np.float64).ravel()
+    delta = p1.astype(np.float64).ravel() - p0
+    g = None
+    for kind in ("grad", "autograd_grad"):
+        gs = x.pair.slot(kind, s.name)
+        gv = x.v(side, gs, prev) if gs is not None else None
+        if gv is not None and gv.size == p0.size:
+            g = gv.astype(np.float64).ravel()
+            break
+    u = None
+    if pprev is not None:
+        q = x.v(side, s, pprev)
+        if q is not None and q.size == p0.size:
+            u = p0 - q.astype(np.float64).ravel()
+            if not np.any(u):
+                u = None
+    return delta, g, p0, u
+
+
+def _findings(x: Context, s, step: int, prev: int, pprev: Optional[int]) -> list[tuple]:
+    """What differs in this parameter's update, as hashable findings."""
+    a = _series(x, s, step, prev, pprev, "a")
+    b = _series(x, s, step, prev, pprev, "b")
+    if a is None or b is None:
+        return []
+    (da, ga, pa, ua), (db, gb, pb, ub) = a, b
+    out: list[tuple] = []
+    if ga is not None and gb is not None:
+        fa, fb = fit_sgd(da, ga, pa, ua), fit_sgd(db, gb, pb, ub)
+        if fa is not None and fb is not None:  # both runs are SGD: read the hyperparameters
+            if differs(fa.lr, fb.lr, fa.se["lr"], fb.se["lr"]):
+                out.append(("lr", fa.lr, fb.lr))
+            se_wd = (fa.se["p"] / max(fa.lr, 1e-30), fb.se["p"] / max(fb.lr, 1e-30))
+            if differs(fa.wd, fb.wd, *se_wd):
+                out.append(("wd", _round(fa.wd), _round(fb.wd), "coupled"))
+            ma, mb = fa.momentum, fb.momentum
+            if (
+                ma is not None
+                and mb is not None
+                and differs(ma, mb, fa.se["momentum"], fb.se["momentum"])
+            ):
+                reset = _momentum_before(x, s, prev, pprev, "a" if ma == 0 else "b")
+                if min(abs(ma), abs(mb)) == 0 and reset:
+                    out.append(("momentum_reset", "A" if ma == 0 else "B", _round(reset)))
+                else:
+                    out.append(("momentum", _round(ma), _round(mb)))
+            return out
+        for side, d, g, other, og in (("A", da, ga, db, gb), ("B", db, gb, da, ga)):
+            if pprev is not None:  # not the first update: a fresh Adam here was reset
+                lr = fresh_adam(d, g)
+                if lr is not None and fresh_adam(other, og) is None:
+                    return [("adam_reset", side, _round(lr))]
+    fits = fit_difference(da, db, pb, ub)
+    for fit in fits[:2]:
+        t = fit.terms
+        if set(t) == {"ratio"}:
+            out.append(("ratio", _round(1 + t["ratio"])))
+        elif set(t) == {"decay"}:
+            out.append(("decoupled", _round(t["decay"])))
+        elif "state" in t:
+            out.append(("state",))
+        else:
+            out.append(("ratio+decay",))
+    return out
+
+
+def _momentum_before(x: Context, s, step: int, prev: Optional[int], side: str) -> float:
+    """The momentum one run's previous update used (0 when unknown): a run whose momentum drops
+    to 0 after being positive had its buffer reset."""
+    if prev is None:
+        return 0.0
+    got = _series(x, s, step, prev, x.prev(prev), side)
+    if got is None or got[1] is None:
+        return 0.0
+    f = fit_sgd(*got)
+    return f.momentum if f is not None and f.momentum else 0.0
+
+
+def _round(v: float) -> float:
+    """Three significant digits, so that parameters with the same setting group together."""
+    return float(f"{v:.3g}")
+
+
+def _who(names: list[str], total: int) -> str:
+    if len(names) == total:
+        return "every parameter"
+    return f"{len(names)} of {total} parameters ({some_names(names)})"
+
+
+def _cause(
+    x: Context, f: tuple, names: list[str], alike: list[str], total: int, prev: int, step: int
+) -> Cause:
+    who = _who(names, total)
+    head = f"at step {prev} the parameters and gradients agree; the updates to step {step} differ"
+    groups = (
+        f"; {some_names(alike)} are updated bitwise alike: the decay covers different "
+        "parameter groups"
+        if alike
+        else ""
+    )
+    later = prev > int(x.pair.steps[0])
+    if f[0] == "lr":
+        return Cause(
+            "learning_rate",
+            f"learning rate differs: {fmt(f[1])} in A vs {fmt(f[2])} in B"
+            + (" (a schedule stepped differently?)" if later else ""),
+            [
+                head,
+                f"fitting each run's update as p -= lr * (g + wd * p) (+ momentum) gives lr "
+                f"{fmt(f[1])} in A and {fmt(f[2])} in B for {who}",
+            ]
+            + ([f"earlier updates agree: the rates part at step {prev}"] if later else []),
+            "use the same learning rate and scheduler; step the scheduler at the same place (per "
+            "step vs per epoch) and restore it (scheduler.load_state_dict) when resuming",
+        )
+    if f[0] == "ratio":
+        return Cause(
+            "learning_rate",
+            "learning rate differs" + (" (a schedule stepped differently?)" if later else ""),
+            [head, f"A's update is B's x {fmt(f[1])} for {who}"],
+            "use the same learning rate and scheduler; step the scheduler at the same place (per "
+            "step vs per epoch) and restore it (scheduler.load_state_dict) when resuming",
+        )
+    if f[0] in ("wd", "decoupled"):
+        if f[0] == "wd":
+            what = f"weight_decay {fmt(f[1])} in A vs {fmt(f[2])} in B (coupled L2: g + wd * p)"
+            ev = (
+                f"fitting each run's update as p -= lr * (g + wd * p) (+ momentum) gives "
+                f"{what} for {who}{groups}"
+            )
+        else:
+            what = "decoupled weight decay (AdamW-style)"
+            ev = (
+                f"A's update minus B's is {fmt(f[1])} x the weights (= lr x (wd_B - wd_A)) for "
+                f"{who}{groups}"
+            )
+        return Cause(
+            "weight_decay",
+            f"weight decay differs: {what}" + (" on different parameter groups" if groups else ""),
+            [head, ev],
+            "use the same weight_decay, the same optimizer class (SGD/Adam add wd * p to the "
+            "gradient, AdamW decays the weights directly) and the same parameter groups "
+            "(e.g. no decay on biases and norm weights in both)",
+        )
+    if f[0] == "momentum":
+        return Cause(
+            "optimizer_state",
+            f"momentum differs: {fmt(f[1])} in A vs {fmt(f[2])} in B",
+            [
+                head,
+                f"fitting each run's update as p -= lr * (g + wd * p) - momentum * previous update "
+                f"gives momentum {fmt(f[1])} in A and {fmt(f[2])} in B for {who}",
+            ],
+            "use the same momentum; when resuming, restore the optimizer "
+            "(optimizer.load_state_dict) along with the model",
+        )
+    if f[0] == "momentum_reset":
+        return Cause(
+            "optimizer_state",
+            f"momentum buffer reset in {f[1]} at step {prev} (resumed without optimizer state?)",
+            [
+                head,
+                f"fitting {f[1]}'s updates as p -= lr * (g + wd * p) - momentum * previous update "
+                f"gives momentum {fmt(f[2])} until step {prev}, then 0 (a fresh buffer) for {who}",
+            ],
+            "save and restore optimizer.state_dict() with the model when resuming",
+        )
+    if f[0] == "adam_reset":
+        return Cause(
+            "optimizer_state",
+            f"optimizer state reset in {f[1]} at step {prev}: Adam's moments start from zero "
+            "(resumed without optimizer state?)",
+            [
+                head,
+                f"{f[1]}'s update at step {prev} moves every element by ~{fmt(f[2])} in the "
+                "direction of -sign(grad): the first step of an Adam with empty moments; the "
+                f"other run's is not, for {who}",
+            ],
+            "save and restore optimizer.state_dict() with the model when resuming",
+        )
+    if f[0] == "state":
+        return Cause(
+            "optimizer_state",
+            "optimizer state differs (momentum or Adam moments)",
+            [head, f"A's update minus B's points along B's previous update for {who}"],
+            "use the same momentum/betas; when resuming, restore optimizer.state_dict()",
+        )
+    return Cause(
+        "learning_rate",
+        "learning rate and weight decay differ",
+        [head, f"A's update minus B's is a mix of B's update and the weights for {who}"],
+        "compare the learning rate and weight_decay of the two optimizers",
+    )
