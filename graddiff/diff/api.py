@@ -189,6 +189,7 @@ def _compare_mapped(
                 filtered=filtered,
                 # shifted or windowed runs cover different steps by design
                 restricted=bool(shift) or win_a is not None or win_b is not None,
+                b_steps=rb.steps,  # steps the map could not carry over still exist in B
             )
             first = report.first
             at_start = first is not None and first.step == report.steps["first"]
@@ -236,6 +237,7 @@ def _compare(
     mapped: bool = False,
     filtered: bool = False,
     restricted: bool = False,
+    b_steps: Optional[np.ndarray] = None,
 ) -> Report:
     notes = []
     for run, tag in ((ra, "A"), (rb, "B")):
@@ -279,11 +281,12 @@ def _compare(
         first, first_bitwise = _difference(pair, w.first), _difference(pair, w.first_bitwise)
     finally:
         pair.close()
-    only_a = np.setdiff1d(ra.steps, rb.steps)
-    only_b = np.setdiff1d(rb.steps, ra.steps)
+    steps_b = rb.steps if b_steps is None else b_steps
+    only_a = np.setdiff1d(ra.steps, steps_b)
+    only_b = np.setdiff1d(steps_b, ra.steps)
     if window is not None:  # --steps restricts the comparison: steps outside it do not count
         only_a, only_b = _inside(only_a, window), _inside(only_b, window)
-    mismatch = None if restricted else _step_mismatch(ra, rb, only_a, only_b)
+    mismatch = None if restricted else _step_mismatch(ra.steps, steps_b, only_a, only_b)
     if mismatch is not None:
         causes.insert(0 if w.first is None else len(causes), mismatch)
     structure = {
@@ -309,7 +312,7 @@ def _compare(
             "first": int(common[0]),
             "last": int(common[-1]),
             "in_a": int(len(ra.steps)),
-            "in_b": int(len(rb.steps)),
+            "in_b": int(len(steps_b)),
             "differing": int(w.steps_differing),
         },
         first=first,
@@ -348,11 +351,13 @@ def _steps_text(steps: np.ndarray) -> str:
     return f"{n} step{'s' if n > 1 else ''} ({span}{'' if contiguous else ', with gaps'})"
 
 
-def _step_mismatch(ra: Run, rb: Run, only_a: np.ndarray, only_b: np.ndarray) -> Optional[Cause]:
+def _step_mismatch(
+    sa: np.ndarray, sb: np.ndarray, only_a: np.ndarray, only_b: np.ndarray
+) -> Optional[Cause]:
     """Steps recorded in one run only: a truncated or longer run is a difference, not a pass."""
     if not len(only_a) and not len(only_b):
         return None
-    ev = [f"A records {_steps_text(ra.steps)}, B records {_steps_text(rb.steps)}"]
+    ev = [f"A records {_steps_text(sa)}, B records {_steps_text(sb)}"]
     for tag, only in (("A", only_a), ("B", only_b)):
         if len(only):
             ev.append(f"in {tag} only (not compared): {_steps_text(only)}")
