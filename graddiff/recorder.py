@@ -25,6 +25,7 @@ from ._warn import warn_user
 from .entries import EntryData
 from .format import FLAG_TRAINING
 from .hooks.autograd_hooks import as_tensor_list, inside_backward
+from .hooks.device_stats import DeviceStatsBatch
 from .hooks.naming import flatten_tensors, record_name
 from .hooks.optimizer_hooks import optimizer_params
 from .hooks.snapshot import capture
@@ -116,6 +117,7 @@ class Recorder:
         self._tensor_handles: list[Any] = []
         self._old_tensor_handles: list[Any] = []
         self._optimizer_params: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._device_batch = DeviceStatsBatch()  # accelerator stats: one transfer per step
         self._reset_step_state()
 
     # -- per-step state -----------------------------------------------------------------
@@ -205,7 +207,14 @@ class Recorder:
         if self._step_full:
             self.full_bytes += tensor.numel() * tensor.element_size()
         return capture(
-            kind, name, tensor, call=call, seq=seq, flags=flags, keep_values=self._step_full
+            kind,
+            name,
+            tensor,
+            call=call,
+            seq=seq,
+            flags=flags,
+            keep_values=self._step_full,
+            batch=self._device_batch,
         )
 
     def _end_step(self) -> None:
@@ -224,6 +233,7 @@ class Recorder:
                     )
                     self._seq += 1
             step = self.clock.step
+            self._device_batch.flush()
             self._reset_step_state()
             self.clock.advance()
             # Output-gradient hooks of the step before last can no longer fire usefully.

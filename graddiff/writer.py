@@ -50,6 +50,9 @@ BALLAST_BYTES = 4 * 2**20
 DIRECT_WRITE_BYTES = 1 * 2**20
 
 
+_SHAPE_PAD = [(0,) * (MAX_NDIM - k) for k in range(MAX_NDIM + 1)]
+
+
 class WriteFailed(Exception):
     """Internal: the trace file cannot take more steps. Carries the one-line reason."""
 
@@ -110,45 +113,7 @@ class TraceWriter:
     def write_step(self, step: int, entries: Sequence[EntryData]) -> int:
         """Append one complete step, flush, and mark it complete. Returns bytes of values."""
         entries = sorted(entries, key=lambda e: (CAUSAL_RANK.get(e.kind, 99), e.seq))
-        rows = np.zeros(len(entries), dtype=ENTRY_DTYPE)
-        new_records = []
-        blobs = []
-        stored: dict[int, tuple[int, int]] = {}
-        offset = 0
-        for i, e in enumerate(entries):
-            key = (e.kind, e.name, int(e.call), e.dtype)
-            rid = self._record_ids.get(key)
-            if rid is None:
-                rid = len(self._record_ids)
-                self._record_ids[key] = rid
-                new_records.append(key)
-            row = rows[i]
-            shape = tuple(int(s) for s in e.shape)
-            numel = int(np.prod(shape)) if shape else 1
-            flags = int(e.flags)
-            if len(shape) > MAX_NDIM:
-                shape, flags = (numel,), flags | FLAG_NDIM_CLIPPED
-            row["step"] = step
-            row["record"] = rid
-            row["seq"] = e.seq
-            row["ndim"] = len(shape)
-            row["shape"][: len(shape)] = shape
-            row["numel"] = numel
-            row["fp_sum"], row["fp_pos"] = e.fingerprint
-            row["norm"], row["mean"], row["min"], row["max"], row["nan"], row["inf"] = e.stats
-            if e.values is not None:
-                placed = stored.get(id(e.values))
-                if placed is None:  # the same array twice in a step is stored once
-                    raw = np.ascontiguousarray(e.values).reshape(-1).view(np.uint8)
-                    placed = stored[id(e.values)] = (offset, raw.size)
-                    blobs.append(raw)
-                    offset += raw.size
-                row["offset"], row["nbytes"] = placed
-                row["flags"] = flags | FLAG_VALUES
-            else:
-                row["offset"] = -1
-                row["nbytes"] = 0
-                row["flags"] = flags
+        rows, new_records, blobs, offset = self._rows(step, entries)
         self._check_space(offset)
         if new_records:
             recs = np.zeros(len(new_records), dtype=RECORD_DTYPE)
@@ -170,6 +135,64 @@ class TraceWriter:
         self._file.flush()  # the commit: after this, the step survives kill -9
         self._last_step_bytes = offset + rows.nbytes
         return offset
+
+    def _rows(self, step: int, entries: Sequence[EntryData]) -> tuple[np.ndarray, list, list, int]:
+        """The step's entry rows, built column-wise (one numpy assignment per column)."""
+        n = len(entries)
+        rows = np.zeros(n, dtype=ENTRY_DTYPE)
+        new_records = []
+        blobs: list[np.ndarray] = []
+        stored: dict[int, tuple[int, int]] = {}
+        offset = 0
+        record_ids = self._record_ids
+        rid_col, ndim_col, flags_col, numel_col = [0] * n, [0] * n, [0] * n, [0] * n
+        off_col, nbytes_col = [-1] * n, [0] * n
+        shape_col: list[tuple[int, ...]] = [()] * n
+        for i, e in enumerate(entries):
+            key = (e.kind, e.name, int(e.call), e.dtype)
+            rid = record_ids.get(key)
+            if rid is None:
+                rid = record_ids[key] = len(record_ids)
+                new_records.append(key)
+            rid_col[i] = rid
+            shape = e.shape
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            flags = int(e.flags)
+            if len(shape) > MAX_NDIM:
+                shape, flags = (numel,), flags | FLAG_NDIM_CLIPPED
+            shape_col[i] = tuple(shape) + _SHAPE_PAD[len(shape)]
+            ndim_col[i] = len(shape)
+            numel_col[i] = numel
+            if e.values is not None:
+                placed = stored.get(id(e.values))
+                if placed is None:  # the same array twice in a step is stored once
+                    raw = np.ascontiguousarray(e.values).reshape(-1).view(np.uint8)
+                    placed = stored[id(e.values)] = (offset, raw.size)
+                    blobs.append(raw)
+                    offset += raw.size
+                off_col[i], nbytes_col[i] = placed
+                flags |= FLAG_VALUES
+            flags_col[i] = flags
+        if n:
+            rows["step"] = step
+            rows["record"] = rid_col
+            rows["seq"] = [e.seq for e in entries]
+            rows["ndim"] = ndim_col
+            rows["shape"] = shape_col
+            rows["flags"] = flags_col
+            rows["numel"] = numel_col
+            fps = np.array([e.fingerprint for e in entries], dtype=np.uint64)
+            rows["fp_sum"], rows["fp_pos"] = fps[:, 0], fps[:, 1]
+            stats = [e.stats for e in entries]
+            floats = np.array([s[:4] for s in stats], dtype=np.float64)
+            rows["norm"], rows["mean"], rows["min"], rows["max"] = floats.T
+            counts = np.array([s[4:] for s in stats], dtype=np.int64)
+            rows["nan"], rows["inf"] = counts[:, 0], counts[:, 1]
+            rows["offset"] = off_col
+            rows["nbytes"] = nbytes_col
+        return rows, new_records, blobs, offset
 
     def _write_values(self, name: str, blobs: list[np.ndarray], total: int) -> None:
         """One contiguous dataset per step (the cheapest HDF5 layout, FIELD-NOTES 8).

@@ -123,7 +123,7 @@ def _build() -> dict[str, Any]:
 
 def available() -> bool:
     """Is the fused kernel usable here (numba importable, not disabled)?"""
-    return _get() is not None
+    return _kernels is not None or _get() is not None
 
 
 def unavailable_reason() -> Optional[str]:
@@ -158,19 +158,6 @@ def _executor(threads: int) -> ThreadPoolExecutor:
         return _pool
 
 
-_KEY_DTYPES = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
-
-
-def _decode_key(kind: str, key: int, vals: np.ndarray) -> float:
-    if kind == "int":
-        return float(key)
-    if kind == "float32":
-        bits = key ^ ((key >> 31) & 0x7FFFFFFF)
-        return struct.unpack("<f", struct.pack("<i", bits))[0]
-    bits = key ^ ((key >> 63) & 0x7FFFFFFFFFFFFFFF)
-    return struct.unpack("<d", struct.pack("<q", bits))[0]
-
-
 def summarise(
     arr: np.ndarray, n_full: int, block: int, threads: int
 ) -> Optional[tuple[int, int, int, float, float, float, float, int]]:
@@ -178,70 +165,66 @@ def summarise(
 
     ``s_sum``/``s_pos`` cover the ``n_full`` whole blocks of ``block`` int64 words, ``last`` the
     leftover whole words (the caller adds the zero-padded tail bytes); all three are int64
-    (wrap mod 2**64). None when the kernel is unavailable or the dtype is not one it takes.
+    (wrap mod 2**64). None when the kernel is unavailable or the dtype is not one it takes
+    (unsigned, bool, half, complex: the reference path). Tensors of ``SPLIT_BYTES`` or more are
+    split into one chunk per thread (``threads``), summed in a fixed order.
     """
-    kernels = _get()
-    if kernels is None:
+    kernels = _kernels if _kernels is not None else _get()
+    spec = _SPECS.get(arr.dtype)
+    if kernels is None or spec is None:
         return None
-    dt = arr.dtype
-    if dt == np.float32:
-        kind = "float32"
-    elif dt == np.float64:
-        kind = "float64"
-    elif dt.kind == "i":
-        kind = "int"
+    key_dtype, kc, decode = spec
+    keys = arr.view(key_dtype) if key_dtype is not None else arr
+    nbytes = arr.nbytes
+    if nbytes % 8:
+        words = arr[: (nbytes // 8) * 8 // arr.itemsize].view(np.int64)
     else:
-        return None  # unsigned, bool, half, complex: the reference path
-    chunk, small = kernels["chunk"], kernels["small"]
-    vals = arr
-    keys = arr if kind == "int" else arr.view(_KEY_DTYPES[dt.itemsize])
-    kinit = _KEY_CONSTS[(keys.dtype, kind != "int")]
-    n_words = arr.nbytes // 8
-    words = arr[: n_words * 8 // dt.itemsize].view(np.int64) if n_words else _EMPTY_WORDS
+        words = arr.view(np.int64)
     if block == 1:
-        s_sum, s_pos, fs, fss, kmin, kmax, bad = small(words, keys, vals, kinit)
+        s_sum, s_pos, fs, fss, kmin, kmax, bad = kernels["small"](words, keys, arr, kc)
         last = 0
     else:
-        per = block * 8 // dt.itemsize
+        chunk = kernels["chunk"]
+        per = block * 8 // arr.itemsize
         rest_e = n_full * per
-        parts = max(1, min(threads, arr.nbytes // SPLIT_BYTES))
-        if parts == 1:
-            res = [chunk(words, keys, vals, kinit, block, per, 0, n_full, n_full * block, rest_e)]
+        parts = min(threads, nbytes // SPLIT_BYTES)
+        if parts <= 1:
+            s_sum, s_pos, last, fs, fss, kmin, kmax, bad = chunk(
+                words, keys, arr, kc, block, per, 0, n_full, n_full * block, rest_e
+            )
         else:
             bounds = [n_full * i // parts for i in range(parts + 1)]
             pool = _executor(parts)
             futs = [
                 pool.submit(
-                    chunk, words, keys, vals, kinit, block, per, bounds[i], bounds[i + 1], -1, 0
+                    chunk, words, keys, arr, kc, block, per, bounds[i], bounds[i + 1], -1, 0
                 )
                 for i in range(1, parts)
             ]
-            res = [chunk(words, keys, vals, kinit, block, per, 0, bounds[1], -1, 0)]
+            res = [chunk(words, keys, arr, kc, block, per, 0, bounds[1], n_full * block, rest_e)]
             res += [f.result() for f in futs]
-            res.append(chunk(words, keys, vals, kinit, block, per, 0, 0, n_full * block, rest_e))
-        s_sum = sum(r[0] for r in res)
-        s_pos = sum(r[1] for r in res)
-        last = sum(r[2] for r in res)
-        fs = sum(r[3] for r in res)
-        fss = sum(r[4] for r in res)
-        kmin = min(r[5] for r in res)
-        kmax = max(r[6] for r in res)
-        bad = sum(r[7] for r in res)
+            s_sum = sum(r[0] for r in res)
+            s_pos = sum(r[1] for r in res)
+            last = sum(r[2] for r in res)
+            fs = sum(r[3] for r in res)
+            fss = sum(r[4] for r in res)
+            kmin = min(r[5] for r in res)
+            kmax = max(r[6] for r in res)
+            bad = sum(r[7] for r in res)
     if arr.size == 0:
         return s_sum, s_pos, last, 0.0, 0.0, 0.0, 0.0, 0
-    return (
-        s_sum,
-        s_pos,
-        last,
-        fs,
-        fss,
-        _decode_key(kind, int(kmin), arr),
-        _decode_key(kind, int(kmax), arr),
-        int(bad),
-    )
+    return s_sum, s_pos, last, fs, fss, decode(kmin), decode(kmax), bad
 
 
-_EMPTY_WORDS = np.zeros(0, dtype=np.int64)
+_I32, _F32, _I64, _F64 = (struct.Struct(f) for f in ("<i", "<f", "<q", "<d"))
+
+
+def _decode_f32(key: int) -> float:
+    return _F32.unpack(_I32.pack(key ^ ((key >> 31) & 0x7FFFFFFF)))[0]
+
+
+def _decode_f64(key: int) -> float:
+    return _F64.unpack(_I64.pack(key ^ ((key >> 63) & 0x7FFFFFFFFFFFFFFF)))[0]
 
 
 def _key_consts(t: type, is_float: bool) -> np.ndarray:
@@ -253,10 +236,13 @@ def _key_consts(t: type, is_float: bool) -> np.ndarray:
     return np.array([info.min, info.max, bits - 1, info.max, inf], dtype=t)
 
 
-#: Kernel constants per (key dtype, is float): see ``_chunk``.
-_KEY_CONSTS = {
-    (np.dtype(t), f): _key_consts(t, f)
-    for t in (np.int8, np.int16, np.int32, np.int64)
-    for f in (False, True)
-    if not f or t in (np.int32, np.int64)
+#: Per value dtype: (key dtype or None for the values themselves, kernel constants (see
+#: ``_chunk``), key -> value). Dtypes not listed take the reference path.
+_SPECS = {
+    np.dtype(np.float32): (np.int32, _key_consts(np.int32, True), _decode_f32),
+    np.dtype(np.float64): (np.int64, _key_consts(np.int64, True), _decode_f64),
+    **{
+        np.dtype(t): (None, _key_consts(t, False), float)
+        for t in (np.int8, np.int16, np.int32, np.int64)
+    },
 }

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from ..entries import EntryData
-from ..format import fp_block_words
+from ..format import FP_BLOCK_WORDS, FP_SMALL_BYTES, fp_block_words
 from . import fused
+from .device_stats import DeviceStatsBatch
 
 _WEIGHTS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -160,12 +161,12 @@ _FUSED_DTYPES = frozenset(
 
 def _fused_array(x: torch.Tensor):
     """A 1-D numpy view of ``x``'s bytes for the fused kernel, or None (dtype dispatch only)."""
-    if x.dtype not in _FUSED_DTYPES or x.layout != torch.strided or x.device.type != "cpu":
+    if x.dtype not in _FUSED_DTYPES or x.layout != torch.strided:
         return None
     if not x.is_contiguous() or (x.storage_offset() * x.element_size()) % 8:
         x = _as_bytes(x).view(x.dtype)
     try:
-        return x.reshape(-1).numpy()
+        return x.numpy().reshape(-1)
     except (RuntimeError, TypeError):  # tensor subclasses, conjugate/negative views, ...
         return None
 
@@ -179,18 +180,17 @@ def stats_on_cpu(
     if arr is None:
         return stats_on_cpu_reference(x)
     n = arr.nbytes
-    block = fp_block_words(n)
-    n_words = n // 8
-    n_full = n_words // block
-    r = fused.summarise(arr, n_full, block, torch.get_num_threads())
+    n_words = n >> 3
+    n_full = n_words if n <= FP_SMALL_BYTES else n_words // FP_BLOCK_WORDS
+    r = fused.summarise(arr, n_full, 1 if n <= FP_SMALL_BYTES else FP_BLOCK_WORDS, _threads())
     if r is None:
         return stats_on_cpu_reference(x)
     s, pos, last, total, squares, lo, hi, bad = r
-    if n % 8:
+    if n & 7:
         tail = arr.view(np.uint8)[n_words * 8 :].tobytes()
         last += int.from_bytes(tail + bytes(8 - len(tail)), "little", signed=True)
-    fp = ((s + last) % 2**64, (pos + (n_full + 1) * last) % 2**64)
-    if arr.size == 0:
+    fp = ((s + last) & _MASK64, (pos + (n_full + 1) * last) & _MASK64)
+    if not n:
         return (0.0, 0.0, 0.0, 0.0, 0, 0), fp
     if bad or not math.isfinite(total):
         return _reference_stats(x, fp)  # NaN/Inf (counted there) or a float64 sum overflow
@@ -200,6 +200,10 @@ def stats_on_cpu(
     else:
         norm = math.sqrt(squares)
     return (norm, total / arr.size, lo, hi, 0, 0), fp
+
+
+_MASK64 = 2**64 - 1
+_threads = torch.get_num_threads
 
 
 def stats_on_cpu_reference(
@@ -276,6 +280,9 @@ def _to_numpy_bytes(t: torch.Tensor):
     return t.numpy()
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
 def capture(
     kind: str,
     name: str,
@@ -285,46 +292,59 @@ def capture(
     seq: int,
     flags: int,
     keep_values: bool,
+    batch: Optional[DeviceStatsBatch] = None,
 ) -> EntryData:
-    """Snapshot ``tensor`` now. Never modifies it and never consumes RNG."""
+    """Snapshot ``tensor`` now. Never modifies it and never consumes RNG.
+
+    ``batch`` collects accelerator statistics for one transfer at the step's end (the recorder
+    flushes it before handing the step to the writer); without it each is copied on its own.
+    """
     x = tensor.detach()
-    base = dict(
-        kind=kind,
-        name=name,
-        call=call,
-        dtype=dtype_name(x.dtype),
-        shape=tuple(x.shape),
-        stats=(0.0, 0.0, 0.0, 0.0, 0, 0),
-        fingerprint=(0, 0),
-        flags=flags,
-        seq=seq,
-    )
-    if x.device.type == "cpu":
+    dtype = _DTYPE_NAMES.get(x.dtype) or _DTYPE_NAMES.setdefault(x.dtype, dtype_name(x.dtype))
+    if x.is_cpu:
         if keep_values:
-            entry = PendingEntry(**base)
+            entry = PendingEntry(kind, name, call, dtype, tuple(x.shape), _ZERO_STATS, (0, 0))
+            entry.flags, entry.seq = flags, seq
             entry._source = x.clone(memory_format=torch.contiguous_format)
             entry._keep_values = True
             return entry
-        entry = EntryData(**base)
-        entry.stats, entry.fingerprint = stats_on_cpu(x)
-        return entry
-    # Accelerator: summarise on the device, copy asynchronously, sync on the writer thread.
-    entry = PendingEntry(**base)
+        stats, fp = stats_on_cpu(x)
+        return EntryData(kind, name, call, dtype, tuple(x.shape), stats, fp, None, flags, seq)
+    entry = PendingEntry(kind, name, call, dtype, tuple(x.shape), _ZERO_STATS, (0, 0))
+    entry.flags, entry.seq = flags, seq
+    capture_on_device(entry, x, keep_values, batch)
+    return entry
+
+
+_ZERO_STATS = (0.0, 0.0, 0.0, 0.0, 0, 0)
+
+
+def capture_on_device(
+    entry: PendingEntry, x: torch.Tensor, keep_values: bool, batch: Optional[DeviceStatsBatch]
+) -> None:
+    """Accelerator tensors: summarise on the device, copy asynchronously (pinned host memory,
+    reused by torch's caching host allocator), sync on the writer thread. UNVERIFIED on a GPU;
+    the logic runs on CPU tensors in the tests."""
+    pin = x.device.type == "cuda"
     stats = stats_on_device(x)
-    host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
-    host.copy_(stats, non_blocking=True)
-    entry._stats_host = host
+    if batch is not None:
+        batch.add(entry, stats)
+    else:
+        host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=pin)
+        host.copy_(stats, non_blocking=pin)
+        entry._stats_host = host
     if keep_values:
-        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        buf.copy_(x, non_blocking=True)
+        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=pin)
+        buf.copy_(x, non_blocking=pin)
         entry._source = buf
         entry._keep_values = True
+    if batch is not None and not keep_values:
+        return  # the batch's flush records the event
     if x.device.type == "cuda":
         event = torch.cuda.Event()
         event.record()
         entry._event = event
-    else:
+    elif x.device.type != "cpu":
         torch_sync = getattr(getattr(torch, x.device.type, None), "synchronize", None)
         if torch_sync is not None:
             torch_sync()
-    return entry

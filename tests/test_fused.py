@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graddiff.format import fingerprint_bytes
-from graddiff.hooks import fused
+from graddiff.hooks import fused, snapshot
 from graddiff.hooks.snapshot import capture, stats_on_cpu, stats_on_cpu_reference
 
 FUSED = (torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8)
@@ -125,7 +125,7 @@ def test_dispatching_path_matches_reference_and_format(case):
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 def test_split_across_threads_gives_the_same_fingerprint(threads, monkeypatch):
     x = CASES["split_odd"]
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(snapshot, "_threads", lambda: threads)
     stats, fp = stats_on_cpu(x)
     assert fp == fingerprint_bytes(_bytes(x))
     assert stats[2:] == stats_on_cpu_reference(x)[0][2:]
