@@ -17,6 +17,7 @@ from .reader import open_run as open  # noqa: A001  (the public name is graddiff
 
 if TYPE_CHECKING:
     from .diff import Report, compare
+    from .ranks import RanksReport, check_ranks
     from .tracer import Tracer, trace
 
 __all__ = [
@@ -28,8 +29,10 @@ __all__ = [
     "TraceFileError",
     "TraceUsageError",
     "Tracer",
+    "RanksReport",
     "ValuesNotStoredError",
     "__version__",
+    "check_ranks",
     "compare",
     "open",
     "trace",
@@ -40,6 +43,8 @@ _LAZY = {
     "Tracer": ("tracer", "Tracer"),
     "compare": ("diff", "compare"),
     "Report": ("diff", "Report"),
+    "check_ranks": ("ranks", "check_ranks"),
+    "RanksReport": ("ranks", "RanksReport"),
 }
 
 

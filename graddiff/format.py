@@ -43,7 +43,8 @@ Additive extensions (optional: older files lack them, readers tolerate that):
 - kind ``buffer_start`` (records table): module buffers at the step's start, captured with the
   parameters; recorded whenever ``buffer`` (the step's end) is. Distributed replicas that sync
   buffers agree here (graddiff/launch.py, ``graddiff ranks``).
-- environment keys ``local_rank`` and ``node`` next to ``rank`` and ``world_size``.
+- environment keys ``local_rank`` and ``node`` next to ``rank`` and ``world_size``, and
+  ``run_id``: one id shared by the ranks of one distributed launch (None otherwise).
 
 The fingerprint of a tensor is two unsigned 64-bit sums over its raw bytes read as
 little-endian int64 words (the last partial word zero-padded), both modulo 2**64:

@@ -124,3 +124,43 @@ def resolve_path(template: str, launch: Launch) -> str:
         return template.format(**launch.fields())
     except (ValueError, KeyError, IndexError) as exc:
         raise TraceUsageError(f"path {template!r}: cannot format it ({exc})") from None
+
+
+#: Traces entered so far in this process, per path template: the n-th trace of a template
+#: shares one run id on every rank (rank 0 may trace more, e.g. a single-process reference).
+_traces_entered: dict[str, int] = {}
+#: How long a rank waits at trace entry for rank 0 to publish the run id.
+RUN_ID_TIMEOUT_S = 30.0
+
+
+def shared_run_id(launch: Launch, template: str) -> Optional[str]:
+    """An id that every rank's n-th trace of ``template`` shares, and no other run has.
+
+    Rank 0 draws it and publishes it in the process group's key-value store; the other ranks
+    read it there (waiting at most ``RUN_ID_TIMEOUT_S``, never in a collective, so a rank that
+    does not trace cannot hang the others). ``graddiff ranks`` uses it to refuse files of
+    different runs. None outside an initialised process group, or if the store is unavailable.
+    """
+    import datetime
+    import uuid
+
+    import torch
+
+    dist = getattr(torch, "distributed", None)
+    if not launch.distributed or dist is None or not dist.is_available():
+        return None
+    if not dist.is_initialized():
+        return None
+    n = _traces_entered.get(template, 0)
+    _traces_entered[template] = n + 1
+    key = f"graddiff/run_id/{n}/{template}"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if launch.rank == 0:
+            value = uuid.uuid4().hex
+            store.set(key, value)
+            return value
+        store.wait([key], datetime.timedelta(seconds=RUN_ID_TIMEOUT_S))
+        return store.get(key).decode()
+    except Exception:  # no store, a timeout: the id is optional
+        return None

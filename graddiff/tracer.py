@@ -25,7 +25,7 @@ from .hooks.module_hooks import install_module_hooks
 from .hooks.naming import ROOT_NAME, is_compiled, unwrap_model
 from .hooks.optimizer_hooks import add_step_pre_hook
 from .kinds import parse_kinds, with_buffer_start
-from .launch import current_launch, resolve_path
+from .launch import current_launch, resolve_path, shared_run_id
 from .recorder import Recorder
 from .writer import BackgroundWriter, TraceWriter
 
@@ -102,7 +102,8 @@ class Tracer:
             raise TraceUsageError("max_bytes must be >= 0")
         self.model = model
         self.launch = current_launch()
-        self.path = resolve_path(os.fspath(path), self.launch)
+        self._template = os.fspath(path)
+        self.path = resolve_path(self._template, self.launch)
         self.modules = (
             [modules]
             if isinstance(modules, str)
@@ -164,6 +165,7 @@ class Tracer:
                 "nothing but inputs and losses would be recorded"
             )
         environment = collect_environment(inner, self.options())
+        environment["run_id"] = shared_run_id(self.launch, self._template)
         options = self.options()
         try:
             self._writer = BackgroundWriter(lambda: TraceWriter(self.path, environment, options))

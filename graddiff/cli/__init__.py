@@ -47,6 +47,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "map_cmd",
         "Propose a name map between two implementations (for compare --map).",
     ),
+    "ranks": (
+        "ranks",
+        "ranks_cmd",
+        "Check that the ranks of one distributed run agree (params, buffers, grads).",
+    ),
     "show": ("show", "show_cmd", "Summarise one trace: steps, kinds, environment, loss, findings."),
     "inspect": (
         "inspect",

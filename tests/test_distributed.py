@@ -1,0 +1,161 @@
+"""``graddiff ranks``: the consistency check of one distributed run's ranks (gloo, CPU).
+
+One launch of 2 ranks and one of 4 record every scenario of tests/scripts/dist_worker.py (each
+rank runs them all, so torch is imported once per rank). What must hold: a healthy DDP run with
+BatchNorm and per-rank data and dropout seeds (intended) passes; each injected bug is named with
+the right rank, step, record and cause; files that are not one run are one ``Error:`` line and
+exit 2; a rank killed mid-run is read up to its last complete step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from dist_launch import launch
+
+import graddiff
+from graddiff.cli import main
+
+pytestmark = pytest.mark.slow
+
+TWO = ["healthy", "sched", "noreduce", "localbn", "skip", "norank", "plain", "killed"]
+FOUR = ["healthy", "sched", "plain"]
+
+
+@pytest.fixture(scope="session")
+def two(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("two"), 2, TWO, killed_rank=1)
+
+
+@pytest.fixture(scope="session")
+def four(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("four"), 4, FOUR)
+
+
+def _files(root, scenario, pattern="run_*.h5"):
+    return [os.path.join(root, scenario, pattern)]
+
+
+def _cli(*args):
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_healthy_run_is_consistent(two, four, world):
+    root = two if world == 2 else four
+    report = graddiff.check_ranks(_files(root, "healthy"))
+    assert report.consistent and report.exit_code == 0, report.to_dict()
+    assert report.world_size == world
+    assert report.compared == ["param", "buffer_start", "grad"]
+    assert report.steps["compared"] == 4
+    # BatchNorm buffers (end of step), inputs, activations and losses differ per rank by design
+    assert {"input", "activation", "loss", "buffer"} <= set(report.not_compared)
+
+
+def test_scheduler_on_one_rank(two):
+    r = graddiff.check_ranks(_files(two, "sched"))
+    assert r.exit_code == 1
+    assert (r.first["step"], r.first["kind"], r.first["odd_ranks"]) == (2, "param", [1])
+    assert not r.first["strict_majority"]  # 2 ranks: no majority, rank 0 is the reference
+    assert r.diagnosis.cause == "rank_local_lr"
+    assert "0.5 x rank 0's" in r.diagnosis.title
+
+
+def test_scheduler_on_one_of_four_ranks_named_by_majority(four):
+    r = graddiff.check_ranks(_files(four, "sched"))
+    assert (r.first["step"], r.first["kind"], r.first["odd_ranks"]) == (2, "param", [2])
+    assert r.first["strict_majority"] and r.first["majority"] == [0, 1, 3]
+    assert r.diagnosis.cause == "rank_local_lr"
+
+
+def test_parameter_left_out_of_the_allreduce_in_stats_mode(two):
+    r = graddiff.check_ranks(_files(two, "noreduce"))
+    assert (r.first["step"], r.first["kind"], r.first["name"]) == (0, "grad", "4.bias")
+    assert r.diagnosis.cause == "grad_not_allreduced"
+    assert "4.bias left out of the gradient all-reduce" in r.diagnosis.title
+    with graddiff.open(r.files[0]) as run:  # judged from fingerprints alone
+        assert not run.has_values("grad", "4.bias", 0)
+
+
+def test_rank_local_batchnorm(two):
+    r = graddiff.check_ranks(_files(two, "localbn"))
+    assert (r.first["step"], r.first["kind"], r.first["name"]) == (
+        1,
+        "buffer_start",
+        "1.running_mean",
+    )
+    assert r.diagnosis.cause == "rank_local_batchnorm"
+    assert "SyncBatchNorm" in r.diagnosis.fix
+
+
+def test_skipped_optimizer_step(two):
+    r = graddiff.check_ranks(_files(two, "skip"))
+    assert r.exit_code == 1
+    assert r.diagnosis.cause == "skipped_step"
+    assert r.diagnosis.title.startswith("rank 1 skipped optimizer.step() at step 1")
+    assert r.steps["per_rank"] == [4, 3]
+
+
+def test_missing_rank_template_wrote_one_file_per_rank(two):
+    names = sorted(os.listdir(os.path.join(two, "norank")))
+    assert names == ["plain_rank0.h5", "plain_rank1.h5"]
+    assert graddiff.check_ranks(_files(two, "norank", "plain_rank*.h5")).consistent
+
+
+def test_killed_rank_is_read_up_to_its_last_complete_step(two):
+    r = graddiff.check_ranks(_files(two, "killed"))
+    with graddiff.open(os.path.join(two, "killed", "run_1.h5")) as run:
+        assert run.status == "recording" and len(run.steps) < 4
+        last = int(run.steps[-1])
+    assert r.consistent and r.steps["last"] == last
+    assert any("rank 1" in n and f"up to step {last}" in n for n in r.notes)
+
+
+def test_cli_text_and_json(two):
+    code, out = _cli("ranks", os.path.join(two, "localbn", "run_*.h5"))
+    assert code == 1
+    assert "INCONSISTENT at step 1: buffer_start 1.running_mean differs on rank 1" in out
+    assert "cause: BatchNorm statistics are rank-local" in out
+    code, out = _cli("ranks", "--json", *sorted(_glob(two, "healthy")))
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["verdict"] == "consistent" and doc["world_size"] == 2 and doc["run_id"]
+
+
+def _glob(root, scenario):
+    d = os.path.join(root, scenario)
+    return [os.path.join(d, n) for n in os.listdir(d) if n.startswith("run_")]
+
+
+def test_bad_inputs_are_one_line_exit_2(two, four, tmp_path):
+    h2, h4 = os.path.join(two, "healthy"), os.path.join(four, "healthy")
+    dup = tmp_path / "copy_of_rank0.h5"
+    shutil.copy(os.path.join(h2, "run_0.h5"), dup)
+    cases = {
+        "files of different runs": [f"{h2}/run_0.h5", os.path.join(two, "sched", "run_1.h5")],
+        "different world sizes": [f"{h2}/run_0.h5", f"{h2}/run_1.h5", f"{h4}/run_2.h5"],
+        "missing ranks 2, 3 of 4": [f"{h4}/run_0.h5", f"{h4}/run_1.h5"],
+        "rank 0 appears twice": [f"{h2}/run_0.h5", str(dup), f"{h2}/run_1.h5"],
+        "need the files of at least 2 ranks": [f"{h2}/run_0.h5"],
+        "no file matches": [f"{h2}/nothing_*.h5"],
+        "single process (world_size 1)": [_single(tmp_path / "a.h5"), _single(tmp_path / "b.h5")],
+    }
+    for expected, files in cases.items():
+        code, out = _cli("ranks", *files)
+        assert code == 2, (expected, out)
+        lines = out.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], out
+
+
+def _single(path):
+    import torch
+
+    model = torch.nn.Linear(2, 1)
+    with graddiff.trace(model, path):
+        model(torch.ones(1, 2)).sum().backward()
+    return str(path)
