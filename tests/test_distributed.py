@@ -159,3 +159,56 @@ def _single(path):
     with graddiff.trace(model, path):
         model(torch.ones(1, 2)).sum().backward()
     return str(path)
+
+
+# -- rank-merged comparison: graddiff compare "run_*.h5" single.h5 ------------------------------
+
+
+def test_two_ranks_merged_vs_single_process(two):
+    """2-rank DDP on slices of the global batch == one process on the whole batch, to rounding."""
+    single = os.path.join(two, "plain", "single_rank0.h5")
+    r = graddiff.compare(os.path.join(two, "plain", "run_*.h5"), single)
+    assert r.exit_code == 0, r.to_dict()
+    assert r.max_rel_diff < 1e-5
+    assert r.run_a.endswith("(2 ranks merged)")
+    assert {"param", "input", "activation", "loss", "grad_output", "grad"} <= set(r.kinds)
+    assert any("loss reduction detected as 'mean'" in n for n in r.notes), r.notes
+    # the inputs really are the global batch, joined in rank order
+    with graddiff.open(single) as s, graddiff.open(os.path.join(two, "plain", "run_1.h5")) as r1:
+        assert s.get("input", "0", 2).shape == (8, 6)
+        assert (s.get("input", "0", 2)[4:] == r1.get("input", "0", 2)).all()
+
+
+def test_two_ranks_vs_four_ranks(two, four):
+    r = graddiff.compare(
+        os.path.join(two, "plain", "run_*.h5"), os.path.join(four, "plain", "run_*.h5")
+    )
+    assert r.exit_code == 0, r.to_dict()
+    assert r.run_b.endswith("(4 ranks merged)")
+    assert r.steps["compared"] == 4
+
+
+def test_wrong_reduction_is_a_divergence_at_the_loss(two):
+    single = os.path.join(two, "plain", "single_rank0.h5")
+    r = graddiff.compare(os.path.join(two, "plain", "run_*.h5"), single, reduction="sum")
+    assert r.exit_code == 1
+    assert (r.first.step, r.first.kind) == (0, "loss")
+
+
+def test_merged_ranks_that_disagree_are_noted(two):
+    r = graddiff.compare(
+        os.path.join(two, "sched", "run_*.h5"), os.path.join(two, "healthy", "run_*.h5")
+    )
+    assert any("the ranks disagree on replicated state" in n for n in r.notes), r.notes
+
+
+def test_cli_sides_from_listed_files(two):
+    plain = os.path.join(two, "plain")
+    files = [os.path.join(plain, f"run_{r}.h5") for r in range(2)]
+    code, out = _cli("compare", *files, os.path.join(plain, "single_rank0.h5"))
+    assert code == 0, out
+    assert "(2 ranks merged)" in out
+    code, out = _cli("compare", *files, os.path.join(two, "healthy", "run_0.h5"), files[0])
+    assert code == 2 and out.count("\n") == 1 and "cannot tell the two sides apart" in out, out
+    code, out = _cli("compare", "--reduction", "sum", files[0], files[1])
+    assert code == 2 and "--reduction applies only" in out, out

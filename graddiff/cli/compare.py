@@ -12,12 +12,12 @@ from typing import Optional
 import click
 
 from ..diff import DEFAULT_RTOL, compare
+from ..ranks.sides import split_sides
 from . import terminal_console
 
 
 @click.command("compare")
-@click.argument("run_a", metavar="A.h5")
-@click.argument("run_b", metavar="B.h5")
+@click.argument("runs", nargs=-1, required=True, metavar="A.h5 B.h5")
 @click.option("--exact", is_flag=True, help="Any bitwise difference is a divergence.")
 @click.option(
     "--rtol",
@@ -52,11 +52,16 @@ from . import terminal_console
     "--offset", type=int, default=None, help="Compare B's step s with A's step s + OFFSET."
 )
 @click.option(
+    "--reduction",
+    type=click.Choice(["mean", "sum"]),
+    default=None,
+    help="Loss reduction of a side of several rank files (default: detected).",
+)
+@click.option(
     "--html", "html_path", default=None, metavar="FILE", help="Also write an HTML report."
 )
 def compare_cmd(
-    run_a: str,
-    run_b: str,
+    runs: tuple[str, ...],
     exact: bool,
     rtol: Optional[float],
     as_json: bool,
@@ -66,15 +71,21 @@ def compare_cmd(
     steps_a: Optional[str],
     steps_b: Optional[str],
     offset: Optional[int],
+    reduction: Optional[str],
     html_path: Optional[str],
 ) -> int:
     """Find where two runs diverge: the first step, kind and record, and the likely cause.
 
+    A side may be the ranks of one data-parallel run: a quoted glob ("ddp/run_*.h5") or its
+    files listed one after the other; they are merged into the global batch
+    (docs/distributed.md).
+
     Exit code 0: no divergence beyond the tolerance; 1: diverged; 2: usage or input error.
     """
+    side_a, side_b = split_sides(runs)
     report = compare(
-        run_a,
-        run_b,
+        side_a if len(side_a) > 1 else side_a[0],
+        side_b if len(side_b) > 1 else side_b[0],
         rtol=rtol,
         exact=exact,
         steps=steps,
@@ -83,6 +94,7 @@ def compare_cmd(
         steps_a=steps_a,
         steps_b=steps_b,
         offset=offset,
+        reduction=reduction,
     )
     if html_path:
         report.html(html_path)

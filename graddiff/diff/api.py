@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import GraddiffError
 from ..kinds import ALL_KINDS, parse_kinds
+from ..ranks.sides import is_several, open_pair
 from ..reader import Run, open_run
 from .align import align, check_related
 from .diagnose import Cause, diagnose
@@ -80,12 +81,15 @@ def compare(
     steps_a: Any = None,
     steps_b: Any = None,
     offset: Optional[int] = None,
+    reduction: Optional[str] = None,
 ) -> Report:
     """Compare two recorded runs and find where they part ways.
 
     Args:
-        a: the first run (path or :class:`graddiff.Run`); "A" in the report.
-        b: the second run; "B".
+        a: the first run (path or :class:`graddiff.Run`); "A" in the report. A glob or a list
+            of several files is the ranks of one data-parallel run, merged into one trace of
+            the global batch first (``graddiff.ranks.merge``, docs/distributed.md).
+        b: the second run; "B" (a glob or a list, likewise).
         rtol: tolerance on ||a-b|| / max(||a||, ||b||) per tensor (default 1e-3).
         exact: any bitwise difference is a divergence.
         steps: restrict to these steps ("LO:HI" inclusive, an int, a range).
@@ -96,6 +100,8 @@ def compare(
             compares with A's first (a run resumed from a checkpoint).
         steps_b: B's steps to compare.
         offset: compare B's step s with A's step s + offset (instead of steps_a/steps_b).
+        reduction: the loss reduction of merged ranks, "mean" or "sum" (default: detected
+            from the other side's loss, else "mean").
 
     Returns:
         A :class:`Report`; ``report.exit_code`` is 0 (no divergence) or 1 (diverged).
@@ -111,6 +117,29 @@ def compare(
     except ValueError as exc:
         raise GraddiffError(f"--kinds: {exc}") from None
     window = parse_steps(steps)
+    if is_several(a) or is_several(b):
+        ra, rb, runs, notes, labels = open_pair(a, b, reduction)
+        try:
+            report = compare(
+                ra,
+                rb,
+                rtol=rtol,
+                exact=exact,
+                steps=steps,
+                kinds=kinds,
+                name_map=name_map,
+                steps_a=steps_a,
+                steps_b=steps_b,
+                offset=offset,
+            )
+        finally:
+            for run in runs:
+                run.close()
+        report.run_a, report.run_b = labels.get("A", report.run_a), labels.get("B", report.run_b)
+        report.notes[:0] = notes
+        return report
+    if reduction is not None:
+        raise GraddiffError("--reduction applies only when a side is several rank files")
     ra, own_a = _open(a)
     try:
         rb, own_b = _open(b)

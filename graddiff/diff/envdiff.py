@@ -37,6 +37,9 @@ INCIDENTAL_KEYS = (
     "h5py_version",
     "python",
     "rank",
+    "local_rank",
+    "node",
+    "run_id",
 )
 
 
