@@ -28,6 +28,7 @@ from .hooks.autograd_hooks import as_tensor_list, inside_backward
 from .hooks.device_stats import DeviceStatsBatch
 from .hooks.naming import flatten_tensors, record_name
 from .hooks.optimizer_hooks import optimizer_params
+from .hooks.shards import local_tensor
 from .hooks.snapshot import capture
 from .kinds import Kind
 from .steps import StepClock
@@ -89,6 +90,7 @@ class Recorder:
         max_bytes: int,
         full_steps: Optional[set[int]],
         forward_only: bool = False,
+        stats_only_kinds: frozenset = frozenset(),
     ) -> None:
         self.writer = writer
         # forward_only: every call of the model is one step, recorded with or without grad
@@ -101,11 +103,12 @@ class Recorder:
         self.values = values
         self.max_bytes = max_bytes
         self.full_steps = full_steps
+        self.stats_only_kinds = stats_only_kinds  # replicated="one" on ranks other than 0
         self.clock = StepClock()
         self.optimizer_seen = False
         # A few small trainable parameters whose change reveals a manual update (see steps.py).
         trainable = sorted((p for _, p in params if p.requires_grad), key=lambda p: p.numel())
-        self._probes: list[torch.Tensor] = trainable[:3]
+        self._probes: list[torch.Tensor] = [local_tensor(p) for p in trainable[:3]]
         self._probe_values: list[tuple[int, torch.Tensor]] = []
         self.active = True
         self.failure: Optional[str] = None
@@ -204,16 +207,18 @@ class Recorder:
         the writer thread was measured slower (1.45x vs 1.28x untraced on the seed MLP),
         because the writer's reads compete with the training threads for the cores.
         """
-        if self._step_full:
-            self.full_bytes += tensor.numel() * tensor.element_size()
+        local = local_tensor(tensor)  # a DTensor's own shard: no DTensor op in a hook
+        keep = self._step_full and (kind not in self.stats_only_kinds or local is not tensor)
+        if keep:
+            self.full_bytes += local.numel() * local.element_size()
         return capture(
             kind,
             name,
-            tensor,
+            local,
             call=call,
             seq=seq,
             flags=flags,
-            keep_values=self._step_full,
+            keep_values=keep,
             batch=self._device_batch,
         )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import gc
+import json
 import os
 import sys
 import weakref
@@ -24,6 +25,7 @@ from .hooks.handles import HandleBag
 from .hooks.module_hooks import install_module_hooks
 from .hooks.naming import ROOT_NAME, is_compiled, unwrap_model
 from .hooks.optimizer_hooks import add_step_pre_hook
+from .hooks.shards import shard_layout
 from .kinds import parse_kinds, with_buffer_start
 from .launch import current_launch, resolve_path, shared_run_id
 from .recorder import Recorder
@@ -34,6 +36,9 @@ DEFAULT_MAX_BYTES = 2 * 2**30
 VALUE_MODES = ("auto", "full", "stats")
 #: What ``forward_only=True`` records unless ``kinds=`` says otherwise.
 FORWARD_KINDS = ("param", "input", "activation", "buffer")
+#: ``replicated="one"``: only rank 0 keeps full values of what data parallelism replicates.
+REPLICATED_MODES = ("all", "one")
+REPLICATED_KINDS = frozenset({"param", "buffer_start", "grad", "buffer"})
 
 _active_models: weakref.WeakSet = weakref.WeakSet()
 
@@ -84,6 +89,7 @@ class Tracer:
         max_bytes: int = DEFAULT_MAX_BYTES,
         full_steps: Optional[Any] = None,
         forward_only: bool = False,
+        replicated: str = "all",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TraceUsageError(
@@ -100,6 +106,11 @@ class Tracer:
             raise TraceUsageError(f"kinds: {exc}") from None
         if int(max_bytes) < 0:
             raise TraceUsageError("max_bytes must be >= 0")
+        if replicated not in REPLICATED_MODES:
+            raise TraceUsageError(
+                f"replicated={replicated!r}: choose one of {', '.join(REPLICATED_MODES)}"
+            )
+        self.replicated = replicated
         self.model = model
         self.launch = current_launch()
         self._template = os.fspath(path)
@@ -144,6 +155,7 @@ class Tracer:
             "max_bytes": self.max_bytes,
             "full_steps": sorted(self.full_steps) if self.full_steps is not None else None,
             "forward_only": self.forward_only,
+            "replicated": self.replicated,
         }
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -171,6 +183,9 @@ class Tracer:
             self._writer = BackgroundWriter(lambda: TraceWriter(self.path, environment, options))
         except Exception as exc:
             raise TraceUsageError(f"{self.path}: cannot create the trace file ({exc})") from None
+        layout = shard_layout(params)  # FSDP2 / DTensor: where this rank's shards sit
+        if layout:
+            self._writer.set_attr("shards", json.dumps(layout, sort_keys=True))
         self._recorder = Recorder(
             writer=self._writer,
             params=params,
@@ -180,6 +195,11 @@ class Tracer:
             max_bytes=self.max_bytes,
             full_steps=self.full_steps,
             forward_only=self.forward_only,
+            stats_only_kinds=(
+                REPLICATED_KINDS
+                if self.replicated == "one" and self.launch.distributed and self.launch.rank != 0
+                else frozenset()
+            ),
         )
         self._inner = inner
         _active_models.add(inner)
@@ -251,6 +271,7 @@ def trace(
     max_bytes: int = DEFAULT_MAX_BYTES,
     full_steps: Optional[Any] = None,
     forward_only: bool = False,
+    replicated: str = "all",
 ) -> Tracer:
     """Record a training run into ``path`` while the ``with`` block runs.
 
@@ -270,6 +291,10 @@ def trace(
         forward_only: every call of the model is one step, recorded also under
             ``torch.no_grad()`` (parameters, inputs, module outputs, buffers; no gradients):
             compare two implementations on one batch before training them.
+        replicated: "all", or "one": under a distributed launch, parameters, buffers and
+            ``.grad`` (replicated by data parallelism) keep full values on rank 0 only; the
+            other ranks record their fingerprints and statistics (``graddiff ranks`` needs no
+            more). Sharded parameters (FSDP2) are not replicated and keep their values.
 
     Returns:
         A :class:`Tracer`; ``tr.step()`` ends a step explicitly.
@@ -283,4 +308,5 @@ def trace(
         max_bytes=max_bytes,
         full_steps=full_steps,
         forward_only=forward_only,
+        replicated=replicated,
     )

@@ -22,7 +22,18 @@ from graddiff.cli import main
 
 pytestmark = pytest.mark.slow
 
-TWO = ["healthy", "sched", "noreduce", "localbn", "skip", "norank", "plain", "killed"]
+TWO = [
+    "healthy",
+    "sched",
+    "noreduce",
+    "localbn",
+    "skip",
+    "norank",
+    "plain",
+    "one",
+    "fsdp2",
+    "killed",
+]
 FOUR = ["healthy", "sched", "plain"]
 
 
@@ -212,3 +223,69 @@ def test_cli_sides_from_listed_files(two):
     assert code == 2 and out.count("\n") == 1 and "cannot tell the two sides apart" in out, out
     code, out = _cli("compare", "--reduction", "sum", files[0], files[1])
     assert code == 2 and "--reduction applies only" in out, out
+
+
+# -- FSDP2 (fully_shard, DTensor parameters) ---------------------------------------------------
+
+
+def test_fsdp2_records_every_step_transparently(two):
+    d = os.path.join(two, "fsdp2")
+    for rank in range(2):
+        with open(os.path.join(d, f"transparent_{rank}.txt")) as fh:
+            assert fh.read() == "bitwise-equal"  # traced vs untraced: same shards, bit for bit
+        with graddiff.open(os.path.join(d, f"run_{rank}.h5")) as run:
+            assert run.status == "complete" and list(run.steps) == [0, 1, 2, 3]
+            assert run.names("param") == ["0.weight", "0.bias", "2.weight", "2.bias"]
+            # each rank records its own shard: rows 8*rank .. 8*rank+7 of the 16 x 6 weight
+            assert run.get("param", "0.weight", 0).shape == (8, 6)
+            assert run.get("grad", "0.weight", 3).shape == (8, 6)
+
+
+def test_fsdp2_vs_ddp_and_single_process_by_name(two):
+    fsdp = os.path.join(two, "fsdp2", "run_*.h5")
+    vs_ddp = graddiff.compare(fsdp, os.path.join(two, "plain", "run_*.h5"))
+    assert vs_ddp.exit_code == 0, vs_ddp.to_dict()
+    assert any("4 sharded parameter(s) reassembled" in n for n in vs_ddp.notes), vs_ddp.notes
+    vs_single = graddiff.compare(fsdp, os.path.join(two, "plain", "single_rank0.h5"))
+    assert vs_single.exit_code == 0 and vs_single.max_rel_diff < 1e-5, vs_single.to_dict()
+
+
+def test_fsdp2_ranks_check_skips_shards(two):
+    r = graddiff.check_ranks([os.path.join(two, "fsdp2", "run_*.h5")])
+    assert r.exit_code == 0 and r.n_records == 0 and r.compared == []
+    assert any("8 sharded record(s)" in n for n in r.notes)
+
+
+# -- replicated="one": replicated kinds keep values on rank 0 only ------------------------------
+
+
+def test_replicated_on_one_rank(two):
+    d = os.path.join(two, "one")
+    with (
+        graddiff.open(os.path.join(d, "run_0.h5")) as r0,
+        graddiff.open(os.path.join(d, "run_1.h5")) as r1,
+    ):
+        assert r0.options["replicated"] == "one"
+        for step in range(4):
+            assert r0.has_values("param", "0.weight", step) and r0.has_values(
+                "grad", "0.weight", step
+            )
+            assert not r1.has_values("param", "0.weight", step)
+            assert not r1.has_values("grad", "0.weight", step)
+            assert r1.has_values("activation", "0", step)  # each rank's own data keeps values
+            # the fingerprints still match: the consistency check needs nothing more
+            assert (
+                r0.stats("grad", "0.weight", step)["fingerprint"]
+                == r1.stats("grad", "0.weight", step)["fingerprint"]
+            )
+        assert r1.file_size < r0.file_size
+    assert graddiff.check_ranks([os.path.join(d, "run_*.h5")]).consistent
+    single = os.path.join(two, "plain", "single_rank0.h5")
+    assert graddiff.compare(os.path.join(d, "run_*.h5"), single).exit_code == 0
+
+
+def test_replicated_option_is_checked():
+    import torch
+
+    with pytest.raises(graddiff.TraceUsageError, match="replicated='two'"):
+        graddiff.trace(torch.nn.Linear(2, 1), "x.h5", replicated="two")

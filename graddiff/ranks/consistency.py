@@ -21,6 +21,7 @@ import numpy as np
 from ..kinds import CAUSAL_RANK, Kind
 from ..reader import RecordKey, Run
 from .files import RankSet
+from .layout import SHARDED_KINDS, read_shards
 
 #: What data parallelism makes identical on every rank (in causal order).
 REPLICATED = (Kind.PARAM.value, Kind.BUFFER_START.value, Kind.GRAD.value)
@@ -126,17 +127,18 @@ def check_consistency(rs: RankSet) -> Consistency:
     for run in runs[1:]:
         steps = np.intersect1d(steps, run.steps)
     present = [k for k in REPLICATED if all(k in run.kinds for run in runs)]
+    skipped = _shard_keys(runs)
     keys: list[RecordKey] = []
     index: dict[RecordKey, int] = {}
     for run in runs:
         for key in run.keys:
-            if key.kind in present and key not in index:
+            if key.kind in present and key not in index and key not in skipped:
                 index[key] = len(keys)
                 keys.append(key)
-    skipped = _shard_keys(runs)
-    out = Consistency(steps=steps, kinds=present, n_records=len(keys))
+    compared = [k for k in present if any(key.kind == k for key in keys)]
+    out = Consistency(steps=steps, kinds=compared, n_records=len(keys))
     out.step_counts = [len(run.steps) for run in runs]
-    out.skipped_shards = len(skipped)
+    out.skipped_shards = len({k for k in skipped if k.kind in present})
     _check_passes(runs, steps, out)
     if not len(steps) or not keys:
         return out
@@ -153,8 +155,8 @@ def _shard_keys(runs: list[Run]) -> set[RecordKey]:
     """Records that hold a per-rank shard (FSDP, DTensor): different on every rank by design."""
     out: set[RecordKey] = set()
     for run in runs:
-        for name in getattr(run, "shards", None) or {}:
-            out.update(RecordKey(k, name) for k in REPLICATED)
+        for name in read_shards(run):
+            out.update(RecordKey(k, name) for k in SHARDED_KINDS)
     return out
 
 

@@ -12,7 +12,9 @@ global batch would have recorded:
   reduction: ``mean`` (each rank weighted by its share of the global batch) or ``sum``;
 - output gradients scale by the same weights (a mean over B samples gives each sample 1/B);
 - parameters, step-start buffers and ``.grad``: rank 0's (the ranks hold equal copies; when
-  they do not, a note says so and points at ``graddiff ranks``); end-of-step buffers: rank 0's.
+  they do not, a note says so and points at ``graddiff ranks``); end-of-step buffers: rank 0's;
+- sharded parameters and their gradients (FSDP2, DTensor): the full tensor, every rank's
+  shard placed at the offset its trace records (``ranks.layout``).
 
 Records stored as statistics only are merged from their statistics (norm, mean, min, max,
 NaN/Inf counts combine exactly up to rounding); their fingerprint is then a mix that never
@@ -38,6 +40,7 @@ from ..reader import RecordKey, Run, open_run
 from ..writer import TraceWriter
 from .consistency import REPLICATED, check_consistency
 from .files import RankSet
+from .layout import SHARDED_KINDS, assemble, read_shards
 
 REDUCTIONS = ("mean", "sum")
 _JOINED = frozenset({Kind.INPUT.value, Kind.ACTIVATION.value, Kind.GRAD_OUTPUT.value})
@@ -231,13 +234,20 @@ def merge_ranks(rs: RankSet, reduction: str, label: str) -> Merged:
     os.close(fd)
     writer = TraceWriter(path, env, dict(rs.runs[0].options), ballast=False)
     skipped: dict[str, str] = {}
+    layouts = [read_shards(run) for run in rs.runs]
+    if layouts[0]:
+        notes.append(
+            f"{label}: {len(layouts[0])} sharded parameter(s) reassembled from every rank's shard"
+        )
     try:
         for step in steps:
             rows = [_step_rows(run, int(step)) for run in rs.runs]
             sizes = _batch_sizes(rs, rows)
             w = _weights(reduction, sizes, len(rows))
             entries = [
-                e for key in rows[0] if (e := _merge_key(rs, key, rows, w, skipped)) is not None
+                e
+                for key in rows[0]
+                if (e := _merge_key(rs, key, rows, w, skipped, layouts)) is not None
             ]
             writer.write_step(int(step), entries)
     except BaseException:
@@ -250,8 +260,32 @@ def merge_ranks(rs: RankSet, reduction: str, label: str) -> Merged:
     return Merged(open_run(path), label, reduction, notes)
 
 
-def _merge_key(rs, key, rows, w, skipped) -> Optional[EntryData]:
+def _merge_shards(rs, key, rows, layouts, skipped) -> Optional[EntryData]:
+    """A sharded parameter or gradient: the full tensor from every rank's shard."""
     run0, row0 = rs.runs[0], rows[0][key]
+    parts = [r.get(key) for r in rows]
+    lays = [lay.get(key.name) for lay in layouts]
+    if any(p is None for p in parts) or any(lay is None for lay in lays):
+        skipped.setdefault(str(key), "sharded on some ranks only")
+        return None
+    dtype = run0.record_dtype(int(row0["record"]))
+    if all(p["flags"] & FLAG_VALUES for p in parts):
+        arrs = [run.values_of(p) for run, p in zip(rs.runs, parts)]
+        try:
+            full = assemble(arrs, lays)
+        except ValueError as exc:
+            skipped.setdefault(str(key), str(exc))
+            return None
+        return _values_entry(key, dtype, full, int(row0["flags"]), int(row0["seq"]))
+    entry = _stats_entry(key, dtype, parts, [1.0] * len(parts), True, int(row0["seq"]))
+    entry.shape = tuple(lays[0]["global_shape"])
+    return entry
+
+
+def _merge_key(rs, key, rows, w, skipped, layouts) -> Optional[EntryData]:
+    run0, row0 = rs.runs[0], rows[0][key]
+    if key.kind in SHARDED_KINDS and key.name in layouts[0]:
+        return _merge_shards(rs, key, rows, layouts, skipped)
     if key.kind in REPLICATED or key.kind == Kind.BUFFER.value:
         return _row_entry(run0, key, row0)
     parts = [r.get(key) for r in rows]

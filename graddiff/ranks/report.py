@@ -72,7 +72,11 @@ class RanksReport:
         )
         p(f"  compared across ranks: {', '.join(self.compared) or 'nothing'} (fingerprints)")
         p(f"  not compared (each rank's own by design): {', '.join(self.not_compared)}")
-        if self.consistent:
+        if self.consistent and not self.n_records:
+            p(
+                "CONSISTENT in step structure: every rank ran the same passes; no replicated record to compare"
+            )
+        elif self.consistent:
             p("CONSISTENT: every replicated record is bitwise equal on every rank at every step")
         else:
             f = self.first
@@ -139,6 +143,8 @@ def _notes(rs: RankSet, c: Consistency) -> list[str]:
                 f"other ranks are not compared"
             )
     missing = [k for k in ("param", "buffer_start", "grad") if k not in c.kinds]
+    recorded_all = {k for k in ("param", "grad") if all(k in run.kinds for run in rs.runs)}
+    missing = [k for k in missing if not (k in recorded_all and c.skipped_shards)]
     recorded = {k for run in rs.runs for k in run.kinds}
     for k in missing:
         if k == "buffer_start" and "buffer" in recorded:

@@ -13,6 +13,10 @@ test's cost), each scenario tracing into ``OUT_DIR/<scenario>/run_{rank}.h5``:
 - ``norank``: the path template has no ``{rank}``.
 - ``plain``: DDP of a BatchNorm-free MLP on this rank's slice of a global batch of 8; rank 0
   also traces the same model, single process, on the whole batch (``plain/single.h5``).
+- ``one``: ``plain`` with ``replicated="one"`` (parameters and grads as values on rank 0 only).
+- ``fsdp2``: the ``plain`` training with FSDP2 (``fully_shard`` on both Linear layers and the
+  root): traced, then run again untraced; ``fsdp2/transparent_{rank}.txt`` says whether the
+  two runs' parameter shards are bitwise equal.
 - ``killed``: no collectives; the last rank kills itself (SIGKILL) during step 2. Run it last.
 """
 
@@ -80,19 +84,20 @@ def ddp_loop(scenario: str, rank: int, world: int, out: str) -> None:
                 sched.step()
 
 
-def plain_loop(rank: int, world: int, out: str) -> None:
+def plain_loop(rank: int, world: int, out: str, replicated: str = "all") -> None:
     model = plain_model()
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     part = GLOBAL_BATCH // world
-    with graddiff.trace(ddp, os.path.join(out, "run_{rank}.h5"), values="full"):
+    path = os.path.join(out, "run_{rank}.h5")
+    with graddiff.trace(ddp, path, values="full", replicated=replicated):
         for step in range(STEPS):
             x, y = global_batch(step)
             x, y = x[rank * part : (rank + 1) * part], y[rank * part : (rank + 1) * part]
             opt.zero_grad()
             F.cross_entropy(ddp(x), y).backward()
             opt.step()
-    if rank != 0:
+    if rank != 0 or replicated != "all":
         return
     # The same training in one process on the global batch (no process group involved).
     model = plain_model()
@@ -103,6 +108,43 @@ def plain_loop(rank: int, world: int, out: str) -> None:
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
+
+
+def fsdp2_train(rank: int, world: int, path: str = "") -> list[torch.Tensor]:
+    """The ``plain`` loop under FSDP2; traced into ``path`` when given. Returns the local shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = plain_model()
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[2], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    part = GLOBAL_BATCH // world
+
+    def loop() -> None:
+        for step in range(STEPS):
+            x, y = global_batch(step)
+            x, y = x[rank * part : (rank + 1) * part], y[rank * part : (rank + 1) * part]
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    if path:
+        with graddiff.trace(model, path, values="full"):
+            loop()
+    else:
+        loop()
+    return [p.to_local().detach().clone() for p in model.parameters()]
+
+
+def fsdp2_loop(rank: int, world: int, out: str) -> None:
+    traced = fsdp2_train(rank, world, os.path.join(out, "run_{rank}.h5"))
+    untraced = fsdp2_train(rank, world)
+    same = all(torch.equal(a, b) for a, b in zip(traced, untraced))
+    with open(os.path.join(out, f"transparent_{rank}.txt"), "w") as fh:
+        fh.write("bitwise-equal" if same else "DIFFERENT")
 
 
 def killed_loop(rank: int, world: int, out: str) -> None:
@@ -128,6 +170,10 @@ def main() -> int:
         os.makedirs(out, exist_ok=True)
         if scenario == "plain":
             plain_loop(rank, world, out)
+        elif scenario == "one":
+            plain_loop(rank, world, out, replicated="one")
+        elif scenario == "fsdp2":
+            fsdp2_loop(rank, world, out)
         elif scenario == "killed":
             killed_loop(rank, world, out)
             print(f"rank {rank} ok", flush=True)

@@ -1,0 +1,153 @@
+"""Storage and check cost of distributed traces (docs/distributed.md, "Storage at scale").
+
+Run by hand: ``python benchmarks/bench_distributed.py``. Three measurements:
+
+1. Bytes per record per step of a stats-mode trace: a real traced loop (an MLP, 50 steps,
+   ``values="stats"``), file size growth between 10 and 50 steps divided by the entry rows.
+2. The records per step of a 1B-parameter decoder (a Llama config of 1.2 B parameters, built on
+   the meta device: no memory is allocated), so the per-step cost of a 64-rank run follows from
+   (1) without guessing the record count, with and without ``replicated="one"``.
+3. ``graddiff ranks`` time on synthetic stats-mode rank files (written with TraceWriter, as
+   many records per step as (2)), per rank x step.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def stats_bytes_per_row(tmp: str) -> tuple[float, int]:
+    import torch
+    import torch.nn.functional as F
+
+    import graddiff
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 4),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sizes = {}
+    for steps in (10, 50):
+        path = os.path.join(tmp, f"stats_{steps}.h5")
+        with graddiff.trace(model, path, values="stats"):
+            for _ in range(steps):
+                x, y = torch.randn(16, 32), torch.randint(0, 4, (16,))
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        with graddiff.open(path) as run:
+            rows_per_step = len(run.entries(0, 0))
+        sizes[steps] = os.path.getsize(path)
+    per_step = (sizes[50] - sizes[10]) / 40
+    return per_step / rows_per_step, rows_per_step
+
+
+def llama_1b_records() -> dict[str, int]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    params = list(model.named_parameters())
+    return {
+        "parameters": int(sum(p.numel() for _, p in params)),
+        "param_tensors": len(params),
+        "buffers": len(list(model.named_buffers())),
+        "modules": len(list(model.named_modules())),
+        "param_bytes_fp32": int(sum(p.numel() for _, p in params) * 4),
+    }
+
+
+def ranks_check_time(tmp: str, n_ranks: int, n_steps: int, n_records: int) -> float:
+    from graddiff.entries import EntryData
+    from graddiff.ranks import check_ranks
+    from graddiff.writer import TraceWriter
+
+    rng = np.random.default_rng(0)
+    fps = rng.integers(0, 2**63, size=(n_steps, n_records, 2))
+    for r in range(n_ranks):
+        env = {"rank": r, "world_size": n_ranks, "run_id": "bench"}
+        w = TraceWriter(
+            os.path.join(tmp, f"rank_{r}.h5"), env, {"kinds": ["param", "grad"]}, ballast=False
+        )
+        for s in range(n_steps):
+            entries = [
+                EntryData(
+                    "param" if i % 2 else "grad",
+                    f"layer{i // 2}.weight",
+                    0,
+                    "float32",
+                    (1024, 1024),
+                    (1.0, 0.0, -1.0, 1.0, 0, 0),
+                    (int(fps[s, i, 0]), int(fps[s, i, 1])),
+                    seq=i,
+                )
+                for i in range(n_records)
+            ]
+            w.write_step(s, entries)
+        w.close()
+    t0 = time.perf_counter()
+    report = check_ranks([os.path.join(tmp, "rank_*.h5")])
+    dt = time.perf_counter() - t0
+    assert report.consistent
+    return dt
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        per_row, rows = stats_bytes_per_row(tmp)
+        print(
+            f"stats-mode record: {per_row:.0f} bytes per record per step "
+            f"(MLP, {rows} records per step, file growth over 40 steps)"
+        )
+        llama = llama_1b_records()
+        print(
+            f"1B decoder (Llama config): {llama['parameters'] / 1e9:.2f} B parameters in "
+            f"{llama['param_tensors']} tensors, {llama['buffers']} buffers, "
+            f"{llama['modules']} modules"
+        )
+        # per step: param + grad per tensor; buffer_start + buffer per buffer; one activation
+        # and one grad_output per module output (upper bound: every module once), input, loss
+        recs = 2 * llama["param_tensors"] + 2 * llama["buffers"] + 2 * llama["modules"] + 2
+        per_rank = recs * per_row
+        print(
+            f"  stats mode: {recs} records per step -> {per_rank / 1024:.0f} KiB per rank "
+            f"per step, {64 * per_rank / 2**20:.1f} MiB per step for 64 ranks"
+        )
+        full = 2 * llama["param_bytes_fp32"]
+        print(
+            f"  full values of params + grads (fp32): {full / 2**30:.1f} GiB per rank per step;"
+            f" 64 ranks: {64 * full / 2**30:.0f} GiB per step with replicated='all', "
+            f"{(full + 63 * recs * per_row) / 2**30:.1f} GiB with replicated='one'"
+        )
+        n_ranks, n_steps = int(os.environ.get("RANKS", 16)), int(os.environ.get("STEPS", 50))
+        n_records = 2 * llama["param_tensors"]
+        dt = ranks_check_time(tmp, n_ranks, n_steps, n_records)
+        print(
+            f"graddiff ranks: {n_ranks} ranks x {n_steps} steps x {n_records} replicated "
+            f"records in {dt:.2f} s = {1e3 * dt / (n_ranks * n_steps):.2f} ms per rank x step"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
