@@ -131,6 +131,8 @@ def _check(runs: list[Run]) -> RankSet:
         )
     params = {}
     for run in by_rank.values():
+        if not len(run.steps):
+            continue  # killed before its first step: nothing recorded to compare
         params.setdefault(tuple(sorted(run.names("param"))), []).append(run.path)
     if len(params) > 1:
         (_, fa), (_, fb) = list(params.items())[:2]

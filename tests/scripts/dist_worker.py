@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -150,12 +151,14 @@ def fsdp2_loop(rank: int, world: int, out: str) -> None:
 def killed_loop(rank: int, world: int, out: str) -> None:
     model = plain_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with graddiff.trace(model, os.path.join(out, "run_{rank}.h5"), values="full"):
+    with graddiff.trace(model, os.path.join(out, "run_{rank}.h5"), values="full") as tr:
         for step in range(STEPS):
             x, y = global_batch(step)
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             if step == 2 and rank == world - 1:
+                while tr.steps_recorded < 2:  # steps 0 and 1 on disk, step 2 in flight
+                    time.sleep(0.01)
                 os.kill(os.getpid(), signal.SIGKILL)
             opt.step()
 
