@@ -117,3 +117,27 @@ def test_split_of_statistics_only_step_is_left_out_with_a_note(tmp_path):
     rep = graddiff.compare(a, b, name_map=[{"from": "qk", "to": ["q", "k"]}])
     assert rep.exit_code == 0 and rep.steps["compared"] == 1
     assert any("1 step(s) of B not compared" in n for n in rep.notes), rep.notes
+
+
+def test_rename_only_map_with_offset_and_window(tmp_path):
+    """Renames and offsets only: B is copied and renamed (no step-by-step rewrite)."""
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((3, 2)).astype(np.float32) for _ in range(5)]
+    a = _trace(tmp_path / "a.h5", [[entry_from_array("param", "net.w", x)] for x in xs])
+    b = _trace(
+        tmp_path / "b.h5",
+        [
+            [entry_from_array("param", "model.w", x, store_values=i % 2 == 0)]
+            for i, x in enumerate(xs[2:])
+        ],
+    )
+    rep = graddiff.compare(a, b, name_map=["model -> net"], offset=2, exact=True)
+    assert rep.exit_code == 0 and rep.steps["compared"] == 3 and rep.steps["first"] == 2
+    assert rep.structure["name_map"]["renamed"] == 1
+    rep = graddiff.compare(a, b, name_map=["model -> net"], steps_a="3:", steps_b="1:3", exact=True)
+    assert rep.exit_code == 0 and (rep.steps["first"], rep.steps["last"]) == (3, 4)
+    rep = graddiff.compare(a, b, name_map=["model -> net"], offset=1)
+    assert rep.exit_code == 1 and rep.first.step == 1
+    # the source file is untouched
+    with graddiff.open(b) as run:
+        assert run.names() == ["model.w"] and list(run.steps) == [0, 1, 2]

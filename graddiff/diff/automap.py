@@ -144,61 +144,60 @@ def _joined(items: list[Item], dim: int) -> Optional[tuple[tuple[int, ...], floa
     return shape, float(np.sqrt(sum(it.norm**2 for it in items)))
 
 
+def _window_scores(a: list[Item], b: list[Item], ka: int, kb: int) -> np.ndarray:
+    """Score of matching a[i:i+ka] with b[j:j+kb] for every start (i, j): 0 no, 1 shape, 2 +norm."""
+    ids: dict[tuple[int, ...], int] = {}
+
+    def side(items: list[Item], k: int) -> tuple[np.ndarray, np.ndarray]:
+        sid = np.full(max(len(items) - k + 1, 0), -1, np.int64)
+        norm = np.zeros(len(sid))
+        for i in range(len(sid)):
+            got = _joined(items[i : i + k], -1) if k > 1 else (items[i].shape, items[i].norm)
+            if got is not None:
+                sid[i] = ids.setdefault(got[0], len(ids))
+                norm[i] = got[1]
+        return sid, norm
+
+    sa, na = side(a, ka)
+    sb, nb = side(b, kb)
+    same = (sa[:, None] == sb[None, :]) & (sa[:, None] >= 0)
+    big = np.maximum(np.maximum(np.abs(na)[:, None], np.abs(nb)[None, :]), 1e-12)
+    close = np.abs(na[:, None] - nb[None, :]) <= _CLOSE * big
+    return np.where(same, 1 + close, 0).astype(np.int64)
+
+
 def _align(a: list[Item], b: list[Item]):
     """Best alignment of two forward orders: 1:1, 1(B):k(A) and k(B):1(A) matches, and gaps.
 
-    Scores: 2 for equal shapes and close norms, 1 for equal shapes only. Returns the matches
-    (i, ka, j, kb, score) and, per match, whether another optimal alignment pairs it otherwise.
+    Scores: 2 for equal shapes and close norms, 1 for equal shapes only; gaps cost nothing.
+    Dynamic programming, vectorised per row (a gap in B is a running maximum). Returns the
+    matches (i, ka, j, kb, score) and, per match, whether another optimal alignment pairs one
+    of its items otherwise (then it is ambiguous).
     """
     n, m = len(a), len(b)
-
-    def score(i: int, ka: int, j: int, kb: int) -> int:
-        if i + ka > n or j + kb > m:
-            return 0
-        if ka == 1 and kb == 1:
-            sa, na, sb, nb = a[i].shape, a[i].norm, b[j].shape, b[j].norm
-        else:
-            ja = _joined(a[i : i + ka], -1) if ka > 1 else (a[i].shape, a[i].norm)
-            jb = _joined(b[j : j + kb], -1) if kb > 1 else (b[j].shape, b[j].norm)
-            if ja is None or jb is None:
-                return 0
-            (sa, na), (sb, nb) = ja, jb
-        if sa != sb:
-            return 0
-        return 2 if _close(na, nb) else 1
-
-    moves = (
-        [(1, 1)]
-        + [(k, 1) for k in range(2, MAX_SPLIT + 1)]
-        + [(1, k) for k in range(2, MAX_SPLIT + 1)]
-    )
-    cache: dict[tuple[int, int, int, int], int] = {}
-
-    def s(i, ka, j, kb):
-        key = (i, ka, j, kb)
-        if key not in cache:
-            cache[key] = score(i, ka, j, kb)
-        return cache[key]
-
+    moves = [(1, 1)] + [(k, 1) for k in range(2, MAX_SPLIT + 1)]
+    moves += [(1, k) for k in range(2, MAX_SPLIT + 1)]
+    moves = [(ka, kb) for ka, kb in moves if ka <= n and kb <= m]
+    score = {mv: _window_scores(a, b, *mv) for mv in moves}
+    neg = np.iinfo(np.int64).min // 4
     f = np.zeros((n + 1, m + 1), np.int64)  # best score of a[:i], b[:j]
-    for i in range(n + 1):
-        for j in range(m + 1):
-            best = max(f[i - 1, j] if i else 0, f[i, j - 1] if j else 0)
-            for ka, kb in moves:
-                if i >= ka and j >= kb:
-                    sc = s(i - ka, ka, j - kb, kb)
-                    if sc:
-                        best = max(best, f[i - ka, j - kb] + sc)
-            f[i, j] = best
-    g = np.zeros((n + 2, m + 2), np.int64)  # best score of a[i:], b[j:]
-    for i in range(n, -1, -1):
-        for j in range(m, -1, -1):
-            best = max(g[i + 1, j] if i < n else 0, g[i, j + 1] if j < m else 0)
-            for ka, kb in moves:
-                sc = s(i, ka, j, kb)
-                if sc:
-                    best = max(best, g[i + ka, j + kb] + sc)
-            g[i, j] = best
+    for i in range(1, n + 1):
+        cand = f[i - 1].copy()
+        for (ka, kb), sc in score.items():
+            if i >= ka:
+                row = sc[i - ka]
+                vals = np.where(row > 0, f[i - ka, : m + 1 - kb] + row, neg)
+                np.maximum(cand[kb:], vals, out=cand[kb:])
+        f[i] = np.maximum.accumulate(cand)
+    g = np.zeros((n + 1, m + 1), np.int64)  # best score of a[i:], b[j:]
+    for i in range(n - 1, -1, -1):
+        cand = g[i + 1].copy()
+        for (ka, kb), sc in score.items():
+            if i + ka <= n:
+                row = sc[i]
+                vals = np.where(row > 0, g[i + ka, kb:] + row, neg)
+                np.maximum(cand[: m + 1 - kb], vals, out=cand[: m + 1 - kb])
+        g[i] = np.maximum.accumulate(cand[::-1])[::-1]
     opt = int(f[n, m])
     matches = []
     i, j = n, m
@@ -209,30 +208,27 @@ def _align(a: list[Item], b: list[Item]):
         if f[i, j] == f[i, j - 1]:
             j -= 1
             continue
-        for ka, kb in moves:
+        for (ka, kb), sc in score.items():
             if i >= ka and j >= kb:
-                sc = s(i - ka, ka, j - kb, kb)
-                if sc and f[i, j] == f[i - ka, j - kb] + sc:
-                    matches.append((i - ka, ka, j - kb, kb, sc))
+                v = int(sc[i - ka, j - kb])
+                if v and f[i, j] == f[i - ka, j - kb] + v:
+                    matches.append((i - ka, ka, j - kb, kb, v))
                     i, j = i - ka, j - kb
                     break
         else:  # pragma: no cover - f is built from exactly these moves
             break
     matches.reverse()
-    # a match is unsure when one of its items could take part in another optimal match
-    optimal: dict[tuple[str, int], set] = {}
-    for i in range(n):
-        for j in range(m):
-            for ka, kb in moves:
-                sc = s(i, ka, j, kb)
-                if sc and f[i, j] + sc + g[i + ka, j + kb] == opt:
-                    for x in range(ka):
-                        optimal.setdefault(("a", i + x), set()).add((i, ka, j, kb))
-                    for y in range(kb):
-                        optimal.setdefault(("b", j + y), set()).add((i, ka, j, kb))
+    # how many optimal matches each item can take part in
+    count_a, count_b = np.zeros(n, np.int64), np.zeros(m, np.int64)
+    for (ka, kb), sc in score.items():
+        on = (sc > 0) & (f[: n + 1 - ka, : m + 1 - kb] + sc + g[ka:, kb:] == opt)
+        per_i, per_j = on.sum(axis=1), on.sum(axis=0)
+        for x in range(ka):
+            count_a[x : x + len(per_i)] += per_i
+        for y in range(kb):
+            count_b[y : y + len(per_j)] += per_j
     unsure = [
-        any(len(optimal.get(("b", j + y), ())) > 1 for y in range(kb))
-        or any(len(optimal.get(("a", i + x), ())) > 1 for x in range(ka))
+        bool((count_a[i : i + ka] > 1).any() or (count_b[j : j + kb] > 1).any())
         for i, ka, j, kb, _ in matches
     ]
     return matches, unsure

@@ -19,6 +19,7 @@ from ..format import FLAG_NDIM_CLIPPED, FLAG_VALUES, fingerprint_bytes, storage_
 from ..reader import RecordKey, Run
 from ..writer import TraceWriter
 from .namemap import OUTPUT_KINDS, MapError, Match, NameMap, Rule
+from .renamecopy import copy_renamed
 from .stepvalues import StepValues
 
 
@@ -353,6 +354,9 @@ def write_mapped(
                 res.transformed += int(m.rule.transforms)
     options = dict(b.options)
     options["mapped_from"] = {"path": b.path, "offset": offset, "map": nm.origin if nm else None}
+    if not any(m.rule is not None and m.rule.transforms for m in matches.values()):
+        res.steps_written = copy_renamed(b, matches, path, offset, window_b, options)
+        return res
     w = TraceWriter(path, b.environment, options, ballast=False)
     dropped = 0
     try:
