@@ -359,3 +359,11 @@ def test_html_report_through_a_map(runs, tmp_path):
     r = _cli("compare", a, b, "--map", runs["map"], "--html", out)
     assert r.exit_code == 1, r.output
     assert "blocks.0.attn.out_proj" in out.read_text()
+
+
+def test_offset_reports_steps_in_a_numbering(resumed):
+    rep = graddiff.compare(resumed["full"], resumed["resumed"], offset=2)
+    assert rep.exit_code == 0
+    assert (rep.steps["first"], rep.steps["last"], rep.steps["in_b"]) == (2, 3, 2)
+    assert rep.structure["steps_only_in_a"] == [0, 1, 2]
+    assert rep.structure["steps_only_in_b"] is None

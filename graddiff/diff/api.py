@@ -218,7 +218,8 @@ def _compare_mapped(
                 filtered=filtered,
                 # shifted or windowed runs cover different steps by design
                 restricted=bool(shift) or win_a is not None or win_b is not None,
-                b_steps=rb.steps,  # steps the map could not carry over still exist in B
+                # steps the map could not carry over still exist in B (in A's numbering)
+                b_steps=_shifted(rb.steps, win_b, shift),
             )
             first = report.first
             at_start = first is not None and first.step == report.steps["first"]
@@ -246,6 +247,15 @@ def _compare_mapped(
         "step_offset": shift,
     }
     return report
+
+
+def _shifted(steps: np.ndarray, window, shift: int) -> np.ndarray:
+    """B's steps inside ``--steps-b``, in A's numbering."""
+    if window is not None:
+        lo, hi = window
+        steps = steps[(steps >= (lo if lo is not None else steps.min(initial=0)))]
+        steps = steps[(steps <= (hi if hi is not None else steps.max(initial=0)))]
+    return steps + shift
 
 
 def _intersect(window, other):
