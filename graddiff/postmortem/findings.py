@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..diff.noise import floor_factor
 from ..kinds import CAUSAL_RANK, GRADIENT_KINDS
 from ..reader import RecordKey, Run
 from .series import Series, collect_series
@@ -146,14 +147,36 @@ def _detect(
         skip.update(f.evidence.get("names", [f.name]))
     found += find_exploding(series, explode_factor, explode_abs, skip=skip)
     found += find_vanishing(series, vanish_factor)
-    found += find_frozen(series)
+    found += find_frozen(series, run)
     found += find_dead_units(run, series, max_value_steps=max_value_steps)
     return found
 
 
 # -- NaN / Inf --------------------------------------------------------------------------------
 def find_nonfinite(run: Run, series: dict[RecordKey, Series]) -> list[Finding]:
-    """The first NaN and the first Inf (step, then causal order within the step)."""
+    """The first NaN and the first Inf (step, then causal order within the step), told as one
+    story: the earlier of the two is the origin (with what produced it from finite values);
+    the later one is said to follow it, not to come from finite values."""
+    out = _first_nonfinite(series)
+    if len(out) == 2:
+        first, later = sorted(out, key=lambda f: f.evidence["position"])
+        word = "NaN" if first.kind == "nan" else "Inf"
+        later.message = later.message.split("; ", 1)[0] + (
+            f"; it follows the first {word} ({first.record_kind} '{first.name}', step "
+            f"{first.step}): arithmetic on {word} (Inf - Inf, 0 x Inf, a normalisation by "
+            "Inf) gives NaN"
+            if word == "Inf"
+            else f"; it follows the first NaN ({first.record_kind} '{first.name}', step "
+            f"{first.step})"
+        )
+        later.evidence["follows"] = f"{first.kind} {first.record_kind} {first.name}"
+    for f in out:
+        f.evidence.pop("position", None)
+    return out
+
+
+def _first_nonfinite(series: dict[RecordKey, Series]) -> list[Finding]:
+    order = {key: i for i, key in enumerate(series)}  # causal key order
     out = []
     for field_name, kind, word in (("nan", "nan", "NaN"), ("inf", "inf", "Inf")):
         # per record, its steps with a NaN (Inf); vectorised, so a run that is NaN everywhere
@@ -164,7 +187,7 @@ def find_nonfinite(run: Run, series: dict[RecordKey, Series]) -> list[Finding]:
             continue
         step = min(int(rows["step"][0]) for rows in bad.values())
         at_step = [key for key, rows in bad.items() if int(rows["step"][0]) == step]
-        at_step.sort(key=lambda k: CAUSAL_RANK.get(k.kind, 99))  # dict order is causal already
+        at_step.sort(key=lambda k: (CAUSAL_RANK.get(k.kind, 99), order[k]))
         key = at_step[0]
         row = bad[key][0]
         bad_steps = np.unique(np.concatenate([rows["step"] for rows in bad.values()]))
@@ -189,6 +212,7 @@ def find_nonfinite(run: Run, series: dict[RecordKey, Series]) -> list[Finding]:
                     "steps_affected": len(bad_steps),
                     "last_step_affected": int(bad_steps[-1]),
                     "names": [str(k) for k in at_step[:MAX_NAMES]],
+                    "position": (step, CAUSAL_RANK.get(key.kind, 99), order[key]),
                 },
             )
         )
@@ -233,8 +257,11 @@ def find_exploding(
         base = _baseline(norms)
         if base is None:
             continue
-        finite = np.isfinite(norms)
-        bad = np.flatnonzero(finite & ((norms > factor * base) | (norms > absolute)))
+        # finite growth only: a tensor holding NaN/Inf is the NaN/Inf finding's story
+        finite = np.isfinite(norms) & (s.rows["nan"] == 0) & (s.rows["inf"] == 0)
+        ratio = norms / base
+        grew = (ratio > factor) | ((norms > absolute) & (ratio > np.sqrt(factor)))
+        bad = np.flatnonzero(finite & grew)
         if not len(bad):
             continue
         i = int(bad[0])
@@ -298,12 +325,35 @@ def find_vanishing(series: dict[RecordKey, Series], factor: float) -> list[Findi
 
 
 # -- parameters that never change -------------------------------------------------------------
-def find_frozen(series: dict[RecordKey, Series]) -> list[Finding]:
-    """Parameters bit-identical at every step although they received a nonzero gradient."""
+def _largest_grad_norm(grads: dict[str, list[Series]]) -> dict[int, float]:
+    """step -> the largest finite gradient norm of any parameter at that step."""
+    out: dict[int, float] = {}
+    for group in grads.values():
+        for g in group:
+            for step, n in zip(g.steps.tolist(), g.norm.tolist()):
+                if np.isfinite(n) and n > out.get(step, 0.0):
+                    out[step] = n
+    return out
+
+
+def find_frozen(series: dict[RecordKey, Series], run: Optional[Run] = None) -> list[Finding]:
+    """Parameters bit-identical at every step although they received a real gradient.
+
+    A gradient counts only above the same noise floor as ``compare`` uses: a norm below
+    ``floor_factor(dtype)`` x the largest gradient norm of that step is rounding residue (a
+    Linear's bias before BatchNorm gets ~1e-8 where exact arithmetic gives 0; an update that
+    small rounds back to the same float32 parameter).
+    """
     grads: dict[str, list[Series]] = {}
     for k, s in series.items():
         if k.kind in GRADIENT_KINDS:
             grads.setdefault(k.name, []).append(s)
+    largest = _largest_grad_norm(grads)
+    dtypes = (
+        {run.record_key(r): run.record_dtype(r) for r in range(run.n_records)}
+        if run is not None
+        else {}
+    )
     hits = []
     for k, s in series.items():
         if k.kind != "param" or len(s.rows) < 2 or k.name not in grads:
@@ -314,9 +364,10 @@ def find_frozen(series: dict[RecordKey, Series]) -> list[Finding]:
         last = int(s.steps[-1])
         grad_norm = 0.0
         for g in grads[k.name]:  # a gradient before the last param step had its chance to apply
-            before = (g.steps < last) & np.isfinite(g.norm)
-            if before.any():
-                grad_norm = max(grad_norm, float(g.norm[before].max()))
+            floor = floor_factor(dtypes.get(g.key, "float32"))
+            for step, n in zip(g.steps.tolist(), g.norm.tolist()):
+                if step < last and np.isfinite(n) and n > floor * largest.get(step, 0.0):
+                    grad_norm = max(grad_norm, n)
         if grad_norm <= 0:
             continue
         hits.append(

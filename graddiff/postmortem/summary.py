@@ -166,9 +166,7 @@ def render_summary(summary: dict[str, Any], *, width: int = 60) -> list[str]:
     loss = summary["loss"]
     if loss["values"]:
         vals = np.array(loss["values"], dtype=np.float64)
-        finite = vals[np.isfinite(vals)]
-        last = f"{finite[-1]:.4g}" if len(finite) else "nan"
-        lines.append(f"  loss     {len(vals)} steps, first {vals[0]:.4g}, last {last}")
+        lines.append(f"  loss     {len(vals)} steps, first {vals[0]:.4g}, {_last_loss(loss, vals)}")
         lines += [
             "    " + line
             for line in render_chart(np.array(loss["steps"]), vals, width=width, label="loss")
@@ -181,3 +179,19 @@ def render_summary(summary: dict[str, Any], *, width: int = 60) -> list[str]:
                 f"    step {f['step']}  {f['kind']}  {f['record_kind']} {f['name']}: {f['message']}"
             )
     return lines
+
+
+def _last_loss(loss: dict, vals: np.ndarray) -> str:
+    """ "last 0.53", or, when the run ends in NaN/Inf, how long and since when."""
+    ok = np.isfinite(vals)
+    if ok[-1]:
+        return f"last {vals[-1]:.4g}"
+    steps = np.asarray(loss["steps"])
+    if not ok.any():
+        return f"non-finite at every step ({vals[-1]})"
+    i = int(np.flatnonzero(ok)[-1])
+    tail = len(vals) - 1 - i
+    return (
+        f"last {vals[-1]} (the last {tail} steps are non-finite since step {int(steps[i + 1])}; "
+        f"last finite {vals[i]:.4g} at step {int(steps[i])})"
+    )
