@@ -41,6 +41,14 @@ REPLICATED_MODES = ("all", "one")
 REPLICATED_KINDS = frozenset({"param", "buffer_start", "grad", "buffer"})
 
 _active_models: weakref.WeakSet = weakref.WeakSet()
+#: Traces that end when the traced code starts its own trace of the same model (graddiff record's
+#: traces give way to a script's own ``graddiff.trace``): inner model -> callback that ends them.
+_gives_way: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def give_way_to_user(inner: nn.Module, end: Any) -> None:
+    """Register ``end()``: called, then forgotten, when the code starts its own trace of ``inner``."""
+    _gives_way[inner] = end
 
 
 def _matches(name: str, patterns: Optional[list[str]]) -> bool:
@@ -161,6 +169,9 @@ class Tracer:
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> Tracer:
         inner = unwrap_model(self.model)
+        end = _gives_way.pop(inner, None)
+        if end is not None and inner in _active_models:
+            end()
         if inner in _active_models:
             raise TraceUsageError(
                 f"{type(inner).__name__} is already being traced; graddiff.trace cannot be nested "
@@ -232,6 +243,7 @@ class Tracer:
                 self._restore_compile()
             if self._inner is not None:
                 _active_models.discard(self._inner)
+                _gives_way.pop(self._inner, None)
             recorder, writer = self._recorder, self._writer
             self._recorder = None
             if recorder is not None:

@@ -52,6 +52,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "ranks_cmd",
         "Check that the ranks of one distributed run agree (params, buffers, grads).",
     ),
+    "record": (
+        "record",
+        "record_cmd",
+        "Trace an unmodified script: record -o run.h5 -- python train.py ARGS.",
+    ),
     "show": ("show", "show_cmd", "Summarise one trace: steps, kinds, environment, loss, findings."),
     "inspect": (
         "inspect",
