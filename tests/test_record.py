@@ -260,3 +260,19 @@ def test_repository_example_runs_under_record(tmp_path):
     assert "Model is traced by the script itself" in result.stderr
     assert "DIVERGED at step 0" in result.stdout  # the script's own verdict (different init)
     assert sorted(p.name for p in (tmp_path / "q1").glob("*.h5")) == ["manual.h5", "optimizer.h5"]
+
+
+@pytest.mark.slow
+def test_rank_under_torchrun(tmp_path):
+    """Inside the launcher, one file per rank: torchrun -m graddiff record -o run_{rank}.h5."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "graddiff",
+         "record", "-o", "run_{rank}.h5", "--", str(MNIST), "--train-size", "32"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for rank in (0, 1):
+        assert f"recording Net into run_{rank}.h5" in proc.stderr
+    # Both ranks ran the same (non-distributed) script from the same seed: identical runs.
+    report = graddiff.compare(tmp_path / "run_0.h5", tmp_path / "run_1.h5", exact=True)
+    assert report.verdict == "identical" and report.steps["compared"] == 2
