@@ -276,3 +276,13 @@ def test_rank_under_torchrun(tmp_path):
     # Both ranks ran the same (non-distributed) script from the same seed: identical runs.
     report = graddiff.compare(tmp_path / "run_0.h5", tmp_path / "run_1.h5", exact=True)
     assert report.verdict == "identical" and report.steps["compared"] == 2
+
+
+def test_python_dash_m_module(tmp_path):
+    script(tmp_path, GAN, name="gan_module.py")
+    result = record(
+        "-o", "m.h5", "--model-class", "Generator", "--", "python", "-m", "gan_module", cwd=tmp_path
+    )
+    assert result.exit_code == 0, result.output
+    assert "recording Generator into m.h5" in result.stderr
+    assert "gan_module" not in sys.modules  # the script's module does not outlive the run
