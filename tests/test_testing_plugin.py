@@ -141,7 +141,9 @@ def test_a_planted_change_fails_with_a_readable_report(project):
     )
     # pytest's traceback stops at the user's `with` line: graddiff's frames are hidden.
     assert "graddiff/testing.py" not in out and "contextlib" not in out
-    result.stdout.fnmatch_lines([">       with graddiff_golden(model):", "E       AssertionError: DIVERGED*"])
+    result.stdout.fnmatch_lines(
+        [">       with graddiff_golden(model):", "E       AssertionError: DIVERGED*"]
+    )
 
 
 @pytest.mark.parametrize(
