@@ -15,6 +15,9 @@ A trace is an HDF5 file in HDF5's default (oldest compatible) format, flushed af
                                                      copies written by compare --map/--offset)
                                    status          = "recording" | "complete" | "stopped: <why>"
                                    values_note     = "" or why full values stopped (budget)
+                                   module_classes  = JSON {module name: class name}, optional
+                                                     (absent in older files: {}); used by
+                                                     compare --map auto
     /records                1-D table, one row per record key (kind, name, call, dtype);
                             row index = record id.
     /entries                1-D table, one row per (step, record): shape, fingerprint, stats,

@@ -257,6 +257,8 @@ class Run:
             raise TraceFileError(p, "corrupt graddiff file: bad 'format_version'")
         self.environment: dict[str, Any] = _json_attr(f, "environment", p)
         self.options: dict[str, Any] = _json_attr(f, "options", p)
+        #: module name -> class name (files before 0.1's module_classes: empty)
+        self.module_classes: dict[str, Any] = _json_attr(f, "module_classes", p)
         self.status: str = _str_attr(f, "status", "unknown")
         self.values_note: str = _str_attr(f, "values_note", "")
         self.graddiff_version: str = _str_attr(f, "graddiff_version", "?")

@@ -23,7 +23,7 @@ from .errors import TraceUsageError
 from .hooks.autograd_hooks import add_listener
 from .hooks.handles import HandleBag
 from .hooks.module_hooks import install_module_hooks
-from .hooks.naming import ROOT_NAME, is_compiled, unwrap_model
+from .hooks.naming import ROOT_NAME, is_compiled, module_display_name, unwrap_model
 from .hooks.optimizer_hooks import add_step_pre_hook
 from .hooks.shards import shard_layout
 from .kinds import parse_kinds, with_buffer_start
@@ -197,6 +197,9 @@ class Tracer:
         layout = shard_layout(params)  # FSDP2 / DTensor: where this rank's shards sit
         if layout:
             self._writer.set_attr("shards", json.dumps(layout, sort_keys=True))
+        # module classes, for the structural matching of two implementations (--map auto)
+        classes = {module_display_name(n): type(m).__name__ for n, m in modules}
+        self._writer.set_attr("module_classes", json.dumps(classes))
         self._recorder = Recorder(
             writer=self._writer,
             params=params,

@@ -367,3 +367,30 @@ def test_offset_reports_steps_in_a_numbering(resumed):
     assert (rep.steps["first"], rep.steps["last"], rep.steps["in_b"]) == (2, 3, 2)
     assert rep.structure["steps_only_in_a"] == [0, 1, 2]
     assert rep.structure["steps_only_in_b"] is None
+
+
+def test_module_classes_recorded_and_used(tmp_path):
+    """A has a Dropout that B lacks: all outputs have one shape, weights differ; the module
+    classes tell which Linear of A the second Linear of B is."""
+    from graddiff.diff.automap import propose_map
+
+    x = torch.randn(2, 4)
+    torch.manual_seed(1)
+    m_a = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.0), torch.nn.Linear(4, 4))
+    torch.manual_seed(2)
+    m_b = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    for m, p in ((m_a, tmp_path / "a.h5"), (m_b, tmp_path / "b.h5")):
+        with graddiff.trace(m, p, forward_only=True):
+            m(x)
+    with graddiff.open(tmp_path / "a.h5") as a, graddiff.open(tmp_path / "b.h5") as b:
+        assert a.module_classes == {
+            "(root)": "Sequential",
+            "0": "Linear",
+            "1": "Dropout",
+            "2": "Linear",
+        }
+        prop = propose_map(a, b)
+    pairs = {(p.b, p.a) for p in prop.pairs if p.group == "module"}
+    assert (("1",), ("2",)) in pairs and (("0",), ("0",)) in pairs
+    assert "activation 1" in prop.unmatched_a
+    assert not prop.ambiguous  # without the classes, the Dropout and the Linear would tie

@@ -34,6 +34,7 @@ class Item:
     shape: tuple[int, ...]
     norm: float
     row: Any = None
+    cls: str = ""  # the module's class, where the trace recorded it
 
 
 @dataclass
@@ -119,12 +120,14 @@ def _first_step(run: Run) -> dict[str, list[Item]]:
     rows = run.entries(s, s)
     rows = rows[np.argsort(rows["seq"], kind="stable")]
     out: dict[str, list[Item]] = {}
+    classes = getattr(run, "module_classes", {}) or {}
     for row in rows:
         key = run.record_key(int(row["record"]))
         if key.call:
             continue
         shape = tuple(int(x) for x in row["shape"][: int(row["ndim"])])
-        out.setdefault(key.kind, []).append(Item(key.name, shape, float(row["norm"]), row))
+        cls = str(classes.get(key.name.split(":")[0], "")) if key.kind == "activation" else ""
+        out.setdefault(key.kind, []).append(Item(key.name, shape, float(row["norm"]), row, cls))
     return out
 
 
@@ -145,31 +148,39 @@ def _joined(items: list[Item], dim: int) -> Optional[tuple[tuple[int, ...], floa
 
 
 def _window_scores(a: list[Item], b: list[Item], ka: int, kb: int) -> np.ndarray:
-    """Score of matching a[i:i+ka] with b[j:j+kb] for every start (i, j): 0 no, 1 shape, 2 +norm."""
-    ids: dict[tuple[int, ...], int] = {}
+    """Score of matching a[i:i+ka] with b[j:j+kb] for every start (i, j).
 
-    def side(items: list[Item], k: int) -> tuple[np.ndarray, np.ndarray]:
+    0: shapes differ; else 1 for the shape, +2 for close norms, +1 for the same module class.
+    """
+    ids: dict[Any, int] = {}
+
+    def side(items: list[Item], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         sid = np.full(max(len(items) - k + 1, 0), -1, np.int64)
+        cid = np.full(len(sid), -2, np.int64)
         norm = np.zeros(len(sid))
         for i in range(len(sid)):
             got = _joined(items[i : i + k], -1) if k > 1 else (items[i].shape, items[i].norm)
             if got is not None:
                 sid[i] = ids.setdefault(got[0], len(ids))
                 norm[i] = got[1]
-        return sid, norm
+            classes = {it.cls for it in items[i : i + k]}
+            if len(classes) == 1 and "" not in classes:
+                cid[i] = ids.setdefault(("class", classes.pop()), len(ids))
+        return sid, cid, norm
 
-    sa, na = side(a, ka)
-    sb, nb = side(b, kb)
+    sa, ca, na = side(a, ka)
+    sb, cb, nb = side(b, kb)
     same = (sa[:, None] == sb[None, :]) & (sa[:, None] >= 0)
     big = np.maximum(np.maximum(np.abs(na)[:, None], np.abs(nb)[None, :]), 1e-12)
     close = np.abs(na[:, None] - nb[None, :]) <= _CLOSE * big
-    return np.where(same, 1 + close, 0).astype(np.int64)
+    same_cls = (ca[:, None] == cb[None, :]) & (ca[:, None] >= 0)
+    return np.where(same, 1 + 2 * close + same_cls, 0).astype(np.int64)
 
 
 def _align(a: list[Item], b: list[Item]):
     """Best alignment of two forward orders: 1:1, 1(B):k(A) and k(B):1(A) matches, and gaps.
 
-    Scores: 2 for equal shapes and close norms, 1 for equal shapes only; gaps cost nothing.
+    Scores from _window_scores (shape, norm, class); gaps cost nothing.
     Dynamic programming, vectorised per row (a gap in B is a running maximum). Returns the
     matches (i, ka, j, kb, score) and, per match, whether another optimal alignment pairs one
     of its items otherwise (then it is ambiguous).
@@ -362,8 +373,10 @@ def propose_map(a: Run, b: Run) -> Proposal:
         for (i, ka, j, kb, sc), u in zip(matches, unsure):
             an = tuple(x.name for x in acts_a[i : i + ka])
             bn = tuple(x.name for x in acts_b[j : j + kb])
-            conf = (0.9 if sc == 2 else 0.6) * (0.5 if u else 1.0)
-            why = "forward order, shape" + (" and norm" if sc == 2 else "")
+            conf = {1: 0.6, 2: 0.7, 3: 0.9, 4: 0.95}[sc] * (0.5 if u else 1.0)
+            seen = ["shape"] + ["norm"] * (sc >= 3) + ["class"] * (sc in (2, 4))
+            why = "forward order, " + (", ".join(seen[:-1]) + " and " if len(seen) > 1 else "")
+            why += seen[-1]
             if ka > 1:
                 why += f" (fused: {ka} modules of A)"
             if kb > 1:
