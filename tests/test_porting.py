@@ -259,6 +259,8 @@ def test_port_bug_named_through_map_auto(runs, bug):
         # the untransposed copy has equal values without a transpose, so the proposed map pairs
         # it as copied; the layer still parts first, at its output
         kind, name = "activation", "blocks.1.attn.out_proj"
+        # ... and flags that weight: its layout is unlike its siblings'
+        assert any("ambiguous" in n and "layers.1.attention.proj.W" in n for n in rep.notes)
     assert (rep.first.kind, rep.first.name, rep.first.step) == (kind, name, 0)
 
 
@@ -396,3 +398,11 @@ def test_module_classes_recorded_and_used(tmp_path):
     # without the classes, the Dropout and the Linear would tie (the weights, square and not
     # copied, stay ambiguous: their layout cannot be told)
     assert not [p for p in prop.ambiguous if p.group == "module"]
+
+
+def test_map_auto_on_runs_that_share_their_names(runs):
+    a, _ = runs[""]
+    rep = graddiff.compare(a, a, name_map="auto")
+    assert rep.exit_code == 0 and "already share their record names" in " ".join(rep.notes)
+    r = _cli("map", a, a)
+    assert r.exit_code == 0 and "rules: []" in r.output

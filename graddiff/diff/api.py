@@ -195,8 +195,11 @@ def _compare_mapped(
         from .automap import propose_map
 
         proposal = propose_map(ra, rb)
-        nm = proposal.name_map
-        notes.extend(proposal.notes())
+        if proposal.rules():
+            nm = proposal.name_map
+            notes.extend(proposal.notes())
+        else:
+            notes.append("--map auto: the two runs already share their record names")
     elif name_map is not None:
         nm = load_map(name_map)
     if win_a is not None:

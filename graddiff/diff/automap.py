@@ -86,7 +86,7 @@ class Proposal:
     def name_map(self) -> NameMap:
         rules = self.rules()
         if not rules:
-            raise GraddiffError("--map auto: the two runs already share every matched name")
+            raise GraddiffError("--map auto: the two runs already share their record names")
         return NameMap([parse_rule(i + 1, r) for i, r in enumerate(rules)], "--map auto")
 
     def to_dict(self) -> dict[str, Any]:
@@ -402,6 +402,7 @@ def propose_map(a: Run, b: Run) -> Proposal:
         tensor_pairs.extend(t.pairs)
         matched_a.update(n for p in t.pairs for n in p.a)
         matched_b.update(n for p in t.pairs for n in p.b)
+    _layout_outliers(tensor_pairs, a, b)
     pairs.extend(tensor_pairs)
     kinds = ("activation", "param", "buffer")
     una = [f"{k} {x.name}" for k in kinds for x in fa.get(k, []) if x.name not in matched_a]
@@ -414,3 +415,36 @@ def _reorder(items: list[Item], grads: list[Item]) -> list[Item]:
     """Parameters in the order their gradients appear in the backward pass (then the rest)."""
     pos = {g.name: i for i, g in enumerate(grads)}
     return sorted(items, key=lambda it: pos.get(it.name, len(pos)))
+
+
+def _layout_outliers(pairs: list[Pair], a: Run, b: Run) -> None:
+    """Flag a weight paired with a layout unlike its siblings' (same classes, same leaf names).
+
+    Seven ``TLinear.W -> Linear.weight`` pairs transposed and one not: that one is either laid
+    out differently on purpose or copied without its transpose (a port bug); it is marked
+    ambiguous so that the report and ``graddiff map`` name it.
+    """
+    ca = getattr(a, "module_classes", {}) or {}
+    cb = getattr(b, "module_classes", {}) or {}
+    groups: dict[tuple[str, ...], list[Pair]] = {}
+    for p in pairs:
+        if len(p.a) != 1 or len(p.b) != 1 or "." not in p.a[0] or "." not in p.b[0]:
+            continue
+        (mb, lb), (ma, la) = p.b[0].rsplit(".", 1), p.a[0].rsplit(".", 1)
+        if mb in cb and ma in ca:
+            groups.setdefault((str(cb[mb]), lb, str(ca[ma]), la), []).append(p)
+    for (kb, lb, ka, la), ps in groups.items():
+        flipped = [p for p in ps if p.transpose]
+        plain = [p for p in ps if not p.transpose]
+        if not flipped or not plain:
+            continue
+        for odd, usual, how in ((flipped, plain, "untransposed"), (plain, flipped, "transposed")):
+            if len(odd) > len(usual):
+                continue
+            for p in odd:
+                p.ambiguous = True
+                p.confidence *= 0.5
+                p.evidence += (
+                    f"; unlike {len(usual)} other {kb}.{lb} -> {ka}.{la} pair(s), {how} "
+                    f"(a weight copied with the wrong layout?)"
+                )

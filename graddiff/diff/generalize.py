@@ -41,36 +41,56 @@ def _fold(rule: dict[str, Any]) -> tuple[Any, ...]:
     return key_src, key_dst, rest
 
 
+def _folded_rule(key: tuple[Any, ...], members: list[dict[str, Any]]) -> dict[str, Any]:
+    src, dst, rest = key
+    out: dict[str, Any] = {
+        "from": src[0] if len(src) == 1 else list(src),
+        "to": dst[0] if len(dst) == 1 else list(dst),
+    }
+    out.update({k: list(v) if isinstance(v, tuple) else v for k, v in rest})
+    if "confidence" in members[0]:
+        out["confidence"] = min(m["confidence"] for m in members)
+    if "evidence" in members[0]:
+        whys = list(dict.fromkeys(m["evidence"] for m in members))
+        out["evidence"] = whys[0] if len(whys) == 1 else "; ".join(whys[:3])
+    return out
+
+
+def _name_map(rules: list[dict[str, Any]]) -> NameMap:
+    return NameMap([parse_rule(i + 1, r) for i, r in enumerate(rules)], "map")
+
+
 def generalize(rules: list[dict[str, Any]], keys_b: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    """Per-layer rules folded into ``{i}`` patterns where that maps B's names identically."""
-    if not rules:
-        return rules
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for r in rules:
-        groups.setdefault(_fold(r), []).append(r)
-    folded = []
-    for (src, dst, rest), members in groups.items():
-        out: dict[str, Any] = {
-            "from": src[0] if len(src) == 1 else list(src),
-            "to": dst[0] if len(dst) == 1 else list(dst),
-        }
-        out.update({k: list(v) if isinstance(v, tuple) else v for k, v in rest})
-        if "confidence" in members[0]:
-            out["confidence"] = min(m["confidence"] for m in members)
-        if "evidence" in members[0]:
-            whys = list(dict.fromkeys(m["evidence"] for m in members))
-            out["evidence"] = whys[0] if len(whys) == 1 else "; ".join(whys[:3])
-        folded.append(out)
-    if len(folded) == len(rules):
-        return rules
-    try:
-        concrete = NameMap([parse_rule(i + 1, r) for i, r in enumerate(rules)], "concrete")
-        general = NameMap([parse_rule(i + 1, r) for i, r in enumerate(folded)], "folded")
-        for kind, name in keys_b:
-            if concrete.match(kind, name).targets != general.match(kind, name).targets:
-                return rules
-            if concrete.match(kind, name).part != general.match(kind, name).part:
-                return rules
-    except MapError:  # a folded pattern overlapping another: keep the concrete rules
-        return rules
-    return folded
+    """Per-layer rules folded into ``{i}`` patterns, group by group, where that maps B's names
+    exactly as before (a layer that differs from its siblings keeps its own rules)."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, r in enumerate(rules):
+        groups.setdefault(_fold(r), []).append(i)
+    current: list[dict[str, Any]] = list(rules)
+    for key, idx in groups.items():
+        if len(idx) < 2:
+            continue
+        members = [rules[i] for i in idx]
+        folded = _folded_rule(key, members)
+        ids = {id(m) for m in members}
+        trial: list[dict[str, Any]] = []
+        for r in current:
+            if id(r) in ids:
+                if id(r) == id(members[0]):
+                    trial.append(folded)
+            else:
+                trial.append(r)
+        try:
+            probe = _name_map([folded])
+            touched = [k for k in keys_b if probe.match(*k).rule is not None]
+            before, after = _name_map(current), _name_map(trial)
+            same = all(
+                (before.match(*k).targets, before.match(*k).part)
+                == (after.match(*k).targets, after.match(*k).part)
+                for k in touched
+            )
+        except MapError:  # the folded pattern overlaps another rule: keep the concrete ones
+            same = False
+        if same:
+            current = trial
+    return current
