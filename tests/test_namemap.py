@@ -141,3 +141,13 @@ def test_rename_only_map_with_offset_and_window(tmp_path):
     # the source file is untouched
     with graddiff.open(b) as run:
         assert run.names() == ["model.w"] and list(run.steps) == [0, 1, 2]
+
+
+def test_negative_offset_drops_the_steps_before_a(tmp_path):
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((2, 2)).astype(np.float32) for _ in range(4)]
+    a = _trace(tmp_path / "a.h5", [[entry_from_array("param", "w", x)] for x in xs[1:]])
+    b = _trace(tmp_path / "b.h5", [[entry_from_array("param", "w", x)] for x in xs])
+    rep = graddiff.compare(a, b, offset=-1, exact=True)
+    assert rep.exit_code == 0 and (rep.steps["first"], rep.steps["last"]) == (0, 2)
+    assert rep.structure["steps_only_in_b"] is None

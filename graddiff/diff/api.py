@@ -189,6 +189,9 @@ def _compare_mapped(
                 f"--offset {offset!r}: must be an integer number of steps"
             ) from None
     shift = resolve_offset(ra, rb, win_a, win_b, offset)
+    if shift < 0:  # B ahead of A: its first -shift steps have no step of A to meet
+        lo_b = win_b[0] if win_b is not None and win_b[0] is not None else 0
+        win_b = (max(lo_b, -shift), win_b[1] if win_b is not None else None)
     notes = []
     nm = None
     if isinstance(name_map, str) and name_map == "auto":

@@ -56,12 +56,19 @@ def copy_renamed(
                 col = ent[:n]
                 col["step"] += offset
                 ent[:n] = col
-            # rename /values/<step> so that no name is taken while moving
-            order = steps["step"][::-1] if offset > 0 else steps["step"]
-            for s in order:
-                src = f"values/{int(s):08d}"
-                if src in f:
-                    f.move(src, f"values/{int(s) + offset:08d}")
+            # rename /values/<step>: drop the steps cut away, then move in two passes so
+            # that no name is taken while moving
+            kept = {f"{int(x):08d}" for x in steps["step"]}
+            values = f.get("values")
+            names = list(values.keys()) if isinstance(values, h5py.Group) else []
+            for name in names:
+                if name not in kept:
+                    del values[name]
+            moved = [n for n in names if n in kept]
+            for name in moved:
+                values.move(name, f"tmp-{name}")
+            for name in moved:
+                values.move(f"tmp-{name}", f"{int(name) + offset:08d}")
             steps["step"] += offset
         f["steps"].resize((len(steps),))
         if len(steps):
