@@ -170,6 +170,7 @@ class Recording:
         self.paths: list[str] = []
         self.left_to_script: list[str] = []
         self.optimizers = 0
+        self.failures: list[str] = []
         self._seen: set[int] = set()
         self._busy = False
 
@@ -183,7 +184,8 @@ class Recording:
             for model in self.finder.models_for(optimizer):
                 self._start(model)
         except Exception as exc:  # never break the script being recorded
-            self.notify(f"could not look at the optimizer's model ({type(exc).__name__}: {exc})")
+            self.failures.append(f"{type(exc).__name__}: {exc}")
+            self.notify(f"not recording: {exc}")
         finally:
             self._busy = False
 

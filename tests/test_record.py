@@ -286,3 +286,11 @@ def test_python_dash_m_module(tmp_path):
     assert result.exit_code == 0, result.output
     assert "recording Generator into m.h5" in result.stderr
     assert "gan_module" not in sys.modules  # the script's module does not outlive the run
+
+
+def test_output_folder_missing(tmp_path):
+    result = record("-o", "nowhere/r.h5", "--", str(MNIST), cwd=tmp_path)
+    assert result.exit_code == 2
+    assert (
+        result.stderr == f"Error: -o nowhere/r.h5: the folder {tmp_path}/nowhere does not exist\n"
+    )

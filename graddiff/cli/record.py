@@ -7,6 +7,7 @@ script ran to the end without graddiff finding a model to record.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import click
@@ -101,6 +102,9 @@ def record_cmd(
             raise GraddiffError(
                 f"--full-steps {full_steps!r}: use step numbers, e.g. 0,10"
             ) from None
+    parent = os.path.dirname(os.path.abspath(output)) or "."
+    if not os.path.isdir(parent):
+        raise GraddiffError(f"-o {output}: the folder {parent} does not exist")
     from ..record import parse_command, run
 
     parse_command(list(command))  # a bad command is a usage error before anything is imported
@@ -114,17 +118,20 @@ def record_cmd(
     )
     if recording.paths or recording.left_to_script:
         return code
-    if recording.optimizers == 0:
+    if recording.failures:
+        why = f"recording could not start ({recording.failures[0]})"
+    elif recording.optimizers == 0:
         why = "the script created no optimizer (graddiff record finds models through the optimizer their parameters are handed to)"
     elif model_class or model_attr:
         why = f"no optimizer was handed the parameters of {model_class or model_attr}"
     else:
         why = "no optimizer parameter belongs to an nn.Module"
     if code != 0:  # the script failed first: its traceback is above, its exit code is the result
-        _notify(
-            f"nothing recorded: the script exited with code {code} before training started ({why})"
-        )
+        when = "" if recording.failures else " before training started"
+        _notify(f"nothing recorded: the script exited with code {code}{when} ({why})")
         return code
+    if recording.failures:
+        raise GraddiffError(f"nothing recorded: {why}")
     raise GraddiffError(
         f"no model found: {why}; nothing recorded. Name it with --model-class NAME or "
         "--model MODULE.ATTR, or wrap the training loop in graddiff.trace(model, path)"
