@@ -8,6 +8,7 @@ Golden files live in ``golden/<test module>/<test name>.h5`` next to the test mo
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,14 @@ def graddiff_golden(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     module = Path(str(request.node.path))
     root = Path(str(config.rootpath))
     regen = bool(config.getoption("graddiff_regen"))
-    command = f"pytest {_rel(module, Path.cwd())}::{request.node.name} --graddiff-regen"
+    # "TestClass::test_x[param]": two classes may have tests of the same name in one module.
+    test_id = request.node.nodeid.split("::", 1)[-1]
+    target = shlex.quote(f"{_rel(module, Path.cwd())}::{test_id}")
+    command = f"pytest {target} --graddiff-regen"
     written: list = config.stash[_WRITTEN]
     return GoldenRun(
         module.parent / "golden" / module.stem,
-        request.node.name,
+        test_id.replace("::", "."),
         tmp_path,
         regen=regen,
         regen_command=command,

@@ -229,3 +229,37 @@ def test_light():
 """
     )
     pytester.runpytest_subprocess(*PLUGIN, "-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_classes_and_parameters_get_their_own_golden_files(project):
+    project.makepyfile(
+        test_many="""
+import pytest
+from training import make_model, train
+
+class TestA:
+    def test_run(self, graddiff_golden):
+        model = make_model()
+        with graddiff_golden(model):
+            train(model, steps=2)
+
+@pytest.mark.parametrize("lr", [0.1, 0.2])
+def test_lr(graddiff_golden, lr):
+    model = make_model()
+    with graddiff_golden(model):
+        train(model, steps=2, lr=lr)
+"""
+    )
+    result = run(project, "test_many.py")
+    result.assert_outcomes(failed=3)
+    assert "pytest 'test_many.py::test_lr[0.1]' --graddiff-regen" in result.stdout.str()
+    assert "pytest test_many.py::TestA::test_run --graddiff-regen" in result.stdout.str()
+    run(project, "test_many.py", "--graddiff-regen").stdout.fnmatch_lines(
+        [
+            "wrote 3 golden file(s):",
+            "  golden/test_many/TestA.test_run.h5",
+            "  golden/test_many/test_lr_0.1.h5",
+            "  golden/test_many/test_lr_0.2.h5",
+        ]
+    )
+    run(project, "test_many.py").assert_outcomes(passed=3)
