@@ -31,6 +31,7 @@ from .format import (
     fingerprint_bytes,
     storage_dtype,
 )
+from .heapcheck import check_heaps
 from .kinds import CAUSAL_RANK
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -234,6 +235,9 @@ class Run:
     # -- loading ---------------------------------------------------------------------------
     def _load_index(self) -> None:
         f, p = self._file, self.path
+        problem = check_heaps(f, p)  # before HDF5 decodes a string: a bad heap loops forever
+        if problem:
+            raise TraceFileError(p, f"corrupt graddiff file: {problem}")
         marker = f.attrs.get("graddiff_format")
         if isinstance(marker, bytes):
             marker = marker.decode("utf-8", "replace")

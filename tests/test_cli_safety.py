@@ -197,17 +197,55 @@ def zero_first_heap_object(src: str, dst: str) -> None:
         fh.write(data)
 
 
-def test_watchdog_ends_a_read_that_hdf5_cannot_finish(tmp_path):
+def test_corrupt_heap_is_refused_before_hdf5_loops_on_it(tmp_path):
     good = write_trace(tmp_path / "good.h5")
     bad = str(tmp_path / "heap.h5")
     zero_first_heap_object(good, bad)
+    for args in (["show", bad], ["compare", good, bad], ["inspect", bad, "--list"]):
+        t0 = time.monotonic()
+        line = assert_one_error_line(cli(*args, env={"GRADDIFF_WATCHDOG": "0"}, timeout=60))
+        assert "heap.h5: corrupt graddiff file: global heap collection" in line
+        assert time.monotonic() - t0 < 30
+    with pytest.raises(TraceFileError, match="global heap"):
+        graddiff.open(bad)  # the Python API, which has no watchdog, does not hang either
+
+
+WATCHED_HANG = """
+import re, sys
+from graddiff.cli.watchdog import run_watched
+
+def hang():  # catastrophic backtracking: like HDF5's loop, it never releases the GIL
+    re.match(r"(a+)+$", "a" * 64 + "b")
+    return 0
+
+def on_stall(limit):
+    print(f"Error: stalled for {limit:g} s", file=sys.stderr)
+    return 2
+
+sys.exit(run_watched(hang, on_stall))
+"""
+
+
+def test_watchdog_ends_a_command_that_holds_the_gil_forever():
     t0 = time.monotonic()
-    res = cli("show", bad, env={"GRADDIFF_WATCHDOG": "2"}, timeout=60)
-    line = assert_one_error_line(res)
-    assert "heap.h5" in line and "no progress for 2 s" in line
+    res = subprocess.run(
+        [sys.executable, "-c", WATCHED_HANG],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, GRADDIFF_WATCHDOG="1.5"),
+    )
+    assert res.returncode == 2 and res.stderr.strip() == "Error: stalled for 1.5 s"
     assert time.monotonic() - t0 < 30
-    res = cli("compare", good, bad, env={"GRADDIFF_WATCHDOG": "2"}, timeout=60)
-    assert "no progress" in assert_one_error_line(res)
+
+
+def test_watchdog_passes_output_and_exit_code_through(tmp_path):
+    good = write_trace(tmp_path / "good.h5")
+    res = cli("check", good, env={"GRADDIFF_WATCHDOG": "5"})
+    assert res.returncode == 0 and "clean" in res.stdout and res.stderr == ""
+    other = write_trace(tmp_path / "other.h5", seed=3)
+    res = cli("compare", good, other, env={"GRADDIFF_WATCHDOG": "5"})
+    assert res.returncode == 1 and "DIVERGED" in res.stdout
 
 
 # -- a trace is data: nothing outside it is read ------------------------------------------------
