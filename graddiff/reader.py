@@ -220,6 +220,10 @@ class Run:
                 p, "locked: a running trace is still writing it; wait for the trace to finish"
             ) from None
         except Exception as exc:  # OSError for truncated/non-HDF5 files, and friends
+            if "file locking flag values don't match" in str(exc):  # a writer in this process
+                raise TraceFileError(
+                    p, "locked: a running trace is still writing it; wait for the trace to finish"
+                ) from None
             raise TraceFileError(
                 p, f"not a readable HDF5 file (truncated or not a graddiff trace: {_short(exc)})"
             ) from None

@@ -193,7 +193,8 @@ class Tracer:
         try:
             self._writer = BackgroundWriter(lambda: TraceWriter(self.path, environment, options))
         except Exception as exc:
-            raise TraceUsageError(f"{self.path}: cannot create the trace file ({exc})") from None
+            why = " ".join(str(exc).split())[:300]  # HDF5's messages span lines
+            raise TraceUsageError(f"{self.path}: cannot create the trace file ({why})") from None
         layout = shard_layout(params)  # FSDP2 / DTensor: where this rank's shards sit
         if layout:
             self._writer.set_attr("shards", json.dumps(layout, sort_keys=True))

@@ -30,6 +30,7 @@ import numpy as np
 from ._version import __version__
 from ._warn import warn_user
 from .entries import EntryData
+from .filelock import WriterLock
 from .format import (
     ENTRY_DTYPE,
     FLAG_NDIM_CLIPPED,
@@ -77,6 +78,16 @@ class TraceWriter:
         self._n_entries = 0
         self._last_step_bytes = 0
         self._ballast_path: Optional[str] = None
+        # The lock comes first: HDF5 truncates before it locks (graddiff/filelock.py).
+        self._lock: Optional[WriterLock] = WriterLock(self.path)
+        try:
+            self._create(environment, options, ballast)
+        except BaseException:
+            self._release_ballast()
+            self._lock.release()
+            raise
+
+    def _create(self, environment: Optional[dict], options: Optional[dict], ballast: bool) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         if ballast:
             self._ballast_path = os.path.join(
@@ -87,7 +98,9 @@ class TraceWriter:
                     fh.write(b"\0" * BALLAST_BYTES)
             except OSError:
                 self._release_ballast()
-        self._file = h5py.File(self.path, "w")  # default libver: survives kill -9 (FIELD-NOTES 9)
+        # default libver: survives kill -9 (FIELD-NOTES 9); HDF5's own locking off, the
+        # WriterLock held until close() excludes other writers and readers instead.
+        self._file = h5py.File(self.path, "w", locking=False)
         f = self._file
         f.attrs["graddiff_format"] = FORMAT_MARKER
         f.attrs["format_version"] = FORMAT_VERSION
@@ -270,6 +283,9 @@ class TraceWriter:
             except Exception:
                 pass
         self._release_ballast()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _release_ballast(self) -> None:
         if self._ballast_path:
