@@ -58,6 +58,13 @@ exact and independent of reduction order, so equal tensors give equal fingerprin
 device and thread count; ``fp_pos`` also sees elements that moved: any move in a small tensor
 (a permuted batch of labels or of short rows), and moves between 512-byte blocks in a large
 one, where per-word weights would cost a second pass over the data.
+
+dtype names are torch's (``float32``, ``bfloat16``, ...), the keys of ``_NUMPY_DTYPES``; types
+numpy lacks are stored as raw bits and decoded on read (bfloat16 and float8 to float32,
+complex32 to complex64). Added in 0.1 without a version change: ``complex32``,
+``float8_e4m3fnuz``, ``float8_e5m2fnuz``, ``float8_e8m0fnu``. The recorder files any other
+tensor under a name listed here (``hooks/snapshot.storable``): sparse layouts densified,
+quantized dequantized as float32, other dtypes as raw bits (``uint8``..``uint64``).
 """
 
 from __future__ import annotations
@@ -134,9 +141,55 @@ _NUMPY_DTYPES = {
     "bool": "?",
     "complex64": "<c8",
     "complex128": "<c16",
-    "float8_e4m3fn": "u1",  # raw bits
-    "float8_e5m2": "u1",  # raw bits
+    "complex32": "<u4",  # two float16 (real, imaginary); complex64 on read
+    "float8_e4m3fn": "u1",  # raw bits; every float8 type is float32 on read (exact)
+    "float8_e5m2": "u1",
+    "float8_e4m3fnuz": "u1",
+    "float8_e5m2fnuz": "u1",
+    "float8_e8m0fnu": "u1",
 }
+
+
+def _float8_table(exp_bits: int, bias: int, kind: str) -> np.ndarray:
+    """float32 value of each of the 256 bit patterns of a float8 type. kind "ieee": IEEE 754
+    with infinities; "fn": no infinities, NaN at S.1111.111; "fnuz": no infinities, no -0,
+    NaN at 0x80 only."""
+    man_bits = 7 - exp_bits
+    b = np.arange(256)
+    sign = np.where(b & 0x80, -1.0, 1.0)
+    e = (b >> man_bits) & ((1 << exp_bits) - 1)
+    m = (b & ((1 << man_bits) - 1)) / (1 << man_bits)
+    with np.errstate(over="ignore"):
+        val = np.where(e == 0, m * 2.0 ** (1 - bias), (1 + m) * 2.0 ** (e - bias)) * sign
+    top = (1 << exp_bits) - 1
+    if kind == "ieee":
+        val = np.where((e == top) & (m == 0), sign * np.inf, val)
+        val = np.where((e == top) & (m != 0), np.nan, val)
+    elif kind == "fn":
+        val = np.where((e == top) & (m == 1 - 1 / (1 << man_bits)), np.nan, val)
+    else:
+        val = np.where(b == 0x80, np.nan, val)
+    return val.astype(np.float32)
+
+
+def _e8m0_table() -> np.ndarray:
+    """float8_e8m0fnu: an exponent only, 2**(b - 127); 0xff is NaN."""
+    b = np.arange(256, dtype=np.float64)
+    return np.where(b == 255, np.nan, 2.0 ** (b - 127)).astype(np.float32)
+
+
+_FLOAT8_TABLES = {
+    "float8_e4m3fn": lambda: _float8_table(4, 7, "fn"),
+    "float8_e5m2": lambda: _float8_table(5, 15, "ieee"),
+    "float8_e4m3fnuz": lambda: _float8_table(4, 8, "fnuz"),
+    "float8_e5m2fnuz": lambda: _float8_table(5, 16, "fnuz"),
+    "float8_e8m0fnu": _e8m0_table,
+}
+
+
+def storable_dtypes() -> frozenset[str]:
+    """The dtype names a trace stores as themselves (others are recorded as raw bits)."""
+    return frozenset(_NUMPY_DTYPES)
 
 
 def storage_dtype(dtype_name: str) -> np.dtype:
@@ -148,10 +201,16 @@ def storage_dtype(dtype_name: str) -> np.dtype:
 
 
 def decode_values(raw: np.ndarray, dtype_name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Turn stored bytes back into an array (bfloat16 becomes float32, exactly)."""
+    """Turn stored bytes back into an array: bfloat16 and float8 types become float32,
+    complex32 becomes complex64, exactly."""
     arr = np.frombuffer(raw.tobytes(), dtype=storage_dtype(dtype_name)).reshape(shape)
     if dtype_name == "bfloat16":
         arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    elif dtype_name in _FLOAT8_TABLES:
+        arr = _FLOAT8_TABLES[dtype_name]()[arr]
+    elif dtype_name == "complex32":
+        halves = arr.reshape(-1).view("<f2").astype(np.float32)
+        arr = halves.view(np.complex64).reshape(shape)
     return arr
 
 

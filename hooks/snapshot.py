@@ -21,8 +21,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .._warn import warn_user
 from ..entries import EntryData
-from ..format import FP_BLOCK_WORDS, FP_SMALL_BYTES, fp_block_words
+from ..format import FP_BLOCK_WORDS, FP_SMALL_BYTES, fp_block_words, storable_dtypes
 from . import fused
 from .device_stats import DeviceStatsBatch
 
@@ -280,7 +281,44 @@ def _to_numpy_bytes(t: torch.Tensor):
     return t.numpy()
 
 
+#: dtype -> name, for the dtypes a trace stores as themselves (filled by ``storable``).
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
+STORABLE = storable_dtypes()
+_RAW_BITS = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def storable(kind: str, name: str, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The tensor to record for ``x`` and the dtype name to file it under.
+
+    Sparse layouts (COO, CSR, CSC, BSR, BSC: ``nn.Embedding(sparse=True)`` gradients) are
+    recorded densified; every dtype in ``graddiff.format`` as itself; a quantized tensor as its
+    dequantized float32 values, and any other dtype (``int1``..``int7``, ``uint1``..``uint7``,
+    ``bits*``, ``float4_e2m1fn_x2``) as its raw bits (``uint8``..``uint64`` of the same width):
+    each of these last two with one warning naming the tensor.
+    """
+    if x.layout != torch.strided:
+        x = x.to_dense()
+    if x.is_quantized:
+        _warn_once(kind, name, x, "recorded dequantized, as float32")
+        return x.dequantize(), "float32"
+    dname = dtype_name(x.dtype)
+    if dname in STORABLE:
+        _DTYPE_NAMES[x.dtype] = dname
+        return x, dname
+    raw = _RAW_BITS.get(x.element_size())
+    _warn_once(kind, name, x, f"recorded as its raw bits ({dtype_name(raw)})")
+    return x.view(raw), dtype_name(raw)
+
+
+def _warn_once(kind: str, name: str, x: torch.Tensor, how: str) -> None:
+    key = (kind, name, str(x.dtype))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warn_user(
+            f"graddiff: {kind} {name!r} has dtype {x.dtype}, which a trace cannot hold as "
+            f"it is; {how}"
+        )
 
 
 def capture(
@@ -300,7 +338,9 @@ def capture(
     flushes it before handing the step to the writer); without it each is copied on its own.
     """
     x = tensor.detach()
-    dtype = _DTYPE_NAMES.get(x.dtype) or _DTYPE_NAMES.setdefault(x.dtype, dtype_name(x.dtype))
+    dtype = _DTYPE_NAMES.get(x.dtype)
+    if dtype is None or x.layout != torch.strided:  # rare: sparse, quantized, exotic dtypes
+        x, dtype = storable(kind, name, x)
     if x.is_cpu:
         if keep_values:
             entry = PendingEntry(kind, name, call, dtype, tuple(x.shape), _ZERO_STATS, (0, 0))

@@ -24,6 +24,59 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fuzzing  # noqa: E402
 
 
+def run_all(cases: list, good: str, work: str, args: argparse.Namespace) -> list[dict]:
+    """Every command and the Python API on every case, split over ``args.jobs`` forked workers."""
+    t0 = time.monotonic()
+    pids = []
+    for j in range(args.jobs):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                mine = os.path.join(work, f"worker{j}")
+                os.makedirs(mine, exist_ok=True)
+                with open(os.path.join(work, f"outcomes{j}.jsonl"), "w") as out:
+                    for i, case in enumerate(cases[j :: args.jobs]):
+                        runs = [
+                            fuzzing.run_cli(case, name, argv, args.timeout, mine)
+                            for name, argv in fuzzing.commands(case.path, good, mine)
+                        ]
+                        runs.append(fuzzing.run_api(case, good, args.timeout, mine))
+                        for o in runs:
+                            row = {
+                                "case": case.name,
+                                "path": case.path,
+                                "command": o.command,
+                                "code": o.code,
+                                "seconds": o.seconds,
+                                "problem": o.problem,
+                                "stderr": o.stderr[-1500:] if o.problem else "",
+                            }
+                            out.write(json.dumps(row) + "\n")
+                            if o.problem:
+                                print(
+                                    f"FAIL {o.problem}: {o.command} on {case.name} ({case.path})",
+                                    flush=True,
+                                )
+                        out.flush()
+                        if j == 0 and (i + 1) % 25 == 0:
+                            print(
+                                f"... worker 0: {i + 1} inputs, {time.monotonic() - t0:.0f} s",
+                                flush=True,
+                            )
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    rows = []
+    for j in range(args.jobs):
+        with open(os.path.join(work, f"outcomes{j}.jsonl")) as fh:
+            rows += [json.loads(line) for line in fh]
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=500, help="damaged traces to make")
@@ -32,6 +85,7 @@ def main() -> int:
     ap.add_argument("--watchdog", type=float, default=5.0, help="GRADDIFF_WATCHDOG for the runs")
     ap.add_argument("--report", default=None, help="write every failure here as JSON")
     ap.add_argument("--keep", default=None, help="directory for the files (default: a temp dir)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (fork servers)")
     args = ap.parse_args()
 
     os.environ["GRADDIFF_WATCHDOG"] = str(args.watchdog)
@@ -52,45 +106,15 @@ def main() -> int:
         flush=True,
     )
 
+    outcomes = run_all(cases, a, work, args)
     codes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     kinds = collections.Counter(c.name.split("-")[0] for c in cases)
-    failures = []
-    runs = 0
-    slowest = (0.0, "")
-    for i, case in enumerate(cases):
-        outcomes = [
-            fuzzing.run_cli(case, name, argv, args.timeout, work)
-            for name, argv in fuzzing.commands(case.path, a, work)
-        ]
-        outcomes.append(fuzzing.run_api(case, a, args.timeout, work))
-        for o in outcomes:
-            runs += 1
-            codes[o.command]["hang" if o.hang else o.code] += 1
-            if o.seconds > slowest[0]:
-                slowest = (o.seconds, f"{o.command} on {case.name}")
-            if o.problem:
-                failures.append(
-                    {
-                        "case": case.name,
-                        "path": case.path,
-                        "command": o.command,
-                        "problem": o.problem,
-                        "code": o.code,
-                        "stderr": o.stderr[-2000:],
-                        "stdout": o.stdout[-500:],
-                    }
-                )
-                print(
-                    f"FAIL {o.problem}: {o.command} on {case.name} ({case.path}): "
-                    f"{o.stderr.strip().splitlines()[-1:]}",
-                    flush=True,
-                )
-        if (i + 1) % 50 == 0:
-            print(
-                f"... {i + 1}/{len(cases)} inputs, {runs} runs, {len(failures)} failures, "
-                f"{time.monotonic() - t0:.0f} s",
-                flush=True,
-            )
+    failures = [o for o in outcomes if o["problem"]]
+    runs = len(outcomes)
+    for o in outcomes:
+        codes[o["command"]]["hang" if o["code"] is None else o["code"]] += 1
+    slow = max(outcomes, key=lambda o: o["seconds"])
+    slowest = (slow["seconds"], f"{slow['command']} on {slow['case']}")
 
     problems = collections.Counter(f["problem"] for f in failures)
     print()
@@ -111,6 +135,11 @@ def main() -> int:
     if args.report:
         with open(args.report, "w") as fh:
             json.dump(failures, fh, indent=1)
+    for f in failures[:20]:
+        print(
+            f"  {f['problem']}: {f['command']} on {f['case']} ({f['path']}): "
+            f"{f['stderr'].strip().splitlines()[-1:]}"
+        )
     return 1 if failures else 0
 
 
