@@ -29,6 +29,7 @@ from graddiff.textsafe import escape_markup, one_line, printable, safe_console
 from graddiff.writer import TraceWriter
 
 EVIL_NAME = "fc\x1b[2J\x1b]0;pwned\x07[bold]x[/bold][/x]:smile:\r\u202e"
+HTML_NAME = "fc<script>alert(1)</script><img src=x onerror=alert(1)>.bias"
 
 
 def write_trace(path, names=("fc.weight", "fc.bias"), environment=None, steps=3, seed=0) -> str:
@@ -135,8 +136,11 @@ def evil(tmp_path_factory):
     d = tmp_path_factory.mktemp("runs") / "[lr=0.1]" / "[/x]"
     d.mkdir(parents=True)
     env = {"argv": ["train.py", "--tag", "[/x]\x1b[2J"], "cwd": "[/bad]\x1b]0;t\x07"}
-    a = write_trace(d / "a.h5", names=(EVIL_NAME, "fc.bias"), environment=env)
-    b = write_trace(d / "b.h5", names=(EVIL_NAME, "fc.bias"), environment={"cwd": "[b]"}, seed=1)
+    names = (EVIL_NAME, HTML_NAME)
+    a = write_trace(d / "a.h5", names=names, environment=env)
+    b = write_trace(
+        d / "b.h5", names=names, environment={"cwd": "<img src=x onerror=alert(2)>"}, seed=1
+    )
     return a, b
 
 
@@ -163,6 +167,16 @@ def test_names_paths_and_metadata_print_escaped(evil, args):
         assert "[lr=0.1]/[/x]" in out  # paths print as given, markup not interpreted
     if args not in (["check", "{a}"], ["compare", "{a}", "{a}"]):
         assert "\\x1b[2J" in out  # the escape sequence is shown, not executed
+
+
+def test_html_report_escapes_names_and_metadata(evil, tmp_path):
+    a, b = evil
+    out = tmp_path / "report.html"
+    res = cli("compare", a, b, "--html", out)
+    assert res.returncode == 1, res.stderr
+    page = out.read_text()
+    assert "fc&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>alert" not in page and "<img src=x" not in page and "\x1b" not in page
 
 
 # -- special files, hangs -------------------------------------------------------------------

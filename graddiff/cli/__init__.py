@@ -33,7 +33,7 @@ from ..textsafe import one_line, safe_console
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_PIPE = 130, 141
 #: Commands that read traces run under the watchdog (demo records, shell is interactive).
-WATCHED = {"compare", "show", "inspect", "check", "plot", "map"}
+WATCHED = {"compare", "show", "inspect", "check", "plot", "map", "ranks"}
 
 #: name -> (module under graddiff.cli, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {

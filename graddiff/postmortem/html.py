@@ -15,6 +15,7 @@ import os
 from typing import Any, Optional
 
 from ..errors import GraddiffError
+from ..textsafe import printable
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
@@ -31,7 +32,8 @@ img{max-width:100%;border:1px solid #eee}.muted{color:#777}
 
 
 def _e(x: Any) -> str:
-    return html.escape("" if x is None else str(x))
+    """HTML-escaped, with control characters shown as escapes (``graddiff.textsafe``)."""
+    return html.escape(printable("" if x is None else x))
 
 
 def _fmt(x: Any) -> str:
