@@ -23,9 +23,16 @@ from .errors import TraceUsageError
 from .hooks.autograd_hooks import add_listener
 from .hooks.handles import HandleBag
 from .hooks.module_hooks import install_module_hooks
-from .hooks.naming import ROOT_NAME, is_compiled, module_display_name, unwrap_model
+from .hooks.naming import (
+    ROOT_NAME,
+    clean_name,
+    is_compiled,
+    is_wrapped_inner,
+    module_display_name,
+    unwrap_model,
+)
 from .hooks.optimizer_hooks import add_step_pre_hook
-from .hooks.shards import shard_layout
+from .hooks.shards import flat_shard_layout, shard_layout
 from .kinds import parse_kinds, with_buffer_start
 from .launch import current_launch, resolve_path, shared_run_id
 from .recorder import Recorder
@@ -177,9 +184,15 @@ class Tracer:
                 f"{type(inner).__name__} is already being traced; graddiff.trace cannot be nested "
                 "on the same model (end the outer trace first)"
             )
-        params = [(n, p) for n, p in inner.named_parameters() if _matches(_owner(n), self.modules)]
-        buffers = [(n, b) for n, b in inner.named_buffers() if _matches(_owner(n), self.modules)]
-        modules = [(n, m) for n, m in inner.named_modules() if _matches(n, self.modules)]
+        # FSDP1 / checkpoint wrappers: names without their segments, the wrapper keeps the name
+        named_params = [(clean_name(n), p) for n, p in inner.named_parameters()]
+        named_buffers = [(clean_name(n), b) for n, b in inner.named_buffers()]
+        named_modules = [
+            (clean_name(n), m) for n, m in inner.named_modules() if not is_wrapped_inner(n)
+        ]
+        params = [(n, p) for n, p in named_params if _matches(_owner(n), self.modules)]
+        buffers = [(n, b) for n, b in named_buffers if _matches(_owner(n), self.modules)]
+        modules = [(n, m) for n, m in named_modules if _matches(n, self.modules)]
         if self.modules is not None and not modules:
             names = [n for n, _ in inner.named_modules() if n][:6]
             raise TraceUsageError(
@@ -195,7 +208,8 @@ class Tracer:
         except Exception as exc:
             why = " ".join(str(exc).split())[:300]  # HDF5's messages span lines
             raise TraceUsageError(f"{self.path}: cannot create the trace file ({why})") from None
-        layout = shard_layout(params)  # FSDP2 / DTensor: where this rank's shards sit
+        # FSDP2 / DTensor, FSDP1 flat shards: where this rank's shards sit
+        layout = {**shard_layout(params), **flat_shard_layout(inner)}
         if layout:
             self._writer.set_attr("shards", json.dumps(layout, sort_keys=True))
         # module classes, for the structural matching of two implementations (--map auto)

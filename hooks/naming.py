@@ -9,6 +9,21 @@ import torch
 from torch import nn
 
 ROOT_NAME = "(root)"
+#: Name segments of modules that wrappers insert between a module and its children (FSDP1,
+#: activation checkpointing): dropped from recorded names so they match the plain model's.
+WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def clean_name(name: str) -> str:
+    """``_fsdp_wrapped_module.0.weight`` -> ``0.weight``."""
+    if not any(seg in name for seg in WRAPPER_SEGMENTS):
+        return name
+    return ".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)
+
+
+def is_wrapped_inner(name: str) -> bool:
+    """The module a wrapper holds (same output as the wrapper, which keeps the name)."""
+    return name.rsplit(".", 1)[-1] in WRAPPER_SEGMENTS
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Sharded parameters (FSDP2 ``fully_shard``, DTensor): this rank's shard, and where it sits.
+"""Sharded parameters (FSDP2 ``fully_shard``, DTensor; FSDP1 with ``use_orig_params=True``):
+this rank's shard, and where it sits.
 
 A DTensor's operators may run collectives, so the hooks never apply torch ops to one: they read
 its local shard (``_local_tensor``, a plain tensor, no dispatch) and record that. Where each
@@ -62,3 +63,36 @@ def _local_shape_and_offset(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
         offset = [0] * t.dim()
         offset[dim] = start
         return tuple(t._local_tensor.shape), tuple(offset)
+
+
+def flat_shard_layout(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """name -> {global_shape, flat_range, ...} for FSDP1 units with ``use_orig_params=True``:
+    each original parameter is then a 1-D view of this rank's piece of the flat parameter, the
+    elements [start, stop) of the flattened full tensor (empty when not in this rank's shard)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    cls = getattr(fsdp, "FullyShardedDataParallel", None)
+    if cls is None:
+        return {}
+    from .naming import clean_name
+
+    out = {}
+    for prefix, mod in model.named_modules():
+        handle = getattr(mod, "_handle", None) if isinstance(mod, cls) else None
+        flat = getattr(handle, "flat_param", None)
+        if flat is None or not getattr(handle, "_use_orig_params", False):
+            continue
+        world = int(getattr(handle, "world_size", 1))
+        for fqn, shape, info in zip(flat._fqns, flat._shapes, flat._shard_param_infos):
+            name = clean_name(f"{prefix}.{fqn}" if prefix else fqn)
+            rng = (
+                [int(info.intra_param_start_idx), int(info.intra_param_end_idx) + 1]
+                if info.in_shard
+                else [0, 0]
+            )
+            out[name] = {
+                "global_shape": [int(s) for s in shape],
+                "flat_range": rng,
+                "placements": ["FSDP1 flat shard"],
+                "mesh_shape": [world],
+            }
+    return out

@@ -32,6 +32,7 @@ TWO = [
     "plain",
     "one",
     "fsdp2",
+    "fsdp1",
     "killed",
 ]
 FOUR = ["healthy", "sched", "plain"]
@@ -225,7 +226,7 @@ def test_cli_sides_from_listed_files(two):
     assert code == 2 and "--reduction applies only" in out, out
 
 
-# -- FSDP2 (fully_shard, DTensor parameters) ---------------------------------------------------
+# -- FSDP2 (fully_shard, DTensor parameters) and FSDP1 (flat shards) -------------------------
 
 
 def test_fsdp2_records_every_step_transparently(two):
@@ -289,3 +290,22 @@ def test_replicated_option_is_checked():
 
     with pytest.raises(graddiff.TraceUsageError, match="replicated='two'"):
         graddiff.trace(torch.nn.Linear(2, 1), "x.h5", replicated="two")
+
+
+def test_fsdp1_names_shards_and_comparison(two):
+    d = os.path.join(two, "fsdp1")
+    for rank in range(2):
+        with open(os.path.join(d, f"transparent_{rank}.txt")) as fh:
+            assert fh.read() == "bitwise-equal"
+        with graddiff.open(os.path.join(d, f"run_{rank}.h5")) as run:
+            assert list(run.steps) == [0, 1, 2, 3]
+            # no _fsdp_wrapped_module. prefixes: the plain model's names
+            assert run.names("param") == ["0.weight", "0.bias", "2.weight", "2.bias"]
+            assert set(run.names("activation")) == {"0", "1", "2", "(root)"}
+            # each original parameter is this rank's 1-D piece of the flat shard
+            assert run.get("param", "0.weight", 0).ndim == 1
+    r = graddiff.compare(os.path.join(d, "run_*.h5"), os.path.join(two, "plain", "run_*.h5"))
+    assert r.exit_code == 0, r.to_dict()
+    assert any("sharded parameter(s) reassembled" in n for n in r.notes), r.notes
+    single = os.path.join(two, "plain", "single_rank0.h5")
+    assert graddiff.compare(os.path.join(d, "run_*.h5"), single).exit_code == 0

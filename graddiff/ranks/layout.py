@@ -40,19 +40,33 @@ def read_shards(run: Run) -> dict[str, dict[str, Any]]:
     return layout
 
 
-def assemble(parts: list[np.ndarray], layouts: list[dict[str, Any]]) -> np.ndarray:
-    """The full tensor from every rank's shard placed at its offset (replicas overwrite with
-    equal values). Raises ValueError when the shards do not tile the full shape."""
+def empty_piece(layout: dict[str, Any]) -> bool:
+    """This rank holds no element of the tensor (FSDP1 records no gradient for it)."""
+    rng = layout.get("flat_range")
+    return rng is not None and rng[0] == rng[1]
+
+
+def assemble(parts: list, layouts: list[dict[str, Any]]) -> np.ndarray:
+    """The full tensor from every rank's shard placed at its offset, or (FSDP1) at its range
+    of the flattened tensor; a rank without a piece passes None. Replicas overwrite with equal
+    values. Raises ValueError when the shards do not tile the full shape."""
     shape = tuple(layouts[0]["global_shape"])
-    full = np.zeros(shape, dtype=parts[0].dtype)
+    dtype = next((p.dtype for p in parts if p is not None), np.float32)
+    full = np.zeros(shape, dtype=dtype)
     covered = np.zeros(shape, dtype=bool)
     for part, lay in zip(parts, layouts):
         if tuple(lay["global_shape"]) != shape:
             raise ValueError("the ranks record different global shapes")
-        off = lay["offset"]
-        if part.size == 0:
+        if part is None or part.size == 0:
             continue
-        idx = tuple(slice(o, o + n) for o, n in zip(off, part.shape))
+        if "flat_range" in lay:  # FSDP1: elements [start, stop) of the flattened tensor
+            start, stop = lay["flat_range"]
+            if part.size != stop - start:
+                raise ValueError("a flat shard does not match its recorded range")
+            full.reshape(-1)[start:stop] = part.reshape(-1)
+            covered.reshape(-1)[start:stop] = True
+            continue
+        idx = tuple(slice(o, o + n) for o, n in zip(lay["offset"], part.shape))
         full[idx] = part
         covered[idx] = True
     if not covered.all():

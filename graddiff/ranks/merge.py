@@ -40,7 +40,7 @@ from ..reader import RecordKey, Run, open_run
 from ..writer import TraceWriter
 from .consistency import REPLICATED, check_consistency
 from .files import RankSet
-from .layout import SHARDED_KINDS, assemble, read_shards
+from .layout import SHARDED_KINDS, assemble, empty_piece, read_shards
 
 REDUCTIONS = ("mean", "sum")
 _JOINED = frozenset({Kind.INPUT.value, Kind.ACTIVATION.value, Kind.GRAD_OUTPUT.value})
@@ -246,7 +246,7 @@ def merge_ranks(rs: RankSet, reduction: str, label: str) -> Merged:
             w = _weights(reduction, sizes, len(rows))
             entries = [
                 e
-                for key in rows[0]
+                for key in dict.fromkeys(k for r in rows for k in r)  # rank 0's order first
                 if (e := _merge_key(rs, key, rows, w, skipped, layouts)) is not None
             ]
             writer.write_step(int(step), entries)
@@ -262,30 +262,37 @@ def merge_ranks(rs: RankSet, reduction: str, label: str) -> Merged:
 
 def _merge_shards(rs, key, rows, layouts, skipped) -> Optional[EntryData]:
     """A sharded parameter or gradient: the full tensor from every rank's shard."""
-    run0, row0 = rs.runs[0], rows[0][key]
     parts = [r.get(key) for r in rows]
+    first = next(i for i, p in enumerate(parts) if p is not None)
+    run0, row0 = rs.runs[first], parts[first]
     lays = [lay.get(key.name) for lay in layouts]
-    if any(p is None for p in parts) or any(lay is None for lay in lays):
+    if any(lay is None for lay in lays) or any(
+        p is None and not empty_piece(lay) for p, lay in zip(parts, lays)
+    ):
         skipped.setdefault(str(key), "sharded on some ranks only")
         return None
     dtype = run0.record_dtype(int(row0["record"]))
-    if all(p["flags"] & FLAG_VALUES for p in parts):
-        arrs = [run.values_of(p) for run, p in zip(rs.runs, parts)]
+    held = [p for p in parts if p is not None]
+    if all(p["flags"] & FLAG_VALUES for p in held):
+        arrs = [None if p is None else run.values_of(p) for run, p in zip(rs.runs, parts)]
         try:
             full = assemble(arrs, lays)
         except ValueError as exc:
             skipped.setdefault(str(key), str(exc))
             return None
         return _values_entry(key, dtype, full, int(row0["flags"]), int(row0["seq"]))
-    entry = _stats_entry(key, dtype, parts, [1.0] * len(parts), True, int(row0["seq"]))
+    entry = _stats_entry(key, dtype, held, [1.0] * len(held), True, int(row0["seq"]))
     entry.shape = tuple(lays[0]["global_shape"])
     return entry
 
 
 def _merge_key(rs, key, rows, w, skipped, layouts) -> Optional[EntryData]:
-    run0, row0 = rs.runs[0], rows[0][key]
     if key.kind in SHARDED_KINDS and key.name in layouts[0]:
         return _merge_shards(rs, key, rows, layouts, skipped)
+    if key not in rows[0]:
+        skipped.setdefault(str(key), "not recorded on rank 0 at a step")
+        return None
+    run0, row0 = rs.runs[0], rows[0][key]
     if key.kind in REPLICATED or key.kind == Kind.BUFFER.value:
         return _row_entry(run0, key, row0)
     parts = [r.get(key) for r in rows]

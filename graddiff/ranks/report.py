@@ -66,9 +66,10 @@ class RanksReport:
     def render(self, console: Any) -> None:
         p = console.print
         s = self.steps
+        span = f"steps {s['first']}..{s['last']}" if s["compared"] else "no step"
         p(
-            f"graddiff ranks: {self.world_size} ranks, steps {s['first']}..{s['last']} "
-            f"({s['compared']} compared on every rank), {self.n_records} replicated records"
+            f"graddiff ranks: {self.world_size} ranks, {span} ({s['compared']} completed by "
+            f"every rank), {self.n_records} replicated records"
         )
         p(f"  compared across ranks: {', '.join(self.compared) or 'nothing'} (fingerprints)")
         p(f"  not compared (each rank's own by design): {', '.join(self.not_compared)}")

@@ -17,6 +17,8 @@ test's cost), each scenario tracing into ``OUT_DIR/<scenario>/run_{rank}.h5``:
 - ``fsdp2``: the ``plain`` training with FSDP2 (``fully_shard`` on both Linear layers and the
   root): traced, then run again untraced; ``fsdp2/transparent_{rank}.txt`` says whether the
   two runs' parameter shards are bitwise equal.
+- ``fsdp1``: the same with FSDP1 (``FullyShardedDataParallel(use_orig_params=True)``, one unit
+  per Linear).
 - ``killed``: no collectives; the last rank kills itself (SIGKILL) during step 2. Run it last.
 """
 
@@ -111,16 +113,31 @@ def plain_loop(rank: int, world: int, out: str, replicated: str = "all") -> None
             opt.step()
 
 
-def fsdp2_train(rank: int, world: int, path: str = "") -> list[torch.Tensor]:
-    """The ``plain`` loop under FSDP2; traced into ``path`` when given. Returns the local shards."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
+def fsdp_model(version: int, world: int) -> nn.Module:
+    """``plain_model`` sharded by FSDP2 (fully_shard) or FSDP1 (use_orig_params, Linear units)."""
     model = plain_model()
-    mesh = init_device_mesh("cpu", (world,))
-    fully_shard(model[0], mesh=mesh)
-    fully_shard(model[2], mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if version == 2:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model[2], mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    return FullyShardedDataParallel(
+        model,
+        use_orig_params=True,
+        device_id=torch.device("cpu"),
+        auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+    )
+
+
+def fsdp_train(version: int, rank: int, world: int, path: str = "") -> list[torch.Tensor]:
+    """The ``plain`` loop under FSDP; traced into ``path`` when given. Returns the local shards."""
+    model = fsdp_model(version, world)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     part = GLOBAL_BATCH // world
 
@@ -137,12 +154,13 @@ def fsdp2_train(rank: int, world: int, path: str = "") -> list[torch.Tensor]:
             loop()
     else:
         loop()
-    return [p.to_local().detach().clone() for p in model.parameters()]
+    local = [getattr(p, "_local_tensor", p) for p in model.parameters()]
+    return [t.detach().clone() for t in local]
 
 
-def fsdp2_loop(rank: int, world: int, out: str) -> None:
-    traced = fsdp2_train(rank, world, os.path.join(out, "run_{rank}.h5"))
-    untraced = fsdp2_train(rank, world)
+def fsdp_loop(version: int, rank: int, world: int, out: str) -> None:
+    traced = fsdp_train(version, rank, world, os.path.join(out, "run_{rank}.h5"))
+    untraced = fsdp_train(version, rank, world)
     same = all(torch.equal(a, b) for a, b in zip(traced, untraced))
     with open(os.path.join(out, f"transparent_{rank}.txt"), "w") as fh:
         fh.write("bitwise-equal" if same else "DIFFERENT")
@@ -175,8 +193,8 @@ def main() -> int:
             plain_loop(rank, world, out)
         elif scenario == "one":
             plain_loop(rank, world, out, replicated="one")
-        elif scenario == "fsdp2":
-            fsdp2_loop(rank, world, out)
+        elif scenario in ("fsdp1", "fsdp2"):
+            fsdp_loop(int(scenario[-1]), rank, world, out)
         elif scenario == "killed":
             killed_loop(rank, world, out)
             print(f"rank {rank} ok", flush=True)
