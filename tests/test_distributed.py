@@ -309,3 +309,11 @@ def test_fsdp1_names_shards_and_comparison(two):
     assert any("sharded parameter(s) reassembled" in n for n in r.notes), r.notes
     single = os.path.join(two, "plain", "single_rank0.h5")
     assert graddiff.compare(os.path.join(d, "run_*.h5"), single).exit_code == 0
+
+
+def test_two_rank_files_compared_directly_point_at_graddiff_ranks(two):
+    d = os.path.join(two, "healthy")
+    r = graddiff.compare(os.path.join(d, "run_0.h5"), os.path.join(d, "run_1.h5"))
+    assert r.notes[0].startswith("A and B are ranks 0 and 1 of one distributed run")
+    other = graddiff.compare(os.path.join(d, "run_0.h5"), os.path.join(two, "sched", "run_1.h5"))
+    assert not any("of one distributed run" in n for n in other.notes)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import GraddiffError
 from ..kinds import ALL_KINDS, parse_kinds
-from ..ranks.sides import is_several, open_pair
+from ..ranks.sides import is_several, open_pair, same_run_note
 from ..reader import Run, open_run
 from .align import align, check_related
 from .diagnose import Cause, diagnose
@@ -155,6 +155,9 @@ def compare(
                 note = offset_note(ra, rb)  # a run resumed from a checkpoint of A?
                 if note:
                     report.notes.append(note)
+            note = same_run_note(ra, rb)  # two ranks of one run: `graddiff ranks` is the check
+            if note:
+                report.notes.insert(0, note)
             return report
         return _compare_mapped(
             ra,

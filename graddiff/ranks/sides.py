@@ -118,3 +118,17 @@ def split_sides(args: Sequence[str]) -> tuple[list[str], list[str]]:
             f'each side\'s glob, e.g. graddiff compare "ddp/run_*.h5" single.h5'
         )
     return groups[0], groups[1]
+
+
+def same_run_note(a: Run, b: Run) -> str:
+    """A note when A and B are two ranks of one distributed run (their data differs by design)."""
+    ea, eb = a.environment, b.environment
+    rid = ea.get("run_id")
+    if not rid or rid != eb.get("run_id") or ea.get("rank") == eb.get("rank"):
+        return ""
+    return (
+        f"A and B are ranks {ea.get('rank')} and {eb.get('rank')} of one distributed run: their "
+        f"inputs, activations and losses differ by design; 'graddiff ranks' checks what must "
+        f"agree (parameters, step-start buffers, all-reduced gradients), and 'graddiff compare "
+        f"\"run_*.h5\" single.h5' compares the merged ranks with a single process"
+    )
