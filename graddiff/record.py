@@ -25,7 +25,7 @@ from torch import nn
 from .errors import GraddiffError
 from .hooks.naming import unwrap_model
 from .hooks.optimizer_hooks import optimizer_params
-from .tracer import Tracer, _active_models, give_way_to_user
+from .tracer import Tracer, _active_models, _start_listeners, give_way_to_user
 
 Notify = Callable[[str], None]
 
@@ -171,6 +171,8 @@ class Recording:
         self.left_to_script: list[str] = []
         self.optimizers = 0
         self.failures: list[str] = []
+        self.script_traces = 0  # graddiff.trace blocks the script entered itself
+        self._own_start = False
         self._seen: set[int] = set()
         self._busy = False
 
@@ -188,6 +190,10 @@ class Recording:
             self.notify(f"not recording: {exc}")
         finally:
             self._busy = False
+
+    def on_trace_started(self, inner: nn.Module) -> None:
+        if not self._own_start:
+            self.script_traces += 1
 
     def _path_for(self, model: nn.Module) -> str:
         name = type(unwrap_model(model)).__name__
@@ -218,7 +224,11 @@ class Recording:
             return
         path = self._path_for(model)
         tracer = Tracer(model, path, **self.trace_options)
-        tracer.__enter__()
+        self._own_start = True
+        try:
+            tracer.__enter__()
+        finally:
+            self._own_start = False
         self.traces.append((inner, tracer))
         self.paths.append(tracer.path)
         give_way_to_user(inner, lambda: self._give_way(inner, tracer))
@@ -302,6 +312,7 @@ def run(
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     main_module = sys.modules.get("__main__")
     undo = _patch_optimizers(recording.on_optimizer)
+    _start_listeners.append(recording.on_trace_started)
     code, failure = 0, None
     try:
         if how == "script":
@@ -323,6 +334,7 @@ def run(
         _print_script_traceback(exc, err)
     finally:
         undo()
+        _start_listeners.remove(recording.on_trace_started)
         try:
             recording.close(type(failure) if failure is not None else None, failure)
         finally:

@@ -53,6 +53,10 @@ _active_models: weakref.WeakSet = weakref.WeakSet()
 _gives_way: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+#: Called with the inner model whenever a trace starts (graddiff record notes a script's own).
+_start_listeners: list = []
+
+
 def give_way_to_user(inner: nn.Module, end: Any) -> None:
     """Register ``end()``: called, then forgotten, when the code starts its own trace of ``inner``."""
     _gives_way[inner] = end
@@ -232,6 +236,8 @@ class Tracer:
         )
         self._inner = inner
         _active_models.add(inner)
+        for listener in list(_start_listeners):
+            listener(inner)
         try:
             compiled = _uses_compile(self.model, inner)
             if compiled:

@@ -248,18 +248,30 @@ def test_script_tracing_itself_keeps_its_own_trace(tmp_path):
         assert len(run.steps) == 2 and run.complete
 
 
-def test_repository_example_runs_under_record(tmp_path):
-    """examples/q1 traces its runs itself; under record it behaves exactly as alone."""
+@pytest.mark.parametrize(
+    "example, says, verdict",
+    [
+        ("q1_manual_vs_optimizer", "Model is traced by the script itself", "DIVERGED at step 0"),
+        (
+            "q2_missing_zero_grad",
+            "nothing recorded by graddiff record: the script traced its models itself (2 graddiff.trace block(s))",
+            "DIVERGED at step 1",
+        ),
+    ],
+    ids=["q1-optimizer", "q2-manual-updates"],
+)
+def test_repository_examples_run_under_record(tmp_path, example, says, verdict):
+    """The examples trace their runs themselves; under record they behave exactly as alone."""
     result = record(
-        "-o", "r.h5", "--", "python", str(EXAMPLES / "q1_manual_vs_optimizer.py"),
+        "-o", "r.h5", "--", "python", str(EXAMPLES / f"{example}.py"),
         "--steps", "2", "--width", "16", "--batch", "16", "--train-size", "64", "--device", "cpu",
-        "--out", str(tmp_path / "q1"),
+        "--out", str(tmp_path / "out"),
         cwd=tmp_path,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "Model is traced by the script itself" in result.stderr
-    assert "DIVERGED at step 0" in result.stdout  # the script's own verdict (different init)
-    assert sorted(p.name for p in (tmp_path / "q1").glob("*.h5")) == ["manual.h5", "optimizer.h5"]
+    assert says in result.stderr
+    assert verdict in result.stdout  # the script's own verdict
+    assert len(list((tmp_path / "out").glob("*.h5"))) == 2 and not (tmp_path / "r.h5").exists()
 
 
 @pytest.mark.slow

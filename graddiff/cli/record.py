@@ -118,6 +118,12 @@ def record_cmd(
     )
     if recording.paths or recording.left_to_script:
         return code
+    if recording.script_traces:
+        _notify(
+            f"nothing recorded by graddiff record: the script traced its models itself "
+            f"({recording.script_traces} graddiff.trace block(s))"
+        )
+        return code
     if recording.failures:
         why = f"recording could not start ({recording.failures[0]})"
     elif recording.optimizers == 0:
