@@ -13,8 +13,28 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # mkdocs may run from an interpreter without the editable install
-    sys.path.insert(0, str(ROOT))
+
+
+def _import_graddiff() -> None:
+    """Make this checkout's graddiff importable, also from an interpreter that has not installed
+    it (a plain ``mkdocs`` on PATH): the source tree on sys.path, and ``hooks/`` as
+    ``graddiff.hooks`` (setup.cfg's package_dir does that for an installed copy)."""
+    import importlib.util
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    if importlib.util.find_spec("graddiff.hooks") is None:
+        spec = importlib.util.spec_from_file_location(
+            "graddiff.hooks",
+            ROOT / "hooks" / "__init__.py",
+            submodule_search_locations=[str(ROOT / "hooks")],
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["graddiff.hooks"] = module
+        spec.loader.exec_module(module)
+
+
+_import_graddiff()
 
 CLI_MARKER = "<!-- graddiff:cli -->"
 API_MARKER = "<!-- graddiff:api -->"
