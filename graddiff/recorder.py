@@ -89,6 +89,7 @@ class Recorder:
         values: str,
         max_bytes: int,
         full_steps: Optional[set[int]],
+        full_kinds: Optional[Iterable[str]] = None,
         forward_only: bool = False,
         stats_only_kinds: frozenset = frozenset(),
     ) -> None:
@@ -104,6 +105,8 @@ class Recorder:
         self.max_bytes = max_bytes
         self.full_steps = full_steps
         self.stats_only_kinds = stats_only_kinds  # replicated="one" on ranks other than 0
+        # Kinds whose full values are kept in full-values steps (None: every kind).
+        self.full_kinds = frozenset(full_kinds) if full_kinds is not None else None
         self.clock = StepClock()
         self.optimizer_seen = False
         # A few small trainable parameters whose change reveals a manual update (see steps.py).
@@ -209,6 +212,7 @@ class Recorder:
         """
         local = local_tensor(tensor)  # a DTensor's own shard: no DTensor op in a hook
         keep = self._step_full and (kind not in self.stats_only_kinds or local is not tensor)
+        keep = keep and (self.full_kinds is None or kind in self.full_kinds)
         if keep:
             self.full_bytes += local.numel() * local.element_size()
         return capture(

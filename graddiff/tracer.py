@@ -109,6 +109,7 @@ class Tracer:
         full_steps: Optional[Any] = None,
         forward_only: bool = False,
         replicated: str = "all",
+        full_kinds: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TraceUsageError(
@@ -130,6 +131,10 @@ class Tracer:
                 f"replicated={replicated!r}: choose one of {', '.join(REPLICATED_MODES)}"
             )
         self.replicated = replicated
+        try:
+            self.full_kinds = parse_kinds(full_kinds) if full_kinds is not None else None
+        except ValueError as exc:
+            raise TraceUsageError(f"full_kinds: {exc}") from None
         self.model = model
         self.launch = current_launch()
         self._template = os.fspath(path)
@@ -175,6 +180,7 @@ class Tracer:
             "full_steps": sorted(self.full_steps) if self.full_steps is not None else None,
             "forward_only": self.forward_only,
             "replicated": self.replicated,
+            "full_kinds": list(self.full_kinds) if self.full_kinds is not None else None,
         }
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -233,6 +239,7 @@ class Tracer:
                 if self.replicated == "one" and self.launch.distributed and self.launch.rank != 0
                 else frozenset()
             ),
+            full_kinds=self.full_kinds,
         )
         self._inner = inner
         _active_models.add(inner)
@@ -308,6 +315,7 @@ def trace(
     full_steps: Optional[Any] = None,
     forward_only: bool = False,
     replicated: str = "all",
+    full_kinds: Any = None,
 ) -> Tracer:
     """Record a training run into ``path`` while the ``with`` block runs.
 
@@ -331,6 +339,9 @@ def trace(
             ``.grad`` (replicated by data parallelism) keep full values on rank 0 only; the
             other ranks record their fingerprints and statistics (``graddiff ranks`` needs no
             more). Sharded parameters (FSDP2) are not replicated and keep their values.
+        full_kinds: in steps that keep full values, keep them only for these kinds (e.g.
+            ``("param", "grad")``: parameters and gradients in full, activations as
+            statistics); default every recorded kind. The budget counts only what is kept.
 
     Returns:
         A :class:`Tracer`; ``tr.step()`` ends a step explicitly.
@@ -345,4 +356,5 @@ def trace(
         full_steps=full_steps,
         forward_only=forward_only,
         replicated=replicated,
+        full_kinds=full_kinds,
     )
