@@ -14,6 +14,19 @@ the same initial weights and data under several variants:
                numpy tofile + flush, to a file on the same disk (the physical limit)
     floor      untraced + one read (a sum) of every tensor graddiff records, with minimal hooks
                (the floor of any recorder that looks at every value)
+    stats_torch  stats with the fused numba kernel switched off (the pure-torch reference path,
+               what a plain ``pip install graddiff`` without the "fast" extra runs)
+    full_pg    graddiff.trace(values="full", full_kinds="param,grad"): values of parameters and
+               gradients, statistics of everything else
+    tensorboard  untraced + SummaryWriter.add_histogram of every parameter and gradient each step
+               (PEERS.md 3.2 "TensorBoard histograms"; needs the tensorboard package)
+
+Models: ``mlp`` (seed MLP, below), ``mlp_small`` (784-300-100-10, 0.27 M parameters, batch 64:
+where the per-record cost dominates), ``resnet18`` and ``gpt2`` (transformers'
+GPT2LMHeadModel built from a config: 4 layers, 256 wide, 4 heads, vocabulary 8192, no dropout;
+batch 8 x 128 tokens). ``--per-record`` times one capture of a small tensor (fused and
+reference paths) in microseconds; ``--memory-steps N`` traces N steps of mlp_small and samples
+the process's resident memory (flat = no per-step leak).
 
 Each round runs every variant once (the start rotates between rounds), each run does --steps
 steps; per-step times are medians, ratios are medians over rounds of (variant median /
@@ -28,7 +41,10 @@ synthetic data; ``resnet18`` is torchvision's resnet18 (10 classes) at a small C
 
 Usage::
 
-    python benchmarks/bench_record.py                       # both models, defaults (~5 min)
+    python benchmarks/bench_record.py --model all --rounds 5   # the four models, side by side
+    python benchmarks/bench_record.py --per-record            # microseconds per capture
+    python benchmarks/bench_record.py --memory-steps 10000    # resident memory over 10k steps
+    python benchmarks/bench_record.py                       # mlp and resnet18, defaults
     python benchmarks/bench_record.py --model mlp --rounds 7 --steps 20 --json
     python benchmarks/bench_record.py --profile full        # cProfile of the traced step
 """
@@ -55,10 +71,25 @@ import torch
 from torch import nn
 
 import graddiff
+from graddiff.hooks import fused
+from graddiff.hooks.naming import flatten_tensors
 from graddiff.kinds import ALL_KINDS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("untraced", "stats", "full", "save", "save_all", "raw", "floor")
+VARIANTS = (
+    "untraced",
+    "stats",
+    "stats_torch",
+    "full",
+    "full_pg",
+    "save",
+    "save_all",
+    "raw",
+    "floor",
+    "tensorboard",
+)
+DEFAULT_VARIANTS = "untraced,stats,stats_torch,full,full_pg,save_all,floor,tensorboard"
+MODELS = ("mlp", "mlp_small", "resnet18", "gpt2")
 
 
 # -- models and data ------------------------------------------------------------------------
@@ -92,6 +123,41 @@ class Workload:
             self.model = SeedMLP()
             self.batch_desc = "300 x 1x28x28"
             shape, n = (300, 1, 28, 28), 300
+        elif name == "mlp_small":
+            self.model = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(784, 300),
+                nn.ReLU(),
+                nn.Linear(300, 100),
+                nn.ReLU(),
+                nn.Linear(100, 10),
+            )
+            self.batch_desc = "64 x 1x28x28"
+            shape, n = (64, 1, 28, 28), 64
+        elif name == "gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            cfg = GPT2Config(
+                n_layer=4,
+                n_embd=256,
+                n_head=4,
+                vocab_size=8192,
+                n_positions=128,
+                bos_token_id=0,
+                eos_token_id=0,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+            self.model = GPT2LMHeadModel(cfg)
+            self.batch_desc = "8 x 128 tokens"
+            self.batches = [
+                (ids, ids)
+                for ids in (torch.randint(0, 8192, (8, 128), generator=g) for _ in range(4))
+            ]
+            self.loss_fn = lambda model, x, y: model(input_ids=x, labels=y).loss
+            self.params = sum(p.numel() for p in self.model.parameters())
+            return
         elif name == "resnet18":
             import torchvision
 
@@ -105,6 +171,8 @@ class Workload:
             (torch.rand(shape, generator=g), torch.randint(0, 10, (n,), generator=g))
             for _ in range(4)
         ]
+        self.loss_fn = lambda model, x, y: nn.functional.cross_entropy(model(x), y)
+        self.params = sum(p.numel() for p in self.model.parameters())
 
     def fresh(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = copy.deepcopy(self.model)
@@ -117,10 +185,11 @@ def train_step(
     opt: torch.optim.Optimizer,
     batch: tuple,
     after_backward: Optional[Callable] = None,
+    loss_fn: Optional[Callable] = None,
 ) -> torch.Tensor:
     x, y = batch
     opt.zero_grad()
-    loss = nn.functional.cross_entropy(model(x), y)
+    loss = nn.functional.cross_entropy(model(x), y) if loss_fn is None else loss_fn(model, x, y)
     loss.backward()
     if after_backward is not None:
         after_backward(loss)
@@ -155,7 +224,7 @@ class Collector:
     def __init__(self, model: nn.Module, on_tensor: Callable[[str, torch.Tensor], None]) -> None:
         self.on_tensor = on_tensor
         self.seen: set[tuple[int, int]] = set()
-        self.handles = [model.register_forward_pre_hook(self._pre)]
+        self.handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True)]
         for name, m in model.named_modules():
             self.handles.append(m.register_forward_hook(self._fwd(name or "(root)")))
 
@@ -165,17 +234,17 @@ class Collector:
             self.seen.add(ident)
             self.on_tensor(key, t)
 
-    def _pre(self, module: nn.Module, args: tuple) -> None:
-        for i, a in enumerate(args):
-            if isinstance(a, torch.Tensor):
-                self._once(f"input/{i}", a.detach())
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for path, a in flatten_tensors([list(args), dict(kwargs)]):
+            self._once(f"input/{path}", a.detach())
 
     def _fwd(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, out: Any) -> None:
-            if isinstance(out, torch.Tensor):
-                self._once(f"activation/{name}", out.detach())
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            for path, out in flatten_tensors(output):
+                key = f"{name}/{path}"
+                self._once(f"activation/{key}", out.detach())
                 if out.requires_grad:
-                    out.register_hook(lambda g, _n=name: self._once(f"grad_output/{_n}", g) or None)
+                    out.register_hook(lambda g, _n=key: self._once(f"grad_output/{_n}", g) or None)
 
         return hook
 
@@ -250,6 +319,7 @@ METER = OthersMeter()
 def run_variant(
     variant: str, wl: Workload, steps: int, out_dir: str, raw_bytes: int
 ) -> dict[str, Any]:
+    torch.manual_seed(0)  # every variant starts from the same RNG state too
     model, opt = wl.fresh()
     times: list[float] = []
     cpu: list[float] = []  # process CPU time (all threads, the writer's included)
@@ -267,7 +337,9 @@ def run_variant(
             t0 = time.perf_counter()
             if before is not None:
                 before(i)
-            loss = train_step(model, opt, wl.batches[i % len(wl.batches)], after_backward)
+            loss = train_step(
+                model, opt, wl.batches[i % len(wl.batches)], after_backward, wl.loss_fn
+            )
             if after is not None:
                 after(i, loss)
             times.append(time.perf_counter() - t0)
@@ -277,20 +349,29 @@ def run_variant(
     meter = METER.start()
     if variant == "untraced":
         loop()
-    elif variant in ("stats", "full"):
+    elif variant in ("stats", "full", "stats_torch", "full_pg"):
         waits: list[float] = []
-        with graddiff.trace(model, path, values=variant, kinds=list(ALL_KINDS)) as tr:
-            bw = tr._writer  # benchmark instrumentation: time spent blocked in submit()
-            submit = bw.submit
+        options: dict[str, Any] = {"values": "stats" if variant.startswith("stats") else "full"}
+        if variant == "full_pg":
+            options["full_kinds"] = ("param", "grad")
+        saved = fused._kernels, fused._failed
+        if variant == "stats_torch":  # the pure-torch reference path, as without numba
+            fused._kernels, fused._failed = None, "benchmark: reference path"
+        try:
+            with graddiff.trace(model, path, kinds=list(ALL_KINDS), **options) as tr:
+                bw = tr._writer  # benchmark instrumentation: time spent blocked in submit()
+                submit = bw.submit
 
-            def timed_submit(step: int, entries: list) -> None:
-                t = time.perf_counter()
-                submit(step, entries)
-                waits.append(time.perf_counter() - t)
+                def timed_submit(step: int, entries: list) -> None:
+                    t = time.perf_counter()
+                    submit(step, entries)
+                    waits.append(time.perf_counter() - t)
 
-            bw.submit = timed_submit
-            loop()
-            t_loop = time.perf_counter()
+                bw.submit = timed_submit
+                loop()
+                t_loop = time.perf_counter()
+        finally:
+            fused._kernels, fused._failed = saved
         res["exit_s"] = time.perf_counter() - t_loop
         res["steps_written"] = bw.steps_written
         res["writer_s_per_step"] = bw.write_seconds / max(bw.steps_written, 1)
@@ -298,7 +379,32 @@ def run_variant(
         res["steps_waited"] = sum(1 for w in waits if w > 1e-3)
         res["bytes_per_step"] = os.path.getsize(path) / max(bw.steps_written, 1)
         res["status"] = graddiff.open(path).status
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            res["records_per_step"] = f["entries"].shape[0] / max(bw.steps_written, 1)
         files.append(path)
+    elif variant == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb_dir = os.path.join(out_dir, f"tb-{wl.name}")
+        tb = SummaryWriter(tb_dir, flush_secs=3600)
+        named = list(model.named_parameters())
+
+        def histograms(i: int, loss: torch.Tensor) -> None:
+            for n, p in named:
+                tb.add_histogram(f"param/{n}", p.detach(), i)
+                if p.grad is not None:
+                    tb.add_histogram(f"grad/{n}", p.grad, i)
+            tb.add_scalar("loss", loss.detach(), i)
+            tb.flush()
+
+        loop(after=histograms)
+        tb.close()
+        res["bytes_per_step"] = (
+            sum(os.path.getsize(os.path.join(tb_dir, f)) for f in os.listdir(tb_dir)) / steps
+        )
+        shutil.rmtree(tb_dir, ignore_errors=True)
     elif variant in ("save", "save_all"):
         keep: dict[str, torch.Tensor] = {}
         col = (
@@ -377,8 +483,14 @@ def bench_model(
     name: str, args: argparse.Namespace, out_dir: str, log: Callable[[str], None]
 ) -> dict[str, Any]:
     wl = Workload(name, args)
-    steps = args.steps if args.steps else (20 if name == "mlp" else 8)
+    steps = args.steps or {"mlp": 20, "mlp_small": 50}.get(name, 8)
     variants = [v for v in args.variants.split(",") if v]
+    if "tensorboard" in variants:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            log("tensorboard is not installed: the tensorboard variant is skipped")
+            variants.remove("tensorboard")
     # Warm-up (discarded): first-call costs, and the full trace's bytes per step for "raw".
     warm = {v: run_variant(v, wl, 3, out_dir, 1 << 20) for v in variants if v != "raw"}
     raw_bytes = int(warm["full"]["bytes_per_step"]) if "full" in warm else 64 << 20
@@ -415,6 +527,7 @@ def bench_model(
     base = [median(res["times"][1:]) for res in per.get("untraced", [])]
     for v in variants:
         meds = [median(res["times"][1:]) for res in per[v]]
+        ratios = [m / b for m, b in zip(meds, base)]
         row: dict[str, Any] = {
             "model": name,
             "variant": v,
@@ -428,7 +541,9 @@ def bench_model(
             ),
             "others": median([res["others"] for res in per[v]]),
             "round_medians_s": meds,
-            "ratio": median([m / b for m, b in zip(meds, base)]) if base else float("nan"),
+            "ratio": median(ratios) if base else float("nan"),
+            "ratio_min": min(ratios) if ratios else float("nan"),
+            "ratio_max": max(ratios) if ratios else float("nan"),
             "transparent": transparency[v],
         }
         for key in (
@@ -441,30 +556,31 @@ def bench_model(
             vals = [res[key] for res in per[v] if key in res]
             if vals:
                 row[key] = median(vals)
+        recs = [res["records_per_step"] for res in per[v] if "records_per_step" in res]
+        if recs and base:
+            row["records_per_step"] = median(recs)
+            row["us_per_record"] = median([(m - b) / r * 1e6 for m, b, r in zip(meds, base, recs)])
         waited = [res["steps_waited"] for res in per[v] if "steps_waited" in res]
         if waited:
             row["steps_waited"] = f"{sum(waited)}/{sum(res['steps_written'] for res in per[v])}"
         rows.append(row)
     by = {r["variant"]: r for r in rows}
     targets: dict[str, Any] = {}
-    if "untraced" in by:
-        u = by["untraced"]["median_s"]
-        if "stats" in by:
-            targets["stats_ratio"] = by["stats"]["ratio"]
-            targets["stats_met"] = by["stats"]["ratio"] <= 1.25
-        if "full" in by and "raw" in by:
-            limit = 1.3 * (u + by["raw"]["raw_write_s"])
-            targets["full_limit_s"] = limit
-            targets["full_vs_limit"] = by["full"]["median_s"] / limit
-            targets["full_met"] = by["full"]["median_s"] <= limit
-        if "full" in by and "save" in by:
-            targets["full_faster_than_save"] = by["full"]["median_s"] < by["save"]["median_s"]
-        if "full" in by and "save_all" in by:
-            targets["full_faster_than_save_all"] = (
-                by["full"]["median_s"] < by["save_all"]["median_s"]
-            )
+    stats_limit = {"mlp": 1.15, "resnet18": 1.15, "gpt2": 1.25, "mlp_small": 2.0}[name]
+    if "stats" in by:
+        targets["stats_ratio"] = by["stats"]["ratio"]
+        targets["stats_target"] = stats_limit
+        targets["stats_met"] = by["stats"]["ratio"] <= stats_limit
+        if "us_per_record" in by["stats"]:
+            targets["us_per_record"] = by["stats"]["us_per_record"]
+            targets["us_per_record_met"] = by["stats"]["us_per_record"] <= 25
+    for save in ("save_all", "save"):
+        if "full" in by and save in by:
+            targets[f"full_vs_{save}"] = by["full"]["median_s"] / by[save]["median_s"]
+            targets[f"full_no_slower_than_{save}"] = by["full"]["median_s"] <= by[save]["median_s"]
     return {
         "model": name,
+        "params": wl.params,
         "batch": wl.batch_desc,
         "steps": steps,
         "rounds": args.rounds,
@@ -476,34 +592,88 @@ def bench_model(
 
 def format_table(results: list[dict[str, Any]]) -> str:
     head = (
-        "| model | variant | median s/step | x untraced | CPU s/step | CPU x untraced | bytes/step "
-        "| writer s/step | queue wait s/step (steps > 1 ms) | others' CPU share | params bitwise |"
+        "| model | variant | median s/step | x untraced (median, min-max over rounds) "
+        "| CPU x untraced | bytes/step | records/step | us/record | writer s/step "
+        "| others' CPU share | params bitwise |"
     )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for res in results:
         for r in res["rows"]:
             b = r.get("bytes_per_step")
-            variant = r["variant"] + (
-                f" (write alone {r['raw_write_s']:.3f})" if "raw_write_s" in r else ""
-            )
             size = "-" if not b else (f"{b / 1e6:.1f} MB" if b >= 1e6 else f"{b / 1e3:.0f} KB")
             writer = f"{r['writer_s_per_step']:.3f}" if "writer_s_per_step" in r else "-"
-            wait = (
-                f"{r['queue_wait_s_per_step']:.3f} ({r['steps_waited']})"
-                if "queue_wait_s_per_step" in r
-                else "-"
-            )
+            recs = f"{r['records_per_step']:.0f}" if "records_per_step" in r else "-"
+            us = f"{r['us_per_record']:.0f}" if "us_per_record" in r else "-"
             ok = "OK" if r["transparent"] else "MISMATCH"
             lines.append(
-                f"| {r['model']} | {variant} | {r['median_s']:.3f} | {r['ratio']:.2f} | {r['cpu_s']:.3f} | "
-                f"{r['cpu_ratio']:.2f} | {size} | {writer} | {wait} | {r['others']:.0%} | {ok} |"
+                f"| {r['model']} | {r['variant']} | {r['median_s']:.4f} | {r['ratio']:.2f} "
+                f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {r['cpu_ratio']:.2f} | {size} "
+                f"| {recs} | {us} | {writer} | {r['others']:.0%} | {ok} |"
             )
     return "\n".join(lines)
 
 
+def per_record(args: argparse.Namespace) -> dict[str, Any]:
+    """Microseconds per capture of small tensors, fused and reference paths, interleaved."""
+    from graddiff.hooks.snapshot import capture
+
+    out: dict[str, Any] = {}
+    for numel in (1, 64, 4096):
+        xs = [torch.randn(numel) for _ in range(2000)]
+        timings: dict[str, list[float]] = {"fused": [], "reference": []}
+        for _ in range(args.rounds * 2):
+            for path in timings:
+                saved = fused._kernels, fused._failed
+                if path == "reference":
+                    fused._kernels, fused._failed = None, "benchmark: reference path"
+                try:
+                    t0 = time.perf_counter()
+                    for x in xs:
+                        capture("param", "w", x, call=0, seq=0, flags=0, keep_values=False)
+                    timings[path].append((time.perf_counter() - t0) / len(xs) * 1e6)
+                finally:
+                    fused._kernels, fused._failed = saved
+        out[f"numel {numel}"] = {
+            k: {"median_us": median(v), "min_us": min(v)} for k, v in timings.items()
+        }
+    return out
+
+
+def memory_flat(args: argparse.Namespace, out_dir: str, log: Callable[[str], None]) -> dict:
+    """Resident memory of the process while mlp_small is traced (stats) for many steps."""
+    wl = Workload("mlp_small", args)
+    model, opt = wl.fresh()
+    path = os.path.join(out_dir, "bench-memory.h5")
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * page / 2**20
+
+    samples: list[tuple[int, float]] = []
+    every = max(1, args.memory_steps // 20)
+    t0 = time.perf_counter()
+    with graddiff.trace(model, path, values="stats"):
+        for i in range(args.memory_steps):
+            train_step(model, opt, wl.batches[i % len(wl.batches)], None, wl.loss_fn)
+            if i % every == 0 or i == args.memory_steps - 1:
+                samples.append((i, rss_mb()))
+                log(f"  step {i}: RSS {samples[-1][1]:.1f} MiB")
+    size = os.path.getsize(path)
+    os.unlink(path)
+    later = [m for i, m in samples if i >= args.memory_steps // 10]
+    return {
+        "steps": args.memory_steps,
+        "seconds": time.perf_counter() - t0,
+        "rss_mib": samples,
+        "rss_growth_after_10pct_mib": (max(later) - min(later)) if later else 0.0,
+        "trace_bytes": size,
+    }
+
+
 def profile(args: argparse.Namespace, out_dir: str) -> None:
     """cProfile of traced steps (main thread), plus the writer thread's total time."""
-    wl = Workload(args.model if args.model != "both" else "mlp", args)
+    wl = Workload(args.model if args.model in MODELS else "mlp", args)
     steps = args.steps or 20
     run_variant(args.profile, wl, 3, out_dir, 0)  # warm-up
     model, opt = wl.fresh()
@@ -513,7 +683,7 @@ def profile(args: argparse.Namespace, out_dir: str) -> None:
         t0 = time.perf_counter()
         prof.enable()
         for i in range(steps):
-            train_step(model, opt, wl.batches[i % len(wl.batches)])
+            train_step(model, opt, wl.batches[i % len(wl.batches)], None, wl.loss_fn)
         prof.disable()
         t_loop = time.perf_counter() - t0
     bw = tr._writer
@@ -539,14 +709,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--model", choices=("mlp", "resnet18", "both"), default="both")
+    p.add_argument("--model", choices=(*MODELS, "both", "all"), default="both")
     p.add_argument(
-        "--steps", type=int, default=0, help="steps per run (default: mlp 20, resnet18 8)"
+        "--steps",
+        type=int,
+        default=0,
+        help="steps per run (default: mlp 20, mlp_small 50, resnet18 and gpt2 8)",
     )
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of every variant")
     p.add_argument(
         "--variants",
-        default=",".join(VARIANTS),
+        default=DEFAULT_VARIANTS,
         help="comma-separated subset of " + ",".join(VARIANTS),
     )
     p.add_argument(
@@ -577,6 +750,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--resnet-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument(
+        "--per-record", action="store_true", help="microseconds per capture of small tensors"
+    )
+    p.add_argument(
+        "--memory-steps",
+        type=int,
+        default=0,
+        help="trace this many mlp_small steps and report resident memory instead",
+    )
+    p.add_argument(
         "--profile",
         choices=("stats", "full"),
         default=None,
@@ -595,9 +777,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.profile:
             profile(args, scratch)
             return 0
+        if args.per_record:
+            print(json.dumps(per_record(args), indent=1))
+            return 0
+        if args.memory_steps:
+            print(json.dumps(memory_flat(args, scratch, log), indent=1))
+            return 0
         if "untraced" not in args.variants.split(","):
             args.variants = "untraced," + args.variants
-        models = ("mlp", "resnet18") if args.model == "both" else (args.model,)
+        models = {"both": ("mlp", "resnet18"), "all": MODELS}.get(args.model, (args.model,))
         results = [bench_model(m, args, scratch, log) for m in models]
     finally:
         if args.out is None:
@@ -608,6 +796,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "graddiff": graddiff.__version__,
+        "fused_kernel": fused.available() and "numba",
+        "load_average_at_end": os.getloadavg(),
     }
     if args.json:
         print(json.dumps({"meta": meta, "results": results}, indent=1))
