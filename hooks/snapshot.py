@@ -200,7 +200,18 @@ def stats_on_cpu(
         norm = float(torch.linalg.vector_norm(x.to(torch.float64)))
     else:
         norm = math.sqrt(squares)
-    return (norm, total / arr.size, lo, hi, 0, 0), fp
+    mean = total / arr.size
+    if arr.itemsize == 4 and x.dtype == torch.float32:
+        # The reference sums float32 in float32: a sum of squares (or a sum) beyond the float32
+        # range is inf there. Report the same, so that both paths describe a tensor alike.
+        if squares > _FLOAT32_MAX:
+            norm = math.inf
+        if abs(total) > _FLOAT32_MAX:
+            mean = math.copysign(math.inf, total)
+    return (norm, mean, lo, hi, 0, 0), fp
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 _MASK64 = 2**64 - 1
