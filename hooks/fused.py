@@ -38,76 +38,55 @@ _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
 
 
-def _chunk(words, keys, vals, kc, block, per, b_lo, b_hi, rest_w, rest_e):  # pragma: no cover
-    """Full blocks [b_lo, b_hi); with rest_w >= 0 also words [rest_w:] and elements [rest_e:]
-    (the partial last block). Returns the partial sums of one chunk (compiled by numba).
+def _chunk(words, keys, vals, kc, shift, w_lo, w_hi, e_hi):  # pragma: no cover
+    """Words [w_lo, w_hi) and their elements, then elements [w_hi * per_word, e_hi) (the
+    partial last word's, for the last chunk). Compiled by numba; returns one chunk's sums.
 
-    kc = [smallest key, largest key, sign shift, magnitude mask, infinity bits] in the key
-    dtype; integers pass mask 0 and infinity 1, so the float-only terms vanish without a branch.
+    ``fp_pos`` uses each word's own weight ``(j >> shift) + 1`` (shift 0: one-word blocks,
+    6: 64-word blocks), equal to the block formula of ``graddiff.format`` mod 2**64 without
+    a per-block loop. Work goes in tiles of ``TILE_WORDS`` words: the integer loop and the
+    element loop of one tile read the same 16 KiB, so memory is read once, and each loop is
+    long enough to vectorise. kc = [smallest key, largest key, sign shift, magnitude mask,
+    infinity bits] in the key dtype; integers pass mask 0 and infinity 1, so the float-only
+    terms vanish without a branch.
     """
-    shift, mask, inf_bits = kc[2], kc[3], kc[4]
+    sign, mask, inf_bits = kc[2], kc[3], kc[4]
+    per_word = 8 // vals.itemsize
     s_sum = np.int64(0)
     s_pos = np.int64(0)
-    last = np.int64(0)
     fs = 0.0
     fss = 0.0
     kmin = kc[1]
     kmax = kc[0]
     bad = 0
-    for b in range(b_lo, b_hi):
-        bs = np.int64(0)
-        for j in range(b * block, (b + 1) * block):
-            bs += words[j]
-        s_sum += bs
-        s_pos += bs * np.int64(b + 1)
-        for j in range(b * per, (b + 1) * per):
-            v = np.float64(vals[j])
+    # Per tile, slices (indices from 0): numba then knows no index is negative and the
+    # loops vectorise (a loop from a computed start ran 6x slower).
+    for t0 in range(w_lo, w_hi + 1, TILE_WORDS):
+        t1 = min(t0 + TILE_WORDS, w_hi)
+        tw = words[t0:t1]
+        for j in range(tw.shape[0]):
+            w = tw[j]
+            s_sum += w
+            s_pos += w * (((t0 + j) >> shift) + 1)
+        e1 = e_hi if t1 == w_hi else t1 * per_word  # the last tile takes the partial word's
+        tv = vals[t0 * per_word : e1]
+        tk = keys[t0 * per_word : e1]
+        for j in range(tv.shape[0]):
+            v = np.float64(tv[j])
             fs += v
             fss += v * v
-            k = keys[j]
+            k = tk[j]
             bad += (k & mask) >= inf_bits
-            k = k ^ ((k >> shift) & mask)
+            k = k ^ ((k >> sign) & mask)
             kmin = min(kmin, k)
             kmax = max(kmax, k)
-    if rest_w >= 0:
-        for j in range(rest_w, words.shape[0]):
-            last += words[j]
-        for j in range(rest_e, vals.shape[0]):
-            v = np.float64(vals[j])
-            fs += v
-            fss += v * v
-            k = keys[j]
-            bad += (k & mask) >= inf_bits
-            k = k ^ ((k >> shift) & mask)
-            kmin = min(kmin, k)
-            kmax = max(kmax, k)
-    return s_sum, s_pos, last, fs, fss, np.int64(kmin), np.int64(kmax), bad
-
-
-def _small(words, keys, vals, kc):  # pragma: no cover
-    """A tensor of at most FP_SMALL_BYTES (one-word blocks), in one call (compiled by numba)."""
-    shift, mask, inf_bits = kc[2], kc[3], kc[4]
-    s_sum = np.int64(0)
-    s_pos = np.int64(0)
-    for j in range(words.shape[0]):
-        w = words[j]
-        s_sum += w
-        s_pos += w * np.int64(j + 1)
-    fs = 0.0
-    fss = 0.0
-    kmin = kc[1]
-    kmax = kc[0]
-    bad = 0
-    for j in range(vals.shape[0]):
-        v = np.float64(vals[j])
-        fs += v
-        fss += v * v
-        k = keys[j]
-        bad += (k & mask) >= inf_bits
-        k = k ^ ((k >> shift) & mask)
-        kmin = min(kmin, k)
-        kmax = max(kmax, k)
+        if t1 == w_hi:
+            break
     return s_sum, s_pos, fs, fss, np.int64(kmin), np.int64(kmax), bad
+
+
+#: Words per tile of ``_chunk`` (16 KiB: the integer and float loops share L1).
+TILE_WORDS = 2048
 
 
 def _build() -> dict[str, Any]:
@@ -115,10 +94,10 @@ def _build() -> dict[str, Any]:
 
     try:  # machine code cached next to this file, or in numba's user-wide cache directory
         jit = numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
-        return {"chunk": jit(_chunk), "small": jit(_small)}
+        return {"chunk": jit(_chunk)}
     except RuntimeError:  # "cannot cache function ...": no writable cache location
         jit = numba.njit(nogil=True, cache=False, fastmath={"reassoc"})
-        return {"chunk": jit(_chunk), "small": jit(_small)}
+        return {"chunk": jit(_chunk)}
 
 
 def available() -> bool:
@@ -159,15 +138,15 @@ def _executor(threads: int) -> ThreadPoolExecutor:
 
 
 def summarise(
-    arr: np.ndarray, n_full: int, block: int, threads: int
-) -> Optional[tuple[int, int, int, float, float, float, float, int]]:
-    """(s_sum, s_pos, last, sum, sumsq, min, max, non_finite) of a 1-D contiguous array.
+    arr: np.ndarray, block_shift: int, threads: int
+) -> Optional[tuple[int, int, float, float, float, float, int]]:
+    """(s_sum, s_pos, sum, sumsq, min, max, non_finite) of a 1-D contiguous array.
 
-    ``s_sum``/``s_pos`` cover the ``n_full`` whole blocks of ``block`` int64 words, ``last`` the
-    leftover whole words (the caller adds the zero-padded tail bytes); all three are int64
-    (wrap mod 2**64). None when the kernel is unavailable or the dtype is not one it takes
-    (unsigned, bool, half, complex: the reference path). Tensors of ``SPLIT_BYTES`` or more are
-    split into one chunk per thread (``threads``), summed in a fixed order.
+    ``s_sum``/``s_pos`` cover the whole int64 words (the caller adds the zero-padded tail
+    bytes with weight ``(n_words >> block_shift) + 1``), as int64 (wrap mod 2**64). None when
+    the kernel is unavailable or the dtype is not one it takes (unsigned, bool, half, complex:
+    the reference path). Arrays of ``SPLIT_BYTES`` or more are split into one chunk per thread
+    (``threads``), combined in a fixed order.
     """
     kernels = _kernels if _kernels is not None else _get()
     spec = _SPECS.get(arr.dtype)
@@ -176,44 +155,37 @@ def summarise(
     key_dtype, kc, decode = spec
     keys = arr.view(key_dtype) if key_dtype is not None else arr
     nbytes = arr.nbytes
-    if nbytes % 8:
-        words = arr[: (nbytes // 8) * 8 // arr.itemsize].view(np.int64)
+    n_words = nbytes >> 3
+    whole = arr[: n_words * 8 // arr.itemsize] if nbytes & 7 else arr
+    words = whole.view(np.int64)
+    chunk = kernels["chunk"]
+    n = arr.shape[0]
+    parts = min(threads, nbytes // SPLIT_BYTES)
+    if parts <= 1:
+        s_sum, s_pos, fs, fss, kmin, kmax, bad = chunk(
+            words, keys, arr, kc, block_shift, 0, n_words, n
+        )
     else:
-        words = arr.view(np.int64)
-    if block == 1:
-        s_sum, s_pos, fs, fss, kmin, kmax, bad = kernels["small"](words, keys, arr, kc)
-        last = 0
-    else:
-        chunk = kernels["chunk"]
-        per = block * 8 // arr.itemsize
-        rest_e = n_full * per
-        parts = min(threads, nbytes // SPLIT_BYTES)
-        if parts <= 1:
-            s_sum, s_pos, last, fs, fss, kmin, kmax, bad = chunk(
-                words, keys, arr, kc, block, per, 0, n_full, n_full * block, rest_e
-            )
-        else:
-            bounds = [n_full * i // parts for i in range(parts + 1)]
-            pool = _executor(parts)
-            futs = [
-                pool.submit(
-                    chunk, words, keys, arr, kc, block, per, bounds[i], bounds[i + 1], -1, 0
-                )
-                for i in range(1, parts)
-            ]
-            res = [chunk(words, keys, arr, kc, block, per, 0, bounds[1], n_full * block, rest_e)]
-            res += [f.result() for f in futs]
-            s_sum = sum(r[0] for r in res)
-            s_pos = sum(r[1] for r in res)
-            last = sum(r[2] for r in res)
-            fs = sum(r[3] for r in res)
-            fss = sum(r[4] for r in res)
-            kmin = min(r[5] for r in res)
-            kmax = max(r[6] for r in res)
-            bad = sum(r[7] for r in res)
-    if arr.size == 0:
-        return s_sum, s_pos, last, 0.0, 0.0, 0.0, 0.0, 0
-    return s_sum, s_pos, last, fs, fss, decode(kmin), decode(kmax), bad
+        bounds = [n_words * i // parts for i in range(parts)] + [n_words]
+        per_word = 8 // arr.itemsize
+        ends = [bounds[i + 1] * per_word for i in range(parts - 1)] + [n]
+        pool = _executor(parts)
+        futs = [
+            pool.submit(chunk, words, keys, arr, kc, block_shift, bounds[i], bounds[i + 1], ends[i])
+            for i in range(1, parts)
+        ]
+        res = [chunk(words, keys, arr, kc, block_shift, 0, bounds[1], ends[0])]
+        res += [f.result() for f in futs]
+        s_sum = sum(r[0] for r in res)
+        s_pos = sum(r[1] for r in res)
+        fs = sum(r[2] for r in res)
+        fss = sum(r[3] for r in res)
+        kmin = min(r[4] for r in res)
+        kmax = max(r[5] for r in res)
+        bad = sum(r[6] for r in res)
+    if n == 0:
+        return s_sum, s_pos, 0.0, 0.0, 0.0, 0.0, 0
+    return s_sum, s_pos, fs, fss, decode(kmin), decode(kmax), bad
 
 
 _I32, _F32, _I64, _F64 = (struct.Struct(f) for f in ("<i", "<f", "<q", "<d"))

@@ -182,15 +182,17 @@ def stats_on_cpu(
         return stats_on_cpu_reference(x)
     n = arr.nbytes
     n_words = n >> 3
-    n_full = n_words if n <= FP_SMALL_BYTES else n_words // FP_BLOCK_WORDS
-    r = fused.summarise(arr, n_full, 1 if n <= FP_SMALL_BYTES else FP_BLOCK_WORDS, _threads())
+    shift = 0 if n <= FP_SMALL_BYTES else _BLOCK_SHIFT
+    r = fused.summarise(arr, shift, _threads())
     if r is None:
         return stats_on_cpu_reference(x)
-    s, pos, last, total, squares, lo, hi, bad = r
-    if n & 7:
+    s, pos, total, squares, lo, hi, bad = r
+    if n & 7:  # the zero-padded partial last word, weighted like the words of its block
         tail = arr.view(np.uint8)[n_words * 8 :].tobytes()
-        last += int.from_bytes(tail + bytes(8 - len(tail)), "little", signed=True)
-    fp = ((s + last) & _MASK64, (pos + (n_full + 1) * last) & _MASK64)
+        last = int.from_bytes(tail + bytes(8 - len(tail)), "little", signed=True)
+        s += last
+        pos += ((n_words >> shift) + 1) * last
+    fp = (s & _MASK64, pos & _MASK64)
     if not n:
         return (0.0, 0.0, 0.0, 0.0, 0, 0), fp
     if bad or not math.isfinite(total):
@@ -215,6 +217,8 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 _MASK64 = 2**64 - 1
+_BLOCK_SHIFT = FP_BLOCK_WORDS.bit_length() - 1  # 64 words: weight (word index >> 6) + 1
+assert 1 << _BLOCK_SHIFT == FP_BLOCK_WORDS
 _threads = torch.get_num_threads
 
 
