@@ -62,7 +62,9 @@ def _run(
                     group["lr"] *= 0.5
             o.zero_grad()
             for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
-                with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
+                with torch.autocast(
+                    "cpu", dtype=autocast or torch.bfloat16, enabled=bool(autocast)
+                ):
                     loss = F.cross_entropy(net(xm), ym)
                 (loss / micro if divide else loss).backward()
             o.step()
