@@ -2,8 +2,8 @@
 never be called DIVERGED (exit 0; rounding differences stay within the tolerance).
 
 F.cross_entropy vs nn.CrossEntropyLoss, foreach vs for-loop optimizer kernels, one batch vs
-4 accumulated micro-batches (loss / 4), and all three at once; two models, two optimizers, two
-seeds. (torch.compile vs eager is not in this family yet: compiling in the test process leaks
+4 accumulated micro-batches (loss / 4), and all three at once; two models, two optimizers
+(torch.compile vs eager is not in this family yet: compiling in the test process leaks
 Dynamo state, see test_compile.py.)"""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ VARIANTS = {  # each: the setting of A, the equivalent setting of B
 
 CASES = [
     (model, opt, seed, changed)
-    for model, opt, seed in itertools.product(("mlp", "ln_mlp"), ("adamw", "sgd"), (0, 1))
+    for model, opt, seed in itertools.product(("mlp", "ln_mlp"), ("adamw", "sgd"), (0,))
     for changed in (("loss",), ("opt",), ("micro",), ("loss", "opt", "micro"))
 ]
 
