@@ -152,3 +152,23 @@ def test_cause_is_named_from_evidence(tmp_path, va, vb, step, kind, cause, text)
     assert (d.step, d.kind) == (step, kind), r.headline()
     assert r.cause.cause == cause, [(c.cause, c.title) for c in r.diagnosis]
     assert text in r.cause.title + " " + " ".join(r.cause.evidence), r.cause
+
+
+def test_bf16_vs_fp32_is_within_bf16_precision(tmp_path):
+    r = graddiff.compare(_run(tmp_path / "a.h5"), _run(tmp_path / "b.h5", autocast=torch.bfloat16))
+    assert (r.verdict, r.exit_code) == ("within_tolerance", 0), r.headline()
+    assert r.headline().startswith("Within bfloat16 precision: no difference beyond what")
+    assert r.precision["dtype"] == "bfloat16" and r.precision["reduced"]
+    assert (r.precision["a"], r.precision["b"]) == ("float32", "bfloat16")
+    assert r.cause.cause == "precision" and "within what bfloat16" in " ".join(r.cause.evidence)
+    # the flat tolerance would have called it diverged: the precision is what decides
+    assert r.max_rel_diff > r.rtol
+
+
+def test_a_real_bug_in_bf16_runs_is_still_found(tmp_path):
+    a = _run(tmp_path / "a.h5", autocast=torch.bfloat16, micro=4)
+    b = _run(tmp_path / "b.h5", autocast=torch.bfloat16, micro=4, divide=False)
+    r = graddiff.compare(a, b)
+    assert r.exit_code == 1 and (r.first.step, r.first.kind) == (0, "loss"), r.headline()
+    assert "beyond what bfloat16 rounding explains" in r.headline()
+    assert r.cause.cause == "unscaled_micro_batches"

@@ -26,8 +26,9 @@ from .first import Hit, walk
 from .mapped import describe, drop_unpaired, write_mapped
 from .matrix import divergence_matrix
 from .namemap import load_map
-from .noise import rounding_level
+from .noise import floor_factor, rounding_level
 from .pair import RunPair
+from .precision import precision_of, slot_tolerance
 from .report import Difference, Report
 from .stepalign import offset_note, resolve_offset
 
@@ -322,11 +323,19 @@ def _compare(
             f"{ra.path} and {rb.path} have no step in common" + (" in --steps" if window else "")
         )
     pair = RunPair(ra, rb, al, common)
+    prec = precision_of(ra, rb)
+    pair.precision = prec
+    pair.tol = slot_tolerance(al, rtol, prec)
+    if prec.reduced:  # rounding residue is judged at the computing precision's noise floor
+        pair.dtypes.floor = np.maximum(pair.dtypes.floor, floor_factor(prec.dtype))
     try:
         w = walk(pair, rtol, exact)
         env = environment_diff(ra.environment, rb.environment)
         causes = diagnose(pair, w, rtol, env)
         first, first_bitwise = _difference(pair, w.first), _difference(pair, w.first_bitwise)
+        for d, h in ((first, w.first), (first_bitwise, w.first_bitwise)):
+            if d is not None:
+                d.tolerance = float(pair.tol[h.slot])
     finally:
         pair.close()
     steps_b = rb.steps if b_steps is None else b_steps
@@ -373,6 +382,13 @@ def _compare(
         compared_kinds=[k for k in ALL_KINDS if any(s.kind == k for s in al.slots)],
         kinds_filtered=filtered,
         steps_mismatch=mismatch is not None,
+        precision={
+            "dtype": prec.dtype,
+            "unit_roundoff": prec.u,
+            "a": prec.a,
+            "b": prec.b,
+            "reduced": prec.reduced,
+        },
         notes=notes,
         max_rel_diff=w.max_rel,
     )

@@ -133,7 +133,9 @@ def _by_step(rows: np.ndarray):
 
 
 def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
-    """Find the first bitwise difference and the first divergence beyond ``rtol`` (or any, exact)."""
+    """Find the first bitwise difference and the first divergence beyond the tolerance (or any,
+    exact): ``rtol``, or per slot ``pair.tol`` when set (precision-aware, precision.py)."""
+    tol = pair.tol if pair.tol is not None else np.full(max(len(pair.al.slots), 1), rtol)
     first: Optional[Hit] = None
     first_bitwise: Optional[Hit] = None
     growth = _Growth()
@@ -193,7 +195,7 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
             if first is not None:
                 continue
             nonfinite = code == NONFINITE or (vd is not None and vd.nonfinite_mismatch)
-            diverged = exact or code in DEFINITE or nonfinite or best[i] > rtol
+            diverged = exact or code in DEFINITE or nonfinite or best[i] > tol[slot]
             if first_bitwise is not None and not diverged:
                 continue
             if vd is not None:  # element detail, only for the cells the report shows

@@ -13,6 +13,7 @@ EPS = {
     "float64": 2.22e-16,
     "float32": 1.19e-7,
     "float16": 9.77e-4,
+    "tfloat32": 9.77e-4,
     "bfloat16": 7.81e-3,
     "complex64": 1.19e-7,
     "complex128": 2.22e-16,

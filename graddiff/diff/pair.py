@@ -33,6 +33,9 @@ class RunPair:
         self._by_label = {(s.kind, s.name, max(s.call, 0)): s for s in alignment.slots}
         self._sv = {"a": StepValues(a), "b": StepValues(b)}
         self._index: OrderedDict[tuple[str, int], dict[int, np.ndarray]] = OrderedDict()
+        #: per-slot tolerance (precision-aware), set by compare; None: the flat rtol
+        self.tol: Optional[np.ndarray] = None
+        self.precision = None  # precision.Precision, set by compare
 
     def close(self) -> None:
         """Close the extra file handles of the value readers (not the runs)."""

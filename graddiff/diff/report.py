@@ -45,6 +45,8 @@ class Difference:
     a: Optional[dict] = None
     b: Optional[dict] = None
     rounding_level: bool = False
+    #: the tolerance this record was judged by (rtol, or its precision-aware bound)
+    tolerance: Optional[float] = None
     note: str = ""
 
     def __getitem__(self, key: str) -> Any:  # report.first["step"] works too
@@ -76,6 +78,9 @@ class Report:
     kinds_filtered: bool = False
     #: steps recorded in one run only (outside --steps): a difference in itself
     steps_mismatch: bool = False
+    #: the computing precision the pair is judged in (precision.py): dtype, unit_roundoff,
+    #: a, b, reduced (lower than float32: precision-aware tolerance)
+    precision: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     max_rel_diff: float = 0.0
     _matrix: Optional[Callable[[], tuple[np.ndarray, list[str], np.ndarray]]] = field(
@@ -131,9 +136,20 @@ class Report:
             " (--kinds)" if self.kinds_filtered else ""
         )
 
+    @property
+    def reduced_precision(self) -> Optional[str]:
+        """The reduced computing precision (bfloat16, float16) the pair is judged in, or None."""
+        p = self.precision
+        return p.get("dtype") if p.get("reduced") and not self.exact else None
+
     def headline(self) -> str:
         """One line: the verdict, and what it covers (steps and kinds compared)."""
-        tol = "any bitwise difference (--exact)" if self.exact else f"rtol {self.rtol:g}"
+        low = self.reduced_precision
+        tol = (
+            "any bitwise difference (--exact)"
+            if self.exact
+            else (f"{low} rounding" if low else f"rtol {self.rtol:g}")
+        )
         scope = self.scope()
         if self.first is None and self.steps_mismatch:
             a, b = self.steps.get("in_a", 0), self.steps.get("in_b", 0)
@@ -153,8 +169,13 @@ class Report:
             return f"No difference: the runs are bitwise identical over {scope}."
         if self.verdict == "within_tolerance":
             o = self.first_bitwise
+            head = (
+                f"Within {low} precision: no difference beyond what {low} rounding explains"
+                if low
+                else f"No divergence beyond {tol}"
+            )
             return (
-                f"No divergence beyond {tol} over {scope} (largest rel diff {_g(self.max_rel_diff)}; "
+                f"{head} over {scope} (largest rel diff {_g(self.max_rel_diff)}; "
                 f"first bitwise difference: {o.label} at step {o.step})."
             )
         return self._diverged_line(tol) + f"; compared {scope}"
@@ -167,6 +188,9 @@ class Report:
             what = f"rel {'>= ' if f.basis == 'stats' else ''}{_g(f.rel_diff)}"
         else:
             what = f.status.replace("_", " ")
+        low = self.reduced_precision
+        if low and f.tolerance is not None and f.basis != "structure":
+            tol = f"beyond what {low} rounding explains here, {_g(f.tolerance)}"
         line = f"DIVERGED at step {f.step}: {f.label} ({what}; {tol})"
         if self.amplified_rounding and self.first_bitwise is not None:
             o = self.first_bitwise
@@ -193,6 +217,7 @@ class Report:
                 "compared_kinds": list(self.compared_kinds),
                 "kinds_filtered": self.kinds_filtered,
                 "steps_mismatch": self.steps_mismatch,
+                "precision": dict(self.precision),
                 "steps": dict(self.steps),
                 "first": self.first.to_dict() if self.first else None,
                 "first_bitwise": self.first_bitwise.to_dict() if self.first_bitwise else None,

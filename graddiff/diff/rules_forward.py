@@ -261,10 +261,20 @@ def rule_precision(x: Context) -> Optional[Cause]:
     if lower is None:
         return None
     side, dtype = lower
-    ev.append(f"first divergence: {x.slot.label} at step {x.step} ({x.hit_text()})")
+    tol = x.pair.tol[x.slot.index] if x.pair.tol is not None else x.rtol
+    beyond = x.hit.basis != "structure" and x.hit.rel > tol
+    ev.append(
+        f"{x.slot.label} at step {x.step} ({x.hit_text()}) is "
+        + (
+            f"beyond what {dtype} rounding explains at its depth ({fmt(tol)})"
+            if beyond
+            else f"within what {dtype} rounding explains at its depth ({fmt(tol)})"
+        )
+    )
     return Cause(
         "precision",
-        f"different precision: {side} computes in {dtype} (autocast or a {dtype} model)",
+        f"different precision: {side} computes in {dtype} (autocast or a {dtype} model)"
+        + (", but this difference is larger than its rounding explains" if beyond else ""),
         ev,
         f"expected rounding differences of {dtype} are judged by its tolerance (docs: tolerance); "
         "to compare the computation itself, record both runs in the same precision",

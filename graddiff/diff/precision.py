@@ -1,0 +1,123 @@
+"""Precision-aware tolerance: the precision two runs compute in, and what its rounding allows.
+
+Input: the two runs' recorded dtypes and the alignment; output: a tolerance per slot, used by
+the walk (first.py) instead of the flat ``rtol`` when a run computes in bfloat16 or float16.
+
+The computing precision of a run is the lowest precision among the dtypes of its parameters and
+module outputs (an autocast region records bfloat16/float16 activations; ``model.half()``
+records float16 parameters; float32 on CUDA with TF32 allowed counts as TF32). The tolerance of a record grows with its depth ``d`` in the step's
+causal chain (the number of module outputs and output gradients computed before it):
+``tol = max(rtol, 8 x u x (1 + d))``, ``u`` the unit roundoff of the lower computing precision
+(docs/tolerance.md, "Precision-aware tolerance", for the choice and its measurements). Runs
+that both compute in float32 or float64 keep ``rtol``: ``8 x u x (1 + d)`` is far below it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..reader import Run
+from .align import Alignment
+
+#: Unit roundoff (half the machine epsilon) of the floating-point formats.
+UNIT_ROUNDOFF = {
+    "float64": 2.0**-53,
+    "float32": 2.0**-24,
+    "bfloat16": 2.0**-8,
+    "float16": 2.0**-11,
+    "tfloat32": 2.0**-11,  # TF32 matmuls/convolutions on CUDA (10 mantissa bits)
+    "complex64": 2.0**-24,
+    "complex128": 2.0**-53,
+}
+#: Rounding errors per unit of depth, in units of roundoff: the largest ratio
+#: rel / (u x (1 + depth)) measured between bfloat16-autocast and float32 runs of the same
+#: training (MLP, BatchNorm MLP, transformer layer; SGD and AdamW) was 3.1 over 6 steps and
+#: 4.8 over 20 (docs/tolerance.md); 8 leaves a margin of 1.7x over the latter.
+ULPS_PER_DEPTH = 8.0
+#: Kinds whose dtypes say in which precision the run computes.
+_PRECISION_KINDS = ("param", "activation")
+
+
+@dataclass
+class Precision:
+    """The precision a pair of runs is judged in."""
+
+    dtype: str  # the lower of the two runs' computing precisions
+    u: float  # its unit roundoff
+    a: str  # run A's computing precision
+    b: str  # run B's
+
+    @property
+    def reduced(self) -> bool:
+        """Lower than float32: the tolerance follows the precision."""
+        return self.u > UNIT_ROUNDOFF["float32"]
+
+
+def computing_dtype(run: Run) -> Optional[str]:
+    """The lowest-precision float dtype among a run's parameters and module outputs."""
+    best, worst = None, 0.0
+    for r in range(run.n_records):
+        if run.record_key(r).kind not in _PRECISION_KINDS:
+            continue
+        name = run.record_dtype(r)
+        u = UNIT_ROUNDOFF.get(name, 0.0)
+        if u > worst:
+            best, worst = name, u
+    return best
+
+
+def _tf32(run: Run, dtype: str) -> str:
+    """float32 parameters on CUDA with TF32 allowed compute their matmuls in TF32."""
+    env = run.environment or {}
+    on_cuda = str(env.get("device", "")).startswith("cuda")
+    if dtype == "float32" and on_cuda and (env.get("tf32_matmul") or env.get("tf32_cudnn")):
+        return "tfloat32"
+    return dtype
+
+
+def precision_of(a: Run, b: Run) -> Precision:
+    da = _tf32(a, computing_dtype(a) or "float32")
+    db = _tf32(b, computing_dtype(b) or "float32")
+    low = max((da, db), key=lambda d: UNIT_ROUNDOFF.get(d, 0.0))
+    return Precision(low, UNIT_ROUNDOFF.get(low, UNIT_ROUNDOFF["float32"]), da, db)
+
+
+def slot_depths(al: Alignment) -> np.ndarray:
+    """Per slot, the number of module outputs and output gradients computed before it.
+
+    Slots are in causal order (params, inputs, activations in call order, losses, output
+    gradients in firing order, gradients, buffers). A parameter's gradient (and the parameter,
+    which the update moves by it) sits just after its module's output gradient; a buffer just
+    after its module's output.
+    """
+    depth = np.zeros(len(al.slots), np.int64)
+    n = 0
+    act_depth: dict[str, int] = {}
+    gout_depth: dict[str, int] = {}
+    for s in al.slots:
+        if s.kind in ("activation", "grad_output"):
+            n += 1
+            (act_depth if s.kind == "activation" else gout_depth).setdefault(s.name, n)
+        depth[s.index] = n
+    deepest = n
+    for s in al.slots:
+        owner = s.name.rsplit(".", 1)[0] if "." in s.name else ""
+        if s.kind in ("grad", "autograd_grad", "param"):
+            depth[s.index] = gout_depth.get(owner, deepest) + (1 if owner in gout_depth else 0)
+        elif s.kind in ("buffer", "buffer_start"):
+            depth[s.index] = act_depth.get(owner, depth[s.index])
+        elif s.kind == "input":
+            depth[s.index] = 0
+    return depth
+
+
+def slot_tolerance(al: Alignment, rtol: float, p: Precision) -> np.ndarray:
+    """Per slot, the relative difference rounding in precision ``p`` may produce (>= rtol)."""
+    depth = slot_depths(al)
+    tol = np.full(len(al.slots), float(rtol))
+    if p.reduced:
+        tol = np.maximum(tol, ULPS_PER_DEPTH * p.u * (1.0 + depth))
+    return tol
