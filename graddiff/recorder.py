@@ -5,8 +5,9 @@ BackgroundWriter. It owns the current step's entries, the per-step call counters
 full-values policy (``values``, ``max_bytes``, ``full_steps``) and what is captured when:
 parameters at the step's first forward, inputs/activations/output grads as they happen,
 losses and ``autograd.grad`` outputs at each gradient computation, ``.grad`` at
-``optimizer.step()`` (or after each backward without an optimizer), buffers at the step's start
-(``buffer_start``, with the parameters) and at its end (``buffer``).
+``optimizer.step()`` (or after each backward without an optimizer; after each call of the
+closure of ``optimizer.step(closure)``), buffers at the step's start (``buffer_start``, with the
+parameters) and at its end (``buffer``).
 
 Every event handler is guarded: an internal error stops recording with one warning and never
 reaches the user's training code.
@@ -131,10 +132,12 @@ class Recorder:
         self._entries: list[EntryData] = []
         self._calls: dict[tuple[str, str], int] = {}
         self._grad_output_calls: dict[str, set[int]] = {}
-        self._pending_grads: dict[str, EntryData] = {}
+        self._pending_grads: dict[tuple[str, int], EntryData] = {}
         self._aliases: dict[int, tuple[torch.Tensor, int, EntryData]] = {}
         self._seq = 0
         self._step_full = False
+        self._batches: list[Any] = []  # offered by a framework callback (offer_batch)
+        self._forward_ran = False  # the model's own forward ran with grad in this step
 
     def _next_call(self, kind: str, name: str) -> int:
         key = (kind, name)
@@ -231,6 +234,7 @@ class Recorder:
             return
         with self._lock:
             entries = self._entries
+            self._record_offered_batches()
             for entry in self._pending_grads.values():
                 entry.seq = self._seq
                 self._seq += 1
@@ -275,6 +279,7 @@ class Recorder:
         self._record_inputs(args, kwargs)
 
     def _record_inputs(self, args: Any, kwargs: Any) -> None:
+        self._forward_ran = True
         if Kind.INPUT.value in self.kinds:
             for path, t in flatten_tensors(list(args)) + flatten_tensors(dict(kwargs or {})):
                 self._record(
@@ -374,18 +379,18 @@ class Recorder:
             # No optimizer: the update uses .grad as the step's last backward left it.
             self._capture_grads(self.params)
 
-    def _capture_grads(self, params: list[tuple[str, torch.Tensor]]) -> None:
+    def _capture_grads(self, params: list[tuple[str, torch.Tensor]], closure: bool = False) -> None:
+        """``.grad`` as the update will use it: call 0, or one call per closure evaluation."""
         with self._lock:
             for name, p in params:
                 if p.grad is not None:
-                    self._pending_grads[name] = self._capture(
-                        Kind.GRAD.value, name, p.grad, call=0, seq=0, flags=0
+                    call = self._next_call("closure_grad", name) if closure else 0
+                    self._pending_grads[(name, call)] = self._capture(
+                        Kind.GRAD.value, name, p.grad, call=call, seq=0, flags=0
                     )
 
-    @_guarded
-    def on_optimizer_step(self, optimizer: Any) -> None:
-        if self.forward_only:
-            return
+    def _owned(self, optimizer: Any) -> list[tuple[str, torch.Tensor]]:
+        """The traced parameters ``optimizer`` updates (cached per optimizer)."""
         key = id(optimizer)
         owned = self._optimizer_params.get(key)
         if owned is None:
@@ -395,6 +400,13 @@ class Recorder:
                 if id(p) in self._param_by_id and self._param_by_id[id(p)][1] is p
             ]
             self._optimizer_params[key] = owned
+        return owned
+
+    @_guarded
+    def on_optimizer_step(self, optimizer: Any) -> None:
+        if self.forward_only:
+            return
+        owned = self._owned(optimizer)
         if not owned:
             return  # an optimizer of another model
         self.optimizer_seen = True
@@ -406,11 +418,55 @@ class Recorder:
             self._end_step()
 
     @_guarded
+    def on_closure_step(self, optimizer: Any) -> bool:
+        """``optimizer.step(closure)`` begins; True asks for the closure to be wrapped."""
+        if self.forward_only or not self._owned(optimizer):
+            return False
+        self.optimizer_seen = True
+        self.clock.closure_step()
+        return True
+
+    @_guarded
+    def after_closure(self, optimizer: Any) -> None:
+        """The closure's forward and backward have run: ``.grad`` is what the update uses."""
+        self._ensure_started()
+        if Kind.GRAD.value in self.kinds:
+            self._capture_grads(self._owned(optimizer), closure=True)
+
+    @_guarded
+    def on_closure_step_end(self, optimizer: Any) -> None:
+        if self._owned(optimizer) and self.clock.started and self.clock.optimizer_step():
+            self._end_step()
+
+    @_guarded
     def explicit_step(self) -> None:
         if self.forward_only:
             return  # every model call already is a step
         if self.clock.explicit_step():
             self._end_step()
+
+    # -- framework integrations ---------------------------------------------------------------
+    @_guarded
+    def name_step(self, index: int) -> None:
+        """Number the step about to begin ``index`` (a framework's own step counter). Ignored
+        once the step has begun, or when it would not increase (steps stay increasing)."""
+        if not self.clock.started and int(index) >= self.clock.step:
+            self.clock.step = int(index)
+
+    @_guarded
+    def offer_batch(self, batch: Any) -> None:
+        """A framework's training batch of the current step. Recorded at the step's end as
+        ``input batch:<path>`` (one call per micro-batch), only if the model's own forward
+        did not run (e.g. ``training_step`` calls submodules): its inputs are the record then."""
+        self._batches.append(batch)
+
+    def _record_offered_batches(self) -> None:
+        if not self._batches or self._forward_ran or Kind.INPUT.value not in self.kinds:
+            return
+        for batch in self._batches:
+            for path, t in flatten_tensors(batch):
+                name = record_name("batch", path)
+                self._record(Kind.INPUT.value, name, t, call=self._next_call("input", name))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def finish(self, completed: bool) -> None:

@@ -2,7 +2,8 @@
 
 The rules (README, "The step model"):
 - once an optimizer that owns traced parameters steps, every ``optimizer.step()`` ends a step,
-  so gradient accumulation over micro-batches is one step;
+  so gradient accumulation over micro-batches is one step; ``optimizer.step(closure)`` ends
+  the step after the update, once its closure (forward and backward inside) has run;
 - otherwise (manual loops), a forward with grad enabled that follows a gradient computation
   starts a new step, provided the parameters changed since the step began (so gradient
   accumulation without an optimizer, or before the optimizer's first step, stays one step);
@@ -50,6 +51,12 @@ class StepClock:
         if self.mode is StepMode.MANUAL_LOOP:
             self.mode = StepMode.OPTIMIZER
         return self.mode is StepMode.OPTIMIZER
+
+    def closure_step(self) -> None:
+        """``optimizer.step(closure)`` begins: the forwards and backwards its closure runs
+        (several for LBFGS) belong to the current step, which ends after the update."""
+        if self.mode is StepMode.MANUAL_LOOP:
+            self.mode = StepMode.OPTIMIZER
 
     def explicit_step(self) -> bool:
         """``tracer.step()``. Returns True if there is a started step to end.

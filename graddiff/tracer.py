@@ -31,7 +31,7 @@ from .hooks.naming import (
     module_display_name,
     unwrap_model,
 )
-from .hooks.optimizer_hooks import add_step_pre_hook
+from .hooks.optimizer_hooks import add_step_hooks
 from .hooks.shards import flat_shard_layout, shard_layout
 from .kinds import parse_kinds, with_buffer_start
 from .launch import current_launch, resolve_path, shared_run_id
@@ -162,6 +162,18 @@ class Tracer:
             )
         self._recorder.explicit_step()
 
+    def name_step(self, index: int) -> None:
+        """Number the step about to begin ``index`` (integrations: the framework's global
+        step). Ignored once the step has begun or when it would not increase."""
+        if self._recorder is not None:
+            self._recorder.name_step(index)
+
+    def offer_batch(self, batch: Any) -> None:
+        """The framework's training batch (integrations): recorded as ``input batch:<path>``
+        in steps where the model's own forward does not run."""
+        if self._recorder is not None:
+            self._recorder.offer_batch(batch)
+
     @property
     def steps_recorded(self) -> int:
         return self._writer.steps_written if self._writer is not None else 0
@@ -250,7 +262,7 @@ class Tracer:
             if compiled:
                 self._prepare_compile()
             install_module_hooks(inner, modules, self._recorder, self._bag, compiled=compiled)
-            self._bag.add(add_step_pre_hook(self._recorder.on_optimizer_step))
+            add_step_hooks(self._recorder, self._bag)
             self._bag.add(add_listener(self._recorder))
         except BaseException:
             self._teardown(completed=False, status="aborted: graddiff could not install its hooks")

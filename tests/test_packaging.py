@@ -99,3 +99,13 @@ def test_unknown_command_is_one_error_line_exit_2():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:")
+
+
+def test_integrations_import_no_framework():
+    """graddiff.integrations is importable without Lightning or transformers being imported."""
+    result = _run(
+        "import sys, graddiff.integrations\n"
+        "bad = [m for m in ('lightning', 'transformers', 'accelerate', 'torch') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
+    assert result.returncode == 0, result.stderr

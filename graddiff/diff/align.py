@@ -4,7 +4,11 @@ Runs --> align (slots: which records of A compare with which of B) --> cells (pe
 first divergence --> diagnosis --> Report. Records pair by (kind, name, call); two exceptions
 keep equivalent loops equal: a parameter's ``.grad`` pairs with the sum of another run's
 ``autograd_grad`` outputs, and a name with a different number of calls (micro-batching) is
-compared as the calls joined along the batch dimension (losses: summed). A gradient recorded
+compared as the calls joined along the batch dimension (losses: summed). Only records that carry
+the batch are joined (dim 0 adds up to the same batch size in both runs, other dims equal); a
+scalar (``num_items_in_batch``) or a tensor repeated per micro-batch (position ids of shape
+(1, T), a mask broadcast over the batch) is compared by its first call when it is the same in
+every micro-batch, and otherwise not compared (a note says so). A gradient recorded
 both as ``.grad`` and as ``autograd_grad`` in one run is compared with the kind the other run
 has (the extra kind is a structure note, not a missing record).
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -97,6 +102,59 @@ def _calls(run: Run, kinds: Iterable[str]) -> dict[tuple[str, str], list[int]]:
         if key.kind in wanted:
             out.setdefault((key.kind, key.name), []).append(key.call)
     return {k: sorted(v) for k, v in out.items()}
+
+
+def _first_step_rows(run: Run) -> dict[RecordKey, tuple[tuple[int, ...], tuple[int, int]]]:
+    """Shape and fingerprint of every record at the run's first step (where the batch
+    structure of the calls shows)."""
+    if not len(run.steps):
+        return {}
+    step = int(run.steps[0])
+    return {
+        run.record_key(int(r["record"])): (
+            tuple(int(d) for d in r["shape"][: int(r["ndim"])]),
+            (int(r["fp_sum"]), int(r["fp_pos"])),
+        )
+        for r in run.entries(step, step)
+    }
+
+
+def carries_batch(shapes_a: list[tuple[int, ...]], shapes_b: list[tuple[int, ...]]) -> bool:
+    """Do calls of these shapes split one batch along dim 0 (so that joining them is right)?
+
+    Yes when every call has a dim 0, the other dims agree, and dim 0 adds up to the same batch
+    size in both runs. A scalar, or a (1, T) tensor repeated once per micro-batch, does not.
+    Unknown shapes (empty lists) keep the join.
+    """
+    if not shapes_a or not shapes_b:
+        return True
+    every = shapes_a + shapes_b
+    if any(len(s) == 0 for s in every) or len({s[1:] for s in every}) != 1:
+        return False
+    return sum(s[0] for s in shapes_a) == sum(s[0] for s in shapes_b)
+
+
+def _unbatched(kind: str, rows_a: list, rows_b: list) -> tuple[int, str]:
+    """How a record that does not carry the batch is compared: (mode or -1, why).
+
+    - A scalar output or output gradient (a loss computed inside the model, its backward
+      seed) is a per-micro-batch reduction whose scaling is the loop's convention: not
+      compared (the loss and the gradients are).
+    - The gradient of a tensor broadcast over the batch (a (1, T, C) position embedding) is a
+      sum over the batch: the micro-batches' gradients are summed.
+    - Otherwise its first call stands for the batch when every micro-batch has the same
+      value (bitwise: ``num_items_in_batch``, position ids, a broadcast mask); a value that
+      differs between micro-batches is not compared.
+    """
+    shapes = [shape for shape, _ in rows_a + rows_b]
+    if kind != Kind.INPUT.value and shapes and all(len(s) == 0 for s in shapes):
+        return -1, "not compared: a per-micro-batch scalar (its loss and gradients are)"
+    if kind == Kind.GRAD_OUTPUT.value:
+        return MODE_SUM, "summed (the gradient of a tensor broadcast over the batch)"
+    for rows in (rows_a, rows_b):
+        if len(rows) > 1 and len(set(rows)) > 1:
+            return -1, "not compared: its value differs between micro-batches"
+    return MODE_ONE, "the same in every micro-batch"
 
 
 def check_related(a: Run, b: Run) -> None:
@@ -198,6 +256,7 @@ def align(a: Run, b: Run, kinds: tuple[str, ...]) -> Alignment:
     # (b) the rest, by (kind, name): per call, or merged when the call counts differ.
     only_a: list[str] = []
     only_b: list[str] = []
+    rows: Optional[tuple[dict, dict]] = None  # first-step shapes, read only if a join is considered
     for kind, name in dict.fromkeys([*ca, *cb]):
         if (kind, name) in used or kind not in kinds:
             continue
@@ -215,6 +274,32 @@ def align(a: Run, b: Run, kinds: tuple[str, ...]) -> Alignment:
                     (kind, name, c, ka, kb, MODE_ONE, MODE_ONE, extra.get((kind, name), ""))
                 )
             continue
+        if kind in _CONCAT_KINDS:
+            if rows is None:
+                rows = (_first_step_rows(a), _first_step_rows(b))
+            ra = [rows[0][k] for c in calls_a if (k := RecordKey(kind, name, c)) in rows[0]]
+            rb = [rows[1][k] for c in calls_b if (k := RecordKey(kind, name, c)) in rows[1]]
+            if not carries_batch([r[0] for r in ra], [r[0] for r in rb]):
+                mode, why = _unbatched(kind, ra, rb)
+                head = (
+                    f"{len(calls_a)} call(s) in A vs {len(calls_b)} in B of shape "
+                    f"{_shape_text([r[0] for r in ra + rb])}, which does not carry the batch"
+                )
+                if mode < 0:
+                    notes.append(f"{kind} {name}: {head}: {why}")
+                    used.add((kind, name))
+                    continue
+                if mode == MODE_SUM:
+                    ka = tuple(RecordKey(kind, name, c) for c in calls_a)
+                    kb = tuple(RecordKey(kind, name, c) for c in calls_b)
+                    specs.append((kind, name, -1, ka, kb, mode, mode, f"{head}: {why}"))
+                    continue
+                first = min(calls_a[0], calls_b[0])
+                ka = (RecordKey(kind, name, first),) if first in calls_a else ()
+                kb = (RecordKey(kind, name, first),) if first in calls_b else ()
+                note = f"{head}: call {first} compared ({why})"
+                specs.append((kind, name, first, ka, kb, MODE_ONE, MODE_ONE, note))
+                continue
         mode = MODE_CONCAT if kind in _CONCAT_KINDS else MODE_SUM
         how = "joined along dim 0" if mode == MODE_CONCAT else "summed"
         how += f"; {extra[(kind, name)]}" if (kind, name) in extra else ""
@@ -238,6 +323,10 @@ def align(a: Run, b: Run, kinds: tuple[str, ...]) -> Alignment:
     return Alignment(
         slots, _run_map(a, slots, "a"), _run_map(b, slots, "b"), only_a, only_b, notes, kinds
     )
+
+
+def _shape_text(shapes: list[tuple[int, ...]]) -> str:
+    return " / ".join(str(s) for s in dict.fromkeys(shapes))
 
 
 def _describe(kind: str, name: str, calls: list[int]) -> str:
