@@ -67,12 +67,12 @@ def _loader():
     return torch.utils.data.DataLoader(_dataset(), batch_size=BATCH)
 
 
-def fit(model, *, path=None, callback=None, **trainer_kw):
+def fit(model, *, path=None, callback=None, ckpt_path=None, max_epochs=1, **trainer_kw):
     """One epoch of ``Trainer.fit`` with validation every 3 batches; traced by a plain
     ``graddiff.trace`` around fit when ``path`` is given."""
     trainer_kw.setdefault("val_check_interval", 3)
     trainer = L.Trainer(
-        max_epochs=1,
+        max_epochs=max_epochs,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -89,10 +89,10 @@ def fit(model, *, path=None, callback=None, **trainer_kw):
         warnings.filterwarnings("ignore", category=UserWarning, module=r"lightning\..*")
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec.*")
         if path is None:
-            trainer.fit(model, _loader(), _loader())
+            trainer.fit(model, _loader(), _loader(), ckpt_path=ckpt_path)
         else:
             with graddiff.trace(model, path):
-                trainer.fit(model, _loader(), _loader())
+                trainer.fit(model, _loader(), _loader(), ckpt_path=ckpt_path)
     return model
 
 
@@ -179,6 +179,14 @@ def test_callback_names_steps_by_global_step_and_matches_the_plain_loop(tmp_path
     run = graddiff.open(tmp_path / "cb.h5")
     assert list(run.steps) == [0, 1, 2] and run.status == "complete"
     assert graddiff.compare(tmp_path / "cb.h5", tmp_path / "loop.h5").verdict == "identical"
+
+
+def test_resumed_fit_steps_continue_from_the_checkpoints_global_step(tmp_path):
+    first = fit(Regressor())
+    first.trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    cb = GraddiffCallback(tmp_path / "resumed.h5")
+    fit(Regressor(), callback=cb, ckpt_path=tmp_path / "epoch1.ckpt", max_epochs=2)
+    assert list(graddiff.open(tmp_path / "resumed.h5").steps) == list(range(6, 12))
 
 
 def test_callback_records_the_batch_when_training_step_bypasses_forward(tmp_path):
