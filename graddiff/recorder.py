@@ -125,6 +125,7 @@ class Recorder:
         self._old_tensor_handles: list[Any] = []
         self._optimizer_params: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._device_batch = DeviceStatsBatch()  # accelerator stats: one transfer per step
+        self._closure_steps: set[int] = set()  # optimizers inside a wrapped step(closure)
         self._reset_step_state()
 
     # -- per-step state -----------------------------------------------------------------
@@ -424,6 +425,7 @@ class Recorder:
             return False
         self.optimizer_seen = True
         self.clock.closure_step()
+        self._closure_steps.add(id(optimizer))
         return True
 
     @_guarded
@@ -435,7 +437,10 @@ class Recorder:
 
     @_guarded
     def on_closure_step_end(self, optimizer: Any) -> None:
-        if self._owned(optimizer) and self.clock.started and self.clock.optimizer_step():
+        if id(optimizer) not in self._closure_steps:
+            return  # a closure step graddiff did not wrap
+        self._closure_steps.discard(id(optimizer))
+        if self.clock.started and self.clock.optimizer_step():
             self._end_step()
 
     @_guarded

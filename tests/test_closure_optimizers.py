@@ -196,3 +196,11 @@ def test_closure_result_and_exceptions_pass_through(tmp_path):
         with pytest.raises(ValueError, match="boom from the closure"):
             opt.step(bad)
     assert not optim_module._global_optimizer_pre_hooks
+
+
+def test_forward_only_ignores_closure_steps(tmp_path):
+    """forward_only: every model call is a step; a closure step neither wraps nor ends one."""
+    model = _model()
+    with graddiff.trace(model, tmp_path / "f.h5", forward_only=True):
+        _train(model, _data(2), "positional")
+    assert list(graddiff.open(tmp_path / "f.h5").steps) == [0, 1]
