@@ -239,7 +239,7 @@ def test_injected_bug_is_named(tmp_path, bug, where):
     report = graddiff.compare(tmp_path / "good.h5", tmp_path / "bad.h5")
     assert report.verdict == "diverged"
     assert (report.first.kind, report.first.step) == where
-    expected = {"lr": "update_rule", "freeze": "frozen_parameter"}[next(iter(bug))]
+    expected = {"lr": "learning_rate", "freeze": "frozen_parameter"}[next(iter(bug))]
     assert report.cause.cause == expected, report.headline()
 
 

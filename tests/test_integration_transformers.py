@@ -220,7 +220,7 @@ def test_injected_bug_learning_rate(tmp_path, baseline):
     )
     report = graddiff.compare(hf_path, tmp_path / "lr.h5")
     assert (report.first.step, report.first.kind) == (1, "param")
-    assert report.cause.cause == "update_rule", report.headline()
+    assert report.cause.cause == "learning_rate", report.headline()
 
 
 # -- bad input: one message, training goes on untraced -------------------------------------
