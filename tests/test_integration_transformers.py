@@ -53,9 +53,23 @@ def _batches(size: int):
         yield {k: torch.stack([r[k] for r in chunk]) for k in chunk[0]}
 
 
-def train(model, out, *, path=None, callback=None, batch=8, accumulate=1, steps=2, **args_kw):
-    """``Trainer.train()`` for ``steps`` optimizer steps (AdamW, linear schedule, no warmup)."""
+def train(
+    model,
+    out,
+    *,
+    path=None,
+    callback=None,
+    batch=8,
+    accumulate=1,
+    steps=2,
+    evaluate=False,
+    **args_kw,
+):
+    """``Trainer.train()`` for ``steps`` optimizer steps (AdamW, linear schedule, no warmup);
+    ``evaluate``: an evaluation after every step (no grad: not recorded, changes nothing)."""
     args_kw.setdefault("learning_rate", LR)
+    if evaluate:
+        args_kw.update(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
     args = transformers.TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=batch,
@@ -72,7 +86,11 @@ def train(model, out, *, path=None, callback=None, batch=8, accumulate=1, steps=
         **args_kw,
     )
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=Tokens(), callbacks=[callback] if callback else []
+        model=model,
+        args=args,
+        train_dataset=Tokens(),
+        eval_dataset=list(Tokens())[:4] if evaluate else None,
+        callbacks=[callback] if callback else [],
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|accelerate)")
@@ -124,10 +142,11 @@ def _same_weights(a, b):
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
-    """The Trainer at batch 8, recorded by the callback, and its final weights."""
+    """The Trainer at batch 8 with an evaluation after each step, recorded by the callback,
+    and its final weights."""
     tmp = tmp_path_factory.mktemp("hf")
     cb = GraddiffCallback(tmp / "b8.h5")
-    model = train(tiny_gpt2(), tmp / "out", callback=cb)
+    model = train(tiny_gpt2(), tmp / "out", callback=cb, evaluate=True)
     assert cb.tracer is None  # closed at on_train_end
     return tmp / "b8.h5", [p.detach().clone() for p in model.parameters()]
 
