@@ -11,6 +11,8 @@ A trace is an HDF5 file in HDF5's default (oldest compatible) format, flushed af
                                    environment     = JSON (torch/CUDA versions, seeds, flags, ...)
                                    options         = JSON (the trace() options used;
                                                      "forward_only" since 0.1, absent = false;
+                                                     "full_kinds": kinds that keep values in
+                                                     full-values steps, absent/null = all;
                                                      "mapped_from" only in the temporary
                                                      copies written by compare --map/--offset)
                                    status          = "recording" | "complete" | "stopped: <why>"
