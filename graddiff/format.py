@@ -17,9 +17,11 @@ A trace is an HDF5 file in HDF5's default (oldest compatible) format, flushed af
                                                      copies written by compare --map/--offset)
                                    status          = "recording" | "complete" | "stopped: <why>"
                                    values_note     = "" or why full values stopped (budget)
-                                   module_classes  = JSON {module name: class name}, optional
+                                   module_classes  = JSON {module name: class name}, written
+                                                     once ("(root)" is the model); optional
                                                      (absent in older files: {}); used by
-                                                     compare --map auto
+                                                     compare --map auto and shown with every
+                                                     record name (graddiff.modclass)
     /records                1-D table, one row per record key (kind, name, call, dtype);
                             row index = record id.
     /entries                1-D table, one row per (step, record): shape, fingerprint, stats,

@@ -33,6 +33,7 @@ from .format import (
 )
 from .heapcheck import check_heaps
 from .kinds import CAUSAL_RANK
+from .modclass import class_of
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -383,6 +384,10 @@ class Run:
     def keys(self) -> list[RecordKey]:
         """Every record key (kind, name, call), in causal order."""
         return list(self._ordered_keys)
+
+    def module_class(self, kind: str, name: str) -> Optional[str]:
+        """Class name of the module that owns record ``kind name`` (None if unknown)."""
+        return class_of(self.module_classes, kind, name)
 
     @property
     def kinds(self) -> list[str]:

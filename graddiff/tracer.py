@@ -234,7 +234,7 @@ class Tracer:
         layout = {**shard_layout(params), **flat_shard_layout(inner)}
         if layout:
             self._writer.set_attr("shards", json.dumps(layout, sort_keys=True))
-        # module classes, for the structural matching of two implementations (--map auto)
+        # module classes: shown with every record name; evidence for --map auto
         classes = {module_display_name(n): type(m).__name__ for n, m in modules}
         self._writer.set_attr("module_classes", json.dumps(classes))
         self._recorder = Recorder(

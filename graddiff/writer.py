@@ -72,6 +72,7 @@ class TraceWriter:
         options: Optional[dict] = None,
         *,
         ballast: bool = True,
+        module_classes: Optional[dict] = None,
     ) -> None:
         self.path = str(path)
         self._record_ids: dict[tuple[str, str, int, str], int] = {}
@@ -86,6 +87,8 @@ class TraceWriter:
             self._release_ballast()
             self._lock.release()
             raise
+        if module_classes:  # the tracer sets it later (set_attr); synthetic traces pass it here
+            self.set_attr("module_classes", _json(module_classes))
 
     def _create(self, environment: Optional[dict], options: Optional[dict], ballast: bool) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))

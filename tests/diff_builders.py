@@ -18,13 +18,25 @@ from graddiff.writer import TraceWriter
 F32 = np.float32
 
 
-def write_run(path, steps, environment=None, options=None) -> str:
+#: The module classes of simulate()'s MLP, for ``simulate(..., module_classes=MLP_CLASSES)``.
+MLP_CLASSES = {
+    "(root)": "MLP",
+    "fc1": "Linear",
+    "act": "ReLU",
+    "drop": "Dropout",
+    "bn": "BatchNorm1d",
+    "fc2": "Linear",
+}
+
+
+def write_run(path, steps, environment=None, options=None, module_classes=None) -> str:
     """Write ``steps`` (a list of entry lists) as a trace."""
     w = TraceWriter(
         str(path),
         environment=environment or {"torch_version": "2.14.1", "device": "cpu"},
         options=options or {},
         ballast=False,
+        module_classes=module_classes,
     )
     for i, entries in enumerate(steps):
         w.write_step(i, entries)
@@ -69,6 +81,7 @@ def simulate(
     environment: Optional[dict] = None,
     batch: int = 16,
     scale_micro: bool = True,
+    module_classes: Optional[dict] = None,
 ) -> str:
     """Train a 4-hidden-2 MLP for ``n_steps`` on a fixed dataset and record it.
 
@@ -235,4 +248,4 @@ def simulate(
             )
         )
         steps.append(ents)
-    return write_run(path, steps, environment=environment)
+    return write_run(path, steps, environment=environment, module_classes=module_classes)

@@ -57,13 +57,27 @@ def test_chart_shape_and_nonfinite():
     lines = render_chart(
         np.arange(100), np.r_[np.linspace(3, 1, 99), np.nan], width=40, height=5, label="loss"
     )
-    assert len(lines) == 6
-    assert all(len(line) == len(lines[0]) for line in lines[:-1])
-    assert (
-        lines[0].lstrip().startswith("2.98 ┤")
-    )  # bucket means of 100 steps in 40 columns and lines[-2].rstrip().endswith("!")
-    assert lines[-1].split("└")[1].split() == ["0", "99"]
+    assert len(lines) == 7  # 5 rows, the step axis, the legend
+    assert all(line == line.rstrip() for line in lines)
+    assert lines[0].lstrip().startswith("2.98 ┤")  # bucket means of 100 steps in 40 columns
+    assert lines[4].endswith("!")  # the NaN bucket, on the bottom row
+    assert lines[5].split("└")[1].split() == ["0", "99"]
+    assert "linear scale" in lines[6] and "!: NaN/Inf" in lines[6]
     assert render_chart(np.arange(0), np.zeros(0)) == []
+
+
+def test_chart_log_scale_when_the_loss_spans_decades():
+    steps = np.arange(30)
+    values = np.logspace(0, -9, 30)
+    lines = render_chart(steps, values, width=30, height=4, label="loss")
+    assert "log scale" in lines[-1] and "!" not in lines[-1]
+    assert lines[0].lstrip().startswith("1 ┤") and lines[3].lstrip().startswith("1e-09 ┤")
+    # every decade gets the same height: the middle step fills the bottom row (linear: 1/8)
+    assert lines[3][lines[3].index("┤") + 1 + 15] == "█"
+    linear = render_chart(steps, values, width=30, height=4, label="loss")
+    assert "linear scale" in render_chart(steps, 1.0 + steps, width=30)[-1]
+    assert linear == lines
+    assert "linear scale" in render_chart(steps, 1.0 + steps, width=30)[-1]
 
 
 def test_summary_of_a_budgeted_killed_run(tmp_path):
@@ -79,9 +93,13 @@ def test_summary_of_a_budgeted_killed_run(tmp_path):
     assert s["kinds"]["grad"] == {"records": 4, "entries": 24}
     assert s["values"]["stats_only_from"] == 3 and s["values"]["mode"] == "mixed"
     assert len(s["loss"]["values"]) == 6 and s["findings"] == []
-    text = "\n".join(render_summary(s))
+    lines = render_summary(s, env=True)
+    text = " ".join(" ".join(lines).split())  # wrapped lines joined back
     assert "killed" in text and "statistics only from step 3 (budget of 1 MiB spent)" in text
     assert "torch_version" in text and "┤" in text
+    assert all(len(line) <= 80 and line == line.rstrip() for line in lines[1:])  # [0]: the path
+    folded = render_summary(s)
+    assert "torch_version" not in "\n".join(folded) and "--env lists them" in folded[-1]
 
 
 def test_lookup_errors_hint(tmp_path):

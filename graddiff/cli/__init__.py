@@ -76,10 +76,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 def terminal_console() -> Any:
     """The rich Console every command prints with: colour on a terminal, plain text when piped;
-    markup never interpreted, control characters escaped (``graddiff.textsafe``)."""
+    markup never interpreted, control characters escaped (``graddiff.textsafe``). Lines wrap at
+    the terminal's width; in a pipe at ``$COLUMNS``, else 80 columns."""
     if sys.stdout.isatty():
         return safe_console()
-    return safe_console(force_terminal=False, color_system=None, soft_wrap=True)
+    return safe_console(force_terminal=False, color_system=None)
 
 
 def _command_name(args: list[str]) -> Optional[str]:
@@ -167,21 +168,26 @@ class GraddiffGroup(click.Group):
         def run() -> int:
             return self._run(args, prog_name, debug, extra)
 
-        if name in WATCHED:
-            from .watchdog import run_watched
+        from .watchdog import run_watched
 
-            def on_stall(limit: float) -> int:
-                files = ", ".join(one_line(a) for a in _trace_args(args)) or "the input"
-                click.echo(
-                    f"Error: {files}: reading made no progress for {limit:g} s (a corrupt HDF5 "
-                    f"structure can make the HDF5 library loop forever), stopped; set "
-                    f"GRADDIFF_WATCHDOG=SECONDS to wait longer, 0 to wait forever",
-                    err=True,
-                )
-                return EXIT_ERROR
+        def on_stall(limit: float) -> int:
+            files = ", ".join(one_line(a) for a in _trace_args(args)) or "the input"
+            click.echo(
+                f"Error: {files}: reading made no progress for {limit:g} s (a corrupt HDF5 "
+                f"structure can make the HDF5 library loop forever), stopped; set "
+                f"GRADDIFF_WATCHDOG=SECONDS to wait longer, 0 to wait forever",
+                err=True,
+            )
+            return EXIT_ERROR
 
-            sys.exit(run_watched(run, on_stall))
-        sys.exit(run())
+        from . import output
+
+        previous = output.install()  # clean lines; a closed pipe keeps the verdict's exit code
+        try:
+            code = run_watched(run, on_stall) if name in WATCHED else run()
+        finally:
+            output.restore(previous)
+        sys.exit(code)
 
     def _run(self, args: list[str], prog_name: Any, debug: bool, extra: dict) -> int:
         """Run the command line; every outcome becomes an exit code and at most one line."""

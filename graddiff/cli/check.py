@@ -6,8 +6,10 @@ import click
 
 from ..postmortem.findings import FINDING_KINDS, check_run
 from ..postmortem.jsonout import dumps
+from ..postmortem.summary import render_findings
 from ..reader import open_run
 from ..textsafe import echo
+from . import terminal_console
 
 
 @click.command("check")
@@ -36,8 +38,7 @@ def check_cmd(run_path: str, as_json: bool, ignore: tuple[str, ...]) -> int:
         return 0
     n = len(report)
     echo(f"{run_path}: {n} finding{'s' if n > 1 else ''} in {report.n_steps} steps")
-    for f in report:
-        call = f" (call {f.call})" if f.call else ""
-        echo(f"  step {f.step}  {f.kind}  {f.record_kind} {f.name}{call}")
-        echo(f"      {f.message}")
+    columns = terminal_console().width
+    for line in render_findings([f.to_dict() for f in report], columns=columns):
+        echo(line)
     return report.exit_code

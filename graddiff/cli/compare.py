@@ -98,6 +98,7 @@ def compare_cmd(
     )
     if html_path:
         report.html(html_path)
+        click.echo(f"wrote {html_path}", err=True)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     else:

@@ -33,5 +33,5 @@ def plot_cmd(run_a: str, run_b: Optional[str], output: str) -> int:
 
         fig = plot_divergence(graddiff.compare(run_a, run_b), output)
     panels = sum(1 for ax in fig.axes if ax.get_label() != "<colorbar>")
-    echo(f"wrote {output} ({panels} panels)")
+    echo(f"wrote {output} ({panels} panels)", err=True)
     return 0

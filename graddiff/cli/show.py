@@ -8,6 +8,7 @@ from ..postmortem.jsonout import dumps
 from ..postmortem.summary import render_summary, summarize
 from ..reader import open_run
 from ..textsafe import echo
+from . import terminal_console
 
 
 @click.command("show")
@@ -15,8 +16,9 @@ from ..textsafe import echo
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-check", is_flag=True, help="Leave out the findings of 'graddiff check'.")
 @click.option("--width", default=60, show_default=True, help="Columns of the loss chart.")
-def show_cmd(run_path: str, as_json: bool, no_check: bool, width: int) -> int:
-    """Summarise one trace: status, steps, records, values, environment, loss, findings.
+@click.option("--env", "env", is_flag=True, help="List the recorded environment in full.")
+def show_cmd(run_path: str, as_json: bool, no_check: bool, width: int, env: bool) -> int:
+    """Summarise one trace: steps, loss, findings, then what was recorded and the environment.
 
     Exit code 0 (findings do not change it; 'graddiff check' owns that verdict), 2 for a bad file.
     """
@@ -25,6 +27,7 @@ def show_cmd(run_path: str, as_json: bool, no_check: bool, width: int) -> int:
     if as_json:
         echo(dumps(summary))
     else:
-        for line in render_summary(summary, width=max(8, width)):
+        columns = terminal_console().width
+        for line in render_summary(summary, width=max(8, width), columns=columns, env=env):
             echo(line)
     return 0

@@ -17,6 +17,8 @@ import numpy as np
 
 from ..errors import GraddiffError
 from ..kinds import ALL_KINDS, parse_kinds
+from ..modclass import class_of
+from ..modclass import merge as merge_classes
 from ..ranks.sides import is_several, open_pair, same_run_note
 from ..reader import Run, open_run
 from .align import align, check_related
@@ -328,11 +330,15 @@ def _compare(
     pair.tol = slot_tolerance(al, rtol, prec)
     if prec.reduced:  # rounding residue is judged at the computing precision's noise floor
         pair.dtypes.floor = np.maximum(pair.dtypes.floor, floor_factor(prec.dtype))
+    classes = merge_classes(ra.module_classes, rb.module_classes)
     try:
         w = walk(pair, rtol, exact)
         env = environment_diff(ra.environment, rb.environment)
         causes = diagnose(pair, w, rtol, env)
-        first, first_bitwise = _difference(pair, w.first), _difference(pair, w.first_bitwise)
+        first, first_bitwise = (
+            _difference(pair, w.first, classes),
+            _difference(pair, w.first_bitwise, classes),
+        )
         for d, h in ((first, w.first), (first_bitwise, w.first_bitwise)):
             if d is not None:
                 d.tolerance = float(pair.tol[h.slot])
@@ -391,6 +397,7 @@ def _compare(
         },
         notes=notes,
         max_rel_diff=w.max_rel,
+        module_classes=classes,
     )
     report._matrix = partial(divergence_matrix, ra.path, rb.path, al.kinds, common)
     return report
@@ -458,7 +465,7 @@ def _changes(w, al, what: str) -> list[dict[str, Any]]:
     return out
 
 
-def _difference(pair: RunPair, hit: Optional[Hit]) -> Optional[Difference]:
+def _difference(pair: RunPair, hit: Optional[Hit], classes: dict[str, str]) -> Optional[Difference]:
     if hit is None:
         return None
     slot = pair.al.slots[hit.slot]
@@ -479,6 +486,7 @@ def _difference(pair: RunPair, hit: Optional[Hit]) -> Optional[Difference]:
         rounding_level=rel is not None
         and hit.status in ("values", "stats")
         and rounding_level(rel, dtype),
+        module_class=class_of(classes, slot.kind, slot.name),
     )
     vd = hit.value_diff
     if vd is not None and not vd.bitwise_equal:

@@ -6,8 +6,10 @@ gives plain text (no colour, no control codes).
 
 from __future__ import annotations
 
-from typing import Any
+import textwrap
+from typing import Any, Optional
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -26,9 +28,14 @@ _STYLE = {"identical": "bold green", "within_tolerance": "bold green", "diverged
 
 
 def render_report(report: Report, console: Console) -> None:
-    """Print verdict, likely cause, first divergence detail, growth, structure, environment."""
-    console.print(Text(report.headline(), style=_STYLE[report.verdict]))
-    console.print(f"A: {report.run_a}\nB: {report.run_b}", style="dim", highlight=False)
+    """Print verdict, likely cause, first divergence detail, growth, structure, environment.
+
+    Every line fits ``console.width``: prose wraps with a hanging indent, lists that are cut
+    say how many more there are, tables that skip steps mark the gap with ``…``.
+    """
+    width = console.width
+    _lines(console, wrap("", report.headline(), width), style=_STYLE[report.verdict])
+    _lines(console, [f"A: {report.run_a}", f"B: {report.run_b}"], style="dim")
     if report.diagnosis:
         _causes(report, console)
     if report.first is not None:
@@ -37,21 +44,46 @@ def render_report(report: Report, console: Console) -> None:
     if o is not None and (
         report.first is None or (o.step, o.label) != (report.first.step, report.first.label)
     ):
-        console.print(
-            f"First bitwise difference: {o.label} at step {o.step} ({_rel(o)}"
+        text = (
+            f"{o.described} at step {o.step} ({_rel(o)}"
             + (", rounding level" if o.rounding_level else "")
-            + ")",
-            highlight=False,
+            + ")"
         )
+        _lines(console, wrap("First bitwise difference: ", text, width))
     if report.growth and report.first_bitwise is not None:
         _growth(report, console)
     _structure(report, console)
     if report.environment_diff:
         _environment(report, console)
     else:
-        console.print("Environment: no differences recorded.", style="dim", highlight=False)
+        _lines(console, ["Environment: no differences recorded."], style="dim")
     for note in report.notes:
-        console.print(f"note: {note}", style="dim", highlight=False)
+        _lines(console, wrap("note: ", note, width), style="dim")
+
+
+def wrap(prefix: str, text: str, width: int, indent: Optional[int] = None) -> list[str]:
+    """``prefix + text`` wrapped at ``width``, continuation lines indented under the text."""
+    pad = " " * (len(prefix) if indent is None else indent)
+    return textwrap.wrap(
+        text,
+        width=max(20, width),
+        initial_indent=prefix,
+        subsequent_indent=pad,
+        break_long_words=True,
+        break_on_hyphens=False,
+    ) or [prefix.rstrip()]
+
+
+def more(items: list[str], limit: int, sep: str = ", ") -> str:
+    """The first ``limit`` items joined, and ``and N more`` when there are more."""
+    shown = sep.join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _lines(console: Console, lines: list[str], style: Optional[str] = None) -> None:
+    """Print pre-wrapped plain lines (no markup, no highlighting, no re-wrapping)."""
+    for line in lines:
+        console.print(Text(line, style=style or ""), soft_wrap=True)
 
 
 def _rel(d) -> str:
@@ -60,28 +92,24 @@ def _rel(d) -> str:
 
 
 def _causes(report: Report, console: Console) -> None:
+    width = console.width
     main, *rest = report.diagnosis
     label = "Likely cause" if report.diverged else "Explanation"
-    console.print(Text.assemble((f"{label}: ", "bold"), (main.title, "bold yellow")))
-    rows = [("  -", line) for line in main.evidence]
+    _lines(console, wrap(f"{label}: ", main.title, width), style="bold yellow")
+    lines: list[str] = []
+    for line in main.evidence:
+        lines += wrap("  - ", line, width)
     if main.fix:
-        rows.append(("  fix:", main.fix))
-    _hanging(console, rows)
+        lines += wrap("  fix: ", main.fix, width)
+    _lines(console, lines)
     for c in rest:
-        console.print(f"Also: {c.title}", style="yellow", highlight=False)
-        _hanging(console, [("  -", line) for line in c.evidence[:2]])
-
-
-def _hanging(console: Console, rows: list[tuple[str, str]]) -> None:
-    """Bullets whose wrapped lines stay indented."""
-    if not rows:
-        return
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(no_wrap=True, style="bold")
-    grid.add_column()
-    for mark, text in rows:
-        grid.add_row(mark, Text(text))
-    console.print(grid)
+        _lines(console, wrap("Also: ", c.title, width), style="yellow")
+        lines = []
+        for line in c.evidence[:2]:
+            lines += wrap("  - ", line, width)
+        if len(c.evidence) > 2:
+            lines.append(f"  ({len(c.evidence) - 2} more in --json)")
+        _lines(console, lines)
 
 
 def _difference_table(report: Report, console: Console) -> None:
@@ -92,7 +120,7 @@ def _difference_table(report: Report, console: Console) -> None:
     t.add_column(style="bold")
     t.add_column()
     t.add_row("step", str(f.step))
-    t.add_row("record", f"{f.kind} {f.name}" + (f" (call {f.call})" if f.call else ""))
+    t.add_row("record", f.described)
     t.add_row("status", _STATUS.get(f.status, f.status))
     if f.rel_diff is not None:
         t.add_row("rel diff", _g(f.rel_diff) + (" (lower bound)" if f.basis == "stats" else ""))
@@ -120,67 +148,94 @@ def _facts(facts: Any) -> str:
 
 
 def _growth(report: Report, console: Console) -> None:
-    steps = sorted({s for v in report.growth.values() for s, _ in v})
-    if len(steps) > 8:  # the start, around the divergence, and the end
-        pick = set(steps[:3]) | set(steps[-2:])
-        if report.first is not None:
-            near = [s for s in steps if s >= report.first.step][:3]
-            pick |= set(near)
-        steps = sorted(pick)
-    t = Table(title="Growth: max relative difference per kind", title_justify="left")
-    t.add_column("step", justify="right")
-    kinds = list(report.growth)
+    """Kinds down, steps across: as many step columns as the width allows, gaps marked ``…``."""
+    kinds = [k for k in report.growth if report.growth[k]]
+    table = {k: dict(report.growth[k]) for k in kinds}
+    steps = sorted({s for k in kinds for s in table[k]})
+    if not steps:
+        return
+    name_w = max(len(k) for k in kinds)
+    n_cols = max(3, (console.width - name_w - 2) // 9)
+    shown = _pick_steps(steps, n_cols, report.first.step if report.first else None)
+    t = Table(
+        title="Growth: max relative difference per kind",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+    )
+    t.add_column("step", no_wrap=True)
+    cols: list[Optional[int]] = []
+    for i, s in enumerate(shown):
+        if i and s != steps[steps.index(shown[i - 1]) + 1]:
+            cols.append(None)  # skipped steps
+        cols.append(s)
+    for s in cols:
+        t.add_column("…" if s is None else str(s), justify="right", no_wrap=True)
     for k in kinds:
-        t.add_column(k, justify="right")
-    table = {k: dict(v) for k, v in report.growth.items()}
-    for s in steps:
-        t.add_row(str(s), *[_g(table[k].get(s)) if s in table[k] else "" for k in kinds])
+        t.add_row(
+            k,
+            *[
+                "…" if s is None else (_g(table[k][s]) if s in table[k] else "")
+                for s in cols
+            ],
+        )
     console.print(t)
+
+
+def _pick_steps(steps: list[int], n: int, first: Optional[int]) -> list[int]:
+    """At most ``n`` steps: the start, around the first divergence, and the end."""
+    if len(steps) <= n:
+        return steps
+    pick = set(steps[:2]) | set(steps[-2:])
+    if first is not None:
+        pick |= set([s for s in steps if s >= first][:3])
+    rest = [s for s in steps if s not in pick]
+    while len(pick) < n and rest:  # fill evenly
+        pick.add(rest.pop(len(rest) // 2))
+    return sorted(pick)[:n] if len(pick) > n else sorted(pick)
 
 
 def _structure(report: Report, console: Console) -> None:
     st = report.structure
+    d = report.describe
     lines = []
     if st.get("only_in_a"):
-        lines.append(
-            f"only in A: {', '.join(st['only_in_a'][:8])}"
-            + (" ..." if len(st["only_in_a"]) > 8 else "")
-        )
+        lines.append("only in A: " + more([d(x) for x in st["only_in_a"]], 8))
     if st.get("only_in_b"):
-        lines.append(
-            f"only in B: {', '.join(st['only_in_b'][:8])}"
-            + (" ..." if len(st["only_in_b"]) > 8 else "")
-        )
-    for ch in st.get("shape_changes", [])[:5]:
-        lines.append(
-            f"shape differs: {ch['label']} from step {ch['step']}: {tuple(ch['a'])} in A vs {tuple(ch['b'])} in B"
-        )
-    for ch in st.get("dtype_changes", [])[:5]:
-        lines.append(
-            f"dtype differs: {ch['label']} from step {ch['step']}: {ch['a']} in A vs {ch['b']} in B"
-        )
+        lines.append("only in B: " + more([d(x) for x in st["only_in_b"]], 8))
+    for what in ("shape", "dtype"):
+        changes = st.get(f"{what}_changes", [])
+        for ch in changes[:5]:
+            a, b = (tuple(ch[x]) if what == "shape" else ch[x] for x in ("a", "b"))
+            lines.append(
+                f"{what} differs: {d(ch['label'])} from step {ch['step']}: {a} in A vs {b} in B"
+            )
+        if len(changes) > 5:
+            lines.append(f"{what} differs: {len(changes) - 5} more records")
     groups: dict[str, list[str]] = {}
     for note in st.get("pairing", []):
         label, _, how = note.partition(": ")
         groups.setdefault(how, []).append(label)
     for how, labels in groups.items():
-        names = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
-        lines.append(f"paired: {names}: {how}")
+        lines.append(f"paired: {more([d(x) for x in labels], 3)}: {how}")
     unsure = st.get("not_comparable") or []
     if unsure:
-        labels = [u["label"] for u in unsure]
-        names = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+        labels = [d(u["label"]) for u in unsure]
         steps = max(u["steps"] for u in unsure)
         lines.append(
-            f"not comparable bitwise at up to {steps} step(s) (statistics only): {names}: a sum "
+            f"not comparable bitwise at up to {steps} step(s) (statistics only): "
+            f"{more(labels, 3)}: a sum "
             "or join of several calls cannot be judged bitwise from statistics; they agree "
             "within rounding (store full values, e.g. values='full' or full_steps=[...], to "
             "compare them exactly)"
         )
     if lines:
-        console.print("Structure:", style="bold")
+        _lines(console, ["Structure:"], style="bold")
+        out: list[str] = []
         for line in lines:
-            console.print(f"  {line}", highlight=False)
+            out += wrap("  ", line, console.width, indent=4)
+        _lines(console, out)
 
 
 def _environment(report: Report, console: Console) -> None:

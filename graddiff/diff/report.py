@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..errors import GraddiffError
+from ..modclass import describe_label, with_class
 from .diagnose import Cause
 
 EXIT_SAME, EXIT_DIVERGED = 0, 1
@@ -48,6 +49,13 @@ class Difference:
     #: the tolerance this record was judged by (rtol, or its precision-aware bound)
     tolerance: Optional[float] = None
     note: str = ""
+    module_class: Optional[str] = None  # class of the module owning the record, when recorded
+
+    @property
+    def described(self) -> str:
+        """The label with the module class: ``activation fc1.1 (BatchNorm1d)``."""
+        kind_name, sep, call = self.label.partition(" #")
+        return with_class(kind_name, self.module_class) + (f" #{call}" if sep else "")
 
     def __getitem__(self, key: str) -> Any:  # report.first["step"] works too
         return getattr(self, key)
@@ -83,6 +91,8 @@ class Report:
     precision: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     max_rel_diff: float = 0.0
+    #: module name -> class name, from both runs (``Linear / Conv1d`` where they differ)
+    module_classes: dict[str, str] = field(default_factory=dict)
     _matrix: Optional[Callable[[], tuple[np.ndarray, list[str], np.ndarray]]] = field(
         default=None, repr=False
     )
@@ -176,7 +186,7 @@ class Report:
             )
             return (
                 f"{head} over {scope} (largest rel diff {_g(self.max_rel_diff)}; "
-                f"first bitwise difference: {o.label} at step {o.step})."
+                f"first bitwise difference: {o.described} at step {o.step})."
             )
         return self._diverged_line(tol) + f"; compared {scope}"
 
@@ -191,7 +201,7 @@ class Report:
         low = self.reduced_precision
         if low and f.tolerance is not None and f.basis != "structure":
             tol = f"beyond what {low} rounding explains here, {_g(f.tolerance)}"
-        line = f"DIVERGED at step {f.step}: {f.label} ({what}; {tol})"
+        line = f"DIVERGED at step {f.step}: {f.described} ({what}; {tol})"
         if self.amplified_rounding and self.first_bitwise is not None:
             o = self.first_bitwise
             line += (
@@ -228,6 +238,7 @@ class Report:
                 "structure": dict(self.structure),
                 "growth": {k: [[s, r] for s, r in v] for k, v in self.growth.items()},
                 "notes": list(self.notes),
+                "module_classes": dict(self.module_classes),
             }
         )
 
@@ -256,6 +267,10 @@ class Report:
         if self._matrix is None:
             return np.zeros(0, np.int64), [], np.zeros((0, 0))
         return self._matrix()
+
+    def describe(self, label: str) -> str:
+        """A ``"kind name"`` label with its module class: ``grad fc1.weight (Linear)``."""
+        return describe_label(self.module_classes, label)
 
     def html(self, path: str) -> None:
         """Write an HTML report (graddiff.postmortem.html)."""

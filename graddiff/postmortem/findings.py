@@ -14,6 +14,7 @@ import numpy as np
 
 from ..diff.noise import floor_factor
 from ..kinds import CAUSAL_RANK, GRADIENT_KINDS
+from ..modclass import with_class
 from ..reader import RecordKey, Run
 from .series import Series, collect_series
 
@@ -54,12 +55,19 @@ class Finding:
     message: str
     evidence: dict[str, Any] = field(default_factory=dict)
     call: int = 0
+    module_class: Optional[str] = None  # class of the module owning the record, when recorded
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def where(self) -> str:
+        """``grad fc1.weight (Linear)``, with ``(call N)`` for calls after the first."""
+        text = with_class(f"{self.record_kind} {self.name}", self.module_class)
+        return text + (f" (call {self.call})" if self.call else "")
+
     def __str__(self) -> str:
-        return f"step {self.step}  {self.kind}  {self.record_kind} {self.name}: {self.message}"
+        return f"step {self.step}  {self.kind}  {self.where}: {self.message}"
 
 
 @dataclass
@@ -125,6 +133,8 @@ def check_run(
     with np.errstate(all="ignore"):  # NaN/Inf in the data are findings, not numpy warnings
         found = _detect(run, series, explode_factor, explode_abs, vanish_factor, max_value_steps)
     found = [f for f in found if f.kind not in ignore]
+    for f in found:
+        f.module_class = run.module_class(f.record_kind, f.name)
     # by step, then causal order within the step: the first listed is what went wrong first
     found.sort(
         key=lambda f: (f.step, CAUSAL_RANK.get(f.record_kind, 99), FINDING_KINDS.index(f.kind))

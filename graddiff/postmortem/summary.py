@@ -6,10 +6,12 @@ Data flow: Run --series--> :func:`summarize` (dict, JSON-ready) --> :func:`rende
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import numpy as np
 
+from ..modclass import with_class
 from ..reader import Run
 from .findings import check_run
 from .series import collect_series, loss_curve
@@ -124,19 +126,58 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def render_summary(summary: dict[str, Any], *, width: int = 60) -> list[str]:
-    """The text of ``graddiff show``: one line per fact, the loss chart, the findings."""
+def _wrap(prefix: str, text: str, width: int, indent: int) -> list[str]:
+    return textwrap.wrap(
+        text,
+        width=max(30, width),
+        initial_indent=prefix,
+        subsequent_indent=" " * indent,
+        break_on_hyphens=False,
+    ) or [prefix.rstrip()]
+
+
+def render_findings(
+    findings: list[dict[str, Any]], *, columns: int = 80, indent: int = 2
+) -> list[str]:
+    """Each finding as ``step N  kind  record (Class)`` and its message wrapped under it."""
+    pad = " " * indent
+    lines = []
+    for f in findings:
+        where = with_class(f"{f['record_kind']} {f['name']}", f.get("module_class"))
+        if f.get("call"):
+            where += f" (call {f['call']})"
+        lines += _wrap(f"{pad}step {f['step']}  {f['kind']}  ", where, columns, indent + 4)
+        lines += _wrap(pad + "    ", f["message"], columns, indent + 4)
+    return lines
+
+
+def render_summary(
+    summary: dict[str, Any], *, width: int = 60, columns: int = 80, env: bool = False
+) -> list[str]:
+    """The text of ``graddiff show``: what happened (steps, loss, findings) first, then what was
+    recorded, then the environment (one line unless ``env``). ``width``: loss chart columns;
+    ``columns``: the width every line fits."""
     st = summary["steps"]
-    lines = [
-        f"{summary['path']}  ({_size(summary['file_size'])}, graddiff {summary['graddiff_version']})",
-        f"  status   {summary['status_text']}",
-        "  steps    "
-        + (
-            f"{st['count']} ({st['first']}..{st['last']})"
-            if st["count"]
-            else "0 (no complete step)"
-        ),
-    ]
+    steps = (
+        f"{st['count']} ({st['first']}..{st['last']})" if st["count"] else "0 (no complete step)"
+    )
+    lines = [str(summary["path"]), f"  steps    {steps}"]
+    lines += _wrap("  status   ", summary["status_text"], columns, 11)
+    loss = summary["loss"]
+    if loss["values"]:
+        vals = np.array(loss["values"], dtype=np.float64)
+        lines += _wrap("  loss     ", f"first {vals[0]:.4g}, {_last_loss(loss, vals)}", columns, 11)
+        chart_w = max(8, min(width, columns - 16))
+        lines += [
+            "    " + line
+            for line in render_chart(np.array(loss["steps"]), vals, width=chart_w, label="loss")
+        ]
+    else:
+        lines.append("  loss     not recorded")
+    if "findings" in summary:
+        found = summary["findings"]
+        lines.append(f"  findings {len(found) or 'none (graddiff check: clean)'}")
+        lines += render_findings(found, columns=columns, indent=4)
     v = summary["values"]
     values = {
         "full": "full values at every step",
@@ -148,37 +189,40 @@ def render_summary(summary: dict[str, Any], *, width: int = 60) -> list[str]:
         values = f"full values at steps {v['full_ranges']}, statistics only from step {v['stats_only_from']}"
     if v["note"]:
         values += f" ({v['note']})"
-    lines.append(f"  values   {values}")
+    lines += _wrap("  values   ", values, columns, 11)
     lines.append("  records")
     for kind, k in summary["kinds"].items():
         lines.append(f"    {kind:<14}{k['records']:>6} records {k['entries']:>9} entries")
-    env = summary["environment"]
-    if env:
+    lines.append(
+        f"  file     {_size(summary['file_size'])}, graddiff {summary['graddiff_version']}"
+        + (f", created {summary['created']}" if summary.get("created") else "")
+    )
+    envd = summary["environment"]
+    if envd and env:
         lines.append("  environment")
         for key in [
-            *(k for k in _ENV_FIRST if k in env),
-            *sorted(k for k in env if k not in _ENV_FIRST),
+            *(k for k in _ENV_FIRST if k in envd),
+            *sorted(k for k in envd if k not in _ENV_FIRST),
         ]:
-            value = env[key]
+            value = envd[key]
             if key == "argv" and isinstance(value, list):
                 value = " ".join(str(a) for a in value)
-            lines.append(f"    {key:<26}{value}")
-    loss = summary["loss"]
-    if loss["values"]:
-        vals = np.array(loss["values"], dtype=np.float64)
-        lines.append(f"  loss     {len(vals)} steps, first {vals[0]:.4g}, {_last_loss(loss, vals)}")
-        lines += [
-            "    " + line
-            for line in render_chart(np.array(loss["steps"]), vals, width=width, label="loss")
-        ]
-    if "findings" in summary:
-        found = summary["findings"]
-        lines.append(f"  findings {len(found) or 'none (graddiff check: clean)'}")
-        for f in found:
-            lines.append(
-                f"    step {f['step']}  {f['kind']}  {f['record_kind']} {f['name']}: {f['message']}"
+            lines += _wrap(f"    {key:<26}", str(value), columns, 30)
+    elif envd:
+        brief = ", ".join(
+            f"{label} {envd[k]}"
+            for k, label in (
+                ("torch_version", "torch"),
+                ("device", "device"),
+                ("dtype", "dtype"),
+                ("model_class", "model"),
             )
-    return lines
+            if envd.get(k) is not None
+        )
+        lines += _wrap(
+            "  environment ", f"{brief} ({len(envd)} keys; --env lists them)", columns, 4
+        )
+    return [line.rstrip() for line in lines]
 
 
 def _last_loss(loss: dict, vals: np.ndarray) -> str:
