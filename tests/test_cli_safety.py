@@ -147,7 +147,7 @@ def evil(tmp_path_factory):
 @pytest.mark.parametrize(
     "args",
     [
-        ["show", "{a}"],
+        ["show", "{a}", "--env"],
         ["inspect", "{a}", "--list"],
         ["inspect", "{a}", "--kind", "param", "--name", "fc*", "--values"],
         ["check", "{a}"],

@@ -220,7 +220,11 @@ def render_summary(
             if envd.get(k) is not None
         )
         lines += _wrap(
-            "  environment ", f"{brief} ({len(envd)} keys; --env lists them)", columns, 4
+            "  environment ",
+            (f"{brief} ({len(envd)} keys" if brief else f"{len(envd)} keys (")
+            + "; --env lists them)",
+            columns,
+            4,
         )
     return [line.rstrip() for line in lines]
 
