@@ -92,7 +92,7 @@ def test_real_compare_html_renders_in_headless_chromium(tmp_path):
     result = CliRunner().invoke(main, ["compare", good, bad, "--html", str(page)])
     assert result.exit_code == 1, result.output
     text = html_module.unescape(page.read_text())
-    assert "step 1" in text and "zero_grad" in text and "data:image/png;base64," in text
+    assert "step 1" in text and "zero_grad" in text and 'id="heat-diff"' in text
     img = screenshot(page, tmp_path)
     assert img.shape[:2] == (1600, 1200)
     assert distinct_colours(img) > 50

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 from browser import distinct_colours, screenshot
+from diff_builders import simulate as simulate_pair
 from test_postmortem_traces import simulate
 
 import graddiff
@@ -163,24 +164,36 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch):
             GraddiffError, match=r"needs matplotlib.*pip install 'graddiff\[plot\]'"
         ):
             run.plot(tmp_path / "x.png")
-    html = render_html(FakeReport())  # the report still renders, without its heatmap
-    assert "No heatmap" in html
+    a, b = simulate_pair(tmp_path / "a.h5"), simulate_pair(tmp_path / "b.h5", zero_grad=False)
+    html = render_html(graddiff.compare(a, b))  # the HTML report needs no matplotlib
+    assert 'id="heat-diff"' in html
 
 
 def test_html_is_self_contained_and_escaped(tmp_path):
-    path = write_html(FakeReport(), tmp_path / "r.html")
+    evil = {"(root)": "MLP", "fc1": "<script>alert(1)</script>", "fc2": "Linear</script>"}
+    a = simulate_pair(tmp_path / "a.h5", module_classes=evil)
+    b = simulate_pair(
+        tmp_path / "b.h5",
+        zero_grad=False,
+        module_classes=evil,
+        environment={"torch_version": "2.13.0", "device": "cpu"},
+    )
+    path = write_html(graddiff.compare(a, b), tmp_path / "r.html")
     assert path == str(tmp_path / "r.html")
     text = (tmp_path / "r.html").read_text("utf-8")
-    assert "data:image/png;base64," in text
-    assert "&lt;script&gt;" in text and "<script" not in text
-    assert "http://" not in text and "https://" not in text and "<link" not in text
-    for needle in ("nondeterministic op", "torch_version", "2.13.0", "Growth"):
+    assert text.count("<script") == 2  # the data block and the page's own script, nothing else
+    assert "<script>alert" not in text and "Linear</script>" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text  # in the headline, escaped
+    assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
+    assert "https://" not in text and "<link" not in text and " src=" not in text
+    for needle in ("torch_version", "2.13.0", "Growth of the difference", "missing zero_grad"):
         assert needle in text
 
 
 @pytest.mark.slow
 def test_html_renders_in_headless_chromium(tmp_path):
-    page = write_html(FakeReport(), tmp_path / "r.html")
+    a, b = simulate_pair(tmp_path / "a.h5"), simulate_pair(tmp_path / "b.h5", zero_grad=False)
+    page = write_html(graddiff.compare(a, b), tmp_path / "r.html")
     img = screenshot(page, tmp_path)
     assert img.shape[:2] == (1600, 1200)
     # the verdict banner's pink and the heatmap's colours are there: many distinct colours
