@@ -15,18 +15,17 @@ from typing import Any, Optional
 #: How the root module is named in records (hooks/naming.py ROOT_NAME).
 ROOT = "(root)"
 _MODULE_KINDS = frozenset({"activation", "grad_output"})  # named after the module (+ ":path")
-_TENSOR_KINDS = frozenset({"param", "grad", "autograd_grad", "buffer"})  # "<module>.<tensor>"
+_NO_MODULE = frozenset({"input", "loss"})  # the model's inputs, the loss: no owning module
+# every other kind (param, grad, autograd_grad, buffer, buffer_start, ...) is "<module>.<tensor>"
 
 
 def owner(kind: str, name: str) -> Optional[str]:
     """The module a record belongs to, or None (inputs, loss, autograd inputs)."""
     if kind in _MODULE_KINDS:
         return name.split(":", 1)[0]
-    if kind in _TENSOR_KINDS:
-        if name.startswith("input["):  # autograd.grad w.r.t. a non-parameter input
-            return None
-        return name.rsplit(".", 1)[0] if "." in name else ROOT
-    return None
+    if kind in _NO_MODULE or name.startswith("input["):  # input[i]: autograd.grad w.r.t. an input
+        return None
+    return name.rsplit(".", 1)[0] if "." in name else ROOT
 
 
 def class_of(classes: Mapping[str, str], kind: str, name: str) -> Optional[str]:

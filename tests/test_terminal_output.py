@@ -19,12 +19,12 @@ from graddiff.cli.output import CleanStdout, strip_trailing
 @pytest.fixture(scope="module")
 def traces(tmp_path_factory):
     d = tmp_path_factory.mktemp("term")
-    kw = {"n_steps": 14, "module_classes": MLP_CLASSES}
+    kw = {"n_steps": 30, "module_classes": MLP_CLASSES}
     return {
         "base": simulate(d / "base.h5", **kw),
         "same": simulate(d / "same.h5", **kw),
         "nozero": simulate(d / "nozero.h5", zero_grad=False, **kw),
-        "old": simulate(d / "old.h5", n_steps=14),  # a trace without module classes
+        "old": simulate(d / "old.h5", n_steps=30),  # a trace without module classes
         "dir": d,
     }
 
@@ -57,7 +57,7 @@ def test_compare_fits_the_width(traces, columns):
         int(s) for s in header[1:] if s != "…"
     )
     n_steps_shown = sum(1 for s in header[1:] if s != "…")
-    assert n_steps_shown < 14 and len(lines[head + 2]) <= columns
+    assert n_steps_shown < 30 and len(lines[head + 2]) <= columns
 
 
 def test_cut_lists_say_how_many_more():
@@ -92,7 +92,7 @@ def test_show_leads_with_the_run_and_folds_the_environment(traces):
     assert r.exit_code == 0
     fits("\n".join(r.output.splitlines()[1:]), 80)  # line 0 is the path
     lines = r.output.splitlines()
-    assert lines[1].startswith("  steps    14 (0..13)")
+    assert lines[1].startswith("  steps    30 (0..29)")
     order = [
         next(i for i, x in enumerate(lines) if x.startswith(p))
         for p in ("  steps", "  loss", "  findings", "  values", "  records", "  environment")

@@ -154,9 +154,20 @@ def _growth(report: Report, console: Console) -> None:
     steps = sorted({s for k in kinds for s in table[k]})
     if not steps:
         return
-    name_w = max(len(k) for k in kinds)
-    n_cols = max(3, (console.width - name_w - 2) // 9)
-    shown = _pick_steps(steps, n_cols, report.first.step if report.first else None)
+    first = report.first.step if report.first else None
+    for n in range(len(steps), 2, -1):  # the most step columns that fit the width
+        cols = _with_gaps(steps, _pick_steps(steps, n, first))
+        cells = {
+            k: ["…" if s is None else (_g(table[k][s]) if s in table[k] else "") for s in cols]
+            for k in kinds
+        }
+        widths = [
+            max(1 if s is None else len(str(s)), *(len(cells[k][i]) for k in kinds))
+            for i, s in enumerate(cols)
+        ]
+        # each column: its cells, one space of padding either side, one for the divider
+        if max(len(k) for k in kinds) + 2 + sum(w + 3 for w in widths) <= console.width:
+            break
     t = Table(
         title="Growth: max relative difference per kind",
         title_justify="left",
@@ -165,22 +176,21 @@ def _growth(report: Report, console: Console) -> None:
         padding=(0, 1),
     )
     t.add_column("step", no_wrap=True)
-    cols: list[Optional[int]] = []
-    for i, s in enumerate(shown):
-        if i and s != steps[steps.index(shown[i - 1]) + 1]:
-            cols.append(None)  # skipped steps
-        cols.append(s)
     for s in cols:
         t.add_column("…" if s is None else str(s), justify="right", no_wrap=True)
     for k in kinds:
-        t.add_row(
-            k,
-            *[
-                "…" if s is None else (_g(table[k][s]) if s in table[k] else "")
-                for s in cols
-            ],
-        )
+        t.add_row(k, *cells[k])
     console.print(t)
+
+
+def _with_gaps(steps: list[int], shown: list[int]) -> list[Optional[int]]:
+    """``shown`` with None wherever steps between two shown ones are left out."""
+    out: list[Optional[int]] = []
+    for i, s in enumerate(shown):
+        if i and steps.index(s) != steps.index(shown[i - 1]) + 1:
+            out.append(None)
+        out.append(s)
+    return out
 
 
 def _pick_steps(steps: list[int], n: int, first: Optional[int]) -> list[int]:

@@ -160,10 +160,11 @@ class Heatmap {
   layout() {
     const ctx = this.canvas.getContext("2d"), h = this.h, n = this.rows.length;
     const width = Math.max(320, this.root.clientWidth - 14);
-    const rowH = n ? Math.max(2, Math.min(18, Math.floor(Math.max(160, Math.min(720, n * 14)) / n))) : 18;
-    ctx.font = "11px ui-monospace,Menlo,Consolas,monospace";
+    // a label on every row up to 160 rows (the map grows to fit them); beyond, thin rows
+    const rowH = !n ? 18 : n <= 160 ? Math.min(18, Math.max(11, Math.floor(240 / n))) : Math.max(2, Math.floor(900 / n));
+    ctx.font = (rowH < 13 ? "10px" : "11px") + " ui-monospace,Menlo,Consolas,monospace";  // as drawn
     let gutter = 0;
-    if (rowH >= 9) for (const i of this.rows) gutter = Math.max(gutter, ctx.measureText(h.rows[i].display).width);
+    if (rowH >= 11) for (const i of this.rows) gutter = Math.max(gutter, ctx.measureText(h.rows[i].display).width);
     gutter = Math.min(Math.ceil(gutter) + 10, Math.floor(width * 0.42));
     return { width, rowH, gutter, top: 4, heatW: width - gutter - 4, heatH: Math.max(rowH, n * rowH), axis: 30 };
   }
@@ -193,8 +194,8 @@ class Heatmap {
     ctx.drawImage(off, L.gutter, L.top, L.heatW, nRows * L.rowH);
     ctx.strokeStyle = "#999"; ctx.lineWidth = 1; ctx.strokeRect(L.gutter + 0.5, L.top + 0.5, L.heatW - 1, nRows * L.rowH - 1);
     // row labels
-    ctx.fillStyle = "#1f2328"; ctx.font = "11px ui-monospace,Menlo,Consolas,monospace"; ctx.textBaseline = "middle";
-    if (L.rowH >= 9) {
+    ctx.fillStyle = "#1f2328"; ctx.font = (L.rowH < 13 ? "10px" : "11px") + " ui-monospace,Menlo,Consolas,monospace"; ctx.textBaseline = "middle";
+    if (L.rowH >= 11) {
       for (let r = 0; r < nRows; r++) {
         let t = h.rows[this.rows[r]].display;
         while (t.length > 4 && ctx.measureText(t).width > L.gutter - 8) t = t.slice(0, -2);
@@ -271,7 +272,8 @@ class Heatmap {
 }
 
 // ---- line charts (SVG) -----------------------------------------------------------------
-const PALETTE = ["#0969da","#cf222e","#1a7f37","#8250df","#bf8700","#1b7c83","#e16f24","#6e7781"];
+// no red: red marks the first divergence
+const PALETTE = ["#0969da","#e16f24","#1a7f37","#8250df","#bf8700","#1b7c83","#bf3989","#6e7781"];
 function lineChart(root, series, opt) {
   // series: [{name, points: [[x, y], ...]}]; opt: {log, ylabel, hlines: [{y, label}], vlines: [{x, label}]}
   const W = 820, H = 260, m = { l: 64, r: 12, t: 10, b: 34 };

@@ -63,19 +63,22 @@ def _cmap(name: str):
 
 
 #: Rows labelled one by one up to this many; beyond, one label per module group.
-MAX_ROW_LABELS = 100
+MAX_ROW_LABELS = 150
 #: Inches per heatmap row (labels at 6.5 pt stay legible) and the tallest heatmap drawn.
 ROW_INCHES, MAX_HEAT_INCHES = 0.15, 40.0
 ZERO_COLOUR = "#f4c7d7"  # zero norms: masked, drawn in their own colour
 
 
 def _group(label: str) -> str:
-    """The module group of a row label: kind + the first two parts of the module path."""
+    """The module group of a row label: kind + the module path up to its first numeric part
+    (``transformer.h.3``, ``layers.12``), else its first two parts."""
     kind, _, rest = label.partition(" ") if " " in label else ("", "", label)
-    name = rest.split(" (", 1)[0]
-    parts = name.split(".")
-    head = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
-    return f"{kind} {head}".strip()
+    parts = rest.split(" (", 1)[0].split(".")
+    head = next(
+        (parts[: i + 1] for i, p in enumerate(parts[:-1]) if p.isdigit()),
+        parts[:2] if len(parts) > 2 else parts[:1],
+    )
+    return f"{kind} {'.'.join(head)}".strip()
 
 
 def _label_rows(ax, labels: list[str]) -> None:
@@ -141,7 +144,8 @@ def _heatmap(
     ax.set_title(title, fontsize=10, loc="left")
     ax.set_xlabel("step")
     _integer_steps(ax)
-    fig.colorbar(im, ax=ax, label=cbar, pad=0.01)
+    tall = ax.get_figure().get_figheight()  # a colour bar of at most ~6 inches
+    fig.colorbar(im, ax=ax, label=cbar, pad=0.01, shrink=min(1.0, 6.0 / max(tall, 1.0)))
     return im
 
 
@@ -166,11 +170,14 @@ def _legend_outside(ax, handles: list, *, below: bool = False) -> Any:
     """A legend outside the axes (never over the data): right of it, or under the x label."""
     if not handles:
         return None
-    if below:
+    if below:  # a fixed distance under the axes, clear of the tick labels and x label
+        from matplotlib.transforms import offset_copy
+
         return ax.legend(
             handles=handles,
             loc="upper left",
-            bbox_to_anchor=(0.0, -0.14),
+            bbox_to_anchor=(0.0, 0.0),
+            bbox_transform=offset_copy(ax.transAxes, fig=ax.get_figure(), y=-0.5, units="inches"),
             ncol=min(4, len(handles)),
             fontsize=8,
             frameon=False,
