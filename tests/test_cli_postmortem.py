@@ -116,7 +116,7 @@ def test_plot_one_and_two_runs(traces, tmp_path):
     r = invoke("plot", traces["clean"], "-o", tmp_path / "one.png")
     assert r.exit_code == 0 and "3 panels" in r.output and (tmp_path / "one.png").stat().st_size > 0
     r = invoke("plot", traces["clean"], traces["clean2"], "-o", tmp_path / "two.svg")
-    assert r.exit_code == 0 and "2 panels" in r.output
+    assert r.exit_code == 0 and "4 panels" in r.output
     r = invoke("plot", traces["clean"], "-o", tmp_path / "x.gif")
     assert r.exit_code == 2 and "unsupported plot format" in r.output
     assert invoke("plot", traces["clean"]).exit_code == 2  # -o is required
@@ -176,7 +176,7 @@ def test_compare_html_end_to_end(traces, tmp_path):
     r = invoke("compare", traces["clean"], traces["clean2"], "--html", out)
     assert r.exit_code == 1, r.output
     text = out.read_text("utf-8")
-    assert "DIVERGED" in text and "data:image/png;base64," in text
+    assert "DIVERGED" in text and 'id="heat-diff"' in text
 
 
 def test_reading_commands_do_not_import_torch():

@@ -155,7 +155,7 @@ def _growth(report: Report, console: Console) -> None:
     if not steps:
         return
     first = report.first.step if report.first else None
-    for n in range(len(steps), 2, -1):  # the most step columns that fit the width
+    for n in range(len(steps), min(2, len(steps) - 1), -1):  # most columns that fit
         cols = _with_gaps(steps, _pick_steps(steps, n, first))
         cells = {
             k: ["…" if s is None else (_g(table[k][s]) if s in table[k] else "") for s in cols]

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import GraddiffError
 from ..kinds import ALL_KINDS
+from ..modclass import with_class
 from ..reader import RecordKey, Run
 from .series import Series, collect_series
 from .summary import describe_ranges
@@ -103,6 +104,7 @@ def list_records(run: Run, keys: list[RecordKey]) -> list[dict[str, Any]]:
             {
                 "kind": k.kind,
                 "name": k.name,
+                "module_class": run.module_class(k.kind, k.name),
                 "call": k.call,
                 "dtype": run.record_dtype(int(last["record"])),
                 "shape": [int(x) for x in last["shape"][: int(last["ndim"])]],
@@ -114,12 +116,13 @@ def list_records(run: Run, keys: list[RecordKey]) -> list[dict[str, Any]]:
 
 
 def format_listing(rows: list[dict[str, Any]]) -> list[str]:
-    width = max([len(r["name"]) for r in rows] + [4])
+    names = [with_class(r["name"], r.get("module_class")) for r in rows]
+    width = max([len(n) for n in names] + [4])
     lines = [f"{'kind':<14}{'name':<{width}}  call  {'shape':<18}{'dtype':<10}steps  values"]
-    for r in rows:
+    for r, name in zip(rows, names):
         shape = "(" + ", ".join(map(str, r["shape"])) + ("," if len(r["shape"]) == 1 else "") + ")"
         lines.append(
-            f"{r['kind']:<14}{r['name']:<{width}}  {r['call']:>4}  {shape:<18}{r['dtype']:<10}"
+            f"{r['kind']:<14}{name:<{width}}  {r['call']:>4}  {shape:<18}{r['dtype']:<10}"
             f"{r['steps']:>5}  {r['values_steps']:>6}"
         )
     return lines
@@ -135,7 +138,8 @@ def record_at(run: Run, key: RecordKey, step: int) -> dict[str, Any]:
         raise GraddiffError(
             f"{run.path}: {key} was not recorded at step {step} (recorded at steps {where})"
         ) from None
-    return dict(kind=key.kind, name=key.name, call=key.call, **st)
+    cls = run.module_class(key.kind, key.name)
+    return dict(kind=key.kind, name=key.name, module_class=cls, call=key.call, **st)
 
 
 def format_record(
@@ -145,7 +149,7 @@ def format_record(
     call = f" (call {st['call']})" if st["call"] else ""
     shape = "(" + ", ".join(map(str, st["shape"])) + ("," if len(st["shape"]) == 1 else "") + ")"
     lines = [
-        f"{st['kind']} {st['name']}{call} at step {st['step']}",
+        f"{st['kind']} {with_class(st['name'], st.get('module_class'))}{call} at step {st['step']}",
         f"  shape        {shape}  {st['dtype']}  {st['numel']} values",
         f"  fingerprint  {st['fingerprint']}",
         f"  norm {st['norm']:.6g}  mean {st['mean']:.6g}  min {st['min']:.6g}  max {st['max']:.6g}",
