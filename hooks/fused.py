@@ -127,11 +127,11 @@ def _get() -> Optional[dict[str, Any]]:
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
+    """A pool with at least ``threads - 1`` workers. It only grows, and a replaced pool is never
+    shut down, so a thread holding the old one can still submit to it."""
     global _pool, _pool_size
     with _lock:
-        if _pool is None or _pool_size != threads - 1:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
+        if _pool is None or _pool_size < threads - 1:
             _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="graddiff-fused")
             _pool_size = threads - 1
         return _pool
