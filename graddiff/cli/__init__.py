@@ -220,6 +220,11 @@ class GraddiffGroup(click.Group):
         except MemoryError:
             click.echo("Error: out of memory", err=True)
             return EXIT_ERROR
+        except SystemExit as exc:  # sys.exit() inside a command: keep its code (also in a child)
+            if exc.code is None or isinstance(exc.code, int):
+                return exc.code or EXIT_OK
+            click.echo(f"Error: {one_line(exc.code)}", err=True)
+            return EXIT_ERROR
         except Exception as exc:
             return _internal_error(exc, debug, args)
         try:
