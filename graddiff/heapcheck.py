@@ -55,7 +55,7 @@ def _records_collections(f: h5py.File, fd: int) -> set[int]:
     if not isinstance(ds, h5py.HardLink):
         return set()
     ds = f["records"]
-    if not isinstance(ds, h5py.Dataset) or ds.chunks is None or ds.dtype.names is None:
+    if not isinstance(ds, h5py.Dataset) or ds.dtype.names is None:
         return set()
     ftype = ds.id.get_type()
     if not isinstance(ftype, h5py.h5t.TypeCompoundID):
@@ -79,12 +79,17 @@ def _records_collections(f: h5py.File, fd: int) -> set[int]:
     row = ftype.get_size() + shift
     found: set[int] = set()
     n_rows = ds.shape[0]
-    for c in range(ds.id.get_num_chunks()):
-        info = ds.id.get_chunk_info(c)
-        if info.filter_mask or info.byte_offset is None:
-            continue
-        raw = os.pread(fd, info.size, info.byte_offset)
-        first = info.chunk_offset[0]
+    if ds.chunks is None:  # contiguous (a compacted copy): one run of rows
+        start = ds.id.get_offset()
+        pieces = [] if start is None else [(0, start, ds.id.get_storage_size())]
+    else:
+        pieces = []
+        for c in range(ds.id.get_num_chunks()):
+            info = ds.id.get_chunk_info(c)
+            if not info.filter_mask and info.byte_offset is not None:
+                pieces.append((info.chunk_offset[0], info.byte_offset, info.size))
+    for first, at, size in pieces:
+        raw = os.pread(fd, size, at)
         for r in range(min(len(raw) // row, max(0, n_rows - first))):
             length, addr = struct.unpack_from("<IQ", raw, r * row + off)
             if length:

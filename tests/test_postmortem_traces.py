@@ -132,6 +132,7 @@ def _simulate(
         w._file.flush()
         w._file.close()
         w._file = None
+        w._lock.release()  # the kernel drops a killed process's lock
     else:
         w.close(status)
     return str(path)
