@@ -204,7 +204,13 @@ def _str_attr(f: h5py.File, name: str, default: str) -> str:
 
 
 def _text(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+    """A name from the file as valid text (undecodable bytes become U+FFFD)."""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    v = str(v)
+    if v.isascii():
+        return v
+    return v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 class Run:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-# C0 controls except tab and newline, DEL, C1 controls, and Unicode bidi / invisible overrides
-# that can reorder or hide what a terminal shows.
+# C0 controls except tab and newline, DEL, C1 controls, Unicode bidi / invisible overrides
+# that can reorder or hide what a terminal shows, and lone surrogates (undecodable bytes in a
+# name), which no output stream can encode.
 _CONTROL = re.compile(
     "[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064"
-    "\u2066-\u2069\ufeff]"
+    "\u2066-\u2069\ufeff\ud800-\udfff]"
 )
 _CONTROL_LINE = re.compile(_CONTROL.pattern[:-1] + "\t\n]")
 

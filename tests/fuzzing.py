@@ -288,6 +288,7 @@ def _structural_edits(secret: str) -> list[tuple[str, Callable[[h5py.File, rando
         ("record-kind-unknown", rec_field("kind", [b"zzz", b"\x1b[31m", b""])),
         ("record-call", rec_field("call", [-1, 2**31 - 1])),
         ("record-name-control", rec_field("name", ["\x1b]0;x\x07[/x]", "a" * 5000, ""])),
+        ("record-name-bytes", rec_field("name", [b"\xff\xfe\xae", b"fc\xc3(.weight"])),
         ("step-start", step_field("start", [-1, 10**9])),
         ("step-stop", step_field("stop", [-1, 10**9])),
         ("step-step", step_field("step", [-1, 2**62, 0])),

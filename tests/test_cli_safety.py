@@ -119,6 +119,7 @@ def test_textsafe_helpers():
     assert printable("a\x1b[31mb\r\n\tc\x9b") == "a\\x1b[31mb\\x0d\n\tc\\x9b"
     assert one_line("a\nb\tc") == "a\\x0ab\\x09c"
     assert printable("\u202eabc") == "\\u202eabc"
+    assert printable("bad\udcaebyte") == "bad\\udcaebyte"  # lone surrogate: undecodable byte
     assert escape_markup("[bold]x") == "\\[bold]x"
     import io
 
