@@ -2,7 +2,7 @@
 
 * ``zero-grad``: the missing ``zero_grad()`` pair of ``graddiff demo`` (question 2);
 * ``transformer``: a 2-layer GPT-2 (transformers) trained with AdamW, B with learning rate
-  2e-3 instead of 3e-3 (125 records: params, input, activations, loss, output grads, grads).
+  2e-3 instead of 3e-3 (123 records: params, input, activations, loss, output grads, grads).
 
 Writes ``report-zero-grad.png``, ``report-transformer.png`` and ``show-transformer.png``
 (``graddiff show --html`` of run A) into OUT (default docs/img), and the HTML files beside the
