@@ -8,6 +8,9 @@ files), runs every command on each through a fork-per-run harness, and prints th
 runs, tracebacks, hangs (killed after --timeout s), undocumented exit codes, exit-2 runs whose
 stderr is not one Error: line, and the exit codes per command. Exit 0 when no run broke a
 promise, 1 otherwise (the failures are listed, and written to --report as JSON).
+
+The workers are fork servers that import graddiff once: do not change the checkout while a
+campaign runs, or the runs mix two versions of the code (and fail in ways graddiff does not).
 """
 
 from __future__ import annotations
