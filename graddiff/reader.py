@@ -166,8 +166,8 @@ def _read(ds: h5py.Dataset, sel: Any, path: str, what: str) -> np.ndarray:
 def _json_attr(f: h5py.File, name: str, path: str) -> dict[str, Any]:
     """A JSON-object attribute (environment, options), shape and depth checked."""
     raw = f.attrs.get(name, "{}")
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", "replace")
+    if isinstance(raw, (bytes, str)):
+        raw = _text(raw)  # undecodable bytes become U+FFFD, never lone surrogates
     try:
         value = json.loads(raw) if isinstance(raw, str) else None
     except (ValueError, RecursionError):
@@ -197,10 +197,7 @@ def _depth(obj: Any) -> int:
 
 
 def _str_attr(f: h5py.File, name: str, default: str) -> str:
-    v = f.attrs.get(name, default)
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    return v if isinstance(v, str) else str(v)
+    return _text(f.attrs.get(name, default))
 
 
 def _text(v: Any) -> str:

@@ -332,3 +332,18 @@ def test_storage_outside_the_trace_is_refused(tmp_path, how):
     else:
         with pytest.raises(TraceFileError, match="refused"):
             graddiff.open(trace)
+
+
+def test_undecodable_bytes_in_metadata_and_names(tmp_path):
+    """A bit flip in the heap can leave bytes that are not UTF-8 in a string: printed, plotted
+    and compared as U+FFFD, never a crash (found by the fuzz campaign)."""
+    path = write_trace(tmp_path / "a.h5")
+    good = write_trace(tmp_path / "good.h5")
+    with h5py.File(path, "r+") as f:
+        f.attrs.create("environment", b'{"cuda": "13\xae0"}', dtype=h5py.string_dtype())
+        f.attrs.create("module_classes", b'{"fc": "\xccinear"}', dtype=h5py.string_dtype())
+    with graddiff.open(path) as run:
+        assert run.environment["cuda"] == "13\ufffd0"
+    for args in (["show", path], ["plot", path, "-o", tmp_path / "p.png"], ["compare", good, path]):
+        res = cli(*args)
+        assert res.returncode in (0, 1) and "Traceback" not in res.stderr, res.stderr
