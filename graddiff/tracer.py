@@ -30,6 +30,7 @@ from .hooks.naming import (
     is_wrapped_inner,
     module_display_name,
     unwrap_model,
+    wrapped_module,
 )
 from .hooks.optimizer_hooks import add_step_hooks
 from .hooks.shards import flat_shard_layout, shard_layout
@@ -234,8 +235,9 @@ class Tracer:
         layout = {**shard_layout(params), **flat_shard_layout(inner)}
         if layout:
             self._writer.set_attr("shards", json.dumps(layout, sort_keys=True))
-        # module classes: shown with every record name; evidence for --map auto
-        classes = {module_display_name(n): type(m).__name__ for n, m in modules}
+        # module classes (the wrapped module's, under FSDP1): shown with every record name;
+        # evidence for --map auto
+        classes = {module_display_name(n): type(wrapped_module(m)).__name__ for n, m in modules}
         self._writer.set_attr("module_classes", json.dumps(classes))
         self._recorder = Recorder(
             writer=self._writer,

@@ -21,6 +21,15 @@ def clean_name(name: str) -> str:
     return ".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)
 
 
+def wrapped_module(module: nn.Module) -> nn.Module:
+    """The module an FSDP1 / checkpoint wrapper holds (the module itself otherwise)."""
+    for seg in WRAPPER_SEGMENTS:
+        inner = getattr(module, seg, None)
+        if isinstance(inner, nn.Module):
+            return wrapped_module(inner)
+    return module
+
+
 def is_wrapped_inner(name: str) -> bool:
     """The module a wrapper holds (same output as the wrapper, which keeps the name)."""
     return name.rsplit(".", 1)[-1] in WRAPPER_SEGMENTS

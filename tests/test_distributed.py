@@ -304,6 +304,7 @@ def test_fsdp1_names_shards_and_comparison(two):
             assert set(run.names("activation")) == {"0", "1", "2", "(root)"}
             # each original parameter is this rank's 1-D piece of the flat shard
             assert run.get("param", "0.weight", 0).ndim == 1
+            assert run.module_classes["0"] == "Linear"  # the wrapped module's, for --map auto
     r = graddiff.compare(os.path.join(d, "run_*.h5"), os.path.join(two, "plain", "run_*.h5"))
     assert r.exit_code == 0, r.to_dict()
     assert any("sharded parameter(s) reassembled" in n for n in r.notes), r.notes
