@@ -13,6 +13,9 @@ A trace is an HDF5 file in HDF5's default (oldest compatible) format, flushed af
                                                      "forward_only" since 0.1, absent = false;
                                                      "full_kinds": kinds that keep values in
                                                      full-values steps, absent/null = all;
+                                                     "perturb": null | "ulp" | "bfloat16" |
+                                                     "float16", absent = null (a perturbed
+                                                     twin for compare --noise);
                                                      "mapped_from" only in the temporary
                                                      copies written by compare --map/--offset)
                                    status          = "recording" | "complete" | "stopped: <why>"

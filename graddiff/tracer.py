@@ -36,6 +36,7 @@ from .hooks.optimizer_hooks import add_step_hooks
 from .hooks.shards import flat_shard_layout, shard_layout
 from .kinds import parse_kinds, with_buffer_start
 from .launch import current_launch, resolve_path, shared_run_id
+from .perturb import check_perturb, nudge_parameters
 from .recorder import Recorder
 from .writer import BackgroundWriter, TraceWriter
 
@@ -111,6 +112,7 @@ class Tracer:
         forward_only: bool = False,
         replicated: str = "all",
         full_kinds: Any = None,
+        perturb: Optional[str] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TraceUsageError(
@@ -148,6 +150,7 @@ class Tracer:
         self.values = values
         self.max_bytes = int(max_bytes)
         self.full_steps = {int(s) for s in full_steps} if full_steps is not None else None
+        self.perturb = check_perturb(perturb)
         self._bag = HandleBag()
         self._recorder: Optional[Recorder] = None
         self._writer: Optional[BackgroundWriter] = None
@@ -191,6 +194,7 @@ class Tracer:
             "values": self.values,
             "max_bytes": self.max_bytes,
             "full_steps": sorted(self.full_steps) if self.full_steps is not None else None,
+            "perturb": self.perturb,
             "forward_only": self.forward_only,
             "replicated": self.replicated,
             "full_kinds": list(self.full_kinds) if self.full_kinds is not None else None,
@@ -266,6 +270,8 @@ class Tracer:
             install_module_hooks(inner, modules, self._recorder, self._bag, compiled=compiled)
             add_step_hooks(self._recorder, self._bag)
             self._bag.add(add_listener(self._recorder))
+            if self.perturb is not None:  # a twin run: nudge last, once everything is in place
+                nudge_parameters(inner, self.perturb)
         except BaseException:
             self._teardown(completed=False, status="aborted: graddiff could not install its hooks")
             raise
@@ -330,6 +336,7 @@ def trace(
     forward_only: bool = False,
     replicated: str = "all",
     full_kinds: Any = None,
+    perturb: Optional[str] = None,
 ) -> Tracer:
     """Record a training run into ``path`` while the ``with`` block runs.
 
@@ -356,6 +363,9 @@ def trace(
         full_kinds: in steps that keep full values, keep them only for these kinds (e.g.
             ``("param", "grad")``: parameters and gradients in full, activations as
             statistics); default every recorded kind. The budget counts only what is kept.
+        perturb: record a perturbed twin for ``compare --noise``: "ulp" nudges every float
+            parameter up by one ulp of its dtype at trace entry ("bfloat16"/"float16": one ulp
+            of that precision, for autocast runs); no random numbers drawn, nothing else changed.
 
     Returns:
         A :class:`Tracer`; ``tr.step()`` ends a step explicitly.
@@ -371,4 +381,5 @@ def trace(
         forward_only=forward_only,
         replicated=replicated,
         full_kinds=full_kinds,
+        perturb=perturb,
     )

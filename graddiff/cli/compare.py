@@ -58,6 +58,12 @@ from . import terminal_console
     help="Loss reduction of a side of several rank files (default: detected).",
 )
 @click.option(
+    "--noise",
+    default=None,
+    metavar="TWIN",
+    help="A's perturbed twin (trace(..., perturb='ulp')): tolerance per record and step.",
+)
+@click.option(
     "--html", "html_path", default=None, metavar="FILE", help="Also write an HTML report."
 )
 def compare_cmd(
@@ -72,6 +78,7 @@ def compare_cmd(
     steps_b: Optional[str],
     offset: Optional[int],
     reduction: Optional[str],
+    noise: Optional[str],
     html_path: Optional[str],
 ) -> int:
     """Find where two runs diverge: the first step, kind and record, and the likely cause.
@@ -95,6 +102,7 @@ def compare_cmd(
         steps_b=steps_b,
         offset=offset,
         reduction=reduction,
+        noise=noise,
     )
     if html_path:
         report.html(html_path)

@@ -29,6 +29,7 @@ from .mapped import describe, drop_unpaired, write_mapped
 from .matrix import divergence_matrix
 from .namemap import load_map
 from .noise import floor_factor, rounding_level
+from .noiseref import NoiseTolerance, twin_drift
 from .pair import RunPair
 from .precision import precision_of, slot_tolerance
 from .report import Difference, Report
@@ -85,6 +86,7 @@ def compare(
     steps_b: Any = None,
     offset: Optional[int] = None,
     reduction: Optional[str] = None,
+    noise: Optional[RunLike] = None,
 ) -> Report:
     """Compare two recorded runs and find where they part ways.
 
@@ -105,6 +107,9 @@ def compare(
         offset: compare B's step s with A's step s + offset (instead of steps_a/steps_b).
         reduction: the loss reduction of merged ranks, "mean" or "sum" (default: detected
             from the other side's loss, else "mean").
+        noise: a perturbed twin of A (``graddiff.trace(..., perturb="ulp")``): each record's
+            tolerance at each step is 10x how far the twin drifted from A there, instead of
+            ``rtol`` (docs/tolerance.md, "--noise").
 
     Returns:
         A :class:`Report`; ``report.exit_code`` is 0 (no divergence) or 1 (diverged).
@@ -120,6 +125,17 @@ def compare(
     except ValueError as exc:
         raise GraddiffError(f"--kinds: {exc}") from None
     window = parse_steps(steps)
+    if noise is not None and (
+        is_several(a)
+        or is_several(b)
+        or name_map is not None
+        or offset is not None
+        or steps_a is not None
+        or steps_b is not None
+    ):
+        raise GraddiffError(
+            "--noise works on two single runs without --map/--offset/--steps-a/--steps-b"
+        )
     if is_several(a) or is_several(b):
         ra, rb, runs, notes, labels = open_pair(a, b, reduction)
         try:
@@ -152,7 +168,12 @@ def compare(
         raise
     try:
         if name_map is None and offset is None and steps_a is None and steps_b is None:
-            report = _compare(ra, rb, rtol, exact, window, kinds_t, filtered=kinds is not None)
+            drift = _drift(ra, noise, kinds_t) if noise is not None else None
+            report = _compare(
+                ra, rb, rtol, exact, window, kinds_t, filtered=kinds is not None, drift=drift
+            )
+            if noise is not None:
+                report.noise = str(noise.path if isinstance(noise, Run) else noise)
             first = report.first
             if first is not None and first.kind == "param" and first.step == report.steps["first"]:
                 note = offset_note(ra, rb)  # a run resumed from a checkpoint of A?
@@ -289,6 +310,7 @@ def _compare(
     filtered: bool = False,
     restricted: bool = False,
     b_steps: Optional[np.ndarray] = None,
+    drift: Optional[dict] = None,
 ) -> Report:
     notes = []
     for run, tag in ((ra, "A"), (rb, "B")):
@@ -328,6 +350,8 @@ def _compare(
     prec = precision_of(ra, rb)
     pair.precision = prec
     pair.tol = slot_tolerance(al, rtol, prec)
+    if drift is not None:
+        pair.noise = NoiseTolerance(al, drift, _dtype_lookup(ra, rb))
     if prec.reduced:  # rounding residue is judged at the computing precision's noise floor
         pair.dtypes.floor = np.maximum(pair.dtypes.floor, floor_factor(prec.dtype))
     classes = merge_classes(ra.module_classes, rb.module_classes)
@@ -341,7 +365,7 @@ def _compare(
         )
         for d, h in ((first, w.first), (first_bitwise, w.first_bitwise)):
             if d is not None:
-                d.tolerance = float(pair.tol[h.slot])
+                d.tolerance = pair.tolerance(h.slot, h.step)
     finally:
         pair.close()
     steps_b = rb.steps if b_steps is None else b_steps
@@ -401,6 +425,28 @@ def _compare(
     )
     report._matrix = partial(divergence_matrix, ra.path, rb.path, al.kinds, common)
     return report
+
+
+def _drift(ra: Run, noise: RunLike, kinds: tuple[str, ...]) -> dict:
+    twin, own = _open(noise)
+    try:
+        return twin_drift(ra, twin, kinds)
+    finally:
+        if own:
+            twin.close()
+
+
+def _dtype_lookup(ra: Run, rb: Run):
+    """slot -> the recorded dtype of its first record (A's, else B's)."""
+    da = {ra.record_key(r): ra.record_dtype(r) for r in range(ra.n_records)}
+    db = {rb.record_key(r): rb.record_dtype(r) for r in range(rb.n_records)}
+
+    def dtype_of(slot) -> str:
+        if slot.keys_a:
+            return da.get(slot.keys_a[0], "float32")
+        return db.get(slot.keys_b[0], "float32") if slot.keys_b else "float32"
+
+    return dtype_of
 
 
 def _inside(steps: np.ndarray, window) -> np.ndarray:

@@ -139,9 +139,9 @@ def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> li
     x = Context(pair, walk, hit, rtol, env_rows)
     dtype = (hit.facts.get("a") or hit.facts.get("b") or {}).get("dtype", "")
     tiny = hit.status in ("values", "stats") and rounding_level(hit.rel, dtype)
-    rules = (
-        (rule_nonfinite, rule_structure) if tiny else RULES
-    )  # rounding-level: no behavioural cause
+    # rounding-level: no behavioural cause, except an update rule the series prove (a tiny
+    # weight decay is rounding-sized per step, and the fit still sees it)
+    rules = (rule_nonfinite, rule_structure, rule_update_specific) if tiny else RULES
     causes: list[Cause] = []
     for rule in rules:
         c = rule(x)

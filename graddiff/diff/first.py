@@ -195,7 +195,8 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
             if first is not None:
                 continue
             nonfinite = code == NONFINITE or (vd is not None and vd.nonfinite_mismatch)
-            diverged = exact or code in DEFINITE or nonfinite or best[i] > tol[slot]
+            limit = pair.noise(slot, step) if pair.noise is not None else tol[slot]
+            diverged = exact or code in DEFINITE or nonfinite or best[i] > limit
             if first_bitwise is not None and not diverged:
                 continue
             if vd is not None:  # element detail, only for the cells the report shows

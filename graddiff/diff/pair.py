@@ -36,6 +36,14 @@ class RunPair:
         #: per-slot tolerance (precision-aware), set by compare; None: the flat rtol
         self.tol: Optional[np.ndarray] = None
         self.precision = None  # precision.Precision, set by compare
+        #: per (slot, step) tolerance from a perturbed twin (noiseref.py), set by --noise
+        self.noise = None
+
+    def tolerance(self, slot: int, step: int) -> float:
+        """The tolerance of a slot at a step: the twin's (--noise), else per slot, else rtol."""
+        if self.noise is not None:
+            return float(self.noise(slot, step))
+        return float(self.tol[slot]) if self.tol is not None else 0.0
 
     def close(self) -> None:
         """Close the extra file handles of the value readers (not the runs)."""

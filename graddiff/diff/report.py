@@ -89,6 +89,8 @@ class Report:
     #: the computing precision the pair is judged in (precision.py): dtype, unit_roundoff,
     #: a, b, reduced (lower than float32: precision-aware tolerance)
     precision: dict[str, Any] = field(default_factory=dict)
+    #: the perturbed twin of A whose drift set the tolerance (--noise), or None
+    noise: Optional[str] = None
     notes: list[str] = field(default_factory=list)
     max_rel_diff: float = 0.0
     #: module name -> class name, from both runs (``Linear / Conv1d`` where they differ)
@@ -158,7 +160,11 @@ class Report:
         tol = (
             "any bitwise difference (--exact)"
             if self.exact
-            else (f"{low} rounding" if low else f"rtol {self.rtol:g}")
+            else (
+                "10x the twin's drift (--noise)"
+                if self.noise
+                else (f"{low} rounding" if low else f"rtol {self.rtol:g}")
+            )
         )
         scope = self.scope()
         if self.first is None and self.steps_mismatch:
@@ -180,9 +186,14 @@ class Report:
         if self.verdict == "within_tolerance":
             o = self.first_bitwise
             head = (
-                f"Within {low} precision: no difference beyond what {low} rounding explains"
-                if low
-                else f"No divergence beyond {tol}"
+                "Within the noise of the perturbed twin: no difference beyond what amplified "
+                "rounding explains"
+                if self.noise
+                else (
+                    f"Within {low} precision: no difference beyond what {low} rounding explains"
+                    if low
+                    else f"No divergence beyond {tol}"
+                )
             )
             return (
                 f"{head} over {scope} (largest rel diff {_g(self.max_rel_diff)}; "
@@ -199,7 +210,9 @@ class Report:
         else:
             what = f.status.replace("_", " ")
         low = self.reduced_precision
-        if low and f.tolerance is not None and f.basis != "structure":
+        if self.noise and not self.exact and f.tolerance is not None and f.basis != "structure":
+            tol = f"beyond 10x the twin's drift here, {_g(f.tolerance)} (--noise)"
+        elif low and f.tolerance is not None and f.basis != "structure":
             tol = f"beyond what {low} rounding explains here, {_g(f.tolerance)}"
         line = f"DIVERGED at step {f.step}: {f.described} ({what}; {tol})"
         if self.amplified_rounding and self.first_bitwise is not None:
@@ -228,6 +241,7 @@ class Report:
                 "kinds_filtered": self.kinds_filtered,
                 "steps_mismatch": self.steps_mismatch,
                 "precision": dict(self.precision),
+                "noise": self.noise,
                 "steps": dict(self.steps),
                 "first": self.first.to_dict() if self.first else None,
                 "first_bitwise": self.first_bitwise.to_dict() if self.first_bitwise else None,

@@ -11,6 +11,7 @@ import numpy as np
 
 from .compare_records import EQUAL
 from .context import Cause, Context, fmt, some_names
+from .noise import ROUNDING_ULPS, eps_of
 from .update_fit import differs, fit_difference, fit_sgd, fresh_adam
 
 
@@ -193,7 +194,8 @@ def _findings(x: Context, s, step: int, prev: int, pprev: Optional[int]) -> list
                 out.append(("lr", fa.lr, fb.lr))
             se_wd = (fa.se["p"] / max(fa.lr, 1e-30), fb.se["p"] / max(fb.lr, 1e-30))
             if differs(fa.wd, fb.wd, *se_wd):
-                out.append(("wd", _round(fa.wd), _round(fb.wd), "coupled"))
+                # the relative change per step the decay difference makes: lr x |wd_a - wd_b|
+                out.append(("wd", _round(fa.wd), _round(fb.wd), _round(fa.lr * abs(fa.wd - fb.wd))))
             ma, mb = fa.momentum, fb.momentum
             if (
                 ma is not None
@@ -253,10 +255,13 @@ def _cause(
 ) -> Cause:
     who = _who(names, total)
     head = f"at step {prev} the parameters and gradients agree; the updates to step {step} differ"
+    # parameters updated bitwise alike are evidence of other parameter groups only when the
+    # decay difference is large enough to survive rounding (> 16 ulps of float32 per step)
+    visible = f[0] in ("wd", "decoupled") and abs(f[-1]) > ROUNDING_ULPS * eps_of("float32")
     groups = (
         f"; {some_names(alike)} are updated bitwise alike: the decay covers different "
         "parameter groups"
-        if alike
+        if alike and visible
         else ""
     )
     later = prev > int(x.pair.steps[0])
