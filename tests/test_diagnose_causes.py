@@ -24,6 +24,7 @@ def _run(
     wd: float = 0.0,
     momentum: float = 0.0,
     no_decay_bias: bool = False,
+    zero_bias: bool = False,
     micro: int = 1,
     divide: bool = True,
     autocast: Optional[torch.dtype] = None,
@@ -33,6 +34,11 @@ def _run(
 ) -> str:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    if zero_bias:  # zero-initialised biases, as in GPT-2 and most transformer inits
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if n.endswith("bias"):
+                    p.zero_()
     if no_decay_bias:
         groups = [
             {"params": [p for n, p in net.named_parameters() if n.endswith("weight")]},
@@ -172,3 +178,15 @@ def test_a_real_bug_in_bf16_runs_is_still_found(tmp_path):
     assert r.exit_code == 1 and (r.first.step, r.first.kind) == (0, "loss"), r.headline()
     assert "beyond what bfloat16 rounding explains" in r.headline()
     assert r.cause.cause == "unscaled_micro_batches"
+
+
+def test_zero_initialised_biases_are_no_evidence_of_parameter_groups(tmp_path):
+    """Decaying zeros gives zeros: zero-initialised biases update bitwise alike under any decay,
+    so a decay difference on every parameter must not be called a parameter-group difference."""
+    va = {"opt": "adamw", "lr": 0.01, "zero_bias": True, "steps": 2}
+    vb = {**va, "wd": 0.5}
+    r = graddiff.compare(_run(tmp_path / "a.h5", **va), _run(tmp_path / "b.h5", **vb), exact=True)
+    assert r.cause.cause == "weight_decay", [(c.cause, c.title) for c in r.diagnosis]
+    text = r.cause.title + " " + " ".join(r.cause.evidence)
+    assert "parameter groups" not in text, r.cause
+

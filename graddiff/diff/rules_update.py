@@ -138,7 +138,8 @@ def _update_causes(x: Context, step: int) -> list[Cause]:
     for s, code in x.slots_of(step, ("param",)):
         total += 1
         if code == EQUAL:
-            alike.append(s.name)
+            if _decay_could_show(x, s, prev):
+                alike.append(s.name)
             continue
         for f in _findings(x, s, step, prev, pprev):
             found.setdefault(f, []).append(s.name)
@@ -153,6 +154,14 @@ def _update_causes(x: Context, step: int) -> list[Cause]:
             seen.add(c.cause)
             out.append(c)
     return out
+
+
+def _decay_could_show(x: Context, s, prev: int) -> bool:
+    """Whether weight decay would have changed this parameter's update at all: decaying a
+    tensor of zeros (a zero-initialised bias) gives zero, so a bitwise-alike update of such a
+    tensor says nothing about which parameter groups are decayed. Unknown values: no evidence."""
+    p = x.v("a", s, prev)
+    return p is not None and p.dtype.kind == "f" and bool(np.any(p != 0))
 
 
 def _series(x: Context, s, step: int, prev: int, pprev: Optional[int], side: str):
