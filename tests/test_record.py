@@ -71,7 +71,9 @@ def test_everything_restored_after_the_script(tmp_path):
     assert after == before
 
 
-def test_python_dash_m_graddiff_passes_the_scripts_exit_code(tmp_path):
+def test_python_dash_m_passes_the_scripts_exit_code(tmp_path):
+    """`python -m graddiff record` in a real process (its tmp_path name avoids "graddiff":
+    tests/test_writer_lock.py looks for leftover files with that word beside its own)."""
     proc = subprocess.run(
         [sys.executable, "-m", "graddiff", "record", "-o", "run_{rank}.h5", "--", "python",
          str(MNIST), "--train-size", "32", "--exit-code", "3"],
