@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from .diff import Report, compare
-from .diff.api import parse_steps
+from .diff.api import parse_steps, steps_within
 from .errors import GraddiffError
 from .reader import Run, open_run
 
@@ -38,15 +38,7 @@ def _open(x: RunLike) -> tuple[Run, bool]:
 
 def _window(steps: np.ndarray, window: Any) -> np.ndarray:
     bounds = parse_steps(window)
-    if bounds is None:
-        return steps
-    lo, hi = bounds
-    keep = np.ones(len(steps), bool)
-    if lo is not None:
-        keep &= steps >= lo
-    if hi is not None:
-        keep &= steps <= hi
-    return steps[keep]
+    return steps if bounds is None else steps_within(steps, bounds)
 
 
 def _span(steps: np.ndarray) -> str:

@@ -372,7 +372,7 @@ def _compare(
     only_a = np.setdiff1d(ra.steps, steps_b)
     only_b = np.setdiff1d(steps_b, ra.steps)
     if window is not None:  # --steps restricts the comparison: steps outside it do not count
-        only_a, only_b = _inside(only_a, window), _inside(only_b, window)
+        only_a, only_b = steps_within(only_a, window), steps_within(only_b, window)
     mismatch = None if restricted else _step_mismatch(ra.steps, steps_b, only_a, only_b)
     if mismatch is not None:
         causes.insert(0 if w.first is None else len(causes), mismatch)
@@ -449,7 +449,8 @@ def _dtype_lookup(ra: Run, rb: Run):
     return dtype_of
 
 
-def _inside(steps: np.ndarray, window) -> np.ndarray:
+def steps_within(steps: np.ndarray, window) -> np.ndarray:
+    """The steps inside a parsed ``(lo, hi)`` window (either bound may be None)."""
     lo, hi = window
     keep = np.ones(len(steps), bool)
     if lo is not None:
