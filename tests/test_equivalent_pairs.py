@@ -3,8 +3,8 @@ never be called DIVERGED (exit 0; rounding differences stay within the tolerance
 
 F.cross_entropy vs nn.CrossEntropyLoss, foreach vs for-loop optimizer kernels, one batch vs
 4 accumulated micro-batches (loss / 4), and all three at once; two models, two optimizers.
-(torch.compile vs eager is not in this family yet: compiling in the test process leaks
-Dynamo state, see test_compile.py.)"""
+torch.compile vs eager is in tests/test_compile_equivalence.py (in a subprocess: compiling in
+the test process leaks Dynamo state, see test_compile.py)."""
 
 from __future__ import annotations
 
