@@ -10,11 +10,10 @@ recomputes in numpy from the recorded params and inputs.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from dist_launch import run_ranks
 
 import graddiff
 
@@ -27,29 +26,7 @@ PARAMS = ["0.weight", "0.bias", "2.weight", "2.bias"]
 def traces(tmp_path_factory):
     d = tmp_path_factory.mktemp("ddp")
     init = d / "init"  # file:// rendezvous: no port to find, nothing leaves the machine
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, SCRIPT, str(rank), "2", str(init), str(d)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for rank in range(2)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=180))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {rank}: {err[-3000:]}"
-        assert f"rank {rank} ok" in out
+    run_ranks([[SCRIPT, str(rank), "2", str(init), str(d)] for rank in range(2)], timeout=180)
     return [str(d / f"run_{rank}.h5") for rank in range(2)]
 
 
