@@ -25,6 +25,14 @@ A trace is an HDF5 file in HDF5's default (oldest compatible) format, flushed af
                                                      (absent in older files: {}); used by
                                                      compare --map auto and shown with every
                                                      record name (graddiff.modclass)
+                                   tied_parameters = JSON {alias name: recorded name}: the
+                                                     parameters registered under several
+                                                     names (tied weights, found at trace
+                                                     time; the trace records each tensor
+                                                     once, under its first name); "{}" when
+                                                     none; optional (absent in older files:
+                                                     unknown); evidence for compare's
+                                                     tied_weights cause
     /records                1-D table, one row per record key (kind, name, call, dtype);
                             row index = record id.
     /entries                1-D table, one row per (step, record): shape, fingerprint, stats,

@@ -271,6 +271,16 @@ class Run:
         self.options: dict[str, Any] = _json_attr(f, "options", p)
         #: module name -> class name (files before 0.1's module_classes: empty)
         self.module_classes: dict[str, Any] = _json_attr(f, "module_classes", p)
+        #: alias name -> recorded parameter name (tied weights); None: not recorded (older file)
+        self.tied_parameters: Optional[dict[str, str]] = (
+            {
+                str(k): v
+                for k, v in _json_attr(f, "tied_parameters", p).items()
+                if isinstance(v, str)
+            }
+            if "tied_parameters" in f.attrs
+            else None
+        )
         self.status: str = _str_attr(f, "status", "unknown")
         self.values_note: str = _str_attr(f, "values_note", "")
         self.graddiff_version: str = _str_attr(f, "graddiff_version", "?")

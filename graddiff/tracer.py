@@ -64,6 +64,19 @@ def give_way_to_user(inner: nn.Module, end: Any) -> None:
     _gives_way[inner] = end
 
 
+def tied_parameters(inner: nn.Module, recorded: dict[str, Any]) -> dict[str, str]:
+    """alias name -> recorded name, for every parameter registered under several names (tied
+    weights: ``head.weight = emb.weight``). ``named_parameters()`` lists a shared tensor once,
+    under its first name; the others are aliases the trace records nothing under."""
+    first = {id(p): n for n, p in recorded.items()}
+    out = {}
+    for n, p in inner.named_parameters(remove_duplicate=False):
+        n = clean_name(n)
+        if id(p) in first and first[id(p)] != n:
+            out[n] = first[id(p)]
+    return out
+
+
 def _matches(name: str, patterns: Optional[list[str]]) -> bool:
     """A module is selected when it, or one of its ancestors, matches a pattern."""
     if patterns is None:
@@ -243,6 +256,10 @@ class Tracer:
         # evidence for --map auto
         classes = {module_display_name(n): type(wrapped_module(m)).__name__ for n, m in modules}
         self._writer.set_attr("module_classes", json.dumps(classes))
+        # parameter aliasing (tied weights): evidence for compare's tied_weights cause
+        self._writer.set_attr(
+            "tied_parameters", json.dumps(tied_parameters(inner, dict(params)), sort_keys=True)
+        )
         self._recorder = Recorder(
             writer=self._writer,
             params=params,

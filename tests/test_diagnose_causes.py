@@ -190,3 +190,137 @@ def test_zero_initialised_biases_are_no_evidence_of_parameter_groups(tmp_path):
     text = r.cause.title + " " + " ".join(r.cause.evidence)
     assert "parameter groups" not in text, r.cause
 
+
+
+class _LM(nn.Module):
+    """A tiny language model whose output projection starts equal to the embedding."""
+
+    def __init__(self, tie: bool):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(self.emb.weight)
+        if tie:
+            self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(self.emb(x))))
+
+
+def _lm(path, tie: bool) -> str:
+    torch.manual_seed(0)
+    m = _LM(tie)
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with graddiff.trace(m, path, values="full"):
+        for _ in range(3):
+            x = torch.randint(0, 20, (4, 6), generator=g)
+            o.zero_grad()
+            F.cross_entropy(m(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()
+            o.step()
+    return str(path)
+
+
+def test_tied_vs_untied_weights(tmp_path):
+    a, b = _lm(tmp_path / "a.h5", tie=True), _lm(tmp_path / "b.h5", tie=False)
+    with graddiff.open(a) as ra, graddiff.open(b) as rb:
+        assert ra.tied_parameters == {"head.weight": "emb.weight"}
+        assert rb.tied_parameters == {}
+    r = graddiff.compare(a, b)
+    assert r.exit_code == 1 and (r.first.step, r.first.kind, r.first.name) == (
+        0,
+        "param",
+        "head.weight",
+    )
+    assert [c.cause for c in r.diagnosis] == ["tied_weights"], [(c.cause, c.title) for c in r.diagnosis]
+    text = " ".join(r.cause.evidence)
+    assert "shares 'emb.weight' in A" in r.cause.title
+    assert "aliasing recorded at trace time" in text and "starts bitwise equal" in text
+    assert "equals the sum of B's gradients of emb.weight and head.weight" in text
+    # reversed, and from traces written before the aliasing was recorded: the gradient sum
+    import h5py
+
+    with h5py.File(a, "a") as f:
+        del f.attrs["tied_parameters"]
+    r = graddiff.compare(b, a)
+    assert r.cause.cause == "tied_weights" and "shares 'emb.weight' in B" in r.cause.title
+    assert "recorded at trace time" not in " ".join(r.cause.evidence)
+
+
+class _GAN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.G = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6))
+        self.D = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _gan(path, detach: bool, two_optimizers: bool) -> str:
+    """Discriminator step then generator step; ``detach=False`` is the bug: the discriminator's
+    loss backpropagates into the generator, whose gradients then carry it."""
+    torch.manual_seed(0)
+    m = _GAN()
+    if two_optimizers:  # each step() ends a graddiff step: D's and G's updates are two steps
+        oD, oG = (torch.optim.SGD(p.parameters(), lr=0.1) for p in (m.D, m.G))
+    else:
+        oD = oG = torch.optim.SGD(m.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    bce = F.binary_cross_entropy_with_logits
+    with graddiff.trace(m, path, values="full"):
+        for _ in range(2):
+            z, real = torch.randn(8, 4, generator=g), torch.randn(8, 6, generator=g)
+            oD.zero_grad()
+            oG.zero_grad()
+            fake = m.G(z)
+            dr, df = m.D(real), m.D(fake.detach() if detach else fake)
+            d_loss = bce(dr, torch.ones_like(dr)) + bce(df, torch.zeros_like(df))
+            d_loss.backward(retain_graph=not two_optimizers)
+            if two_optimizers:
+                oD.step()
+                fake = m.G(z)
+            out = m.D(fake)
+            bce(out, torch.ones_like(out)).backward()
+            oG.step()
+    return str(path)
+
+
+@pytest.mark.parametrize("two_optimizers", [True, False], ids=["two optimizers", "one step"])
+def test_missing_detach_is_an_extra_gradient_path(tmp_path, two_optimizers):
+    a = _gan(tmp_path / "a.h5", detach=True, two_optimizers=two_optimizers)
+    b = _gan(tmp_path / "b.h5", detach=False, two_optimizers=two_optimizers)
+    r = graddiff.compare(a, b)
+    assert r.exit_code == 1 and (r.first.step, r.first.kind) == (0, "grad_output"), r.headline()
+    assert r.first.name.startswith("G")
+    assert [c.cause for c in r.diagnosis] == ["extra_grad_path"], [
+        (c.cause, c.title) for c in r.diagnosis
+    ]
+    assert "reaches G" in r.cause.title and " in B " in r.cause.title
+    text = " ".join(r.cause.evidence)
+    # the forward agrees; G is reached by one more backward pass; only G's gradients differ
+    n = (1, 0) if two_optimizers else (2, 1)
+    assert f"from {n[0]} backward pass(es) in B vs {n[1]} in A" in text
+    assert "G.0.weight, G.0.bias, G.2.weight, G.2.bias" in text
+    assert "those of the other 4 parameter(s) agree" in text
+    assert "detach" in r.cause.fix
+
+
+def test_a_frozen_layer_is_not_an_extra_gradient_path(tmp_path):
+    """A module the other run never backpropagates into is frozen there, not missing a detach."""
+
+    def run(path, freeze):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        net[0].requires_grad_(not freeze)
+        o = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        with graddiff.trace(net, path, values="full"):
+            for _ in range(2):
+                x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+                o.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                o.step()
+        return str(path)
+
+    r = graddiff.compare(run(tmp_path / "a.h5", False), run(tmp_path / "b.h5", True))
+    assert r.cause.cause == "frozen_parameter", [(c.cause, c.title) for c in r.diagnosis]

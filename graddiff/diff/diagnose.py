@@ -33,6 +33,7 @@ from .rules_forward import (
     rule_precision,
     rule_structure,
 )
+from .rules_graph import rule_extra_grad_path, rule_tied_weights
 from .rules_update import rule_batchnorm, rule_update_rule, rule_update_specific
 
 __all__ = ["Cause", "diagnose"]
@@ -104,8 +105,12 @@ def _amplification_plausible(x: Context) -> bool:
     return x.hit.rel <= UPDATE_AMPLIFICATION * worst
 
 
+#: Causes that explain a missing record better than rule_structure's generic ones.
+GRAPH_CAUSES = frozenset({"tied_weights", "extra_grad_path"})
 RULES: tuple[Callable[[Context], Any], ...] = (
     rule_nonfinite,
+    rule_tied_weights,
+    rule_extra_grad_path,
     rule_structure,
     rule_init,
     rule_inputs,
@@ -144,6 +149,8 @@ def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> li
     rules = (rule_nonfinite, rule_structure, rule_update_specific) if tiny else RULES
     causes: list[Cause] = []
     for rule in rules:
+        if rule is rule_structure and any(c.cause in GRAPH_CAUSES for c in causes):
+            continue
         c = rule(x)
         causes.extend(c if isinstance(c, list) else ([c] if c is not None else []))
     plausible = tiny or _amplification_plausible(x)

@@ -82,8 +82,13 @@ def rule_init(x: Context) -> Optional[Cause]:
     if x.slot.kind != "param" or x.step != int(x.pair.steps[0]) or x.hit.rel <= x.rtol:
         return None
     params = x.slots_of(x.step, ("param",))
-    differ = [(s, x.rel(s, x.step)) for s, code in params if code != EQUAL]
+    # a parameter one run lacks is structure (frozen, tied, another model), not its init
+    differ = [
+        (s, x.rel(s, x.step)) for s, code in params if code not in (EQUAL, MISSING_A, MISSING_B)
+    ]
     big = [(s, r) for s, r in differ if r is None or r > x.rtol]
+    if not big:
+        return None
     return Cause(
         "different_init",
         f"different initial weights: {len(big)} of {len(params)} parameters differ at step {x.step}",
