@@ -9,7 +9,7 @@ side uses it. Traces written before the map existed simply show no class.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 #: How the root module is named in records (hooks/naming.py ROOT_NAME).
@@ -51,6 +51,32 @@ def describe_label(classes: Mapping[str, str], label: str) -> str:
     return with_class(f"{kind} {name}", class_of(classes, kind, name)) + (
         f" #{call}" if sep else ""
     )
+
+
+def describe_list(items: Sequence[tuple[str, Optional[str]]], limit: Optional[int] = None) -> str:
+    """Names with their classes, compactly: neighbours that share a class carry it once.
+
+    ``[("0.weight", "Linear"), ("2.weight", "Linear"), ("1.weight", "LayerNorm")]`` ->
+    ``"0.weight, 2.weight (both Linear), 1.weight (LayerNorm)"``; three or more neighbours
+    read ``(all Linear)``; a name whose class is unknown stands alone; beyond ``limit`` names,
+    ``" and 3 more"``. Every list of record names in graddiff's sentences is written this way.
+    """
+    shown = list(items if limit is None else items[:limit])
+    groups: list[tuple[list[str], Optional[str]]] = []
+    for name, cls in shown:
+        if groups and cls and groups[-1][1] == cls:
+            groups[-1][0].append(name)
+        else:
+            groups.append(([name], cls))
+    parts = []
+    for names, cls in groups:
+        text = ", ".join(names)
+        if cls:
+            many = "" if len(names) == 1 else ("both " if len(names) == 2 else "all ")
+            text += f" ({many}{cls})"
+        parts.append(text)
+    more = len(items) - len(shown)
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
 
 
 def parse(raw: Any) -> dict[str, str]:

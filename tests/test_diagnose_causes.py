@@ -96,7 +96,7 @@ CASES = [
         1,
         "param",
         "weight_decay",
-        "0.weight, 2.weight are updated bitwise alike",
+        "0.weight, 2.weight (both Linear) are updated bitwise alike",
     ),
     ("learning rate", {}, {"lr": 0.05}, 1, "param", "learning_rate", "0.1 in A vs 0.05 in B"),
     (

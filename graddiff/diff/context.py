@@ -3,6 +3,13 @@
 Part of the differ's last stage (walk --> diagnose --> Report): the context answers "how far
 apart are these two records at this step?" (exact where values exist, else the stats bound),
 reads values, and lists the cells of a step, so each rule module stays about evidence only.
+
+Naming records in a Cause's title, evidence or fix: every record name carries the class of its
+module, as everywhere else in graddiff's output (``param 0.weight (Linear)``). Never write
+``slot.label`` or ``slot.name`` into a sentence; write ``x.label(slot)`` ("param 0.weight
+(Linear)"), ``x.name(slot)`` ("0.weight (Linear)") or, for a list, ``x.names(slots)`` ("0.weight,
+2.weight (both Linear) and 3 more"). Old traces without module classes get the bare names.
+tests/test_diagnose_classes.py fails on a sentence that names a record without its class.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..modclass import class_of, describe, describe_label, describe_list
 from .align import Slot
 from .compare_records import DIFF, EQUAL, MISSING_A, MISSING_B, NONFINITE, SHAPE, STATS
 from .first import Hit, WalkResult
@@ -83,6 +91,28 @@ class Context:
         self.slot: Slot = pair.al.slots[hit.slot]
         self.step = hit.step
         self.compared = {s.kind for s in pair.al.slots}
+        #: module name -> class name (both runs merged; empty for old traces)
+        self.classes: dict[str, str] = getattr(pair, "classes", {}) or {}
+
+    # -- naming records in sentences (see the module docstring) ----------------------------
+    def name(self, slot: Slot) -> str:
+        """The record's name with its module class: ``0.weight (Linear)``."""
+        return describe(self.classes, slot.kind, slot.name)
+
+    def label(self, slot: Slot) -> str:
+        """Kind, name and class (and ``#call`` after the first): ``param 0.weight (Linear)``."""
+        return describe_label(self.classes, slot.label)
+
+    def module(self, name: str) -> str:
+        """A module's name with its class: ``3 (Dropout)``."""
+        return describe(self.classes, "activation", name)
+
+    def names(self, slots: list[Slot], limit: int = 4) -> str:
+        """Up to ``limit`` records, each with its class, neighbours of one class grouped:
+        ``0.weight, 2.weight (both Linear), 1.weight (LayerNorm) and 3 more``."""
+        return describe_list(
+            [(s.name, class_of(self.classes, s.kind, s.name)) for s in slots], limit
+        )
 
     def hit_text(self) -> str:
         """The hit's size in words: "rel 0.01", "rel >= 0.01" (statistics) or its status."""
@@ -162,6 +192,7 @@ class Context:
 
 
 def some_names(names: list[str]) -> str:
+    """Up to four strings and how many more. Not for record names: use ``Context.names``."""
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 

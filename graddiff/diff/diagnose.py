@@ -49,7 +49,7 @@ def _rounding(x: Context, secondary: bool = False) -> Optional[Cause]:
     if not rounding_level(o.rel, dtype):
         return None
     ev = [
-        f"origin: rounding-level difference in {os_.kind} ({os_.name}) at step {o.step} "
+        f"origin: rounding-level difference in {x.label(os_)} at step {o.step} "
         + (
             f"(rel {fmt(o.rel)})"
             if o.basis == "values"
@@ -66,7 +66,7 @@ def _rounding(x: Context, secondary: bool = False) -> Optional[Cause]:
             "",
         )
     if not same:
-        ev.append(f"amplified to rel {fmt(h.rel)} in {x.slot.label} by step {h.step}")
+        ev.append(f"amplified to rel {fmt(h.rel)} in {x.label(x.slot)} by step {h.step}")
     if os_.kind == "param" and o.step > int(x.pair.steps[0]):
         prev = x.prev(o.step)
         if x.within(prev, ("grad", "autograd_grad"), 0.0):

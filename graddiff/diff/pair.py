@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import ValuesNotStoredError
+from ..modclass import merge
 from ..reader import Run
 from .align import Alignment, Slot
 from .compare_records import Cells, DtypeTable, classify
@@ -28,6 +29,10 @@ class RunPair:
         self.a, self.b, self.al = a, b, alignment
         self.steps = steps
         self.dtypes = DtypeTable(a, b)
+        #: module name -> class name of both runs (graddiff.modclass.merge; old traces: empty)
+        self.classes = merge(
+            getattr(a, "module_classes", {}) or {}, getattr(b, "module_classes", {}) or {}
+        )
         self._rows: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._cells: OrderedDict[int, Cells] = OrderedDict()
         self._by_label = {(s.kind, s.name, max(s.call, 0)): s for s in alignment.slots}

@@ -67,7 +67,7 @@ def rule_accumulation(x: Context) -> Optional[Cause]:
         "grad_accumulation",
         f"gradients accumulate across steps in {A} (missing zero_grad?)",
         [
-            f"{A}'s {x.slot.label} at step {x.step} equals the sum of {R}'s gradients of {steps} "
+            f"{A}'s {x.label(x.slot)} at step {x.step} equals the sum of {R}'s gradients of {steps} "
             f"(residual rel {fmt(r)}; plain difference rel {fmt(plain)})",
             f"the same holds for {n_ok} of {1 + len(others)} differing gradients checked",
         ],
@@ -97,7 +97,7 @@ def _accumulation_stats(x: Context) -> Optional[Cause]:
                 "grad_accumulation",
                 f"gradients accumulate across steps in {acc.upper()} (missing zero_grad?)",
                 [
-                    f"mean of {acc.upper()}'s {x.slot.label} at step {x.step} = {fmt(ma)} equals "
+                    f"mean of {acc.upper()}'s {x.label(x.slot)} at step {x.step} = {fmt(ma)} equals "
                     f"{ref.upper()}'s step {x.step} + step {prev} means ({fmt(m0)} + {fmt(m1)}) "
                     "(statistics only)"
                 ],

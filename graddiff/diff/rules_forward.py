@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 
 from .compare_records import EQUAL, MISSING_A, MISSING_B, NONFINITE, SHAPE
-from .context import Cause, Context, fmt, some_names
+from .context import Cause, Context, fmt
 from .exact import rel_diff
 from .noise import eps_of
 
@@ -29,7 +29,7 @@ def rule_nonfinite(x: Context) -> Optional[Cause]:
     )
     return Cause(
         "nonfinite",
-        f"the first NaN/Inf: {x.slot.label} at step {h.step} (run {bad})",
+        f"the first NaN/Inf: {x.label(x.slot)} at step {h.step} (run {bad})",
         [
             f"NaN/Inf counts: A {fa.get('nan')}/{fa.get('inf')}, B {fb.get('nan')}/{fb.get('inf')}",
             "every compared record before it in causal order agrees within tolerance",
@@ -46,7 +46,7 @@ def rule_structure(x: Context) -> Optional[Cause]:
         fa, fb = h.facts["a"], h.facts["b"]
         return Cause(
             "structure",
-            f"{s.label}: shapes differ at step {h.step}",
+            f"{x.label(s)}: shapes differ at step {h.step}",
             [f"shape {tuple(fa['shape'])} in A vs {tuple(fb['shape'])} in B"],
             "the two runs build different models or feed different batch sizes",
         )
@@ -54,25 +54,23 @@ def rule_structure(x: Context) -> Optional[Cause]:
         return None
     has, lacks = ("A", "B") if h.code == MISSING_B else ("B", "A")
     if s.kind in ("grad", "autograd_grad", "grad_output"):
-        gone = [
-            g.name for g, code in x.slots_of(h.step, ("grad", "autograd_grad")) if code == h.code
-        ]
+        gone = [g for g, code in x.slots_of(h.step, ("grad", "autograd_grad")) if code == h.code]
         if gone or s.kind != "grad_output":
-            names = gone or [s.name]
+            names = gone or [s]
             return Cause(
                 "frozen_parameter",
                 f"{len(names)} parameter(s) have a gradient in {has} only: a frozen layer?",
                 [
-                    f"run {lacks} computes no gradient for {some_names(names)} at step {h.step}",
-                    f"first missing record: {s.label}",
+                    f"run {lacks} computes no gradient for {x.names(names)} at step {h.step}",
+                    f"first missing record: {x.label(s)}",
                 ],
                 "a frozen layer (requires_grad=False) or a parameter unused in one run; "
                 "freeze the same parameters in both",
             )
     return Cause(
         "missing_record",
-        f"{s.label} is recorded in {has} only at step {h.step}",
-        [f"run {lacks} has no {s.kind} '{s.name}' (call {max(s.call, 0)}) at step {h.step}"],
+        f"{x.label(s)} is recorded in {has} only at step {h.step}",
+        [f"run {lacks} has no {s.kind} {x.name(s)}, call {max(s.call, 0)}, at step {h.step}"],
         "the runs execute different modules or a different number of calls",
     )
 
@@ -93,7 +91,7 @@ def rule_init(x: Context) -> Optional[Cause]:
         "different_init",
         f"different initial weights: {len(big)} of {len(params)} parameters differ at step {x.step}",
         [
-            f"{s.name}: " + (f"rel {fmt(r)}" if r is not None else "not comparable by value")
+            f"{x.name(s)}: " + (f"rel {fmt(r)}" if r is not None else "not comparable by value")
             for s, r in big[:5]
         ],
         "start both runs from the same weights: copy.deepcopy(model), "
@@ -111,7 +109,9 @@ def rule_inputs(x: Context) -> Optional[Cause]:
     """An input differs while parameters agree: data order or augmentation."""
     if x.slot.kind != "input":
         return None
-    ev = [f"{x.slot.label} differs at step {x.step} ({x.hit_text()}) while " + x.agree(("param",))]
+    ev = [
+        f"{x.label(x.slot)} differs at step {x.step} ({x.hit_text()}) while " + x.agree(("param",))
+    ]
     a, b = x.v("a", x.slot, x.step), x.v("b", x.slot, x.step)
     title = "different inputs"
     if a is not None and b is not None and a.shape == b.shape and a.ndim >= 1 and a.size:
@@ -157,8 +157,8 @@ def rule_mode(x: Context) -> Optional[Cause]:
         "train_eval_mode",
         f"train/eval mode differs: run {wrong} trains in eval mode (forgotten model.train()?)",
         [
-            f"{len(flips)} module(s) run in different modes at step {x.step}, e.g. '{s.name}': {ma} in A, {mb} in B",
-            f"first divergence: {x.slot.label} ({x.hit_text()})",
+            f"{len(flips)} module(s) run in different modes at step {x.step}, e.g. {x.module(s.name)}: {ma} in A, {mb} in B",
+            f"first divergence: {x.label(x.slot)} ({x.hit_text()})",
         ],
         f"call model.train() after evaluation in run {wrong}",
     )
@@ -179,7 +179,7 @@ def rule_dropout(x: Context) -> Optional[Cause]:
         return None
     return Cause(
         "dropout_rng",
-        f"different dropout masks in '{x.slot.name}' (random number state differs)",
+        f"different dropout masks in {x.module(x.slot.name)} (random number state differs)",
         [
             f"at step {x.step} the outputs agree where both runs kept an element, but different elements are "
             f"zeroed ({za.mean():.1%} in A, {zb.mean():.1%} in B)",
@@ -196,9 +196,9 @@ def rule_module_output(x: Context) -> Optional[Cause]:
         return None
     return Cause(
         "module_output",
-        f"module '{x.slot.name}' gives a different output from the same input",
+        f"module {x.module(x.slot.name)} gives a different output from the same input",
         [
-            f"{x.slot.label} differs at step {x.step} ({x.hit_text()}) while every earlier "
+            f"{x.label(x.slot)} differs at step {x.step} ({x.hit_text()}) while every earlier "
             "module's output agrees; " + x.agree(("param", "input"))
         ],
         "a different op or module here (e.g. a swapped activation), different module settings, "
@@ -220,7 +220,7 @@ def rule_generic(x: Context) -> Optional[Cause]:
         "param": "parameters differ",
         "buffer": "buffers differ",
     }.get(x.slot.kind, f"{x.slot.kind} differs")
-    ev = [f"first divergence: {x.slot.label} at step {x.step} ({x.hit_text()})"]
+    ev = [f"first divergence: {x.label(x.slot)} at step {x.step} ({x.hit_text()})"]
     if x.slot.kind in ("loss", "grad_output", "grad", "autograd_grad"):
         ev.append(f"at step {x.step}, " + x.agree(forward))
     return Cause("unknown", what, ev, "inspect the two runs' code around this step")
@@ -269,7 +269,7 @@ def rule_precision(x: Context) -> Optional[Cause]:
     tol = x.pair.tol[x.slot.index] if x.pair.tol is not None else x.rtol
     beyond = x.hit.basis != "structure" and x.hit.rel > tol
     ev.append(
-        f"{x.slot.label} at step {x.step} ({x.hit_text()}) is "
+        f"{x.label(x.slot)} at step {x.step} ({x.hit_text()}) is "
         + (
             f"beyond what {dtype} rounding explains at its depth ({fmt(tol)})"
             if beyond

@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 
 from .compare_records import EQUAL
-from .context import Cause, Context, fmt, some_names
+from .context import Cause, Context, fmt
 from .noise import ROUNDING_ULPS, eps_of
 from .update_fit import differs, fit_difference, fit_sgd, fresh_adam
 
@@ -24,7 +24,7 @@ def rule_batchnorm(x: Context) -> Optional[Cause]:
     ):
         return None
     ev = [
-        f"{x.slot.label} differs at step {x.step} ({x.hit_text()}) while "
+        f"{x.label(x.slot)} differs at step {x.step} ({x.hit_text()}) while "
         + x.agree(("param", "activation", "grad"))
     ]
     title = "BatchNorm running statistics differ (momentum, or an extra forward in train mode)"
@@ -84,7 +84,7 @@ def rule_update_rule(x: Context) -> Optional[Cause]:
     if not _after_agreeing_step(x):
         return None
     prev = x.prev(x.step)
-    ev = [f"{x.slot.label} differs at step {x.step} ({x.hit_text()})"]
+    ev = [f"{x.label(x.slot)} differs at step {x.step} ({x.hit_text()})"]
     grads_ok = x.within(prev, ("grad", "autograd_grad"))
     ev.append(
         f"at step {prev} the parameters and gradients agree"
@@ -133,16 +133,16 @@ def rule_update_specific(x: Context) -> list[Cause]:
 def _update_causes(x: Context, step: int) -> list[Cause]:
     prev = x.prev(step)
     pprev = x.prev(prev)
-    found: dict[tuple, list[str]] = {}  # finding -> parameter names
+    found: dict[tuple, list] = {}  # finding -> parameter slots
     alike, total = [], 0
     for s, code in x.slots_of(step, ("param",)):
         total += 1
         if code == EQUAL:
             if _decay_could_show(x, s, prev):
-                alike.append(s.name)
+                alike.append(s)
             continue
         for f in _findings(x, s, step, prev, pprev):
-            found.setdefault(f, []).append(s.name)
+            found.setdefault(f, []).append(s)
     if not found:
         return []
     causes = [_cause(x, f, names, alike, total, prev, step) for f, names in found.items()]
@@ -253,23 +253,22 @@ def _round(v: float) -> float:
     return float(f"{v:.3g}")
 
 
-def _who(names: list[str], total: int) -> str:
-    if len(names) == total:
+def _who(x: Context, slots: list, total: int) -> str:
+    if len(slots) == total:
         return "every parameter"
-    return f"{len(names)} of {total} parameters ({some_names(names)})"
+    return f"{len(slots)} of {total} parameters: {x.names(slots)}"
 
 
 def _cause(
-    x: Context, f: tuple, names: list[str], alike: list[str], total: int, prev: int, step: int
+    x: Context, f: tuple, names: list, alike: list, total: int, prev: int, step: int
 ) -> Cause:
-    who = _who(names, total)
+    who = _who(x, names, total)
     head = f"at step {prev} the parameters and gradients agree; the updates to step {step} differ"
     # parameters updated bitwise alike are evidence of other parameter groups only when the
     # decay difference is large enough to survive rounding (> 16 ulps of float32 per step)
     visible = f[0] in ("wd", "decoupled") and abs(f[-1]) > ROUNDING_ULPS * eps_of("float32")
     groups = (
-        f"; {some_names(alike)} are updated bitwise alike: the decay covers different "
-        "parameter groups"
+        f"; {x.names(alike)} are updated bitwise alike: the decay covers different parameter groups"
         if alike and visible
         else ""
     )

@@ -1,0 +1,177 @@
+"""Every record a diagnosis sentence names carries its module class: ``fc1.weight (Linear)``.
+
+Real (tiny) training runs are driven through several causes; every name of a recorded module
+or tensor found in a cause's title, evidence or fix (and in the report's text) must be followed
+by its class, either directly or as one of a group of neighbours that share it
+(``fc1.weight, fc1.bias (both Linear)``). Old traces without classes get the bare names.
+"""
+
+from __future__ import annotations
+
+import re
+
+import h5py
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graddiff
+from graddiff.modclass import class_of, describe_list
+
+
+class Net(nn.Module):
+    def __init__(self, act: type = nn.ReLU, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8, momentum=momentum)
+        self.drop = nn.Dropout(0.25)
+        self.head = nn.Sequential(act(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.head(self.drop(self.bn(self.fc1(x))))
+
+
+def _run(
+    path,
+    *,
+    init_seed: int = 0,
+    rng_seed: int = 1,
+    act: type = nn.ReLU,
+    momentum: float = 0.1,
+    freeze: bool = False,
+    evaluate: bool = False,
+    zero_grad: bool = True,
+    clip: float = 0.0,
+    opt: str = "sgd",
+    wd: float = 0.0,
+    no_decay: bool = False,
+    steps: int = 3,
+) -> str:
+    torch.manual_seed(init_seed)
+    net = Net(act, momentum)
+    if init_seed:  # only fc1 starts elsewhere: the rest of the model is the same
+        torch.manual_seed(0)
+        ref = Net(act, momentum)
+        net.bn.load_state_dict(ref.bn.state_dict())
+        net.head.load_state_dict(ref.head.state_dict())
+    if freeze:
+        net.fc1.requires_grad_(False)
+    if evaluate:
+        net.eval()
+    decay = [p for n, p in net.named_parameters() if n.endswith("weight") and "bn" not in n]
+    rest = [p for n, p in net.named_parameters() if not any(p is q for q in decay)]
+    groups = (
+        [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
+        if no_decay
+        else [p for p in net.parameters() if p.requires_grad]
+    )
+    o = (
+        torch.optim.AdamW(groups, lr=0.01, weight_decay=wd)
+        if opt == "adamw"
+        else torch.optim.SGD(groups, lr=0.1, weight_decay=wd)
+    )
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(rng_seed)  # dropout's random numbers
+    with graddiff.trace(net, path, values="full"):
+        for _ in range(steps):
+            x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+            if zero_grad:
+                o.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            if clip:
+                nn.utils.clip_grad_norm_(net.parameters(), clip)
+            o.step()
+    return str(path)
+
+
+# (id, B's changes, the cause id the diagnosis must name first)
+CASES = [
+    ("different init", {"init_seed": 5}, "different_init"),
+    ("frozen layer", {"freeze": True}, "frozen_parameter"),
+    ("eval mode", {"evaluate": True}, "train_eval_mode"),
+    ("dropout rng", {"rng_seed": 2}, "dropout_rng"),
+    ("missing zero_grad", {"zero_grad": False}, "grad_accumulation"),
+    ("clipped gradients", {"clip": 0.05}, "scaled_gradients"),
+    ("batchnorm momentum", {"momentum": 0.3}, "batchnorm_stats"),
+    ("swapped activation", {"act": nn.GELU}, "module_output"),
+    ("learning rate groups", {"opt": "adamw", "wd": 0.5, "no_decay": True}, "weight_decay"),
+]
+
+_NAME = r"[\w.\[\]:()-]+?"  # another record name in a group of neighbours
+
+
+def _unlabelled(text: str, names: dict[str, str]) -> list[str]:
+    """Occurrences of a classed name in ``text`` not followed by its class."""
+    bad = []
+    for name, cls in names.items():
+        pat = rf"(?<![\w.]){re.escape(name)}(?!\w|\.\w)"
+        for m in re.finditer(pat, text):
+            tail = text[m.end() :]
+            group = rf"^(?:,\s+{_NAME}(?=[,\s]))*\s+\((?:both |all )?{re.escape(cls)}\)"
+            if not re.match(group, tail):
+                bad.append(f"{name} (expected {cls}): ...{text[m.start() : m.end() + 40]}...")
+    return bad
+
+
+def _classed_names(report: graddiff.Report) -> dict[str, str]:
+    """Every record and module name of both runs whose class is known -> that class."""
+    out = {}
+    for path in (report.run_a, report.run_b):
+        with graddiff.open(path) as run:
+            for k in run.keys:
+                cls = class_of(report.module_classes, k.kind, k.name)
+                if cls and not k.name.startswith("("):
+                    out[k.name] = cls
+    for mod, cls in report.module_classes.items():
+        if not mod.startswith("("):
+            out[mod] = cls
+    return out
+
+
+@pytest.mark.parametrize(("vb", "cause"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_every_name_in_a_diagnosis_carries_its_class(tmp_path, vb, cause):
+    va = {k: v for k, v in {"opt": vb.get("opt"), "wd": vb.get("wd")}.items() if v}
+    r = graddiff.compare(_run(tmp_path / "a.h5", **va), _run(tmp_path / "b.h5", **vb), exact=True)
+    assert r.cause is not None and r.cause.cause == cause, [(c.cause, c.title) for c in r.diagnosis]
+    names = _classed_names(r)
+    assert {"fc1.weight", "bn.running_mean", "head.0", "head.1.bias"} <= set(names)
+    sentences = [s for c in r.diagnosis for s in (c.title, *c.evidence, c.fix)]
+    mentioned = [
+        n for n in names if any(re.search(rf"(?<![\w.]){re.escape(n)}", s) for s in sentences)
+    ]
+    assert mentioned or cause == "scaled_gradients", sentences  # (that one lists factors only)
+    bad = [b for s in sentences for b in _unlabelled(s, names)]
+    assert not bad, bad
+    # the same in the printed report and in --json
+    assert not _unlabelled(str(r), names), str(r)
+    assert r.to_dict()["diagnosis"] == [c.to_dict() for c in r.diagnosis]
+
+
+def test_old_traces_name_records_bare(tmp_path):
+    a = _run(tmp_path / "a.h5")
+    b = _run(tmp_path / "b.h5", freeze=True)
+    for p in (a, b):
+        with h5py.File(p, "a") as f:
+            del f.attrs["module_classes"]
+    r = graddiff.compare(a, b, exact=True)
+    assert r.module_classes == {} and r.cause.cause == "frozen_parameter"
+    text = " ".join(r.cause.evidence)
+    assert "fc1.weight, fc1.bias at step 0" in text and "(Linear)" not in text, text
+
+
+def test_the_checker_catches_a_bare_name():
+    names = {"fc1.weight": "Linear", "fc1.bias": "Linear", "bn.weight": "BatchNorm1d"}
+    assert _unlabelled("for fc1.weight, fc1.bias (both Linear) at step 0", names) == []
+    assert _unlabelled("in param fc1.weight (Linear) #1", names) == []
+    assert len(_unlabelled("for fc1.weight, fc1.bias at step 0", names)) == 2
+    assert len(_unlabelled("fc1.weight (BatchNorm1d)", names)) == 1
+    assert len(_unlabelled("ends with bn.weight.", names)) == 1
+
+
+def test_lists_group_neighbours_of_one_class():
+    items = [("a.w", "Linear"), ("a.b", "Linear"), ("n.w", "LayerNorm"), ("x", None)]
+    assert describe_list(items) == "a.w, a.b (both Linear), n.w (LayerNorm), x"
+    three = [("a", "Linear"), ("b", "Linear"), ("c", "Linear"), ("d", "ReLU"), ("e", "ReLU")]
+    assert describe_list(three, 4) == "a, b, c (all Linear), d (ReLU) and 1 more"
+    assert describe_list([("p", None), ("q", None)]) == "p, q"
