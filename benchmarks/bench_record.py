@@ -15,7 +15,7 @@ the same initial weights and data under several variants:
     floor      untraced + one read (a sum) of every tensor graddiff records, with minimal hooks
                (the floor of any recorder that looks at every value)
     stats_torch  stats with the fused numba kernel switched off (the pure-torch reference path,
-               what a plain ``pip install graddiff`` without the "fast" extra runs)
+               what graddiff runs where numba is not installed)
     full_pg    graddiff.trace(values="full", full_kinds="param,grad"): values of parameters and
                gradients, statistics of everything else
     tensorboard  untraced + SummaryWriter.add_histogram of every parameter and gradient each step

@@ -139,8 +139,11 @@ STEP_DTYPE = np.dtype(
 #: Stats fields, in the order the recorder packs them.
 STAT_FIELDS = ("norm", "mean", "min", "max", "nan", "inf")
 
-#: Rows per chunk of the resizable tables (one chunk holds many steps of a small model).
-TABLE_CHUNK_ROWS = 4096
+#: Rows per chunk of the resizable tables (one chunk holds many steps of a small model). Each
+#: step's flush rewrites the table's last, partly filled chunk: 1024 rows (174 KB of entries)
+#: cost 132 us of writer CPU per 27-entry step against 160 us for 4096 rows (256: 130 us).
+#: Readers do not depend on it.
+TABLE_CHUNK_ROWS = 1024
 
 # dtype names as torch spells them (str(torch.float32) without "torch.") -> numpy dtype.
 # Types numpy lacks are stored as raw bits of the same width and converted on read.

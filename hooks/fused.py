@@ -6,9 +6,11 @@ through it (and which take the pure-torch reference path) is decided in ``snapsh
 
 Why numba: it ships as binary wheels with its own LLVM (no compiler on the user's machine), it
 compiles the loop below once per dtype and caches the machine code on disk, and the result
-reads each tensor once (the torch reference reads it four times). It is optional: without it
-(or with ``GRADDIFF_NO_NUMBA=1``) ``available()`` is False and snapshot uses the reference path.
-The choice and its measurements are in docs/performance.md.
+reads each tensor once (the torch reference reads it four times). It is a core dependency
+where numba has wheels (setup.cfg) and never required: without it (or with
+``GRADDIFF_NO_NUMBA=1``) ``available()`` is False and snapshot uses the reference path; a numba
+that is installed but fails to import or to compile the kernel gives one warning and the same
+fallback, never an error. The choice and its measurements are in docs/performance.md.
 
 The fingerprint is exactly ``graddiff.format.fingerprint_bytes`` (integer sums mod 2**64, order
 independent). The float statistics are accumulated in float64 over the tensor's own dtype: sums
@@ -27,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
+
+from .._warn import warn_user
 
 #: Tensors at least this large are split across the torch thread count (one chunk per thread).
 SPLIT_BYTES = 1 << 20
@@ -121,9 +125,26 @@ def _get() -> Optional[dict[str, Any]]:
             else:
                 try:
                     _kernels = _build()
-                except Exception as exc:  # ImportError, or a numba that cannot build these
-                    _failed = f"{type(exc).__name__}: {exc}"
+                except ModuleNotFoundError as exc:
+                    if exc.name != "numba":  # numba is there, but a module it needs is not
+                        _disable(exc)
+                    else:  # not installed (a platform without numba wheels): no warning
+                        _failed = "numba is not installed"
+                except Exception as exc:  # a numba that cannot import here (numpy too new...)
+                    _disable(exc)
     return _kernels
+
+
+def _disable(exc: BaseException) -> None:
+    """Switch the kernel off for this process, with one warning: the reference path runs."""
+    global _kernels, _failed
+    _kernels = None
+    if _failed is None:
+        _failed = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        warn_user(
+            f"graddiff: the fused statistics kernel (numba) is unavailable ({_failed}); "
+            f"recording uses the slower pure-torch path, with the same results"
+        )
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
@@ -161,31 +182,39 @@ def summarise(
     chunk = kernels["chunk"]
     n = arr.shape[0]
     parts = min(threads, nbytes // SPLIT_BYTES)
-    if parts <= 1:
-        s_sum, s_pos, fs, fss, kmin, kmax, bad = chunk(
-            words, keys, arr, kc, block_shift, 0, n_words, n
-        )
-    else:
-        bounds = [n_words * i // parts for i in range(parts)] + [n_words]
-        per_word = 8 // arr.itemsize
-        ends = [bounds[i + 1] * per_word for i in range(parts - 1)] + [n]
-        pool = _executor(parts)
-        futs = [
-            pool.submit(chunk, words, keys, arr, kc, block_shift, bounds[i], bounds[i + 1], ends[i])
-            for i in range(1, parts)
-        ]
-        res = [chunk(words, keys, arr, kc, block_shift, 0, bounds[1], ends[0])]
-        res += [f.result() for f in futs]
-        s_sum = sum(r[0] for r in res)
-        s_pos = sum(r[1] for r in res)
-        fs = sum(r[2] for r in res)
-        fss = sum(r[3] for r in res)
-        kmin = min(r[4] for r in res)
-        kmax = max(r[5] for r in res)
-        bad = sum(r[6] for r in res)
+    try:
+        res = _run(chunk, words, keys, arr, kc, block_shift, n_words, n, parts)
+    except Exception as exc:  # numba compiles per dtype on first use: a failure is not fatal
+        _disable(exc)
+        return None
+    s_sum, s_pos, fs, fss, kmin, kmax, bad = res
     if n == 0:
         return s_sum, s_pos, 0.0, 0.0, 0.0, 0.0, 0
     return s_sum, s_pos, fs, fss, decode(kmin), decode(kmax), bad
+
+
+def _run(chunk, words, keys, arr, kc, block_shift, n_words, n, parts) -> tuple:
+    """The kernel over the whole array: one call, or ``parts`` chunks combined in order."""
+    if parts <= 1:
+        return chunk(words, keys, arr, kc, block_shift, 0, n_words, n)
+    bounds = [n_words * i // parts for i in range(parts)] + [n_words]
+    per_word = 8 // arr.itemsize
+    ends = [bounds[i + 1] * per_word for i in range(parts - 1)] + [n]
+    pool = _executor(parts)
+    futs = [
+        pool.submit(chunk, words, keys, arr, kc, block_shift, bounds[i], bounds[i + 1], ends[i])
+        for i in range(1, parts)
+    ]
+    res = [chunk(words, keys, arr, kc, block_shift, 0, bounds[1], ends[0])]
+    res += [f.result() for f in futs]
+    s_sum = sum(r[0] for r in res)
+    s_pos = sum(r[1] for r in res)
+    fs = sum(r[2] for r in res)
+    fss = sum(r[3] for r in res)
+    kmin = min(r[4] for r in res)
+    kmax = max(r[5] for r in res)
+    bad = sum(r[6] for r in res)
+    return s_sum, s_pos, fs, fss, kmin, kmax, bad
 
 
 _I32, _F32, _I64, _F64 = (struct.Struct(f) for f in ("<i", "<f", "<q", "<d"))

@@ -179,3 +179,56 @@ def test_capture_uses_the_dispatching_path():
     entry = capture("param", "w", x, call=0, seq=0, flags=0, keep_values=False)
     assert entry.fingerprint == fingerprint_bytes(_bytes(x))
     assert_stats_agree((entry.stats, entry.fingerprint), stats_on_cpu_reference(x), x)
+
+
+def _fresh_state(monkeypatch):
+    monkeypatch.setattr(fused, "_kernels", None)
+    monkeypatch.setattr(fused, "_failed", None)
+    monkeypatch.delenv("GRADDIFF_NO_NUMBA", raising=False)
+
+
+def test_numba_not_installed_falls_back_silently(monkeypatch):
+    """A platform without numba wheels (setup.cfg's marker): no warning, the reference path."""
+    _fresh_state(monkeypatch)
+
+    def build():
+        raise ModuleNotFoundError("No module named 'numba'", name="numba")
+
+    monkeypatch.setattr(fused, "_build", build)
+    x = CASES["large_tail"]
+    assert stats_on_cpu(x) == stats_on_cpu_reference(x)  # filterwarnings=error: no warning
+    assert not fused.available() and "not installed" in fused.unavailable_reason()
+
+
+def test_numba_that_cannot_import_warns_once(monkeypatch):
+    """An installed numba that fails to import (e.g. a numpy newer than it supports)."""
+    _fresh_state(monkeypatch)
+
+    def build():
+        raise ImportError("Numba needs NumPy 2.5 or less. Got NumPy 2.6.")
+
+    monkeypatch.setattr(fused, "_build", build)
+    x = CASES["large_tail"]
+    with pytest.warns(RuntimeWarning, match="fused statistics kernel .* NumPy 2.6") as record:
+        first = stats_on_cpu(x)
+        second = stats_on_cpu(x)
+    assert len(record) == 1
+    assert first == second == stats_on_cpu_reference(x)
+
+
+def test_kernel_that_fails_to_compile_warns_once(monkeypatch):
+    """numba compiles on first use: a failure there switches to the reference path."""
+    _fresh_state(monkeypatch)
+    calls = []
+
+    def chunk(*args):
+        calls.append(1)
+        raise RuntimeError("Failed in nopython mode pipeline (step: nopython frontend)")
+
+    monkeypatch.setattr(fused, "_build", lambda: {"chunk": chunk})
+    x, y = CASES["large_tail"], CASES["just_large"]
+    with pytest.warns(RuntimeWarning, match="nopython") as record:
+        assert stats_on_cpu(x) == stats_on_cpu_reference(x)
+        assert stats_on_cpu(y) == stats_on_cpu_reference(y)
+    assert len(record) == 1 and len(calls) == 1
+    assert not fused.available()

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from packaging.requirements import Requirement
+
 import graddiff
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +44,10 @@ def test_every_subpackage_is_listed_in_setup_cfg():
     assert found | {"graddiff.hooks"} == listed
 
 
-def test_wheel_contains_every_module(tmp_path):
-    """A non-editable install ships the demo, post-mortem and hooks packages."""
-    import zipfile
-
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The project built as a wheel, as ``pip install`` would build it."""
+    out = tmp_path_factory.mktemp("wheel")
     build = subprocess.run(
         [
             sys.executable,
@@ -55,7 +58,7 @@ def test_wheel_contains_every_module(tmp_path):
             "--no-build-isolation",
             "-q",
             "-w",
-            str(tmp_path),
+            str(out),
             str(ROOT),
         ],
         capture_output=True,
@@ -63,12 +66,93 @@ def test_wheel_contains_every_module(tmp_path):
         timeout=300,
     )
     assert build.returncode == 0, build.stderr
-    wheel = next(tmp_path.glob("graddiff-*.whl"))
+    return next(out.glob("graddiff-*.whl"))
+
+
+def test_wheel_contains_every_module(wheel):
+    """A non-editable install ships the demo, post-mortem and hooks packages."""
+    import zipfile
+
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ROOT.joinpath("graddiff").rglob("*.py"):
         assert str(module.relative_to(ROOT)) in names, module
     for module in ROOT.joinpath("hooks").glob("*.py"):
         assert f"graddiff/hooks/{module.name}" in names, module
+
+
+def _requires(wheel: Path) -> list[Requirement]:
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        text = z.read(meta).decode()
+    return [
+        Requirement(line.split(":", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+
+
+# Where numba 0.68.1 and llvmlite 0.50 publish binary wheels (checked on PyPI with
+# ``pip install --dry-run --only-binary=:all: --platform ... --python-version ...``).
+_WITH_WHEELS = [
+    ("linux", "x86_64", "3.10"),
+    ("linux", "aarch64", "3.15"),
+    ("darwin", "arm64", "3.12"),
+    ("win32", "AMD64", "3.13"),
+]
+_WITHOUT = [
+    ("linux", "x86_64", "3.9"),  # no numba 0.68 for 3.9
+    ("linux", "x86_64", "3.16"),  # not released: no wheels yet
+    ("linux", "ppc64le", "3.12"),
+    ("darwin", "x86_64", "3.12"),
+    ("win32", "ARM64", "3.12"),
+    ("win32", "x86", "3.12"),
+]
+
+
+def _env(plat: str, machine: str, py: str, impl: str = "CPython") -> dict[str, str]:
+    return {
+        "sys_platform": plat,
+        "platform_machine": machine,
+        "python_version": py,
+        "python_full_version": py + ".0",
+        "platform_python_implementation": impl,
+        "implementation_name": impl.lower(),
+        "extra": "",
+    }
+
+
+def test_numba_is_a_core_dependency_only_where_it_has_wheels(wheel):
+    """Plain ``pip install graddiff`` gets the fused kernel, and never builds numba from source:
+    the marker admits exactly the interpreters and platforms numba ships wheels for."""
+    numba = [r for r in _requires(wheel) if r.name == "numba"]
+    core = [r for r in numba if "extra" not in str(r.marker)]
+    fast = [r for r in numba if "extra" in str(r.marker)]
+    assert len(core) == 1 and len(fast) == 1, numba
+    req = core[0]
+    assert req.specifier.contains("0.68.1")
+    for case in _WITH_WHEELS:
+        assert req.marker.evaluate(_env(*case)), case
+    for case in _WITHOUT:
+        assert not req.marker.evaluate(_env(*case)), case
+    assert not req.marker.evaluate(_env("linux", "x86_64", "3.11", impl="PyPy"))
+    # the old "fast" extra is an alias: the same requirement, only under the extra
+    for case in _WITH_WHEELS + _WITHOUT:
+        env = dict(_env(*case), extra="fast")
+        assert fast[0].marker.evaluate(env) == req.marker.evaluate(env), case
+    assert fast[0].specifier == req.specifier
+
+
+def test_numba_marker_admits_this_machine_when_numba_is_here():
+    """Where the suite runs with numba (CI: linux x86_64), the marker must select it."""
+    import importlib.util
+
+    cfg = (ROOT / "setup.cfg").read_text()
+    line = next(x.strip() for x in cfg.splitlines() if x.strip().startswith("numba"))
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("numba not installed here")
+    assert Requirement(line).marker.evaluate()
 
 
 def _run(code):
