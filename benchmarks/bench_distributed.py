@@ -9,7 +9,9 @@ Run by hand: ``python benchmarks/bench_distributed.py``. Three measurements:
    the meta device: no memory is allocated), so the per-step cost of a 64-rank run follows from
    (1) without guessing the record count, with and without ``replicated="one"``.
 3. ``graddiff ranks`` time on synthetic stats-mode rank files (written with TraceWriter, as
-   many records per step as (2)), per rank x step.
+   many records per step as (2)), per rank x step, read serially and by worker processes
+   (``RANKS=2,8,32 STEPS=50`` by default), best of 3 interleaved rounds: the crossover behind
+   ``graddiff.ranks.parallel.PARALLEL_MIN_ROWS``.
 """
 
 from __future__ import annotations
@@ -78,17 +80,19 @@ def llama_1b_records() -> dict[str, int]:
     }
 
 
-def ranks_check_time(tmp: str, n_ranks: int, n_steps: int, n_records: int) -> float:
+def write_rank_files(tmp: str, n_ranks: int, n_steps: int, n_records: int) -> str:
+    """Synthetic stats-mode rank files of one run (replicated records bitwise equal)."""
     from graddiff.entries import EntryData
-    from graddiff.ranks import check_ranks
     from graddiff.writer import TraceWriter
 
     rng = np.random.default_rng(0)
     fps = rng.integers(0, 2**63, size=(n_steps, n_records, 2))
+    folder = os.path.join(tmp, f"ranks{n_ranks}x{n_steps}")
+    os.makedirs(folder)
     for r in range(n_ranks):
         env = {"rank": r, "world_size": n_ranks, "run_id": "bench"}
         w = TraceWriter(
-            os.path.join(tmp, f"rank_{r}.h5"), env, {"kinds": ["param", "grad"]}, ballast=False
+            os.path.join(folder, f"rank_{r}.h5"), env, {"kinds": ["param", "grad"]}, ballast=False
         )
         for s in range(n_steps):
             entries = [
@@ -106,11 +110,21 @@ def ranks_check_time(tmp: str, n_ranks: int, n_steps: int, n_records: int) -> fl
             ]
             w.write_step(s, entries)
         w.close()
-    t0 = time.perf_counter()
-    report = check_ranks([os.path.join(tmp, "rank_*.h5")])
-    dt = time.perf_counter() - t0
-    assert report.consistent
-    return dt
+    return os.path.join(folder, "rank_*.h5")
+
+
+def ranks_check_times(pattern: str, workers: list[int], rounds: int) -> dict[int, float]:
+    """Best-of-``rounds`` seconds of ``check_ranks`` per worker count, rounds interleaved."""
+    from graddiff.ranks import check_ranks
+
+    best = {w: float("inf") for w in workers}
+    for _ in range(rounds):
+        for w in workers:
+            t0 = time.perf_counter()
+            report = check_ranks([pattern], workers=w)
+            best[w] = min(best[w], time.perf_counter() - t0)
+            assert report.consistent
+    return best
 
 
 def main() -> int:
@@ -143,13 +157,28 @@ def main() -> int:
             f" 64 ranks: {64 * full / 2**30:.0f} GiB per step with replicated='all', "
             f"{(full + 63 * recs * per_row) / 2**30:.1f} GiB with replicated='one'"
         )
-        n_ranks, n_steps = int(os.environ.get("RANKS", 16)), int(os.environ.get("STEPS", 50))
+        from graddiff.ranks.parallel import available_cpus
+
         n_records = 2 * llama["param_tensors"]
-        dt = ranks_check_time(tmp, n_ranks, n_steps, n_records)
+        n_steps = int(os.environ.get("STEPS", 50))
+        cpus = available_cpus()
         print(
-            f"graddiff ranks: {n_ranks} ranks x {n_steps} steps x {n_records} replicated "
-            f"records in {dt:.2f} s = {1e3 * dt / (n_ranks * n_steps):.2f} ms per rank x step"
+            f"graddiff ranks: {n_records} replicated records per step (stats mode), {n_steps} "
+            f"steps, {cpus} CPUs; best of 3 interleaved rounds, ms per rank x step:"
         )
+        for n_ranks in [int(r) for r in os.environ.get("RANKS", "2,8,32").split(",")]:
+            pattern = write_rank_files(tmp, n_ranks, n_steps, n_records)
+            counts = sorted({1, min(n_ranks, cpus), min(n_ranks, 2 * cpus)})
+            counts = [w for w in counts if w == 1 or w > 1 and n_ranks > 1]
+            best = ranks_check_times(pattern, counts, 3)
+            cells = n_ranks * n_steps
+            parts = ", ".join(
+                f"{'serial' if w == 1 else f'{w} workers'} {1e3 * t / cells:.3f}"
+                + (f" ({best[1] / t:.2f}x)" if w > 1 else "")
+                for w, t in best.items()
+            )
+            rows = cells * n_records
+            print(f"  {n_ranks:3d} ranks ({rows / 1e6:.2f} M entry rows): {parts}")
     return 0
 
 

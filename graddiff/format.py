@@ -65,8 +65,11 @@ Additive extensions (optional: older files lack them, readers tolerate that):
   ``run_id``: one id shared by the ranks of one distributed launch (None otherwise).
 - root attribute ``shards`` (JSON): for each sharded parameter name (and its grad), where this
   rank's piece sits: ``global_shape`` plus ``offset``/``local_shape`` (FSDP2, DTensor: the
-  records hold the local shard) or ``flat_range`` [start, stop) of the flattened tensor (FSDP1
-  with ``use_orig_params=True``), and ``placements``, ``mesh_shape``.
+  records hold the local shard) or ``flat_range`` [start, stop) of the flattened tensor (FSDP1),
+  and ``placements``, ``mesh_shape``. FSDP1 with ``use_orig_params=False`` (FlatParameters)
+  adds ``flat_param`` (the FlatParameter's name, wrapper segments dropped) and ``shard_range``
+  [start, stop) of this rank's flat shard that the record was cut from; its ``param`` and
+  ``grad`` records are named by the original parameter, as with ``use_orig_params=True``.
 
 The fingerprint of a tensor is two unsigned 64-bit sums over its raw bytes read as
 little-endian int64 words (the last partial word zero-padded), both modulo 2**64:

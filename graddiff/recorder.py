@@ -29,7 +29,7 @@ from .hooks.autograd_hooks import as_tensor_list, inside_backward
 from .hooks.device_stats import DeviceStatsBatch
 from .hooks.naming import flatten_tensors, record_name
 from .hooks.optimizer_hooks import optimizer_params
-from .hooks.shards import local_tensor
+from .hooks.shards import FlatPieces, local_tensor
 from .hooks.snapshot import capture
 from .kinds import Kind
 from .steps import StepClock
@@ -93,8 +93,11 @@ class Recorder:
         full_kinds: Optional[Iterable[str]] = None,
         forward_only: bool = False,
         stats_only_kinds: frozenset = frozenset(),
+        flat_pieces: Optional[dict[int, FlatPieces]] = None,
     ) -> None:
         self.writer = writer
+        # FSDP1 use_orig_params=False: FlatParameter (by id) -> its original parameters' pieces
+        self._flat_pieces = flat_pieces or {}
         # forward_only: every call of the model is one step, recorded with or without grad
         # (ports compared on one batch before any training); gradients are not recorded.
         self.forward_only = forward_only
@@ -176,7 +179,8 @@ class Recorder:
             self._probe_values = [(p._version, p.detach().clone()) for p in self._probes]
         if Kind.PARAM.value in self.kinds:
             for name, p in self.params:
-                self._record(Kind.PARAM.value, name, p, call=0)
+                for piece_name, t in self._pieces(name, p, p, keep_empty=True):
+                    self._record(Kind.PARAM.value, piece_name, t, call=0)
         if Kind.BUFFER_START.value in self.kinds:
             # Where params are: replicas that sync buffers (DDP broadcast_buffers) agree here
             # and not at the step's end, where each rank's own batch has updated them.
@@ -386,9 +390,22 @@ class Recorder:
             for name, p in params:
                 if p.grad is not None:
                     call = self._next_call("closure_grad", name) if closure else 0
-                    self._pending_grads[(name, call)] = self._capture(
-                        Kind.GRAD.value, name, p.grad, call=call, seq=0, flags=0
-                    )
+                    for piece_name, g in self._pieces(name, p, p.grad, keep_empty=False):
+                        self._pending_grads[(piece_name, call)] = self._capture(
+                            Kind.GRAD.value, piece_name, g, call=call, seq=0, flags=0
+                        )
+
+    def _pieces(
+        self, name: str, p: torch.Tensor, t: torch.Tensor, *, keep_empty: bool
+    ) -> list[tuple[str, torch.Tensor]]:
+        """``t`` (a parameter or its .grad) as recorded: an FSDP1 FlatParameter's shard cut into
+        its original parameters (views; a gradient has no piece where the rank holds none),
+        anything else as it is."""
+        flat = self._flat_pieces.get(id(p))
+        split = flat.split(t) if flat is not None else None
+        if split is None:
+            return [(name, t)]
+        return [(n, v) for n, v in split if keep_empty or v.numel()]
 
     def _owned(self, optimizer: Any) -> list[tuple[str, torch.Tensor]]:
         """The traced parameters ``optimizer`` updates (cached per optimizer)."""

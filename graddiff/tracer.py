@@ -33,7 +33,7 @@ from .hooks.naming import (
     wrapped_module,
 )
 from .hooks.optimizer_hooks import add_step_hooks
-from .hooks.shards import flat_shard_layout, shard_layout
+from .hooks.shards import flat_shards, shard_layout
 from .kinds import parse_kinds, with_buffer_start
 from .launch import current_launch, resolve_path, shared_run_id
 from .perturb import check_perturb, nudge_parameters
@@ -249,7 +249,10 @@ class Tracer:
             why = " ".join(str(exc).split())[:300]  # HDF5's messages span lines
             raise TraceUsageError(f"{self.path}: cannot create the trace file ({why})") from None
         # FSDP2 / DTensor, FSDP1 flat shards: where this rank's shards sit
-        layout = {**shard_layout(params), **flat_shard_layout(inner)}
+        flat_layout, flat_pieces = flat_shards(inner)
+        layout = {**shard_layout(params), **flat_layout}
+        traced = {id(p) for _, p in params}
+        flat_pieces = {k: v for k, v in flat_pieces.items() if k in traced}
         if layout:
             self._writer.set_attr("shards", json.dumps(layout, sort_keys=True))
         # module classes (the wrapped module's, under FSDP1): shown with every record name;
@@ -264,6 +267,7 @@ class Tracer:
             writer=self._writer,
             params=params,
             buffers=buffers,
+            flat_pieces=flat_pieces,
             kinds=self.kinds,
             values=self.values,
             max_bytes=self.max_bytes,

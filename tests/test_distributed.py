@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -33,6 +34,8 @@ TWO = [
     "one",
     "fsdp2",
     "fsdp1",
+    "fsdp1flat",
+    "bnddp",
     "killed",
 ]
 FOUR = ["healthy", "sched", "plain"]
@@ -310,6 +313,75 @@ def test_fsdp1_names_shards_and_comparison(two):
     assert any("sharded parameter(s) reassembled" in n for n in r.notes), r.notes
     single = os.path.join(two, "plain", "single_rank0.h5")
     assert graddiff.compare(os.path.join(d, "run_*.h5"), single).exit_code == 0
+
+
+def test_fsdp1_flat_parameters_by_original_name(two):
+    """FSDP1's default (use_orig_params=False): each FlatParameter shard is recorded as one
+    piece per original parameter, reassembled by name: FSDP1 vs DDP vs one process agree."""
+    d = os.path.join(two, "fsdp1flat")
+    for rank in range(2):
+        with open(os.path.join(d, f"transparent_{rank}.txt")) as fh:
+            assert fh.read() == "bitwise-equal"
+        with graddiff.open(os.path.join(d, f"run_{rank}.h5")) as run:
+            assert list(run.steps) == [0, 1, 2, 3]
+            assert run.names("param") == ["0.weight", "0.bias", "2.weight", "2.bias"]
+            assert not any("_flat_param" in n for n in run.names())
+    # unit 0 holds 0.weight (96 elements) and 0.bias (16): 56 per rank; 0.weight spans both
+    with graddiff.open(os.path.join(d, "run_0.h5")) as r0:
+        assert r0.get("param", "0.weight", 0).shape == (56,)
+        assert r0.get("grad", "0.weight", 0).shape == (56,)
+        assert r0.get("param", "0.bias", 0).shape == (0,)  # rank 0 holds none of it
+        assert "0.bias" not in r0.names("grad")
+    with graddiff.open(os.path.join(d, "run_1.h5")) as r1:
+        assert r1.get("param", "0.weight", 0).shape == (40,)
+        assert r1.get("grad", "0.bias", 0).shape == (16,)
+    flat = os.path.join(d, "run_*.h5")
+    for other in (
+        os.path.join(two, "plain", "run_*.h5"),
+        os.path.join(two, "plain", "single_rank0.h5"),
+    ):
+        r = graddiff.compare(flat, other)
+        assert r.exit_code == 0, r.to_dict()
+        assert any("4 sharded parameter(s) reassembled" in n for n in r.notes), r.notes
+    assert graddiff.compare(flat, os.path.join(two, "fsdp1", "run_*.h5")).exit_code == 0
+    # a planted bug in the reference (0.weight[-1, -1], in rank 1's shard, before step 2)
+    bug = graddiff.compare(flat, os.path.join(d, "single_bug_rank0.h5"))
+    assert bug.exit_code == 1
+    first = bug.first
+    assert (first["step"], first["kind"], first["name"]) == (2, "param", "0.weight"), first
+
+
+def test_batchnorm_ddp_vs_single_process_names_per_rank_statistics(two):
+    """Plain BatchNorm under DDP normalises each rank's micro-batch with its own statistics: a
+    genuinely different computation from one process on the global batch. The report names the
+    BatchNorm layer and that reason, with the per-part evidence from the values."""
+    d = os.path.join(two, "bnddp")
+    r = graddiff.compare(os.path.join(d, "run_*.h5"), os.path.join(d, "single_rank0.h5"))
+    assert r.exit_code == 1
+    assert (r.first.step, r.first.kind, r.first.name) == (0, "activation", "1")
+    cause = r.diagnosis[0]
+    assert cause.cause == "rank_local_batchnorm", r.diagnosis
+    assert "per rank" in cause.title and "in layer 1 (BatchNorm1d)" in cause.title
+    assert "SyncBatchNorm" in cause.fix
+    parts = [e for e in cause.evidence if "each rank's part of the output" in e]
+    assert parts, cause.evidence
+    # the merged side's parts are each normalised alone (rounding), the single process's not
+    mine, theirs = (float(t) for t in re.findall(r"(?:deviation|up to) ([0-9.e+-]+)", parts[0]))
+    assert mine < 1e-5 < 0.05 < theirs
+    # the same layer without data parallelism on either side is not this cause
+    r1 = graddiff.compare(os.path.join(d, "run_0.h5"), os.path.join(d, "single_rank0.h5"))
+    assert all(c.cause != "rank_local_batchnorm" for c in r1.diagnosis)
+
+
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(),
+    reason="SyncBatchNorm runs on CUDA only in torch (aten::batch_norm_stats has no CPU kernel)",
+)
+def test_syncbatchnorm_ddp_matches_single_process(tmp_path):
+    root = launch(tmp_path, 2, ["bnsync"])
+    d = os.path.join(root, "bnsync")
+    r = graddiff.compare(os.path.join(d, "run_*.h5"), os.path.join(d, "single_rank0.h5"))
+    assert r.exit_code == 0, r.to_dict()
 
 
 def test_two_rank_files_compared_directly_point_at_graddiff_ranks(two):

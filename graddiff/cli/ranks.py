@@ -6,6 +6,7 @@ Exit codes as ``compare``: 0 consistent, 1 inconsistent, 2 usage or input error 
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import click
 
@@ -18,14 +19,21 @@ from . import terminal_console
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object instead of the report."
 )
-def ranks_cmd(files: tuple[str, ...], as_json: bool) -> int:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes that read the rank files (default: chosen from the file count, their size "
+    "and the CPUs; 1: one after another in this process).",
+)
+def ranks_cmd(files: tuple[str, ...], as_json: bool, workers: Optional[int]) -> int:
     """Check that the ranks of one data-parallel run agree: parameters, step-start buffers and
     all-reduced gradients must be bitwise equal on every rank. Names the first step, record
     and odd rank (by majority), and the cause.
 
     Exit code 0: consistent; 1: inconsistent; 2: usage or input error.
     """
-    report = check_ranks(list(files))
+    report = check_ranks(list(files), workers=workers)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     else:

@@ -34,6 +34,7 @@ from .rules_forward import (
     rule_structure,
 )
 from .rules_graph import rule_extra_grad_path, rule_tied_weights
+from .rules_ranks import rule_rank_local_batchnorm
 from .rules_update import rule_batchnorm, rule_update_rule, rule_update_specific
 
 __all__ = ["Cause", "diagnose"]
@@ -118,6 +119,7 @@ RULES: tuple[Callable[[Context], Any], ...] = (
     rule_scaled_grads,
     rule_mode,
     rule_dropout,
+    rule_rank_local_batchnorm,
     rule_batchnorm,
     rule_update_specific,
     rule_unscaled_micro_batches,

@@ -12,7 +12,6 @@ design and are not compared. Records marked as shards (FSDP) differ by design an
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -99,29 +98,68 @@ def vote(groups_of: dict[tuple[int, int], list[int]]) -> tuple[list[list[int]], 
     return groups, odd, strict
 
 
-def _passes(run: Run, steps: np.ndarray) -> np.ndarray:
-    """Forward/backward passes per step: loss records (or root inputs when no loss is recorded)."""
+def pass_records(run: Run) -> np.ndarray:
+    """Record ids that count forward/backward passes: the loss records (or, when no loss is
+    recorded, the first-named root input)."""
     loss = [i for i in range(run.n_records) if run.record_key(i).kind == Kind.LOSS.value]
     if not loss:
         loss = [i for i in range(run.n_records) if run.record_key(i).kind == Kind.INPUT.value]
         names = {run.record_key(i).name for i in loss}
         first = sorted(names)[:1]
         loss = [i for i in loss if run.record_key(i).name in first]
-    out = np.zeros(len(steps), np.int64)
-    if not loss or not len(steps):
-        return out
-    ids = np.array(loss)
-    pos = {int(s): i for i, s in enumerate(steps)}
-    for block in run.iter_step_blocks(BLOCK_STEPS):
-        hit = block[np.isin(block["record"], ids)]
-        for s, n in Counter(int(x) for x in hit["step"]).items():
-            if s in pos:
-                out[pos[s]] = n
-    return out
+    return np.array(loss, np.int64)
 
 
-def check_consistency(rs: RankSet) -> Consistency:
-    """Vote on every replicated record of every step that all ranks completed."""
+def key_ids(run: Run, index: dict[RecordKey, int], skipped: set[RecordKey]) -> np.ndarray:
+    """Record id of ``run`` -> position in the compared keys (-1: not compared)."""
+    ids = np.full(run.n_records, -1, np.int64)
+    for rid in range(run.n_records):
+        key = run.record_key(rid)
+        if key not in skipped:
+            ids[rid] = index.get(key, -1)
+    return ids
+
+
+def read_block(
+    run: Run, block: np.ndarray, key_of: np.ndarray, n_keys: int, pass_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One rank's fingerprints of the steps ``block`` (sorted): fp_sum, fp_pos and presence as
+    steps x keys arrays, and its forward/backward passes per step. One read of the entries."""
+    fs = np.zeros((len(block), n_keys), np.uint64)
+    fp = np.zeros_like(fs)
+    have = np.zeros(fs.shape, bool)
+    passes = np.zeros(len(block), np.int64)
+    if not len(block):
+        return fs, fp, have, passes
+    ent = run.entries(int(block[0]), int(block[-1]))
+    si = np.searchsorted(block, ent["step"])
+    inside = (si < len(block)) & (block[np.minimum(si, len(block) - 1)] == ent["step"])
+    if len(pass_ids):
+        hit = inside & np.isin(ent["record"], pass_ids)
+        passes += np.bincount(si[hit], minlength=len(block))
+    if n_keys:
+        kid = key_of[ent["record"]]
+        keep = inside & (kid >= 0)
+        si, kid, ent = si[keep], kid[keep], ent[keep]
+        fs[si, kid] = ent["fp_sum"]
+        fp[si, kid] = ent["fp_pos"]
+        have[si, kid] = True
+    return fs, fp, have, passes
+
+
+def block_steps(n_ranks: int, n_keys: int) -> int:
+    """Steps per block: ranks x steps x keys stays under MAX_CELLS."""
+    return max(1, min(BLOCK_STEPS, MAX_CELLS // max(1, n_ranks * n_keys)))
+
+
+def check_consistency(rs: RankSet, workers: Optional[int] = None) -> Consistency:
+    """Vote on every replicated record of every step that all ranks completed.
+
+    ``workers``: None chooses (serial for small sets, worker processes for large ones: see
+    graddiff.ranks.parallel); 0 or 1 reads the files one after another in this process; N > 1
+    reads them in up to N worker processes. The result is the same either way."""
+    from .parallel import choose_workers, parallel_reader
+
     runs = rs.runs
     steps = runs[0].steps
     for run in runs[1:]:
@@ -139,16 +177,51 @@ def check_consistency(rs: RankSet) -> Consistency:
     out = Consistency(steps=steps, kinds=compared, n_records=len(keys))
     out.step_counts = [len(run.steps) for run in runs]
     out.skipped_shards = len({k for k in skipped if k.kind in present})
-    _check_passes(runs, steps, out)
-    if not len(steps) or not keys:
+    if not len(steps):
         return out
-    order = np.array([CAUSAL_RANK.get(k.kind, 99) for k in keys])
-    key_of = [_key_ids(run, index, skipped) for run in runs]
-    per_block = max(1, min(BLOCK_STEPS, MAX_CELLS // (len(runs) * len(keys))))
-    for lo in range(0, len(steps), per_block):
-        block = steps[lo : lo + per_block]
-        _vote_block(runs, block, keys, key_of, order, out)
+    order = np.array([CAUSAL_RANK.get(k.kind, 99) for k in keys], np.int64)
+    per_block = block_steps(len(runs), len(keys))
+    n = choose_workers(runs, steps, workers)
+    counts = np.zeros((len(runs), len(steps)), np.int64)  # passes per rank and step
+    if n > 1:
+        source = parallel_reader(runs, steps, keys, skipped, per_block, n)
+    else:
+        source = _serial_reader(runs, steps, keys, index, skipped, per_block)
+    with source as blocks:
+        for lo, per_rank in blocks:
+            block = steps[lo : lo + per_block]
+            for r, (_, _, _, passes) in enumerate(per_rank):
+                counts[r, lo : lo + len(block)] = passes
+            if keys:
+                _vote_block(block, keys, per_rank, order, out)
+    _check_passes(counts, steps, out)
     return out
+
+
+class _serial_reader:
+    """Blocks of every rank's fingerprints, read one file after another in this process."""
+
+    def __init__(self, runs, steps, keys, index, skipped, per_block) -> None:
+        self.runs, self.steps, self.n_keys, self.per_block = runs, steps, len(keys), per_block
+        self.key_of = [key_ids(run, index, skipped) for run in runs]
+        self.pass_ids = [pass_records(run) for run in runs]
+
+    def __enter__(self):
+        return self._blocks()
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def _blocks(self):
+        for lo in range(0, len(self.steps), self.per_block):
+            block = self.steps[lo : lo + self.per_block]
+            yield (
+                lo,
+                [
+                    read_block(run, block, self.key_of[r], self.n_keys, self.pass_ids[r])
+                    for r, run in enumerate(self.runs)
+                ],
+            )
 
 
 def _shard_keys(runs: list[Run]) -> set[RecordKey]:
@@ -160,17 +233,8 @@ def _shard_keys(runs: list[Run]) -> set[RecordKey]:
     return out
 
 
-def _key_ids(run: Run, index: dict[RecordKey, int], skipped: set[RecordKey]) -> np.ndarray:
-    ids = np.full(run.n_records, -1, np.int64)
-    for rid in range(run.n_records):
-        key = run.record_key(rid)
-        if key not in skipped:
-            ids[rid] = index.get(key, -1)
-    return ids
-
-
-def _check_passes(runs: list[Run], steps: np.ndarray, out: Consistency) -> None:
-    counts = np.stack([_passes(run, steps) for run in runs])  # ranks x steps
+def _check_passes(counts: np.ndarray, steps: np.ndarray, out: Consistency) -> None:
+    """The first step whose passes (ranks x steps ``counts``) are not the same on every rank."""
     for j in range(counts.shape[1]):
         col = counts[:, j]
         if (col == col[0]).all():
@@ -183,21 +247,11 @@ def _check_passes(runs: list[Run], steps: np.ndarray, out: Consistency) -> None:
         return
 
 
-def _vote_block(runs, block, keys, key_of, order, out: Consistency) -> None:
-    n_ranks, n_keys = len(runs), len(keys)
-    pos = {int(s): i for i, s in enumerate(block)}
-    fs = np.zeros((n_ranks, len(block), n_keys), np.uint64)
-    fp = np.zeros_like(fs)
-    have = np.zeros(fs.shape, bool)
-    for r, run in enumerate(runs):
-        ent = run.entries(int(block[0]), int(block[-1]))
-        kid = key_of[r][ent["record"]]
-        keep = (kid >= 0) & np.isin(ent["step"], block)
-        ent, kid = ent[keep], kid[keep]
-        si = np.array([pos[int(s)] for s in ent["step"]], np.int64)
-        fs[r, si, kid] = ent["fp_sum"]
-        fp[r, si, kid] = ent["fp_pos"]
-        have[r, si, kid] = True
+def _vote_block(block, keys, per_rank, order, out: Consistency) -> None:
+    n_ranks = len(per_rank)
+    fs = np.stack([b[0] for b in per_rank])  # ranks x steps x keys
+    fp = np.stack([b[1] for b in per_rank])
+    have = np.stack([b[2] for b in per_rank])
     anywhere = have.any(axis=0)
     differ = ((fs != fs[0]) | (fp != fp[0]) | (have != have[0])).any(axis=0) & anywhere
     if not differ.any():

@@ -162,11 +162,14 @@ def _notes(rs: RankSet, c: Consistency) -> list[str]:
     return notes
 
 
-def check_ranks(files: Sequence[str]) -> RanksReport:
+def check_ranks(files: Sequence[str], *, workers: Optional[int] = None) -> RanksReport:
     """Check that the ranks of one data-parallel run hold the same replicated state.
 
     Args:
         files: every rank's trace file (paths or globs such as ``"runs/run_*.h5"``).
+        workers: processes that read the files: None chooses (serial for 1-2 files or small
+            traces, else one per CPU up to one per file); 1 reads them one after another in
+            this process; N reads them in up to N worker processes. Same result either way.
 
     Returns:
         A :class:`RanksReport`; ``exit_code`` 0 when consistent, 1 when not.
@@ -177,7 +180,7 @@ def check_ranks(files: Sequence[str]) -> RanksReport:
     t0 = time.perf_counter()
     rs = open_ranks(list(files))
     try:
-        c = check_consistency(rs)
+        c = check_consistency(rs, workers)
         cause = diagnose_ranks(rs, c)
         steps = c.steps
         report = RanksReport(

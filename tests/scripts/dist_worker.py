@@ -19,6 +19,12 @@ test's cost), each scenario tracing into ``OUT_DIR/<scenario>/run_{rank}.h5``:
   two runs' parameter shards are bitwise equal.
 - ``fsdp1``: the same with FSDP1 (``FullyShardedDataParallel(use_orig_params=True)``, one unit
   per Linear).
+- ``fsdp1flat``: the same with FSDP1's default (``use_orig_params=False``: FlatParameters);
+  rank 0 also traces ``single_bug.h5``: the single-process ``plain`` run with one element of
+  ``0.weight`` nudged before step 2.
+- ``bnddp``: DDP of an MLP with BatchNorm (no Dropout) on this rank's slice of the global
+  batch; rank 0 also traces it single process on the whole batch (``bnddp/single.h5``).
+- ``bnsync``: ``bnddp`` with ``SyncBatchNorm`` (CUDA only in torch: needs a GPU per rank).
 - ``killed``: no collectives; the last rank kills itself (SIGKILL) during step 2. Run it last.
 """
 
@@ -50,6 +56,12 @@ def bn_model() -> nn.Module:
 def plain_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def bn_plain_model(sync: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync else model
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +125,35 @@ def plain_loop(rank: int, world: int, out: str, replicated: str = "all") -> None
             opt.step()
 
 
-def fsdp_model(version: int, world: int) -> nn.Module:
-    """``plain_model`` sharded by FSDP2 (fully_shard) or FSDP1 (use_orig_params, Linear units)."""
+def bn_loop(rank: int, world: int, out: str, sync: bool) -> None:
+    """DDP with (Sync)BatchNorm on slices of the global batch; rank 0: single-process too."""
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if sync else None
+    part = GLOBAL_BATCH // world
+    model = bn_plain_model(sync).to(device)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    with graddiff.trace(ddp, os.path.join(out, "run_{rank}.h5"), values="full"):
+        for step in range(STEPS):
+            x, y = global_batch(step)
+            x, y = x[rank * part : (rank + 1) * part], y[rank * part : (rank + 1) * part]
+            opt.zero_grad()
+            F.cross_entropy(ddp(x.to(device)), y.to(device)).backward()
+            opt.step()
+    if rank != 0:
+        return
+    model = bn_plain_model().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with graddiff.trace(model, os.path.join(out, "single.h5"), values="full"):
+        for step in range(STEPS):
+            x, y = global_batch(step)
+            opt.zero_grad()
+            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+
+
+def fsdp_model(version: int, world: int, orig: bool = True) -> nn.Module:
+    """``plain_model`` sharded by FSDP2 (fully_shard) or FSDP1 (Linear units; ``orig``:
+    use_orig_params, else FSDP1's default FlatParameters)."""
     model = plain_model()
     if version == 2:
         from torch.distributed.device_mesh import init_device_mesh
@@ -129,15 +168,17 @@ def fsdp_model(version: int, world: int) -> nn.Module:
 
     return FullyShardedDataParallel(
         model,
-        use_orig_params=True,
+        use_orig_params=orig,
         device_id=torch.device("cpu"),
         auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
     )
 
 
-def fsdp_train(version: int, rank: int, world: int, path: str = "") -> list[torch.Tensor]:
+def fsdp_train(
+    version: int, rank: int, world: int, path: str = "", orig: bool = True
+) -> list[torch.Tensor]:
     """The ``plain`` loop under FSDP; traced into ``path`` when given. Returns the local shards."""
-    model = fsdp_model(version, world)
+    model = fsdp_model(version, world, orig)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     part = GLOBAL_BATCH // world
 
@@ -158,12 +199,27 @@ def fsdp_train(version: int, rank: int, world: int, path: str = "") -> list[torc
     return [t.detach().clone() for t in local]
 
 
-def fsdp_loop(version: int, rank: int, world: int, out: str) -> None:
-    traced = fsdp_train(version, rank, world, os.path.join(out, "run_{rank}.h5"))
-    untraced = fsdp_train(version, rank, world)
+def fsdp_loop(version: int, rank: int, world: int, out: str, orig: bool = True) -> None:
+    traced = fsdp_train(version, rank, world, os.path.join(out, "run_{rank}.h5"), orig)
+    untraced = fsdp_train(version, rank, world, orig=orig)
     same = all(torch.equal(a, b) for a, b in zip(traced, untraced))
     with open(os.path.join(out, f"transparent_{rank}.txt"), "w") as fh:
         fh.write("bitwise-equal" if same else "DIFFERENT")
+
+
+def planted_bug_single(out: str) -> None:
+    """The single-process ``plain`` run with one element of 0.weight nudged before step 2."""
+    model = plain_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with graddiff.trace(model, os.path.join(out, "single_bug.h5"), values="full"):
+        for step in range(STEPS):
+            x, y = global_batch(step)
+            if step == 2:
+                with torch.no_grad():
+                    model[0].weight[-1, -1] += 0.01
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
 
 
 def killed_loop(rank: int, world: int, out: str) -> None:
@@ -195,6 +251,12 @@ def main() -> int:
             plain_loop(rank, world, out, replicated="one")
         elif scenario in ("fsdp1", "fsdp2"):
             fsdp_loop(int(scenario[-1]), rank, world, out)
+        elif scenario == "fsdp1flat":
+            fsdp_loop(1, rank, world, out, orig=False)
+            if rank == 0:
+                planted_bug_single(out)
+        elif scenario in ("bnddp", "bnsync"):
+            bn_loop(rank, world, out, sync=scenario == "bnsync")
         elif scenario == "killed":
             killed_loop(rank, world, out)
             print(f"rank {rank} ok", flush=True)

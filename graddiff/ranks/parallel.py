@@ -1,0 +1,185 @@
+"""Reading the rank files of ``graddiff ranks`` in worker processes.
+
+h5py serialises every read in one process (a global lock), so threads cannot read rank files
+in parallel; worker processes can. Each worker is a fresh interpreter running
+``python -m graddiff.ranks.worker`` (graddiff.ranks.worker): it gets paths and the compared
+record keys (a JSON spec), and writes plain .npy arrays into a temporary folder; this process
+then votes on them block by block through memory maps, exactly as on the serial path (the same
+``read_block`` fills both, so results and exit codes are identical). No pickle; the workers never
+import torch or the caller's main module, so calling ``check_ranks`` from a training script
+does not rerun it.
+
+Starting a worker costs about 0.3 s of CPU (an interpreter importing numpy and h5py), so
+``workers=None`` reads small sets serially: 1 or 2 files, no idle CPU, or fewer entry rows than
+repay the workers' start (:func:`min_rows`, from costs measured by
+benchmarks/bench_distributed.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Optional
+
+import numpy as np
+
+from ..errors import GraddiffError
+from ..reader import RecordKey, Run
+
+#: Measured with benchmarks/bench_distributed.py (docs/distributed.md): a worker's start (a fresh
+#: interpreter importing numpy, h5py and the reader) costs about WORKER_START_S seconds of CPU,
+#: and the serial path about ROW_COST_S seconds per entry row read and voted on.
+WORKER_START_S = 0.3
+ROW_COST_S = 0.5e-6
+
+
+def available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def usable_cpus() -> int:
+    """CPUs not busy with other work: the available CPUs less the 1-minute load average (this
+    process counted as one of ours). A loaded machine gives workers no core to run on."""
+    cpus = available_cpus()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not Unix
+        return cpus
+    return max(1, min(cpus, int(cpus - max(0.0, load - 1.0) + 0.5)))
+
+
+def entry_rows(run: Run) -> int:
+    st = run.step_table
+    return int((st["stop"] - st["start"]).sum()) if len(st) else 0
+
+
+def min_rows(workers: int) -> float:
+    """Entry rows (all files) from which ``workers`` processes beat the serial path: their
+    start cost is repaid when the work saved, rows x ROW_COST_S x (1 - 1/workers), exceeds it."""
+    return WORKER_START_S / (ROW_COST_S * (1.0 - 1.0 / workers))
+
+
+def choose_workers(runs: list[Run], steps: np.ndarray, workers: Optional[int]) -> int:
+    """Worker processes to read ``runs`` with (1: serial, in this process). ``workers`` given:
+    that many, at most one per file. None: serial for 1 or 2 files, without an idle CPU, or
+    for fewer entry rows than :func:`min_rows`; else one worker per idle CPU, at most one per
+    file."""
+    if workers is not None:
+        return max(1, min(int(workers), len(runs)))
+    if len(runs) <= 2:
+        return 1
+    n = min(len(runs), usable_cpus())
+    if n < 2 or sum(entry_rows(run) for run in runs) < min_rows(n):
+        return 1
+    return n
+
+
+def _worker_env() -> dict[str, str]:
+    """The environment of a worker: this graddiff importable first, whatever the caller's cwd."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+class parallel_reader:
+    """Context manager yielding (first step index, per-rank block arrays) for every block of
+    ``per_block`` steps, the arrays read by ``n`` worker processes. Raises GraddiffError (one
+    line) when a worker fails; the workers and their files are gone on exit."""
+
+    def __init__(
+        self,
+        runs: list[Run],
+        steps: np.ndarray,
+        keys: list[RecordKey],
+        skipped: set[RecordKey],
+        per_block: int,
+        n: int,
+    ) -> None:
+        self.runs, self.steps, self.per_block, self.n = runs, steps, per_block, n
+        self.keys, self.skipped = keys, skipped
+        self._tmp: Optional[tempfile.TemporaryDirectory] = None
+        self._maps: list[list[np.ndarray]] = []
+
+    def __enter__(self) -> Iterator[tuple[int, list]]:
+        self._tmp = tempfile.TemporaryDirectory(prefix="graddiff-ranks-")
+        try:
+            self._run_workers(self._tmp.name)
+            self._maps = [self._load(self._tmp.name, r) for r in range(len(self.runs))]
+        except BaseException:
+            self._cleanup()
+            raise
+        return self._blocks()
+
+    def __exit__(self, *exc: object) -> None:
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        self._maps = []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _run_workers(self, out: str) -> None:
+        jobs = [[r, os.path.abspath(run.path)] for r, run in enumerate(self.runs)]
+        shares = [jobs[w :: self.n] for w in range(self.n)]
+        spec = {
+            "steps": [int(s) for s in self.steps],
+            "keys": [[k.kind, k.name, k.call] for k in self.keys],
+            "skipped": [[k.kind, k.name, k.call] for k in sorted(self.skipped, key=str)],
+            "per_block": self.per_block,
+            "out": out,
+        }
+        procs = []
+        try:
+            for w, share in enumerate(shares):
+                path = os.path.join(out, f"spec{w}.json")
+                with open(path, "w", encoding="utf-8") as f:
+                    json.dump({**spec, "jobs": share}, f)
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "graddiff.ranks.worker", path],
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                        env=_worker_env(),
+                    )
+                )
+            for proc, share in zip(procs, shares):
+                _, err = proc.communicate()
+                if proc.returncode != 0:
+                    raise GraddiffError(_failure(err, proc.returncode, share))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+    def _load(self, out: str, rank: int) -> list[np.ndarray]:
+        stem = os.path.join(out, str(rank))
+        return [
+            np.load(f"{stem}.{part}.npy", mmap_mode="r", allow_pickle=False)
+            for part in ("fs", "fp", "have", "passes")
+        ]
+
+    def _blocks(self) -> Iterator[tuple[int, list]]:
+        for lo in range(0, len(self.steps), self.per_block):
+            hi = lo + self.per_block
+            yield lo, [[np.asarray(a[lo:hi]) for a in maps] for maps in self._maps]
+
+
+def _failure(err: bytes, code: int, share: list) -> str:
+    lines = [ln for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
+    last = next((ln for ln in reversed(lines) if ln.startswith("Error: ")), None)
+    if last is not None:
+        return last[len("Error: ") :]
+    files = ", ".join(p for _, p in share[:3]) + (" ..." if len(share) > 3 else "")
+    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    return f"reading {files} failed: the worker process ended ({how})"
