@@ -34,6 +34,17 @@ from .hooks.snapshot import capture
 from .kinds import Kind
 from .steps import StepClock
 
+# Kind values as plain strings: ``Kind.X.value`` is an enum descriptor lookup on every hook call.
+_K_ACTIVATION = Kind.ACTIVATION.value
+_K_AUTOGRAD_GRAD = Kind.AUTOGRAD_GRAD.value
+_K_BUFFER = Kind.BUFFER.value
+_K_BUFFER_START = Kind.BUFFER_START.value
+_K_GRAD = Kind.GRAD.value
+_K_GRAD_OUTPUT = Kind.GRAD_OUTPUT.value
+_K_INPUT = Kind.INPUT.value
+_K_LOSS = Kind.LOSS.value
+_K_PARAM = Kind.PARAM.value
+
 
 class AliasEntry(EntryData):
     """The same tensor seen twice in a step (a container and its last child return one
@@ -177,15 +188,15 @@ class Recorder:
         self._step_full = self._decide_full(self.clock.step)
         if not self.optimizer_seen:
             self._probe_values = [(p._version, p.detach().clone()) for p in self._probes]
-        if Kind.PARAM.value in self.kinds:
+        if _K_PARAM in self.kinds:
             for name, p in self.params:
                 for piece_name, t in self._pieces(name, p, p, keep_empty=True):
-                    self._record(Kind.PARAM.value, piece_name, t, call=0)
-        if Kind.BUFFER_START.value in self.kinds:
+                    self._record(_K_PARAM, piece_name, t, call=0)
+        if _K_BUFFER_START in self.kinds:
             # Where params are: replicas that sync buffers (DDP broadcast_buffers) agree here
             # and not at the step's end, where each rank's own batch has updated them.
             for name, buf in self.buffers:
-                self._record(Kind.BUFFER_START.value, name, buf, call=0)
+                self._record(_K_BUFFER_START, name, buf, call=0)
 
     def _record(
         self,
@@ -244,10 +255,10 @@ class Recorder:
                 entry.seq = self._seq
                 self._seq += 1
                 entries.append(entry)
-            if Kind.BUFFER.value in self.kinds:
+            if _K_BUFFER in self.kinds:
                 for name, buf in self.buffers:
                     entries.append(
-                        self._capture(Kind.BUFFER.value, name, buf, call=0, seq=self._seq, flags=0)
+                        self._capture(_K_BUFFER, name, buf, call=0, seq=self._seq, flags=0)
                     )
                     self._seq += 1
             step = self.clock.step
@@ -285,11 +296,9 @@ class Recorder:
 
     def _record_inputs(self, args: Any, kwargs: Any) -> None:
         self._forward_ran = True
-        if Kind.INPUT.value in self.kinds:
+        if _K_INPUT in self.kinds:
             for path, t in flatten_tensors(list(args)) + flatten_tensors(dict(kwargs or {})):
-                self._record(
-                    Kind.INPUT.value, path, t, call=self._next_call("input", path), alias=True
-                )
+                self._record(_K_INPUT, path, t, call=self._next_call("input", path), alias=True)
 
     def _params_changed(self) -> bool:
         """Did a manual update touch the probe parameters since the step began?"""
@@ -317,17 +326,13 @@ class Recorder:
             return
         self._ensure_started()
         flags = FLAG_TRAINING if module.training else 0
-        want_act = Kind.ACTIVATION.value in self.kinds
-        want_go = (
-            Kind.GRAD_OUTPUT.value in self.kinds
-            and torch.is_grad_enabled()
-            and not self.forward_only
-        )
+        want_act = _K_ACTIVATION in self.kinds
+        want_go = _K_GRAD_OUTPUT in self.kinds and torch.is_grad_enabled() and not self.forward_only
         for path, t in flatten_tensors(output):
             rname = record_name(name, path)
             call = self._next_call("forward", rname)
             if want_act:
-                self._record(Kind.ACTIVATION.value, rname, t, call=call, flags=flags, alias=True)
+                self._record(_K_ACTIVATION, rname, t, call=call, flags=flags, alias=True)
             if want_go and t.requires_grad:
                 self._tensor_handles.append(t.register_hook(self._grad_output_hook(rname, call)))
 
@@ -345,18 +350,18 @@ class Recorder:
             if call in used:  # a second gradient for one output (double backward): fresh index
                 call = max(used) + 1
             used.add(call)
-            self._record(Kind.GRAD_OUTPUT.value, rname, grad, call=call, alias=True)
+            self._record(_K_GRAD_OUTPUT, rname, grad, call=call, alias=True)
 
     @_guarded
     def before_gradient(self, outputs: Any, accumulate: bool) -> None:
         if self.forward_only:
             return
         self._ensure_started()
-        if Kind.LOSS.value in self.kinds:
+        if _K_LOSS in self.kinds:
             tensors = as_tensor_list(outputs)
             for i, t in enumerate(tensors):
                 name = "loss" if len(tensors) == 1 else f"loss:{i}"
-                self._record(Kind.LOSS.value, name, t, call=self._next_call("loss", name))
+                self._record(_K_LOSS, name, t, call=self._next_call("loss", name))
 
     @_guarded
     def after_gradient(self, outputs: Any, accumulate: bool, inputs: Any, result: Any) -> None:
@@ -364,7 +369,7 @@ class Recorder:
             return
         self.clock.gradient()
         if not accumulate:
-            if Kind.AUTOGRAD_GRAD.value not in self.kinds or result is None:
+            if _K_AUTOGRAD_GRAD not in self.kinds or result is None:
                 return
             ins = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
             for i, (inp, g) in enumerate(zip(ins, result)):
@@ -377,10 +382,8 @@ class Recorder:
                     continue  # a parameter outside the traced selection
                 else:
                     name = f"input[{i}]"
-                self._record(
-                    Kind.AUTOGRAD_GRAD.value, name, g, call=self._next_call("autograd_grad", name)
-                )
-        elif not self.optimizer_seen and Kind.GRAD.value in self.kinds:
+                self._record(_K_AUTOGRAD_GRAD, name, g, call=self._next_call("autograd_grad", name))
+        elif not self.optimizer_seen and _K_GRAD in self.kinds:
             # No optimizer: the update uses .grad as the step's last backward left it.
             self._capture_grads(self.params)
 
@@ -392,7 +395,7 @@ class Recorder:
                     call = self._next_call("closure_grad", name) if closure else 0
                     for piece_name, g in self._pieces(name, p, p.grad, keep_empty=False):
                         self._pending_grads[(piece_name, call)] = self._capture(
-                            Kind.GRAD.value, piece_name, g, call=call, seq=0, flags=0
+                            _K_GRAD, piece_name, g, call=call, seq=0, flags=0
                         )
 
     def _pieces(
@@ -430,7 +433,7 @@ class Recorder:
         self.optimizer_seen = True
         if not self.clock.started:
             return  # nothing recorded since the last boundary (e.g. a GradScaler retry)
-        if Kind.GRAD.value in self.kinds:
+        if _K_GRAD in self.kinds:
             self._capture_grads(owned)
         if self.clock.optimizer_step():
             self._end_step()
@@ -449,7 +452,7 @@ class Recorder:
     def after_closure(self, optimizer: Any) -> None:
         """The closure's forward and backward have run: ``.grad`` is what the update uses."""
         self._ensure_started()
-        if Kind.GRAD.value in self.kinds:
+        if _K_GRAD in self.kinds:
             self._capture_grads(self._owned(optimizer), closure=True)
 
     @_guarded
@@ -483,12 +486,12 @@ class Recorder:
         self._batches.append(batch)
 
     def _record_offered_batches(self) -> None:
-        if not self._batches or self._forward_ran or Kind.INPUT.value not in self.kinds:
+        if not self._batches or self._forward_ran or _K_INPUT not in self.kinds:
             return
         for batch in self._batches:
             for path, t in flatten_tensors(batch):
                 name = record_name("batch", path)
-                self._record(Kind.INPUT.value, name, t, call=self._next_call("input", name))
+                self._record(_K_INPUT, name, t, call=self._next_call("input", name))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def finish(self, completed: bool) -> None:

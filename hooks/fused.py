@@ -42,7 +42,23 @@ _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
 
 
-def _chunk(words, keys, vals, kc, shift, w_lo, w_hi, e_hi):  # pragma: no cover
+def _value(vals, j, lut):  # pragma: no cover
+    """``vals[j]`` as float64; replaced in compiled code by ``_value_impl`` (per dtype)."""
+    return np.float64(vals[j]) if lut.shape[0] == 0 else lut[vals[j]]
+
+
+def _value_impl(vals, j, lut):
+    """numba overload of ``_value``: 16-bit floats arrive as their raw bits (uint16) and are
+    converted by a 65,536-entry table (exact: every half/bfloat16 is a float64); every other
+    dtype is cast."""
+    from numba import types
+
+    if vals.dtype == types.uint16:
+        return lambda vals, j, lut: lut[vals[j]]
+    return lambda vals, j, lut: np.float64(vals[j])
+
+
+def _chunk(words, keys, vals, lut, kc, shift, w_lo, w_hi, e_hi):  # pragma: no cover
     """Words [w_lo, w_hi) and their elements, then elements [w_hi * per_word, e_hi) (the
     partial last word's, for the last chunk). Compiled by numba; returns one chunk's sums.
 
@@ -52,7 +68,8 @@ def _chunk(words, keys, vals, kc, shift, w_lo, w_hi, e_hi):  # pragma: no cover
     element loop of one tile read the same 16 KiB, so memory is read once, and each loop is
     long enough to vectorise. kc = [smallest key, largest key, sign shift, magnitude mask,
     infinity bits] in the key dtype; integers pass mask 0 and infinity 1, so the float-only
-    terms vanish without a branch.
+    terms vanish without a branch. float16/bfloat16 values come as raw uint16 bits with
+    ``lut`` (bits -> float64); every other dtype passes an empty ``lut``.
     """
     sign, mask, inf_bits = kc[2], kc[3], kc[4]
     per_word = 8 // vals.itemsize
@@ -76,7 +93,7 @@ def _chunk(words, keys, vals, kc, shift, w_lo, w_hi, e_hi):  # pragma: no cover
         tv = vals[t0 * per_word : e1]
         tk = keys[t0 * per_word : e1]
         for j in range(tv.shape[0]):
-            v = np.float64(tv[j])
+            v = _value(tv, j, lut)
             fs += v
             fss += v * v
             k = tk[j]
@@ -92,16 +109,45 @@ def _chunk(words, keys, vals, kc, shift, w_lo, w_hi, e_hi):  # pragma: no cover
 #: Words per tile of ``_chunk`` (16 KiB: the integer and float loops share L1).
 TILE_WORDS = 2048
 
+_chunk_jit: Any = None  # the compiled ``_chunk``, which the compiled ``_whole`` calls
+
+
+def _whole(vals, lut, kc, shift):  # pragma: no cover
+    """A whole 1-D contiguous array in one compiled call: its word and key views, the kernel,
+    and the zero-padded partial last word (weighted like the words of its block), so that a
+    small tensor costs one dispatch. Returns ``_chunk``'s tuple with the tail included."""
+    nbytes = vals.size * vals.itemsize
+    n_words = nbytes >> 3
+    words = vals[: n_words * 8 // vals.itemsize].view(np.int64)
+    keys = vals.view(kc.dtype)
+    s_sum, s_pos, fs, fss, kmin, kmax, bad = _chunk_jit(
+        words, keys, vals, lut, kc, shift, 0, n_words, vals.size
+    )
+    if nbytes & 7:
+        b = vals.view(np.uint8)
+        last = np.int64(0)
+        for i in range(n_words * 8, nbytes):
+            last |= np.int64(b[i]) << (8 * (i - n_words * 8))
+        s_sum += last
+        s_pos += ((n_words >> shift) + 1) * last
+    return s_sum, s_pos, fs, fss, kmin, kmax, bad
+
 
 def _build() -> dict[str, Any]:
     import numba
+    from numba.extending import overload
 
+    overload(_value)(_value_impl)
+
+    global _chunk_jit
     try:  # machine code cached next to this file, or in numba's user-wide cache directory
         jit = numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
-        return {"chunk": jit(_chunk)}
+        _chunk_jit = jit(_chunk)
+        return {"chunk": _chunk_jit, "whole": jit(_whole)}
     except RuntimeError:  # "cannot cache function ...": no writable cache location
         jit = numba.njit(nogil=True, cache=False, fastmath={"reassoc"})
-        return {"chunk": jit(_chunk)}
+        _chunk_jit = jit(_chunk)
+        return {"chunk": _chunk_jit, "whole": jit(_whole)}
 
 
 def available() -> bool:
@@ -159,53 +205,72 @@ def _executor(threads: int) -> ThreadPoolExecutor:
 
 
 def summarise(
-    arr: np.ndarray, block_shift: int, threads: int
+    arr: np.ndarray, block_shift: int, threads: int, *, bfloat16: bool = False
 ) -> Optional[tuple[int, int, float, float, float, float, int]]:
     """(s_sum, s_pos, sum, sumsq, min, max, non_finite) of a 1-D contiguous array.
 
-    ``s_sum``/``s_pos`` cover the whole int64 words (the caller adds the zero-padded tail
-    bytes with weight ``(n_words >> block_shift) + 1``), as int64 (wrap mod 2**64). None when
-    the kernel is unavailable or the dtype is not one it takes (unsigned, bool, half, complex:
-    the reference path). Arrays of ``SPLIT_BYTES`` or more are split into one chunk per thread
-    (``threads``), combined in a fixed order.
+    ``s_sum``/``s_pos`` are the fingerprint's two sums, the zero-padded partial last word
+    included (weight ``(n_words >> block_shift) + 1``), as integers to be taken mod 2**64.
+    None when the kernel is unavailable or the dtype is not one it takes (unsigned, bool,
+    complex: the reference path). Arrays of ``SPLIT_BYTES`` or more are split into one chunk
+    per thread (``threads``), combined in a fixed order. ``bfloat16``: ``arr`` (uint16) holds
+    bfloat16 bits; a float16 array is read as its bits too.
     """
     kernels = _kernels if _kernels is not None else _get()
-    spec = _SPECS.get(arr.dtype)
+    spec = _BF16_SPEC if bfloat16 and arr.dtype == np.uint16 else _SPECS.get(arr.dtype)
     if kernels is None or spec is None:
         return None
-    key_dtype, kc, decode = spec
-    keys = arr.view(key_dtype) if key_dtype is not None else arr
+    key_dtype, kc, decode, lut = spec
+    if lut.shape[0]:
+        arr = arr.view(np.uint16)
     nbytes = arr.nbytes
-    n_words = nbytes >> 3
-    whole = arr[: n_words * 8 // arr.itemsize] if nbytes & 7 else arr
-    words = whole.view(np.int64)
-    chunk = kernels["chunk"]
-    n = arr.shape[0]
-    parts = min(threads, nbytes // SPLIT_BYTES)
     try:
-        res = _run(chunk, words, keys, arr, kc, block_shift, n_words, n, parts)
+        if nbytes < 2 * SPLIT_BYTES or threads < 2:
+            res = kernels["whole"](arr, lut, kc, block_shift)
+        else:
+            res = _split(kernels["chunk"], arr, key_dtype, lut, kc, block_shift, threads)
     except Exception as exc:  # numba compiles per dtype on first use: a failure is not fatal
         _disable(exc)
         return None
     s_sum, s_pos, fs, fss, kmin, kmax, bad = res
-    if n == 0:
+    if not nbytes:
         return s_sum, s_pos, 0.0, 0.0, 0.0, 0.0, 0
     return s_sum, s_pos, fs, fss, decode(kmin), decode(kmax), bad
 
 
-def _run(chunk, words, keys, arr, kc, block_shift, n_words, n, parts) -> tuple:
+def _split(chunk, arr, key_dtype, lut, kc, block_shift, threads) -> tuple:
+    """A large array in ``threads`` (at most one per MiB) chunks, combined in a fixed order."""
+    keys = arr.view(key_dtype) if key_dtype is not None else arr
+    nbytes = arr.nbytes
+    n_words = nbytes >> 3
+    words = (arr[: n_words * 8 // arr.itemsize] if nbytes & 7 else arr).view(np.int64)
+    parts = min(threads, nbytes // SPLIT_BYTES)
+    s_sum, s_pos, fs, fss, kmin, kmax, bad = _run(
+        chunk, words, keys, arr, lut, kc, block_shift, n_words, arr.shape[0], parts
+    )
+    if nbytes & 7:  # the zero-padded partial last word, weighted like the words of its block
+        tail = arr.view(np.uint8)[n_words * 8 :].tobytes()
+        last = int.from_bytes(tail + bytes(8 - len(tail)), "little", signed=True)
+        s_sum = int(s_sum) + last
+        s_pos = int(s_pos) + ((n_words >> block_shift) + 1) * last
+    return s_sum, s_pos, fs, fss, kmin, kmax, bad
+
+
+def _run(chunk, words, keys, arr, lut, kc, block_shift, n_words, n, parts) -> tuple:
     """The kernel over the whole array: one call, or ``parts`` chunks combined in order."""
     if parts <= 1:
-        return chunk(words, keys, arr, kc, block_shift, 0, n_words, n)
+        return chunk(words, keys, arr, lut, kc, block_shift, 0, n_words, n)
     bounds = [n_words * i // parts for i in range(parts)] + [n_words]
     per_word = 8 // arr.itemsize
     ends = [bounds[i + 1] * per_word for i in range(parts - 1)] + [n]
     pool = _executor(parts)
     futs = [
-        pool.submit(chunk, words, keys, arr, kc, block_shift, bounds[i], bounds[i + 1], ends[i])
+        pool.submit(
+            chunk, words, keys, arr, lut, kc, block_shift, bounds[i], bounds[i + 1], ends[i]
+        )
         for i in range(1, parts)
     ]
-    res = [chunk(words, keys, arr, kc, block_shift, 0, bounds[1], ends[0])]
+    res = [chunk(words, keys, arr, lut, kc, block_shift, 0, bounds[1], ends[0])]
     res += [f.result() for f in futs]
     s_sum = sum(r[0] for r in res)
     s_pos = sum(r[1] for r in res)
@@ -217,7 +282,18 @@ def _run(chunk, words, keys, arr, kc, block_shift, n_words, n, parts) -> tuple:
     return s_sum, s_pos, fs, fss, kmin, kmax, bad
 
 
-_I32, _F32, _I64, _F64 = (struct.Struct(f) for f in ("<i", "<f", "<q", "<d"))
+_I16, _F16, _I32, _U32, _F32, _I64, _F64 = (
+    struct.Struct(f) for f in ("<h", "<e", "<i", "<I", "<f", "<q", "<d")
+)
+
+
+def _decode_f16(key: int) -> float:
+    return _F16.unpack(_I16.pack(key ^ ((key >> 15) & 0x7FFF)))[0]
+
+
+def _decode_bf16(key: int) -> float:
+    bits = (key ^ ((key >> 15) & 0x7FFF)) & 0xFFFF
+    return _F32.unpack(_U32.pack(bits << 16))[0]
 
 
 def _decode_f32(key: int) -> float:
@@ -228,22 +304,39 @@ def _decode_f64(key: int) -> float:
     return _F64.unpack(_I64.pack(key ^ ((key >> 63) & 0x7FFFFFFFFFFFFFFF)))[0]
 
 
-def _key_consts(t: type, is_float: bool) -> np.ndarray:
+def _key_consts(t: type, inf: Optional[int]) -> np.ndarray:
+    """Kernel constants for keys of integer type ``t``; ``inf``: the float's infinity bits
+    (None for integer values)."""
     info = np.iinfo(t)
-    bits = info.bits
-    if not is_float:
+    if inf is None:
         return np.array([info.min, info.max, 0, 0, 1], dtype=t)
-    inf = {32: 0x7F800000, 64: 0x7FF0000000000000}[bits]
-    return np.array([info.min, info.max, bits - 1, info.max, inf], dtype=t)
+    return np.array([info.min, info.max, info.bits - 1, info.max, inf], dtype=t)
+
+
+_NO_LUT = np.zeros(0, dtype=np.float64)
+_BITS16 = np.arange(1 << 16, dtype=np.uint32)
+#: float64 value of every float16 / bfloat16 bit pattern (exact conversions).
+with np.errstate(invalid="ignore"):  # NaN patterns (their values are never summed: non-finite)
+    _LUT_F16 = _BITS16.astype(np.uint16).view(np.float16).astype(np.float64)
+    _LUT_BF16 = (_BITS16 << 16).view(np.float32).astype(np.float64)
+del _BITS16
 
 
 #: Per value dtype: (key dtype or None for the values themselves, kernel constants (see
-#: ``_chunk``), key -> value). Dtypes not listed take the reference path.
+#: ``_chunk``), key -> value, bits -> float64 table or empty). Dtypes not listed take the
+#: reference path.
 _SPECS = {
-    np.dtype(np.float32): (np.int32, _key_consts(np.int32, True), _decode_f32),
-    np.dtype(np.float64): (np.int64, _key_consts(np.int64, True), _decode_f64),
+    np.dtype(np.float16): (np.int16, _key_consts(np.int16, 0x7C00), _decode_f16, _LUT_F16),
+    np.dtype(np.float32): (np.int32, _key_consts(np.int32, 0x7F800000), _decode_f32, _NO_LUT),
+    np.dtype(np.float64): (
+        np.int64,
+        _key_consts(np.int64, 0x7FF0000000000000),
+        _decode_f64,
+        _NO_LUT,
+    ),
     **{
-        np.dtype(t): (None, _key_consts(t, False), float)
+        np.dtype(t): (None, _key_consts(t, None), float, _NO_LUT)
         for t in (np.int8, np.int16, np.int32, np.int64)
     },
 }
+_BF16_SPEC = (np.int16, _key_consts(np.int16, 0x7F80), _decode_bf16, _LUT_BF16)

@@ -26,8 +26,13 @@ def _dtensor_type() -> Optional[type]:
     return getattr(mod, "DTensor", None)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def local_tensor(t: Any) -> Any:
     """The rank-local tensor of a DTensor; anything else as it is."""
+    if type(t) in _PLAIN:  # the hot path (every capture): no module lookup
+        return t
     cls = _dtensor_type()
     if cls is not None and isinstance(t, cls):
         return t._local_tensor

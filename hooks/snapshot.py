@@ -156,17 +156,32 @@ def fingerprint_cpu(x: torch.Tensor) -> tuple[int, int]:
 # -- the fused pass (hooks/fused.py) and which dtypes take it --------------------------------
 #: dtypes the fused kernel reads directly; every other dtype takes the reference path.
 _FUSED_DTYPES = frozenset(
-    (torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8)
+    (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+    )
 )
+#: dtypes the reference summarises in float32 arithmetic (``_float_view``): a sum of squares
+#: or a sum beyond float32's range is inf there, and the fused path reports the same.
+_FLOAT32_ACCUMULATED = frozenset((torch.float32, torch.float16, torch.bfloat16))
 
 
 def _fused_array(x: torch.Tensor):
     """A 1-D numpy view of ``x``'s bytes for the fused kernel, or None (dtype dispatch only)."""
-    if x.dtype not in _FUSED_DTYPES or x.layout != torch.strided:
+    dtype = x.dtype
+    if dtype not in _FUSED_DTYPES:
         return None
-    if not x.is_contiguous() or (x.storage_offset() * x.element_size()) % 8:
-        x = _as_bytes(x).view(x.dtype)
     try:
+        if x.data_ptr() & 7 or not x.is_contiguous():
+            x = _as_bytes(x).view(dtype)
+        if dtype == torch.bfloat16:  # numpy has no bfloat16: its raw bits (fused reads them)
+            return x.view(torch.int16).numpy().reshape(-1).view(np.uint16)
         return x.numpy().reshape(-1)
     except (RuntimeError, TypeError):  # tensor subclasses, conjugate/negative views, ...
         return None
@@ -181,17 +196,11 @@ def stats_on_cpu(
     if arr is None:
         return stats_on_cpu_reference(x)
     n = arr.nbytes
-    n_words = n >> 3
     shift = 0 if n <= FP_SMALL_BYTES else _BLOCK_SHIFT
-    r = fused.summarise(arr, shift, _threads())
+    r = fused.summarise(arr, shift, _threads(), bfloat16=x.dtype == torch.bfloat16)
     if r is None:
         return stats_on_cpu_reference(x)
     s, pos, total, squares, lo, hi, bad = r
-    if n & 7:  # the zero-padded partial last word, weighted like the words of its block
-        tail = arr.view(np.uint8)[n_words * 8 :].tobytes()
-        last = int.from_bytes(tail + bytes(8 - len(tail)), "little", signed=True)
-        s += last
-        pos += ((n_words >> shift) + 1) * last
     fp = (s & _MASK64, pos & _MASK64)
     if not n:
         return (0.0, 0.0, 0.0, 0.0, 0, 0), fp
@@ -203,8 +212,8 @@ def stats_on_cpu(
     else:
         norm = math.sqrt(squares)
     mean = total / arr.size
-    if arr.itemsize == 4 and x.dtype == torch.float32:
-        # The reference sums float32 in float32: a sum of squares (or a sum) beyond the float32
+    if x.dtype in _FLOAT32_ACCUMULATED:
+        # The reference sums these in float32: a sum of squares (or a sum) beyond the float32
         # range is inf there. Report the same, so that both paths describe a tensor alike.
         if squares > _FLOAT32_MAX:
             norm = math.inf

@@ -21,7 +21,18 @@ from graddiff.format import fingerprint_bytes
 from graddiff.hooks import fused, snapshot
 from graddiff.hooks.snapshot import capture, stats_on_cpu, stats_on_cpu_reference
 
-FUSED = (torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8)
+FUSED = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+)
+#: summarised in float32 by the reference (its sums overflow where float32's do)
+FLOAT32_ACCUMULATED = (torch.float32, torch.float16, torch.bfloat16)
 needs_numba = pytest.mark.skipif(
     not fused.available(), reason=f"fused kernel unavailable: {fused.unavailable_reason()}"
 )
@@ -63,8 +74,24 @@ def _cases():
         "nan_inf": torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), -2.0] * 10_000),
         "all_nan": torch.full((9,), float("nan")),
         "empty": torch.zeros(0),
-        "half": r(101, dtype=torch.float16),  # reference path (dispatch)
-        "bfloat16": r(40_000, dtype=torch.bfloat16),  # reference path (dispatch)
+        "half": r(101, dtype=torch.float16),
+        "half_split": r(1_100_003, dtype=torch.float16),  # > SPLIT_BYTES, a partial last word
+        "half_extremes": torch.tensor(
+            [65504.0, -65504.0, 6e-8, -6e-8, 6.1e-5, -0.0, 0.0, 1.0], dtype=torch.float16
+        ),
+        "half_nan_inf": torch.tensor(
+            [1.0, float("nan"), float("inf"), -3.0] * 9, dtype=torch.float16
+        ),
+        "half_transposed": r(90, 31, dtype=torch.float16).t(),
+        "bfloat16": r(40_000, dtype=torch.bfloat16),
+        "bfloat16_odd": r(4_099, dtype=torch.bfloat16),
+        "bfloat16_extremes": torch.tensor(
+            [3.38e38, -3.38e38, 1e-40, -1e-40, 9.2e-41, -0.0, 0.0, 2.5], dtype=torch.bfloat16
+        ),  # squares beyond float32's range: norm inf, as the reference's float32 sum gives
+        "bfloat16_nan_inf": torch.tensor(
+            [float("nan"), 2.0, -float("inf"), 0.5] * 7, dtype=torch.bfloat16
+        ),
+        "bfloat16_offset_view": r(64, 65, dtype=torch.bfloat16)[1:, 1:],
         "bool": torch.tensor([True, False, True]),
         "uint8": torch.arange(200, dtype=torch.uint8),
         "complex": torch.randn(17, dtype=torch.complex64, generator=g),
@@ -93,10 +120,10 @@ def assert_stats_agree(fast, ref, x):
         d = x.double()
         truth = (float(torch.linalg.vector_norm(d)), float(d.mean()))
     fused_result = not (rs[4] or rs[5]) and x.dtype in FUSED and fused.available()
-    f32 = x.dtype == torch.float32  # (stat, what float32 must hold) below
+    f32 = x.dtype in FLOAT32_ACCUMULATED  # (stat, what float32 must hold) below
     checks = [(0, truth[0] ** 2 if f32 else 0.0), (1, abs(truth[1]) * n if f32 else 0.0)]
     for i, held in checks:
-        if fused_result and x.dtype == torch.float32 and held > FLOAT32_MAX:
+        if fused_result and f32 and held > FLOAT32_MAX:
             # Beyond float32's range the reference is inconsistent (inf, or the true value
             # for some shapes); the fused path reports inf, as float32 summation gives.
             assert math.isinf(fs[i]), (i, fs, truth)
@@ -141,7 +168,10 @@ def test_split_across_threads_gives_the_same_fingerprint(threads, monkeypatch):
 def test_the_kernel_really_runs_for_its_dtypes():
     arr = CASES["large_tail"].reshape(-1).numpy()
     assert fused.summarise(arr, 6, 1) is not None
-    assert fused.summarise(np.zeros(3, np.float16), 0, 1) is None  # half: reference path
+    assert fused.summarise(np.zeros(3, np.float16), 0, 1) is not None
+    bf16 = np.array([0x3F80, 0xC000, 0x0001], np.uint16)  # bfloat16 bits: 1, -2, a denormal
+    assert fused.summarise(bf16, 0, 1, bfloat16=True)[4:6] == (-2.0, 1.0)
+    assert fused.summarise(bf16, 0, 1) is None  # plain uint16: the reference path
     assert fused.summarise(np.zeros(3, np.uint8), 0, 1) is None
 
 
@@ -149,7 +179,17 @@ def test_the_kernel_really_runs_for_its_dtypes():
 @settings(max_examples=60, deadline=None)
 @given(
     raw=st.binary(min_size=0, max_size=40_000),
-    dtype=st.sampled_from([torch.float32, torch.float64, torch.int64, torch.int32, torch.int8]),
+    dtype=st.sampled_from(
+        [
+            torch.float16,
+            torch.bfloat16,
+            torch.float32,
+            torch.float64,
+            torch.int64,
+            torch.int32,
+            torch.int8,
+        ]
+    ),
 )
 def test_any_bit_pattern_agrees_with_the_reference(raw, dtype):
     """Arbitrary bytes (NaN payloads, denormals, -0.0, infinities) reinterpreted as a dtype."""
@@ -225,7 +265,7 @@ def test_kernel_that_fails_to_compile_warns_once(monkeypatch):
         calls.append(1)
         raise RuntimeError("Failed in nopython mode pipeline (step: nopython frontend)")
 
-    monkeypatch.setattr(fused, "_build", lambda: {"chunk": chunk})
+    monkeypatch.setattr(fused, "_build", lambda: {"chunk": chunk, "whole": chunk})
     x, y = CASES["large_tail"], CASES["just_large"]
     with pytest.warns(RuntimeWarning, match="nopython") as record:
         assert stats_on_cpu(x) == stats_on_cpu_reference(x)
