@@ -11,6 +11,7 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
+from classcheck import diagnosis_unlabelled
 from torch import nn
 
 import graddiff
@@ -158,6 +159,7 @@ def test_cause_is_named_from_evidence(tmp_path, va, vb, step, kind, cause, text)
     assert (d.step, d.kind) == (step, kind), r.headline()
     assert r.cause.cause == cause, [(c.cause, c.title) for c in r.diagnosis]
     assert text in r.cause.title + " " + " ".join(r.cause.evidence), r.cause
+    assert not diagnosis_unlabelled(r)  # every record named carries its class
 
 
 def test_bf16_vs_fp32_is_within_bf16_precision(tmp_path):
@@ -236,16 +238,19 @@ def test_tied_vs_untied_weights(tmp_path):
     )
     assert [c.cause for c in r.diagnosis] == ["tied_weights"], [(c.cause, c.title) for c in r.diagnosis]
     text = " ".join(r.cause.evidence)
-    assert "shares 'emb.weight' in A" in r.cause.title
+    assert "head.weight (Linear) shares emb.weight (Embedding) in A" in r.cause.title
     assert "aliasing recorded at trace time" in text and "starts bitwise equal" in text
-    assert "equals the sum of B's gradients of emb.weight and head.weight" in text
+    assert (
+        "equals the sum of B's gradients of emb.weight (Embedding) and head.weight (Linear)" in text
+    )
+    assert not diagnosis_unlabelled(r)
     # reversed, and from traces written before the aliasing was recorded: the gradient sum
     import h5py
 
     with h5py.File(a, "a") as f:
         del f.attrs["tied_parameters"]
     r = graddiff.compare(b, a)
-    assert r.cause.cause == "tied_weights" and "shares 'emb.weight' in B" in r.cause.title
+    assert r.cause.cause == "tied_weights" and "shares emb.weight (Embedding) in B" in r.cause.title
     assert "recorded at trace time" not in " ".join(r.cause.evidence)
 
 
@@ -300,7 +305,8 @@ def test_missing_detach_is_an_extra_gradient_path(tmp_path, two_optimizers):
     # the forward agrees; G is reached by one more backward pass; only G's gradients differ
     n = (1, 0) if two_optimizers else (2, 1)
     assert f"from {n[0]} backward pass(es) in B vs {n[1]} in A" in text
-    assert "G.0.weight, G.0.bias, G.2.weight, G.2.bias" in text
+    assert "G.0.weight, G.0.bias, G.2.weight, G.2.bias (all Linear)" in text
+    assert not diagnosis_unlabelled(r)
     assert "those of the other 4 parameter(s) agree" in text
     assert "detach" in r.cause.fix
 

@@ -14,10 +14,11 @@ import h5py
 import pytest
 import torch
 import torch.nn.functional as F
+from classcheck import classed_names, diagnosis_unlabelled, unlabelled
 from torch import nn
 
 import graddiff
-from graddiff.modclass import class_of, describe_list
+from graddiff.modclass import describe_list
 
 
 class Net(nn.Module):
@@ -98,53 +99,23 @@ CASES = [
     ("learning rate groups", {"opt": "adamw", "wd": 0.5, "no_decay": True}, "weight_decay"),
 ]
 
-_NAME = r"[\w.\[\]:()-]+?"  # another record name in a group of neighbours
-
-
-def _unlabelled(text: str, names: dict[str, str]) -> list[str]:
-    """Occurrences of a classed name in ``text`` not followed by its class."""
-    bad = []
-    for name, cls in names.items():
-        pat = rf"(?<![\w.]){re.escape(name)}(?!\w|\.\w)"
-        for m in re.finditer(pat, text):
-            tail = text[m.end() :]
-            group = rf"^(?:,\s+{_NAME}(?=[,\s]))*\s+\((?:both |all )?{re.escape(cls)}\)"
-            if not re.match(group, tail):
-                bad.append(f"{name} (expected {cls}): ...{text[m.start() : m.end() + 40]}...")
-    return bad
-
-
-def _classed_names(report: graddiff.Report) -> dict[str, str]:
-    """Every record and module name of both runs whose class is known -> that class."""
-    out = {}
-    for path in (report.run_a, report.run_b):
-        with graddiff.open(path) as run:
-            for k in run.keys:
-                cls = class_of(report.module_classes, k.kind, k.name)
-                if cls and not k.name.startswith("("):
-                    out[k.name] = cls
-    for mod, cls in report.module_classes.items():
-        if not mod.startswith("("):
-            out[mod] = cls
-    return out
-
 
 @pytest.mark.parametrize(("vb", "cause"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_every_name_in_a_diagnosis_carries_its_class(tmp_path, vb, cause):
     va = {k: v for k, v in {"opt": vb.get("opt"), "wd": vb.get("wd")}.items() if v}
     r = graddiff.compare(_run(tmp_path / "a.h5", **va), _run(tmp_path / "b.h5", **vb), exact=True)
     assert r.cause is not None and r.cause.cause == cause, [(c.cause, c.title) for c in r.diagnosis]
-    names = _classed_names(r)
+    names = classed_names((r.run_a, r.run_b), r.module_classes)
     assert {"fc1.weight", "bn.running_mean", "head.0", "head.1.bias"} <= set(names)
     sentences = [s for c in r.diagnosis for s in (c.title, *c.evidence, c.fix)]
     mentioned = [
         n for n in names if any(re.search(rf"(?<![\w.]){re.escape(n)}", s) for s in sentences)
     ]
     assert mentioned or cause == "scaled_gradients", sentences  # (that one lists factors only)
-    bad = [b for s in sentences for b in _unlabelled(s, names)]
+    bad = diagnosis_unlabelled(r)
     assert not bad, bad
     # the same in the printed report and in --json
-    assert not _unlabelled(str(r), names), str(r)
+    assert not unlabelled(str(r), names), str(r)
     assert r.to_dict()["diagnosis"] == [c.to_dict() for c in r.diagnosis]
 
 
@@ -162,11 +133,11 @@ def test_old_traces_name_records_bare(tmp_path):
 
 def test_the_checker_catches_a_bare_name():
     names = {"fc1.weight": "Linear", "fc1.bias": "Linear", "bn.weight": "BatchNorm1d"}
-    assert _unlabelled("for fc1.weight, fc1.bias (both Linear) at step 0", names) == []
-    assert _unlabelled("in param fc1.weight (Linear) #1", names) == []
-    assert len(_unlabelled("for fc1.weight, fc1.bias at step 0", names)) == 2
-    assert len(_unlabelled("fc1.weight (BatchNorm1d)", names)) == 1
-    assert len(_unlabelled("ends with bn.weight.", names)) == 1
+    assert unlabelled("for fc1.weight, fc1.bias (both Linear) at step 0", names) == []
+    assert unlabelled("in param fc1.weight (Linear) #1", names) == []
+    assert len(unlabelled("for fc1.weight, fc1.bias at step 0", names)) == 2
+    assert len(unlabelled("fc1.weight (BatchNorm1d)", names)) == 1
+    assert len(unlabelled("ends with bn.weight.", names)) == 1
 
 
 def test_lists_group_neighbours_of_one_class():

@@ -7,15 +7,18 @@ reads values, and lists the cells of a step, so each rule module stays about evi
 Naming records in a Cause's title, evidence or fix: every record name carries the class of its
 module, as everywhere else in graddiff's output (``param 0.weight (Linear)``). Never write
 ``slot.label`` or ``slot.name`` into a sentence; write ``x.label(slot)`` ("param 0.weight
-(Linear)"), ``x.name(slot)`` ("0.weight (Linear)") or, for a list, ``x.names(slots)`` ("0.weight,
-2.weight (both Linear) and 3 more"). Old traces without module classes get the bare names.
-tests/test_diagnose_classes.py fails on a sentence that names a record without its class.
+(Linear)"), ``x.name(slot)`` ("0.weight (Linear)"), ``x.record(kind, name)``,
+``x.module(name)`` ("3 (Dropout)") or, for a list, ``x.names(slots)`` ("0.weight, 2.weight
+(both Linear) and 3 more"). Code in a fix (``model.head.weight = model.emb.weight``) is code,
+not a record name. Old traces without module classes get the bare names. The tests
+(tests/classcheck.py) fail on a sentence that names a record without its class.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -107,12 +110,16 @@ class Context:
         """A module's name with its class: ``3 (Dropout)``."""
         return describe(self.classes, "activation", name)
 
-    def names(self, slots: list[Slot], limit: int = 4) -> str:
-        """Up to ``limit`` records, each with its class, neighbours of one class grouped:
-        ``0.weight, 2.weight (both Linear), 1.weight (LayerNorm) and 3 more``."""
-        return describe_list(
-            [(s.name, class_of(self.classes, s.kind, s.name)) for s in slots], limit
-        )
+    def record(self, kind: str, name: str) -> str:
+        """A record given by kind and name, with its class: ``emb.weight (Embedding)``."""
+        return describe(self.classes, kind, name)
+
+    def names(self, records: Sequence[Union[Slot, tuple[str, str]]], limit: int = 4) -> str:
+        """Up to ``limit`` records (slots, or ``(kind, name)`` pairs), each with its class,
+        neighbours of one class grouped: ``0.weight, 2.weight (both Linear), 1.weight
+        (LayerNorm) and 3 more``."""
+        pairs = [(r.kind, r.name) if isinstance(r, Slot) else r for r in records]
+        return describe_list([(n, class_of(self.classes, k, n)) for k, n in pairs], limit)
 
     def hit_text(self) -> str:
         """The hit's size in words: "rel 0.01", "rel >= 0.01" (statistics) or its status."""

@@ -13,17 +13,13 @@ from typing import Optional
 
 import numpy as np
 
-from ..modclass import describe, owner
+from ..modclass import owner
 from .compare_records import EQUAL, MISSING_A, MISSING_B
-from .context import RELATION_TOL, Cause, Context, fmt, some_names
+from .context import RELATION_TOL, Cause, Context, fmt
 from .exact import rel_diff
 
 _FORWARD = ("param", "input", "activation", "loss")
 _GRADS = ("grad", "autograd_grad")
-
-
-def _named(x: Context, kind: str, name: str) -> str:
-    return describe(x.pair.a.module_classes or x.pair.b.module_classes, kind, name)
 
 
 def _first_value(x: Context, side: str, kind: str, name: str) -> Optional[np.ndarray]:
@@ -49,38 +45,39 @@ def rule_tied_weights(x: Context) -> Optional[Cause]:
         if target is None:
             return None
     L, H = lacks.upper(), has.upper()
+    alias_c, target_c = x.record("param", alias), x.record("param", target)
     ev = []
     if recorded:
         ev.append(
-            f"in {L}, '{alias}' is the same tensor as '{target}' (parameter aliasing recorded at "
-            f"trace time); {H} has a separate {_named(x, 'param', alias)}"
+            f"in {L}, {alias_c} is the same tensor as {target_c} (parameter aliasing recorded "
+            f"at trace time); {H} has a separate {alias_c}"
         )
     else:
-        ev.append(f"{H} has a parameter {_named(x, 'param', alias)} that {L} lacks")
+        ev.append(f"{H} has a parameter {alias_c} that {L} lacks")
     pa, pt = _first_value(x, has, "param", alias), _first_value(x, has, "param", target)
     if pa is not None and pt is not None and pa.shape == pt.shape:
         r = rel_diff(pa, pt)
         ev.append(
-            f"{H}'s {alias} starts "
+            f"{H}'s {alias_c} starts "
             + ("bitwise equal to" if r == 0 else f"at rel {fmt(r)} from")
-            + f" its {target} (step {int(x.pair.steps[0])})"
+            + f" its {target_c} (step {int(x.pair.steps[0])})"
         )
     sums = _grad_sum(x, has, lacks, alias, target)
     if sums is not None:
         r, plain = sums
         ev.append(
-            f"{L}'s gradient of {target} equals the sum of {H}'s gradients of {target} and "
-            f"{alias} at step {int(x.pair.steps[0])} (residual rel {fmt(r)}; plain difference "
+            f"{L}'s gradient of {target_c} equals the sum of {H}'s gradients of {target_c} and "
+            f"{alias_c} at step {int(x.pair.steps[0])} (residual rel {fmt(r)}; plain difference "
             f"rel {fmt(plain)}): one tensor receiving both modules' contributions"
         )
     elif not recorded:
         return None
     return Cause(
         "tied_weights",
-        f"tied vs untied weights: '{alias}' shares '{target}' in {L}, has its own copy in {H}",
+        f"tied vs untied weights: {alias_c} shares {target_c} in {L}, has its own copy in {H}",
         ev,
-        f"tie the weights in both runs ({alias.rsplit('.', 1)[0]}.weight = "
-        f"{target.rsplit('.', 1)[0]}.weight after building the model, or the library's "
+        f"tie the weights in both runs (model.{alias.rsplit('.', 1)[0]}.weight = "
+        f"model.{target.rsplit('.', 1)[0]}.weight after building the model, or the library's "
         "tie_word_embeddings / tie_weights()), or untie them in both",
     )
 
@@ -157,7 +154,7 @@ def rule_extra_grad_path(x: Context) -> Optional[Cause]:
     ev = [
         f"at step {step} {x.agree(_FORWARD)}, but the outputs of {len(mods)} module(s) "
         f"receive gradients from {n_mine} backward pass(es) in {side} vs {n_other} in {oth}: "
-        + some_names([_named(x, "grad_output", m) for m in mods]),
+        + x.names([("grad_output", m) for m in mods]),
         f"{oth} backpropagates into them "
         + ("at other steps or calls" if n_other == 0 else "too")
         + ": they are not frozen there",
@@ -168,7 +165,7 @@ def rule_extra_grad_path(x: Context) -> Optional[Cause]:
         if differ:
             ev.append(
                 f"the gradients of {len(differ)} of their parameter(s) differ at step "
-                f"{differ[0][1]} ({some_names([n for n, _ in differ])}); "
+                f"{differ[0][1]} ({x.names([('grad', n) for n, _ in differ])}); "
                 + (
                     f"those of the other {same} parameter(s) agree"
                     if same
@@ -182,7 +179,7 @@ def rule_extra_grad_path(x: Context) -> Optional[Cause]:
             )
     return Cause(
         "extra_grad_path",
-        f"an extra gradient path reaches {some_names(mods[:2])} in {side} (a missing .detach()?)",
+        f"an extra gradient path reaches {x.names([('grad_output', m) for m in mods], 2)} in {side} (a missing .detach()?)",
         ev,
         f"detach the tensor that feeds the second loss in {side} (e.g. D(fake.detach()) in a "
         "GAN's discriminator step), or zero these parameters' gradients between the two "
