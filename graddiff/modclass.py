@@ -44,13 +44,18 @@ def describe(classes: Mapping[str, str], kind: str, name: str, text: Optional[st
     return with_class(name if text is None else text, class_of(classes, kind, name))
 
 
-def describe_label(classes: Mapping[str, str], label: str) -> str:
-    """A differ label ``"kind name"`` or ``"kind name #call"`` with the class after the name."""
+def class_of_label(classes: Mapping[str, str], label: str) -> Optional[str]:
+    """The class of a differ label ``"kind name"`` / ``"kind name #call"``; None when unknown."""
     kind, _, rest = label.partition(" ")
-    name, sep, call = rest.partition(" #")
-    return with_class(f"{kind} {name}", class_of(classes, kind, name)) + (
-        f" #{call}" if sep else ""
-    )
+    return class_of(classes, kind, rest.partition(" ")[0])
+
+
+def describe_label(classes: Mapping[str, str], label: str) -> str:
+    """A differ label ``"kind name"``, ``"kind name #call"`` or ``"kind name (2 calls)"`` with
+    the class after the name (record names hold no spaces)."""
+    kind, _, rest = label.partition(" ")
+    name, sep, tail = rest.partition(" ")
+    return with_class(f"{kind} {name}", class_of(classes, kind, name)) + (f" {tail}" if sep else "")
 
 
 def describe_list(items: Sequence[tuple[str, Optional[str]]], limit: Optional[int] = None) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 from .diff import Report, compare
 from .diff.api import parse_steps, steps_within
 from .errors import GraddiffError
+from .modclass import with_class
 from .reader import Run, open_run
 
 __all__ = ["GOLDEN_TRACE_OPTIONS", "GoldenRun", "assert_runs_match", "short_report"]
@@ -86,7 +87,8 @@ def short_report(
             lines.append(f"  fix: {cause.fix}")
     f = report.first
     if f is not None:
-        detail = [f"{f.kind} {f.name}" + (f" (call {f.call})" if f.call else ""), f"step {f.step}"]
+        where = with_class(f"{f.kind} {f.name}", f.module_class)  # grad fc1.weight (Linear)
+        detail = [where + (f" (call {f.call})" if f.call else ""), f"step {f.step}"]
         if f.max_abs_diff is not None:
             detail.append(f"max abs diff {f.max_abs_diff:.3g}")
         if f.index is not None and f.a_value is not None and f.b_value is not None:

@@ -13,7 +13,7 @@ import re
 import graddiff
 from graddiff.modclass import class_of
 
-_NAME = r"[\w.\[\]:()-]+?"  # another record name in a group of neighbours
+_NAME = r"[\w.\[\]:()-]+?"  # another record name (after its kind) in a group of neighbours
 
 
 def unlabelled(text: str, names: dict[str, str]) -> list[str]:
@@ -25,7 +25,9 @@ def unlabelled(text: str, names: dict[str, str]) -> list[str]:
         pat = rf"(?<![\w.]){re.escape(name)}(?!\w|\.\w|\()"  # "D(x)": code, a call
         for m in re.finditer(pat, text):
             tail = text[m.end() :]
-            group = rf"^(?:,\s+{_NAME}(?=[,\s]))*\s+\((?:both |all )?{re.escape(cls)}\)"
+            group = (
+                rf"^(?:,\s+(?:[a-z_]+ )?{_NAME}(?=[,\s]))*\s+\((?:both |all )?{re.escape(cls)}\)"
+            )
             if not re.match(group, tail):
                 bad.append(f"{name} (expected {cls}): ...{text[m.start() : m.end() + 40]}...")
     return bad

@@ -146,3 +146,61 @@ def test_lists_group_neighbours_of_one_class():
     three = [("a", "Linear"), ("b", "Linear"), ("c", "Linear"), ("d", "ReLU"), ("e", "ReLU")]
     assert describe_list(three, 4) == "a, b, c (all Linear), d (ReLU) and 1 more"
     assert describe_list([("p", None), ("q", None)]) == "p, q"
+
+
+def test_structure_lists_carry_classes_in_text_and_json(tmp_path):
+    r = graddiff.compare(_run(tmp_path / "a.h5"), _run(tmp_path / "b.h5", freeze=True))
+    st = r.to_dict()["structure"]
+    assert st["only_in_a"] and st["only_in_a_classes"] == ["Linear"] * len(st["only_in_a"])
+    assert st["only_in_b_classes"] == []
+    names = classed_names((r.run_a, r.run_b), r.module_classes)
+    assert "only in A: grad_output fc1, grad fc1.weight, grad fc1.bias (all Linear)" in str(r)
+    assert not unlabelled(str(r), names)
+
+
+def test_check_findings_name_records_with_their_classes(tmp_path):
+    """``graddiff check``: the finding's messages (first NaN, 'N more: ...') carry classes."""
+    from graddiff.postmortem.findings import check_run
+
+    torch.manual_seed(0)
+    net = Net()
+    o = torch.optim.SGD(net.parameters(), lr=1e6)  # diverges to Inf/NaN within a few steps
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "nan.h5"
+    with graddiff.trace(net, path):
+        for _ in range(6):
+            x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+            o.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            o.step()
+    with graddiff.open(path) as run:
+        report = check_run(run)
+        names = classed_names([str(path)], run.module_classes)
+    assert report.findings and report.to_dict()["module_classes"]["bn"] == "BatchNorm1d"
+    text = [f.message for f in report] + [str(f) for f in report]
+    assert any("(Linear)" in t or "(BatchNorm1d)" in t for t in text), text
+    assert not [b for t in text for b in unlabelled(t, names)]
+
+
+def test_map_names_the_classes_it_pairs(tmp_path):
+    """``graddiff map``: evidence names the classes paired; unmatched records carry theirs."""
+    from click.testing import CliRunner
+
+    from graddiff.cli import main
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    b = nn.Sequential()
+    for n, m in (("first", nn.Linear(4, 4)), ("act", nn.ReLU()), ("second", nn.Linear(4, 4))):
+        b.add_module(n, m)
+    b.add_module("extra", nn.Tanh())
+    x = torch.randn(2, 4)
+    for m, p in ((a, tmp_path / "a.h5"), (b, tmp_path / "b.h5")):
+        with graddiff.trace(m, p):
+            m(x).sum().backward()
+            torch.optim.SGD(m.parameters(), lr=0.1).step()
+    out = CliRunner().invoke(main, ["map", str(tmp_path / "a.h5"), str(tmp_path / "b.h5")])
+    assert out.exit_code == 1, out.output
+    assert "evidence: 'ReLU -> ReLU: forward order" in out.output
+    assert "unmatched in B: 1 (activation extra (Tanh))" in out.output
+    assert "- activation extra (Tanh)" in out.output  # the map file's list

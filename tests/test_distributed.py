@@ -92,7 +92,8 @@ def test_parameter_left_out_of_the_allreduce_in_stats_mode(two):
     r = graddiff.check_ranks(_files(two, "noreduce"))
     assert (r.first["step"], r.first["kind"], r.first["name"]) == (0, "grad", "4.bias")
     assert r.diagnosis.cause == "grad_not_allreduced"
-    assert "4.bias left out of the gradient all-reduce" in r.diagnosis.title
+    assert "4.bias (Linear) left out of the gradient all-reduce" in r.diagnosis.title
+    assert r.first["module_class"] == "Linear" and r.module_classes["1"] == "BatchNorm1d"
     with graddiff.open(r.files[0]) as run:  # judged from fingerprints alone
         assert not run.has_values("grad", "4.bias", 0)
 
@@ -134,7 +135,10 @@ def test_killed_rank_is_read_up_to_its_last_complete_step(two):
 def test_cli_text_and_json(two):
     code, out = _cli("ranks", os.path.join(two, "localbn", "run_*.h5"))
     assert code == 1
-    assert "INCONSISTENT at step 1: buffer_start 1.running_mean differs on rank 1" in out
+    assert (
+        "INCONSISTENT at step 1: buffer_start 1.running_mean (BatchNorm1d) differs on rank 1" in out
+    )
+    assert "buffers at the step's start differ: 1.running_mean, 1.running_var (both" in out
     assert "cause: BatchNorm statistics are rank-local" in out
     code, out = _cli("ranks", "--json", *sorted(_glob(two, "healthy")))
     assert code == 0

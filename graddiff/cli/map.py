@@ -53,8 +53,8 @@ def map_cmd(run_a: str, run_b: str, output: Optional[str]) -> int:
     if amb:
         echo(f"{len(amb)} ambiguous pair(s): review them before use", err=err)
         for p in amb[:10]:
-            echo(f"  {p.group} {', '.join(p.b)} -> {', '.join(p.a)} ({p.evidence})", err=err)
-    for side, names in (("A", proposal.unmatched_a), ("B", proposal.unmatched_b)):
+            echo(f"  {p.group} {proposal.described(p)} ({p.evidence})", err=err)
+    for side, names in (("A", proposal.unmatched("a")), ("B", proposal.unmatched("b"))):
         if names:
             shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
             echo(f"unmatched in {side}: {len(names)} ({shown})", err=err)

@@ -18,12 +18,14 @@ import numpy as np
 
 from ..errors import GraddiffError
 from ..format import FLAG_VALUES
+from ..modclass import class_of, describe, describe_label
 from ..reader import Run
 from .generalize import generalize
 from .namemap import NameMap, parse_rule
 
 _MODULE_KINDS = ["activation", "grad_output"]
 _PARAM_KINDS = ["param", "grad", "autograd_grad"]
+_GROUP_KIND = {"module": "activation", "param": "param", "buffer": "buffer"}
 _CLOSE = 1e-3  # norms this close (relative) count as the same tensor at the first step
 MAX_SPLIT = 4  # a fused module stands for at most this many consecutive ones
 
@@ -72,15 +74,49 @@ class Proposal:
     unmatched_a: list[str] = field(default_factory=list)
     unmatched_b: list[str] = field(default_factory=list)
     keys_b: list[tuple[str, str]] = field(default_factory=list)  # B's (kind, name)s
+    #: module name -> class name of each run (graddiff.modclass; old traces: empty)
+    classes_a: dict[str, str] = field(default_factory=dict)
+    classes_b: dict[str, str] = field(default_factory=dict)
 
     @property
     def ambiguous(self) -> list[Pair]:
         return [p for p in self.pairs if p.ambiguous]
 
     def rules(self) -> list[dict[str, Any]]:
-        """The map's rules, per-layer rules folded into ``{i}`` patterns where equivalent."""
-        concrete = [p.rule() for p in self.pairs if p.a != p.b or p.transpose]
+        """The map's rules, per-layer rules folded into ``{i}`` patterns where equivalent; the
+        evidence names the module classes paired (``Conv1D -> Linear: forward order, ...``)."""
+        concrete = []
+        for p in self.pairs:
+            if p.a != p.b or p.transpose:
+                rule = p.rule()
+                cb, ca = self._classes(p, "b"), self._classes(p, "a")
+                if ca or cb:
+                    rule["evidence"] = f"{cb or '?'} -> {ca or '?'}: {rule['evidence']}"
+                concrete.append(rule)
         return generalize(concrete, self.keys_b)
+
+    def _classes(self, p: Pair, side: str) -> str:
+        """The class(es) of the modules owning one side's names: ``Linear``, ``Linear + ReLU``."""
+        classes, names = (self.classes_a, p.a) if side == "a" else (self.classes_b, p.b)
+        kind = _GROUP_KIND[p.group]
+        found = [class_of(classes, kind, n) for n in names]
+        return " + ".join(dict.fromkeys(c for c in found if c))
+
+    def described(self, p: Pair) -> str:
+        """``B's names -> A's names``, each with its module class."""
+        kind = _GROUP_KIND[p.group]
+        b = ", ".join(describe(self.classes_b, kind, n) for n in p.b)
+        a = ", ".join(describe(self.classes_a, kind, n) for n in p.a)
+        return f"{b} -> {a}"
+
+    def unmatched(self, side: str) -> list[str]:
+        """One run's unmatched records, ``kind name (Class)``."""
+        classes, names = (
+            (self.classes_a, self.unmatched_a)
+            if side == "a"
+            else (self.classes_b, self.unmatched_b)
+        )
+        return [describe_label(classes, n) for n in names]
 
     @property
     def name_map(self) -> NameMap:
@@ -93,11 +129,9 @@ class Proposal:
         return {
             "graddiff_map": 1,
             "rules": self.rules(),
-            "ambiguous": [
-                f"{p.group} {', '.join(p.b)} -> {', '.join(p.a)}" for p in self.ambiguous
-            ],
-            "unmatched_a": self.unmatched_a,
-            "unmatched_b": self.unmatched_b,
+            "ambiguous": [f"{p.group} {self.described(p)}" for p in self.ambiguous],
+            "unmatched_a": self.unmatched("a"),
+            "unmatched_b": self.unmatched("b"),
         }
 
     def notes(self) -> list[str]:
@@ -106,7 +140,7 @@ class Proposal:
             f"of the first step (review with `graddiff map A B -o map.yaml`)"
         ]
         if self.ambiguous:
-            shown = "; ".join(f"{', '.join(p.b)} -> {', '.join(p.a)}" for p in self.ambiguous[:4])
+            shown = "; ".join(self.described(p) for p in self.ambiguous[:4])
             out.append(
                 f"--map auto: {len(self.ambiguous)} ambiguous pair(s), kept but unsure: {shown}"
                 + (" ..." if len(self.ambiguous) > 4 else "")
@@ -408,7 +442,9 @@ def propose_map(a: Run, b: Run) -> Proposal:
     una = [f"{k} {x.name}" for k in kinds for x in fa.get(k, []) if x.name not in matched_a]
     unb = [f"{k} {x.name}" for k in kinds for x in fb.get(k, []) if x.name not in matched_b]
     keys_b = list(dict.fromkeys((k.kind, k.name) for k in b.keys))
-    return Proposal(pairs, una, unb, keys_b)
+    classes_a = dict(getattr(a, "module_classes", {}) or {})
+    classes_b = dict(getattr(b, "module_classes", {}) or {})
+    return Proposal(pairs, una, unb, keys_b, classes_a, classes_b)
 
 
 def _reorder(items: list[Item], grads: list[Item]) -> list[Item]:

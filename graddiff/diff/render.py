@@ -211,9 +211,9 @@ def _structure(report: Report, console: Console) -> None:
     d = report.describe
     lines = []
     if st.get("only_in_a"):
-        lines.append("only in A: " + more([d(x) for x in st["only_in_a"]], 8))
+        lines.append("only in A: " + report.describe_all(st["only_in_a"], 8))
     if st.get("only_in_b"):
-        lines.append("only in B: " + more([d(x) for x in st["only_in_b"]], 8))
+        lines.append("only in B: " + report.describe_all(st["only_in_b"], 8))
     for what in ("shape", "dtype"):
         changes = st.get(f"{what}_changes", [])
         for ch in changes[:5]:
@@ -228,14 +228,14 @@ def _structure(report: Report, console: Console) -> None:
         label, _, how = note.partition(": ")
         groups.setdefault(how, []).append(label)
     for how, labels in groups.items():
-        lines.append(f"paired: {more([d(x) for x in labels], 3)}: {how}")
+        lines.append(f"paired: {report.describe_all(labels, 3)}: {how}")
     unsure = st.get("not_comparable") or []
     if unsure:
-        labels = [d(u["label"]) for u in unsure]
+        labels = [u["label"] for u in unsure]
         steps = max(u["steps"] for u in unsure)
         lines.append(
             f"not comparable bitwise at up to {steps} step(s) (statistics only): "
-            f"{more(labels, 3)}: a sum "
+            f"{report.describe_all(labels, 3)}: a sum "
             "or join of several calls cannot be judged bitwise from statistics; they agree "
             "within rounding (store full values, e.g. values='full' or full_steps=[...], to "
             "compare them exactly)"

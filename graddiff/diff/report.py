@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..errors import GraddiffError
-from ..modclass import describe_label, with_class
+from ..modclass import class_of_label, describe_label, describe_list, with_class
 from .diagnose import Cause
 
 EXIT_SAME, EXIT_DIVERGED = 0, 1
@@ -249,12 +249,29 @@ class Report:
                 "max_rel_diff": self.max_rel_diff,
                 "diagnosis": [c.to_dict() for c in self.diagnosis],
                 "environment_diff": list(self.environment_diff),
-                "structure": dict(self.structure),
+                "structure": self._structure_with_classes(),
                 "growth": {k: [[s, r] for s, r in v] for k, v in self.growth.items()},
                 "notes": list(self.notes),
                 "module_classes": dict(self.module_classes),
             }
         )
+
+    def _structure_with_classes(self) -> dict[str, Any]:
+        """``structure`` for --json: each entry's module class, as ``module_class`` in the
+        dict entries and as ``only_in_a_classes`` (etc.) beside the lists of labels."""
+        st = dict(self.structure)
+        c = self.module_classes
+        for key in ("shape_changes", "dtype_changes", "not_comparable"):
+            if key in st:
+                st[key] = [
+                    dict(e, module_class=class_of_label(c, e["label"])) if "label" in e else e
+                    for e in st[key]
+                ]
+        for key in ("only_in_a", "only_in_b", "pairing"):
+            if key in st:
+                labels = [x.partition(": ")[0] if key == "pairing" else x for x in st[key]]
+                st[f"{key}_classes"] = [class_of_label(c, x) for x in labels]
+        return st
 
     def render(self, console: Any = None) -> None:
         """Print the report with rich (plain text when the console is not a terminal)."""
@@ -285,6 +302,12 @@ class Report:
     def describe(self, label: str) -> str:
         """A ``"kind name"`` label with its module class: ``grad fc1.weight (Linear)``."""
         return describe_label(self.module_classes, label)
+
+    def describe_all(self, labels: list[str], limit: Optional[int] = None) -> str:
+        """Labels with their classes, neighbours of one class grouped (modclass.describe_list):
+        ``grad fc1.weight, grad fc1.bias (both Linear) and 2 more``."""
+        c = self.module_classes
+        return describe_list([(x, class_of_label(c, x)) for x in labels], limit)
 
     def html(self, path: str) -> None:
         """Write an HTML report (graddiff.postmortem.html)."""

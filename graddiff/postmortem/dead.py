@@ -55,7 +55,7 @@ def find_dead_units(
         hit = _from_values(run, s, max_value_steps) or _from_stats(s)
         if hit:
             hits.append(hit)
-    found = _aggregate("dead_units", hits)
+    found = _aggregate("dead_units", hits, run.module_classes or {})
     for f in found:
         f.evidence["names"] = f.evidence["names"][:MAX_NAMES]
     return found

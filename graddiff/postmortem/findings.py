@@ -7,16 +7,21 @@ Detectors read statistics first and stored values only where a check needs them 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
 from typing import Any, Optional
 
 import numpy as np
 
 from ..diff.noise import floor_factor
 from ..kinds import CAUSAL_RANK, GRADIENT_KINDS
-from ..modclass import with_class
+from ..modclass import class_of, describe_list, with_class
 from ..reader import RecordKey, Run
 from .series import Series, collect_series
+
+#: No module classes known (a trace written before they were recorded).
+_NO_CLASSES: Mapping[str, str] = MappingProxyType({})
 
 #: Finding kinds, in the order a report lists findings of the same step.
 FINDING_KINDS = (
@@ -77,6 +82,8 @@ class CheckReport:
     path: str
     n_steps: int
     findings: list[Finding]
+    #: module name -> class name of the run (empty for traces without it)
+    module_classes: dict[str, str] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
@@ -104,6 +111,7 @@ class CheckReport:
             "steps": self.n_steps,
             "clean": self.clean,
             "findings": [f.to_dict() for f in self.findings],
+            "module_classes": dict(self.module_classes),
         }
 
 
@@ -139,7 +147,7 @@ def check_run(
     found.sort(
         key=lambda f: (f.step, CAUSAL_RANK.get(f.record_kind, 99), FINDING_KINDS.index(f.kind))
     )
-    return CheckReport(run.path, len(run.steps), found)
+    return CheckReport(run.path, len(run.steps), found, dict(run.module_classes or {}))
 
 
 def _detect(
@@ -155,8 +163,9 @@ def _detect(
     skip = set()
     for f in accumulated:  # growth explained by accumulation is not reported twice
         skip.update(f.evidence.get("names", [f.name]))
-    found += find_exploding(series, explode_factor, explode_abs, skip=skip)
-    found += find_vanishing(series, vanish_factor)
+    classes = run.module_classes or {}
+    found += find_exploding(series, explode_factor, explode_abs, skip=skip, classes=classes)
+    found += find_vanishing(series, vanish_factor, classes=classes)
     found += find_frozen(series, run)
     found += find_dead_units(run, series, max_value_steps=max_value_steps)
     return found
@@ -167,17 +176,18 @@ def find_nonfinite(run: Run, series: dict[RecordKey, Series]) -> list[Finding]:
     """The first NaN and the first Inf (step, then causal order within the step), told as one
     story: the earlier of the two is the origin (with what produced it from finite values);
     the later one is said to follow it, not to come from finite values."""
-    out = _first_nonfinite(series)
+    classes = run.module_classes or {}
+    out = _first_nonfinite(series, classes)
     if len(out) == 2:
         first, later = sorted(out, key=lambda f: f.evidence["position"])
         word = "NaN" if first.kind == "nan" else "Inf"
+        where = _where(classes, first.record_kind, first.name)
         later.message = later.message.split("; ", 1)[0] + (
-            f"; it follows the first {word} ({first.record_kind} '{first.name}', step "
+            f"; it follows the first {word} ({where}, step "
             f"{first.step}): arithmetic on {word} (Inf - Inf, 0 x Inf, a normalisation by "
             "Inf) gives NaN"
             if word == "Inf"
-            else f"; it follows the first NaN ({first.record_kind} '{first.name}', step "
-            f"{first.step})"
+            else f"; it follows the first NaN ({where}, step {first.step})"
         )
         later.evidence["follows"] = f"{first.kind} {first.record_kind} {first.name}"
     for f in out:
@@ -185,7 +195,14 @@ def find_nonfinite(run: Run, series: dict[RecordKey, Series]) -> list[Finding]:
     return out
 
 
-def _first_nonfinite(series: dict[RecordKey, Series]) -> list[Finding]:
+def _where(classes: Mapping[str, str], kind: str, name: str) -> str:
+    """``grad fc1.weight (Linear)``: a record named in a message, with its module class."""
+    return with_class(f"{kind} {name}", class_of(classes, kind, name))
+
+
+def _first_nonfinite(
+    series: dict[RecordKey, Series], classes: Mapping[str, str] = _NO_CLASSES
+) -> list[Finding]:
     order = {key: i for i, key in enumerate(series)}  # causal key order
     out = []
     for field_name, kind, word in (("nan", "nan", "NaN"), ("inf", "inf", "Inf")):
@@ -212,7 +229,8 @@ def _first_nonfinite(series: dict[RecordKey, Series]) -> list[Finding]:
                 name=key.name,
                 call=key.call,
                 message=(
-                    f"first {word}: {count} of {numel} values in {key.kind} '{key.name}'"
+                    f"first {word}: {count} of {numel} values in "
+                    f"{_where(classes, key.kind, key.name)}"
                     f"{spread}; {_NAN_HINTS.get(key.kind, '')}"
                 ),
                 evidence={
@@ -240,23 +258,31 @@ def _baseline(norms: np.ndarray) -> Optional[float]:
     return float(np.median(ok[:3])) if len(ok) else None
 
 
-def _aggregate(kind: str, hits: list[tuple[int, Series, str, dict]]) -> list[Finding]:
-    """One finding per kind: the earliest hit speaks, the rest are counted and named."""
+def _aggregate(
+    kind: str, hits: list[tuple[int, Series, str, dict]], classes: Mapping[str, str] = _NO_CLASSES
+) -> list[Finding]:
+    """One finding per kind: the earliest hit speaks, the rest are counted and named (each
+    with its module class: ``3 more: fc2.weight, fc2.bias (both Linear), ...``)."""
     if not hits:
         return []
     hits.sort(key=lambda h: (h[0], CAUSAL_RANK.get(h[1].key.kind, 99)))
     step, s, message, evidence = hits[0]
     names = [h[1].key.name for h in hits]
     if len(hits) > 1:
-        message += (
-            f" ({len(hits) - 1} more: {', '.join(names[1:4])}{', ...' if len(hits) > 4 else ''})"
+        shown = describe_list(
+            [(h[1].key.name, class_of(classes, h[1].key.kind, h[1].key.name)) for h in hits[1:4]]
         )
+        message += f" ({len(hits) - 1} more: {shown}{', ...' if len(hits) > 4 else ''})"
     evidence = dict(evidence, count=len(hits), names=names[:MAX_NAMES])
     return [Finding(kind, step, s.key.kind, s.key.name, message, evidence, s.key.call)]
 
 
 def find_exploding(
-    series: dict[RecordKey, Series], factor: float, absolute: float, skip: Optional[set] = None
+    series: dict[RecordKey, Series],
+    factor: float,
+    absolute: float,
+    skip: Optional[set] = None,
+    classes: Mapping[str, str] = _NO_CLASSES,
 ) -> list[Finding]:
     """Gradient norms that grow ``factor`` times over their early level, or beyond ``absolute``."""
     hits = []
@@ -286,10 +312,12 @@ def find_exploding(
                 {"baseline": base, "value": value, "ratio": value / base, "peak": peak},
             )
         )
-    return _aggregate("exploding_grad", hits)
+    return _aggregate("exploding_grad", hits, classes)
 
 
-def find_vanishing(series: dict[RecordKey, Series], factor: float) -> list[Finding]:
+def find_vanishing(
+    series: dict[RecordKey, Series], factor: float, classes: Mapping[str, str] = _NO_CLASSES
+) -> list[Finding]:
     """Gradient norms zero at every step, or falling below ``factor`` x early level for good."""
     hits = []
     for s in _gradient_series(series):
@@ -331,7 +359,7 @@ def find_vanishing(series: dict[RecordKey, Series], factor: float) -> list[Findi
                 },
             )
         )
-    return _aggregate("vanishing_grad", hits)
+    return _aggregate("vanishing_grad", hits, classes)
 
 
 # -- parameters that never change -------------------------------------------------------------
@@ -390,4 +418,4 @@ def find_frozen(series: dict[RecordKey, Series], run: Optional[Run] = None) -> l
                 {"steps": len(s.rows), "grad_norm": grad_norm},
             )
         )
-    return _aggregate("frozen_param", hits)
+    return _aggregate("frozen_param", hits, (run.module_classes or {}) if run else {})

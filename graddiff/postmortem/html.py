@@ -203,7 +203,7 @@ def _structure_html(report: Any) -> str:
     for side in ("a", "b"):
         names = st.get(f"only_in_{side}") or []
         if names:
-            items.append(f"only in {side.upper()}: " + ", ".join(d(x) for x in names))
+            items.append(f"only in {side.upper()}: " + report.describe_all(names))
     for what in ("shape", "dtype"):
         for ch in st.get(f"{what}_changes") or []:
             items.append(
@@ -213,8 +213,8 @@ def _structure_html(report: Any) -> str:
     groups: dict[str, list[str]] = {}
     for note in st.get("pairing") or []:
         label, _, how = note.partition(": ")
-        groups.setdefault(how, []).append(d(label))
-    items += [f"paired ({how}): {', '.join(labels)}" for how, labels in groups.items()]
+        groups.setdefault(how, []).append(label)
+    items += [f"paired ({how}): {report.describe_all(labels)}" for how, labels in groups.items()]
     for u in st.get("not_comparable") or []:
         items.append(
             f"not comparable bitwise (statistics only) at up to {u['steps']} step(s): "

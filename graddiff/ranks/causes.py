@@ -16,6 +16,7 @@ import numpy as np
 from ..diff.context import Cause, fmt
 from ..errors import GraddiffError
 from ..kinds import Kind
+from ..modclass import class_of, describe_list, with_class
 from .consistency import Consistency, Disagreement
 from .files import RankSet
 
@@ -30,11 +31,18 @@ def _same_step(c: Consistency, step: int, kinds: tuple[str, ...]) -> list[Disagr
     return [d for d in c.disagreements if d.step == step and d.key.kind in kinds]
 
 
-def _names(ds: list[Disagreement], limit: int = 4) -> str:
-    names = list(dict.fromkeys(d.key.name for d in ds))
-    return ", ".join(names[:limit]) + (
-        f" and {len(names) - limit} more" if len(names) > limit else ""
-    )
+def _names(rs: RankSet, ds: list[Disagreement], limit: int = 4) -> str:
+    """The records named with their module classes: ``fc1.weight, fc1.bias (both Linear)``."""
+    classes = rs.module_classes
+    keys = list(dict.fromkeys((d.key.kind, d.key.name) for d in ds))
+    return describe_list([(n, class_of(classes, k, n)) for k, n in keys], limit)
+
+
+def _key(rs: RankSet, d: Disagreement) -> str:
+    """``grad fc1.weight (Linear)``, with ``(call N)`` after the first call."""
+    k = d.key
+    text = with_class(f"{k.kind} {k.name}", class_of(rs.module_classes, k.kind, k.name))
+    return text + (f" (call {k.call})" if k.call else "")
 
 
 def rule_passes(rs: RankSet, c: Consistency) -> Optional[Cause]:
@@ -97,7 +105,7 @@ def rule_initial_params(rs: RankSet, c: Consistency) -> Optional[Cause]:
     ds = _same_step(c, d.step, (Kind.PARAM.value,))
     return Cause(
         "different_initial_params",
-        f"the replicas start from different parameters ({_names(ds)} differ on "
+        f"the replicas start from different parameters ({_names(rs, ds)} differ on "
         f"{_ranks(d.odd)} at the first compared step)",
         [f"{len(ds)} parameter(s) differ at step {d.step}"],
         "build the model from the same seed on every rank, or let DistributedDataParallel "
@@ -114,12 +122,12 @@ def rule_unreduced_grads(rs: RankSet, c: Consistency) -> Optional[Cause]:
     n_grads = sum(1 for k in rs.runs[0].names(Kind.GRAD.value))
     evidence = [
         f"step {d.step}: parameters and step-start buffers agree on every rank",
-        f"{len(bad)} of {n_grads} gradients differ across ranks: {_names(bad)}",
+        f"{len(bad)} of {n_grads} gradients differ across ranks: {_names(rs, bad)}",
     ]
     if len(bad) < n_grads:
         return Cause(
             "grad_not_allreduced",
-            f"{_names(bad)} left out of the gradient all-reduce: its .grad differs across "
+            f"{_names(rs, bad)} left out of the gradient all-reduce: its .grad differs across "
             f"ranks while the other {n_grads - len(bad)} gradients agree",
             evidence,
             "let DDP reduce it (remove it from _ddp_params_and_buffers_to_ignore; use it inside "
@@ -142,12 +150,12 @@ def rule_local_buffers(rs: RankSet, c: Consistency) -> Optional[Cause]:
     bn = all(d.key.name.rsplit(".", 1)[-1] in _BN_BUFFERS for d in bad)
     evidence = [
         f"step {d.step}: parameters agree on every rank; buffers at the step's start differ: "
-        f"{_names(bad)}",
+        f"{_names(rs, bad)}",
     ]
     if d.step == int(c.steps[0]):
         return Cause(
             "different_initial_buffers",
-            f"buffers differ across ranks from the first compared step ({_names(bad)})",
+            f"buffers differ across ranks from the first compared step ({_names(rs, bad)})",
             evidence,
             "initialise buffers identically on every rank, or let DDP broadcast them",
         )
@@ -162,7 +170,7 @@ def rule_local_buffers(rs: RankSet, c: Consistency) -> Optional[Cause]:
         )
     return Cause(
         "rank_local_buffers",
-        f"buffers are rank-local: {_names(bad)} differ across ranks at the step's start",
+        f"buffers are rank-local: {_names(rs, bad)} differ across ranks at the step's start",
         evidence,
         "synchronise the buffers (DistributedDataParallel(broadcast_buffers=True)) or keep "
         "them out of the replicated state",
@@ -207,7 +215,7 @@ def rule_local_update(rs: RankSet, c: Consistency) -> Optional[Cause]:
     ref = d.groups[0][0]
     evidence = [
         "the step before: parameters, step-start buffers and gradients agree on every rank",
-        f"step {d.step}: {len(bad)} parameter(s) differ on {_ranks(d.odd)}: {_names(bad)}",
+        f"step {d.step}: {len(bad)} parameter(s) differ on {_ranks(d.odd)}: {_names(rs, bad)}",
     ]
     ratio = _update_ratio(rs, c, d.step, d.odd[0], ref) if len(d.odd) else None
     if ratio is not None:
@@ -238,7 +246,7 @@ def rule_generic(rs: RankSet, c: Consistency) -> Optional[Cause]:
         return None
     return Cause(
         "rank_difference",
-        f"{d.key} differs across ranks",
+        f"{_key(rs, d)} differs across ranks",
         [f"first at step {d.step} on {_ranks(d.odd)}"],
         "inspect the code paths that run on some ranks only",
     )

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import GraddiffError
+from ..modclass import merge
 from ..reader import Run, open_run
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -63,6 +64,14 @@ class RankSet:
     def close(self) -> None:
         for run in self.runs:
             run.close()
+
+    @property
+    def module_classes(self) -> dict[str, str]:
+        """Module name -> class name over every rank (graddiff.modclass; old traces: empty)."""
+        out: dict[str, str] = {}
+        for run in self.runs:
+            out = merge(out, run.module_classes or {})
+        return out
 
     def describe(self) -> str:
         names = [os.path.basename(p) for p in self.paths]

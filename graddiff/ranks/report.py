@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..diff.context import Cause
+from ..modclass import class_of, with_class
 from .causes import diagnose_ranks
 from .consistency import RANK_LOCAL, Consistency, Disagreement, check_consistency
 from .files import RankSet, open_ranks
@@ -36,6 +37,8 @@ class RanksReport:
     counts: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: module name -> class name (every rank's; empty for traces without it)
+    module_classes: dict[str, str] = field(default_factory=dict)
 
     @property
     def consistent(self) -> bool:
@@ -61,6 +64,7 @@ class RanksReport:
             "counts": self.counts,
             "notes": self.notes,
             "seconds": round(self.seconds, 3),
+            "module_classes": dict(self.module_classes),
         }
 
     def render(self, console: Any) -> None:
@@ -88,7 +92,8 @@ class RanksReport:
                     else f"no majority; reference {_ranks_text(f['majority'])}"
                 )
                 p(
-                    f"INCONSISTENT at step {f['step']}: {f['kind']} {f['name']} differs on "
+                    f"INCONSISTENT at step {f['step']}: "
+                    f"{with_class(f['kind'] + ' ' + f['name'], f.get('module_class'))} differs on "
                     f"{_ranks_text(f['odd_ranks'])} ({vote})"
                 )
             else:
@@ -118,13 +123,14 @@ def _ranks_text(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
 
 
-def _first(d: Optional[Disagreement]) -> Optional[dict[str, Any]]:
+def _first(d: Optional[Disagreement], classes: dict[str, str]) -> Optional[dict[str, Any]]:
     if d is None:
         return None
     return {
         "step": d.step,
         "kind": d.key.kind,
         "name": d.key.name,
+        "module_class": class_of(classes, d.key.kind, d.key.name),
         "call": d.key.call,
         "odd_ranks": d.odd,
         "majority": d.groups[0],
@@ -196,7 +202,7 @@ def check_ranks(files: Sequence[str], *, workers: Optional[int] = None) -> Ranks
             compared=list(c.kinds),
             not_compared=[k for k in RANK_LOCAL if any(k in run.kinds for run in rs.runs)],
             n_records=c.n_records,
-            first=_first(c.first),
+            first=_first(c.first, rs.module_classes),
             diagnosis=cause,
             counts={
                 "disagreements": c.n_disagreements,
@@ -205,6 +211,7 @@ def check_ranks(files: Sequence[str], *, workers: Optional[int] = None) -> Ranks
                 "by_rank": {int(r): n for r, n in sorted(c.by_rank.items())},
             },
             notes=_notes(rs, c),
+            module_classes=rs.module_classes,
         )
     finally:
         rs.close()
