@@ -10,8 +10,9 @@ Run by hand: ``python benchmarks/bench_distributed.py``. Three measurements:
    (1) without guessing the record count, with and without ``replicated="one"``.
 3. ``graddiff ranks`` time on synthetic stats-mode rank files (written with TraceWriter, as
    many records per step as (2)), per rank x step, read serially and by worker processes
-   (``RANKS=2,8,32 STEPS=50`` by default), best of 3 interleaved rounds: the crossover behind
-   ``graddiff.ranks.parallel.PARALLEL_MIN_ROWS``.
+   (``RANKS=2,8,32 STEPS=50`` by default), best of 3 interleaved rounds, with a worker's start
+   cost and the serial cost per entry row: the constants behind
+   ``graddiff.ranks.parallel.min_rows`` (WORKER_START_S, ROW_COST_S).
 """
 
 from __future__ import annotations
@@ -127,6 +128,28 @@ def ranks_check_times(pattern: str, workers: list[int], rounds: int) -> dict[int
     return best
 
 
+def worker_start_seconds() -> float:
+    """Best of 3: a worker interpreter's start (python -m graddiff.ranks.worker's imports)."""
+    import subprocess
+
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import graddiff.ranks.worker"], check=True)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _auto_choice(pattern: str, choose_workers) -> int:
+    from graddiff.ranks import open_ranks
+
+    rs = open_ranks([pattern])
+    try:
+        return choose_workers(rs.runs, rs.runs[0].steps, None)
+    finally:
+        rs.close()
+
+
 def main() -> int:
     from graddiff.format import ENTRY_DTYPE
 
@@ -157,19 +180,21 @@ def main() -> int:
             f" 64 ranks: {64 * full / 2**30:.0f} GiB per step with replicated='all', "
             f"{(full + 63 * recs * per_row) / 2**30:.1f} GiB with replicated='one'"
         )
-        from graddiff.ranks.parallel import available_cpus
+        from graddiff.ranks.parallel import available_cpus, choose_workers, min_rows
+        from graddiff.ranks.parallel import usable_cpus as idle_cpus
 
         n_records = 2 * llama["param_tensors"]
         n_steps = int(os.environ.get("STEPS", 50))
         cpus = available_cpus()
+        start = worker_start_seconds()
         print(
             f"graddiff ranks: {n_records} replicated records per step (stats mode), {n_steps} "
-            f"steps, {cpus} CPUs; best of 3 interleaved rounds, ms per rank x step:"
+            f"steps, {cpus} CPUs (load average {os.getloadavg()[0]:.1f}, {idle_cpus()} idle); "
+            f"a worker's start {start:.2f} s; best of 3 interleaved rounds, ms per rank x step:"
         )
         for n_ranks in [int(r) for r in os.environ.get("RANKS", "2,8,32").split(",")]:
             pattern = write_rank_files(tmp, n_ranks, n_steps, n_records)
-            counts = sorted({1, min(n_ranks, cpus), min(n_ranks, 2 * cpus)})
-            counts = [w for w in counts if w == 1 or w > 1 and n_ranks > 1]
+            counts = sorted({1, min(n_ranks, 2), min(n_ranks, cpus)})
             best = ranks_check_times(pattern, counts, 3)
             cells = n_ranks * n_steps
             parts = ", ".join(
@@ -178,7 +203,14 @@ def main() -> int:
                 for w, t in best.items()
             )
             rows = cells * n_records
-            print(f"  {n_ranks:3d} ranks ({rows / 1e6:.2f} M entry rows): {parts}")
+            auto = _auto_choice(pattern, choose_workers)
+            print(
+                f"  {n_ranks:3d} ranks ({rows / 1e6:.2f} M entry rows, serial "
+                f"{1e6 * best[1] / rows:.2f} us per row): {parts}; automatic: "
+                f"{'serial' if auto == 1 else f'{auto} workers'} (parallel from "
+                f"{min_rows(2) / 1e6:.1f} M rows with 2 idle CPUs, {min_rows(16) / 1e6:.2f} M "
+                f"with 16)"
+            )
     return 0
 
 

@@ -105,10 +105,14 @@ class Recorder:
         forward_only: bool = False,
         stats_only_kinds: frozenset = frozenset(),
         flat_pieces: Optional[dict[int, FlatPieces]] = None,
+        sharded: frozenset = frozenset(),
     ) -> None:
         self.writer = writer
         # FSDP1 use_orig_params=False: FlatParameter (by id) -> its original parameters' pieces
         self._flat_pieces = flat_pieces or {}
+        # names of sharded parameters (FSDP, DTensor): each rank's own piece, never replicated,
+        # so stats_only_kinds (replicated="one") does not apply to them
+        self._sharded = sharded
         # forward_only: every call of the model is one step, recorded with or without grad
         # (ports compared on one batch before any training); gradients are not recorded.
         self.forward_only = forward_only
@@ -230,7 +234,9 @@ class Recorder:
         because the writer's reads compete with the training threads for the cores.
         """
         local = local_tensor(tensor)  # a DTensor's own shard: no DTensor op in a hook
-        keep = self._step_full and (kind not in self.stats_only_kinds or local is not tensor)
+        keep = self._step_full and (
+            kind not in self.stats_only_kinds or local is not tensor or name in self._sharded
+        )
         keep = keep and (self.full_kinds is None or kind in self.full_kinds)
         if keep:
             self.full_bytes += local.numel() * local.element_size()

@@ -268,6 +268,7 @@ class Tracer:
             params=params,
             buffers=buffers,
             flat_pieces=flat_pieces,
+            sharded=frozenset(layout),
             kinds=self.kinds,
             values=self.values,
             max_bytes=self.max_bytes,

@@ -339,6 +339,8 @@ def test_fsdp1_flat_parameters_by_original_name(two):
         assert r0.get("param", "0.bias", 0).shape == (0,)  # rank 0 holds none of it
         assert "0.bias" not in r0.names("grad")
     with graddiff.open(os.path.join(d, "run_1.h5")) as r1:
+        # traced with replicated="one": the shards are rank 1's own, so they keep their values
+        assert r1.options["replicated"] == "one"
         assert r1.get("param", "0.weight", 0).shape == (40,)
         assert r1.get("grad", "0.bias", 0).shape == (16,)
     flat = os.path.join(d, "run_*.h5")

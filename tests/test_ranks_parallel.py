@@ -227,7 +227,9 @@ def test_worker_output_and_imports(tmp_path):
     )
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(graddiff.__file__)))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert res.stdout.split() == ["0", "False"], res.stderr
+    *progress, last = res.stdout.strip().splitlines()
+    assert last.split() == ["0", "False"], res.stderr
+    assert progress == ["1"] * (1 + 2)  # heartbeats: the file opened, then each of 2 blocks
     with graddiff.open(path) as run:
         index = {k: i for i, k in enumerate(keys)}
         want = read_block(run, run.steps, key_ids(run, index, set()), 3, pass_records(run))
@@ -255,3 +257,25 @@ def test_automatic_choice(tmp_path, monkeypatch):
         assert min_rows(2) > min_rows(16) > 0  # more workers repay their start sooner
     finally:
         rs.close()
+
+
+def test_stalled_worker_is_stopped_with_one_error_line(tmp_path, monkeypatch):
+    """A worker that makes no progress (the HDF5 library can loop forever on a corrupt
+    structure) is killed after GRADDIFF_WATCHDOG seconds: one Error line, exit 2."""
+    files = _write(tmp_path / "r", n_ranks=3)
+    hang = [sys.executable, "-c", "import time; time.sleep(60)"]
+    monkeypatch.setattr(parallel, "worker_command", lambda spec: hang)
+    monkeypatch.setenv("GRADDIFF_WATCHDOG", "1")
+    result = CliRunner().invoke(main, ["ranks", "--workers", "3", *files])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "run_0.h5: reading made no progress for 1 s in a worker process" in lines[0]
+
+
+def test_killed_worker_is_one_error_line(tmp_path, monkeypatch):
+    files = _write(tmp_path / "r", n_ranks=3)
+    monkeypatch.setattr(parallel, "worker_command", lambda spec: ["sh", "-c", "kill -9 $$"])
+    result = CliRunner().invoke(main, ["ranks", "--workers", "2", *files])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "the worker process ended (killed by signal 9)" in lines[0]

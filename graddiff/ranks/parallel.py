@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Optional
 
@@ -137,30 +139,17 @@ class parallel_reader:
             "per_block": self.per_block,
             "out": out,
         }
-        procs = []
+        workers: list[_Worker] = []
         try:
             for w, share in enumerate(shares):
                 path = os.path.join(out, f"spec{w}.json")
                 with open(path, "w", encoding="utf-8") as f:
                     json.dump({**spec, "jobs": share}, f)
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "graddiff.ranks.worker", path],
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.PIPE,
-                        env=_worker_env(),
-                    )
-                )
-            for proc, share in zip(procs, shares):
-                _, err = proc.communicate()
-                if proc.returncode != 0:
-                    raise GraddiffError(_failure(err, proc.returncode, share))
+                workers.append(_Worker(worker_command(path), share, os.path.join(out, f"err{w}")))
+            _wait(workers, stall_limit())
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+            for w in workers:
+                w.stop()
 
     def _load(self, out: str, rank: int) -> list[np.ndarray]:
         stem = os.path.join(out, str(rank))
@@ -173,6 +162,89 @@ class parallel_reader:
         for lo in range(0, len(self.steps), self.per_block):
             hi = lo + self.per_block
             yield lo, [[np.asarray(a[lo:hi]) for a in maps] for maps in self._maps]
+
+
+def worker_command(spec_path: str) -> list[str]:
+    return [sys.executable, "-m", "graddiff.ranks.worker", spec_path]
+
+
+def stall_limit() -> float:
+    """Seconds a worker may go without progress (``GRADDIFF_WATCHDOG``, as the CLI's watchdog:
+    default 30, 0 waits forever)."""
+    raw = os.environ.get("GRADDIFF_WATCHDOG", "")
+    try:
+        return max(0.0, float(raw)) if raw.strip() else 30.0
+    except ValueError:
+        return 30.0
+
+
+class _Worker:
+    """One worker process: it writes a rank number to stdout when it starts a file and after
+    every block, which is its heartbeat (a corrupt HDF5 structure can make the library loop
+    forever); its stderr goes to a file."""
+
+    def __init__(self, cmd: list[str], share: list, err_path: str) -> None:
+        self.share, self.err_path = share, err_path
+        self.rank = share[0][0] if share else -1
+        self.last = time.monotonic()
+        self._buf = b""
+        with open(err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=_worker_env(),
+            )
+
+    def feed(self, data: bytes) -> None:
+        self.last = time.monotonic()
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines[-1:]:
+            try:
+                self.rank = int(line)
+            except ValueError:
+                pass
+
+    def path(self) -> str:
+        return next((p for r, p in self.share if r == self.rank), "?")
+
+    def failure(self) -> str:
+        with open(self.err_path, "rb") as f:
+            err = f.read()[-4000:]
+        return _failure(err, self.proc.returncode, self.share)
+
+    def stop(self) -> None:
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _wait(workers: list[_Worker], limit: float) -> None:
+    """Until every worker has exited; GraddiffError on the first failure or stall."""
+    running = {w.proc.stdout.fileno(): w for w in workers if w.proc.stdout is not None}
+    while running:
+        ready, _, _ = select.select(list(running), [], [], 0.5)
+        for fd in ready:
+            w = running[fd]
+            data = os.read(fd, 4096)
+            if data:
+                w.feed(data)
+                continue
+            del running[fd]  # end of output: the worker has exited (or is exiting)
+            if w.proc.wait() != 0:
+                raise GraddiffError(w.failure())
+        now = time.monotonic()
+        for w in running.values():
+            if limit and now - w.last > limit:
+                raise GraddiffError(
+                    f"{w.path()}: reading made no progress for {limit:g} s in a worker process "
+                    f"(a corrupt HDF5 structure can make the HDF5 library loop forever), "
+                    f"stopped; set GRADDIFF_WATCHDOG=SECONDS to wait longer, 0 to wait forever"
+                )
 
 
 def _failure(err: bytes, code: int, share: list) -> str:

@@ -7,7 +7,9 @@ size, the (rank, path) jobs and the output folder. For each job it writes ``<ran
 ``<rank>.passes.npy`` (forward/backward passes per step), filled block by block (bounded
 memory) through shared memory maps: the parent reads them from the page cache (no flush to
 disk, measured 5 ms per file). Plain arrays in, plain arrays out: no pickle, and it imports neither torch nor the
-caller's main module. A problem is one ``Error:`` line on stderr and exit code 2.
+caller's main module. A problem is one ``Error:`` line on stderr and exit code 2. Progress is
+one line on stdout (the rank being read) per file and per block: the parent stops a worker that
+makes none for ``GRADDIFF_WATCHDOG`` seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from ..reader import RecordKey, open_run
 from .consistency import key_ids, pass_records, read_block
 
 
+def beat(rank: int) -> None:
+    """Progress for the parent's stall watch: the rank being read, one line."""
+    sys.stdout.write(f"{rank}\n")
+    sys.stdout.flush()
+
+
 def run_job(spec: dict, rank: int, path: str) -> None:
     """Write rank ``rank``'s arrays (see the module docstring) into ``spec['out']``."""
     steps = np.asarray(spec["steps"], np.int64)
@@ -33,6 +41,7 @@ def run_job(spec: dict, rank: int, path: str) -> None:
     out = spec["out"]
     shape = (len(steps), len(keys))
     stem = os.path.join(out, str(rank))
+    beat(rank)
     run = open_run(path)
     arrays = []
     try:
@@ -49,6 +58,7 @@ def run_job(spec: dict, rank: int, path: str) -> None:
             fp[lo : lo + len(block)] = b_fp
             have[lo : lo + len(block)] = b_have
             passes[lo : lo + len(block)] = b_passes
+            beat(rank)
         np.save(stem + ".passes.npy", passes, allow_pickle=False)
     finally:
         del arrays
@@ -70,7 +80,10 @@ def main(argv: list[str]) -> int:
         return 2
     except Exception as exc:  # corrupt data that the reader did not anticipate, a full disk
         text = " ".join(str(exc).split())[:300]
-        print(f"Error: {path}: cannot be read ({type(exc).__name__}: {text})", file=sys.stderr)
+        print(
+            f"Error: {path}: reading failed in a worker process ({type(exc).__name__}: {text})",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -19,7 +19,8 @@ test's cost), each scenario tracing into ``OUT_DIR/<scenario>/run_{rank}.h5``:
   two runs' parameter shards are bitwise equal.
 - ``fsdp1``: the same with FSDP1 (``FullyShardedDataParallel(use_orig_params=True)``, one unit
   per Linear).
-- ``fsdp1flat``: the same with FSDP1's default (``use_orig_params=False``: FlatParameters);
+- ``fsdp1flat``: the same with FSDP1's default (``use_orig_params=False``: FlatParameters),
+  traced with ``replicated="one"`` (shards are not replicated: values on every rank);
   rank 0 also traces ``single_bug.h5``: the single-process ``plain`` run with one element of
   ``0.weight`` nudged before step 2.
 - ``bnddp``: DDP of an MLP with BatchNorm (no Dropout) on this rank's slice of the global
@@ -175,7 +176,7 @@ def fsdp_model(version: int, world: int, orig: bool = True) -> nn.Module:
 
 
 def fsdp_train(
-    version: int, rank: int, world: int, path: str = "", orig: bool = True
+    version: int, rank: int, world: int, path: str = "", orig: bool = True, replicated: str = "all"
 ) -> list[torch.Tensor]:
     """The ``plain`` loop under FSDP; traced into ``path`` when given. Returns the local shards."""
     model = fsdp_model(version, world, orig)
@@ -191,7 +192,7 @@ def fsdp_train(
             opt.step()
 
     if path:
-        with graddiff.trace(model, path, values="full"):
+        with graddiff.trace(model, path, values="full", replicated=replicated):
             loop()
     else:
         loop()
@@ -200,7 +201,9 @@ def fsdp_train(
 
 
 def fsdp_loop(version: int, rank: int, world: int, out: str, orig: bool = True) -> None:
-    traced = fsdp_train(version, rank, world, os.path.join(out, "run_{rank}.h5"), orig)
+    # replicated="one" with FlatParameters: the shards are each rank's own and keep their values
+    replicated = "all" if orig else "one"
+    traced = fsdp_train(version, rank, world, os.path.join(out, "run_{rank}.h5"), orig, replicated)
     untraced = fsdp_train(version, rank, world, orig=orig)
     same = all(torch.equal(a, b) for a, b in zip(traced, untraced))
     with open(os.path.join(out, f"transparent_{rank}.txt"), "w") as fh:
