@@ -136,6 +136,23 @@ def rule_scaled_grads(x: Context) -> Optional[Cause]:
         f"factors: {', '.join(fmt(c) for c in factors[:5])}"
         + (" (the same for all)" if same else ""),
     ]
+    norms = _global_norms(x)
+    if norms is not None:
+        ev.append(
+            f"global gradient norm at step {x.step}: {fmt(norms[0])} in A, {fmt(norms[1])} in B"
+        )
+    n = power_of_two(1 / float(np.median(factors))) if same else None
+    if n is not None:
+        ev.append(f"{big}'s gradients are exactly 2^{n} x {small}'s: a loss scale's factor")
+        return Cause(
+            "scaled_gradients",
+            f"{big}'s gradients are 2^{n} x {small}'s: an AMP GradScaler's scale is left in "
+            f"{big}'s gradients (optimizer.step() instead of scaler.step(optimizer)), or "
+            f"{small}'s were clipped while scaled (clip_grad_norm_ before scaler.unscale_)",
+            ev,
+            "call scaler.unscale_(optimizer) before clipping or inspecting gradients, and "
+            "scaler.step(optimizer) instead of optimizer.step()",
+        )
     what = (
         "gradient clipping by global norm or loss scaling"
         if same
@@ -148,6 +165,28 @@ def rule_scaled_grads(x: Context) -> Optional[Cause]:
         "compare the clip_grad_norm_ / clip_grad_value_ calls and loss scaling (GradScaler, "
         "loss / n) of the two runs",
     )
+
+
+def power_of_two(k: float, least: int = 4) -> Optional[int]:
+    """n when ``k`` is ``2**n`` with ``n >= least`` (a GradScaler's scale), else None. Within
+    2e-5 in log2 (1.4e-5 relative): clip_grad_norm_ divides by ``norm + 1e-6``, which leaves a
+    clipped-while-scaled gradient ``1e-6 / norm`` away from the exact power of two."""
+    if not np.isfinite(k) or k <= 0:
+        return None
+    n = float(np.log2(k))
+    return int(round(n)) if round(n) >= least and abs(n - round(n)) < 2e-5 else None
+
+
+def _global_norms(x: Context) -> Optional[tuple[float, float]]:
+    """Each run's global gradient norm over the gradients both recorded at this step."""
+    sa = sb = 0.0
+    for s, _ in x.slots_of(x.step, ("grad",)):
+        a, b = x.v("a", s, x.step), x.v("b", s, x.step)
+        if a is None or b is None or a.shape != b.shape or a.dtype.kind != "f":
+            return None
+        sa += float(np.sum(np.square(a.astype(np.float64))))
+        sb += float(np.sum(np.square(b.astype(np.float64))))
+    return (float(np.sqrt(sa)), float(np.sqrt(sb))) if sa > 0 and sb > 0 else None
 
 
 def rule_unscaled_micro_batches(x: Context) -> Optional[Cause]:
@@ -178,7 +217,7 @@ def _scalars(x: Context, side: str, slot: Slot) -> Optional[float]:
     return float(v.ravel()[0]) if v is not None and v.size == 1 else None
 
 
-def rule_loss_scale(x: Context) -> Optional[Cause]:
+def rule_loss_scale(x: Context):
     """Every loss is the other run's times one constant k, with the forward pass agreeing: an
     un-normalised accumulation over k micro-batches, a loss scale, or a loss weight."""
     if x.slot.kind != "loss" or x.within(x.step, ("param", "input", "activation")) is False:
@@ -204,7 +243,6 @@ def rule_loss_scale(x: Context) -> Optional[Cause]:
     gk = _grad_factor(x, big)
     if gk is not None:
         ev.append(f"{big}'s gradients are {fmt(gk)}x the other run's (residual below 2%)")
-    log2 = np.log2(k)
     if n > 1 and abs(k - n) < 1e-3 * n:
         return Cause(
             "unscaled_micro_batches",
@@ -214,23 +252,48 @@ def rule_loss_scale(x: Context) -> Optional[Cause]:
             f"backpropagate loss / {n} for each of the {n} micro-batches (or scale the learning "
             "rate)",
         )
-    if k >= 16 and abs(log2 - round(log2)) < 1e-6:
-        unscaled = gk is None or abs(gk - 1) < 0.01
-        return Cause(
-            "loss_scaling",
-            f"{big}'s loss is scaled by 2^{round(log2)} (AMP GradScaler)"
-            + ("" if unscaled else " and its gradients are not unscaled"),
-            ev,
-            "a GradScaler scales the loss; call scaler.unscale_(optimizer) before clipping or "
-            "inspecting gradients, and scaler.step(optimizer) instead of optimizer.step()",
-        )
-    return Cause(
+    p2 = power_of_two(k)
+    weight = Cause(
         "loss_scale",
         f"{big}'s loss is {fmt(k)}x the other run's: a loss weight or normalisation differs "
         "(sum vs mean, / k)",
         ev,
         "use the same loss reduction and weights in both runs",
     )
+    if p2 is None:
+        return weight
+    fix = (
+        "a GradScaler scales the loss; call scaler.unscale_(optimizer) before clipping or "
+        "inspecting gradients, and scaler.step(optimizer) instead of optimizer.step()"
+    )
+    scaled = f"{big}'s loss is scaled by 2^{p2} (AMP GradScaler)"
+    if gk is not None and abs(gk - 1) < 0.01:
+        # only a loss scale that is removed again leaves the gradients as they were
+        return Cause(
+            "loss_scaling", scaled + "; its gradients are unscaled before the update", ev, fix
+        )
+    if gk is not None and abs(gk / k - 1) < 0.01:
+        # a loss weight of 2^n does the same to the gradients: both fit, the scaler first
+        return [
+            Cause("loss_scaling", scaled + " and its gradients are not unscaled", ev, fix),
+            weight,
+        ]
+    if gk is not None and gk < 1:
+        norms = _global_norms(x)
+        if norms is not None:
+            g = norms[0] if big == "A" else norms[1]
+            ev = ev + [
+                f"{big}'s global gradient norm is {fmt(g)}; times the loss scale 2^{p2} it is "
+                f"{fmt(g * k)}: a clip_grad_norm_ max_norm applied to the scaled gradients?"
+            ]
+        return Cause(
+            "loss_scaling",
+            scaled + f"; its gradients are {fmt(gk)}x the other run's, smaller than unscaled: "
+            "clipped while still scaled (clip_grad_norm_ before scaler.unscale_)",
+            ev,
+            fix,
+        )
+    return Cause("loss_scaling", scaled, ev, fix)
 
 
 def _grad_factor(x: Context, big: str) -> Optional[float]:
