@@ -8,6 +8,7 @@ what the differ must then say (step, record kind, cause id, the numbers it recov
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import pytest
@@ -28,9 +29,16 @@ def _run(
     scaler: Optional[str] = None,
     clip: Optional[float] = None,
     loss_weight: float = 1.0,
+    sched: Optional[str] = None,
+    sched_restart_at: Optional[int] = None,
+    sched_every: int = 1,
     steps: int = 4,
 ) -> str:
-    """``scaler``: None (fp32), "ok" (scale, unscale_, clip, scaler.step), "clip_scaled"
+    """``sched``: None, "warmup" (linear over 6 steps) or "decay" (x0.5 per scheduler step);
+    ``sched_restart_at``: the step where a resumed run builds a fresh scheduler without
+    loading its state; ``sched_every``: scheduler.step() once every that many steps (an epoch).
+
+    ``scaler``: None (fp32), "ok" (scale, unscale_, clip, scaler.step), "clip_scaled"
     (clip before unscale_), "bypass" (optimizer.step() on the scaled gradients)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -40,9 +48,20 @@ def _run(
         cls = torch.optim.AdamW if opt == "adamw" else torch.optim.Adam
         o = cls(net.parameters(), lr=lr, weight_decay=wd)
     sc = torch.amp.GradScaler("cpu", init_scale=2.0**16) if scaler else None
+
+    def schedule():
+        if sched == "warmup":
+            return torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / 6))
+        return torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5)
+
+    sch = schedule() if sched else None
     g = torch.Generator().manual_seed(0)
     with graddiff.trace(net, path, values="full"):
-        for _ in range(steps):
+        for step in range(steps):
+            if step == sched_restart_at:  # model and optimizer restored, the scheduler not
+                sch = schedule()
+            elif sch is not None and step > 0 and step % sched_every == 0:
+                sch.step()
             x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
             o.zero_grad()
             loss = F.cross_entropy(net(x), y) * loss_weight
@@ -158,3 +177,132 @@ def test_correct_grad_scaler_leaves_the_updates_bitwise_equal(tmp_path):
     assert r.exit_code == 0 and r.first is None, r.headline()
     r = graddiff.compare(a, b, exact=True)
     assert "B's gradients are 1x" in _text(r.cause)
+
+
+# (id, A, B, cause id, text of the first cause, text it must not contain)
+ADAM = [
+    (
+        "coupled L2 inside Adam vs none",
+        {"opt": "adam", "lr": 0.01},
+        {"opt": "adam", "lr": 0.01, "wd": 0.5},
+        "weight_decay",
+        "coupled L2 inside Adam in B only",
+        "decoupled",
+    ),
+    (
+        "coupled L2 inside Adam, a common setting",
+        {"opt": "adam", "lr": 0.01},
+        {"opt": "adam", "lr": 0.01, "wd": 0.01},
+        "weight_decay",
+        "coupled L2 inside Adam in B only",
+        "learning rate",
+    ),
+    (
+        "Adam(weight_decay) vs AdamW(weight_decay)",
+        {"opt": "adam", "lr": 0.01, "wd": 0.05},
+        {"opt": "adamw", "lr": 0.01, "wd": 0.05},
+        "weight_decay",
+        "coupled L2 inside Adam in A vs decoupled (AdamW-style) in B",
+        "learning rate",
+    ),
+    (
+        "AdamW decay vs none",
+        {"opt": "adamw", "lr": 0.01},
+        {"opt": "adamw", "lr": 0.01, "wd": 0.5},
+        "weight_decay",
+        "decoupled (AdamW-style) in B only",
+        "inside Adam",
+    ),
+    (
+        "Adam learning rate",
+        {"opt": "adam", "lr": 0.01},
+        {"opt": "adam", "lr": 0.02},
+        "learning_rate",
+        "0.01 in A vs 0.02 in B",
+        "decay",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("va", "vb", "cause", "text", "absent"), [c[1:] for c in ADAM], ids=[c[0] for c in ADAM]
+)
+def test_adam_decay_and_rate_are_told_apart(tmp_path, va, vb, cause, text, absent):
+    """Adam's first update (empty moments) moves every element by lr: a coupled L2 decay turns
+    directions (-sign(g + wd * p)) without changing sizes, a decoupled decay adds -lr * wd * p,
+    a rate changes every size. The oracle: the change made, acting from the first update."""
+    r = _compare(tmp_path, va, vb)
+    assert r.exit_code == 1 and (r.first.step, r.first.kind) == (1, "param"), r.headline()
+    assert [c.cause for c in r.diagnosis] == [cause], [(c.cause, c.title) for c in r.diagnosis]
+    assert text in r.cause.title, r.cause
+    assert absent not in r.cause.title, r.cause
+
+
+def test_coupled_decay_recovers_the_setting(tmp_path):
+    """The directions bound weight_decay: the interval must hold the true setting."""
+    r = _compare(tmp_path, {"opt": "adam", "lr": 0.01}, {"opt": "adam", "lr": 0.01, "wd": 0.5})
+    m = re.search(r"weight_decay between ([0-9.e+-]+) and ([0-9.e+-]+)", _text(r.cause))
+    assert m, r.cause
+    lo, hi = float(m.group(1)), float(m.group(2))
+    assert lo <= 0.5 <= hi and hi - lo < 0.2, (lo, hi)
+
+
+# (id, A, B, first step, title text, evidence text)
+SCHEDULES = [
+    (
+        "warmup restarted on resume (scheduler state not loaded)",
+        {"sched": "warmup", "momentum": 0.9, "steps": 8},
+        {"sched": "warmup", "momentum": 0.9, "steps": 8, "sched_restart_at": 4},
+        5,
+        "schedule restarted in B at step 4",
+        "B's rate at step t is A's at step t - 4",
+    ),
+    (
+        "StepLR rebuilt on resume: its step count resets",
+        {"sched": "decay", "steps": 8},
+        {"sched": "decay", "steps": 8, "sched_restart_at": 3},
+        4,
+        "set back by 1 step in B at step 3",
+        "B's rate at step t is A's at step t - 1",
+    ),
+    (
+        "stepped per epoch (3 steps) vs per step",
+        {"sched": "decay", "steps": 8, "sched_every": 3},
+        {"sched": "decay", "steps": 8},
+        2,
+        "stepped once every 3 steps in A and at every step in B",
+        "A's rate at step t is B's at step t // 3",
+    ),
+    (
+        "warmup stepped per epoch (2 steps) vs per step, with momentum",
+        {"sched": "warmup", "momentum": 0.9, "steps": 8},
+        {"sched": "warmup", "momentum": 0.9, "steps": 8, "sched_every": 2},
+        2,
+        "stepped once every 2 steps in B and at every step in A",
+        "B's rate at step t is A's at step t // 2",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("va", "vb", "step", "title", "evidence"),
+    [c[1:] for c in SCHEDULES],
+    ids=[c[0] for c in SCHEDULES],
+)
+def test_schedule_difference_is_named_with_its_offset(tmp_path, va, vb, step, title, evidence):
+    """The oracle knows the schedule each run followed: where the rates part, and the relation
+    between the two series of rates (a shift by the resume step, or a stride of an epoch)."""
+    r = _compare(tmp_path, va, vb)
+    assert r.exit_code == 1 and (r.first.step, r.first.kind) == (step, "param"), r.headline()
+    assert r.cause.cause == "learning_rate", [(c.cause, c.title) for c in r.diagnosis]
+    # a schedule moves the rate of a momentum SGD, not its momentum
+    assert "optimizer_state" not in [c.cause for c in r.diagnosis]
+    assert title in r.cause.title, r.cause
+    assert evidence in _text(r.cause), r.cause
+    assert "load_state_dict" in r.cause.fix or "scheduler.step()" in r.cause.fix
+
+
+def test_a_constant_rate_change_is_not_called_a_schedule(tmp_path):
+    r = _compare(tmp_path, {"steps": 6, "momentum": 0.9}, {"steps": 6, "momentum": 0.9, "lr": 0.05})
+    assert r.cause.cause == "learning_rate" and "0.1 in A vs 0.05 in B" in r.cause.title
+    assert "schedule" not in r.cause.title

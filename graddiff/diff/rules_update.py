@@ -12,7 +12,9 @@ import numpy as np
 from .compare_records import EQUAL
 from .context import Cause, Context, fmt
 from .noise import ROUNDING_ULPS, eps_of
-from .update_fit import differs, fit_difference, fit_sgd, fresh_adam
+from .rules_schedule import schedule_cause
+from .update_fit import FreshFit, SgdFit, differs, fit_difference, fit_fresh, fit_sgd, fresh_decay
+from .update_series import series as _series
 
 
 def rule_batchnorm(x: Context) -> Optional[Cause]:
@@ -145,6 +147,7 @@ def _update_causes(x: Context, step: int) -> list[Cause]:
             found.setdefault(f, []).append(s)
     if not found:
         return []
+    found = _merge_fresh(found)
     causes = [_cause(x, f, names, alike, total, prev, step) for f, names in found.items()]
     order = {f: -len(n) for f, n in found.items()}
     ranked = sorted(zip(found, causes), key=lambda fc: order[fc[0]])
@@ -164,30 +167,6 @@ def _decay_could_show(x: Context, s, prev: int) -> bool:
     return p is not None and p.dtype.kind == "f" and bool(np.any(p != 0))
 
 
-def _series(x: Context, s, step: int, prev: int, pprev: Optional[int], side: str):
-    """(delta, g, p, u) of one parameter in one run, float64 and flat; None where missing."""
-    p1, p0 = x.v(side, s, step), x.v(side, s, prev)
-    if p1 is None or p0 is None or p1.shape != p0.shape or p0.dtype.kind != "f":
-        return None
-    p0 = p0.astype(np.float64).ravel()
-    delta = p1.astype(np.float64).ravel() - p0
-    g = None
-    for kind in ("grad", "autograd_grad"):
-        gs = x.pair.slot(kind, s.name)
-        gv = x.v(side, gs, prev) if gs is not None else None
-        if gv is not None and gv.size == p0.size:
-            g = gv.astype(np.float64).ravel()
-            break
-    u = None
-    if pprev is not None:
-        q = x.v(side, s, pprev)
-        if q is not None and q.size == p0.size:
-            u = p0 - q.astype(np.float64).ravel()
-            if not np.any(u):
-                u = None
-    return delta, g, p0, u
-
-
 def _findings(x: Context, s, step: int, prev: int, pprev: Optional[int]) -> list[tuple]:
     """What differs in this parameter's update, as hashable findings."""
     a = _series(x, s, step, prev, pprev, "a")
@@ -200,28 +179,31 @@ def _findings(x: Context, s, step: int, prev: int, pprev: Optional[int]) -> list
         fa, fb = fit_sgd(da, ga, pa, ua), fit_sgd(db, gb, pb, ub)
         if fa is not None and fb is not None:  # both runs are SGD: read the hyperparameters
             if differs(fa.lr, fb.lr, fa.se["lr"], fb.se["lr"]):
-                out.append(("lr", fa.lr, fb.lr))
+                out.append(("lr", _round(fa.lr), _round(fb.lr)))
             se_wd = (fa.se["p"] / max(fa.lr, 1e-30), fb.se["p"] / max(fb.lr, 1e-30))
             if differs(fa.wd, fb.wd, *se_wd):
                 # the relative change per step the decay difference makes: lr x |wd_a - wd_b|
                 out.append(("wd", _round(fa.wd), _round(fb.wd), _round(fa.lr * abs(fa.wd - fb.wd))))
-            ma, mb = fa.momentum, fb.momentum
-            if (
-                ma is not None
-                and mb is not None
-                and differs(ma, mb, fa.se["momentum"], fb.se["momentum"])
-            ):
-                reset = _momentum_before(x, s, prev, pprev, "a" if ma == 0 else "b")
+            ma, sa = _momentum(x, s, step, "a", fa)
+            mb, sb = _momentum(x, s, step, "b", fb)
+            if ma is not None and mb is not None and differs(ma, mb, sa, sb):
+                side = "a" if ma == 0 else "b"
+                before = _sgd_at(x, s, prev, side)
+                reset = _momentum(x, s, prev, side, before)[0] if before is not None else 0.0
                 if min(abs(ma), abs(mb)) == 0 and reset:
-                    out.append(("momentum_reset", "A" if ma == 0 else "B", _round(reset)))
+                    out.append(("momentum_reset", side.upper(), _round(reset)))
                 else:
                     out.append(("momentum", _round(ma), _round(mb)))
             return out
-        for side, d, g, other, og in (("A", da, ga, db, gb), ("B", db, gb, da, ga)):
-            if pprev is not None:  # not the first update: a fresh Adam here was reset
-                lr = fresh_adam(d, g)
-                if lr is not None and fresh_adam(other, og) is None:
-                    return [("adam_reset", side, _round(lr))]
+        ea, eb = fit_fresh(da, ga, pa), fit_fresh(db, gb, pb)
+        if ea is not None and eb is not None:  # both: Adam's step from empty moments
+            out = _fresh_findings(ea, eb)
+            if out:
+                return out
+        elif pprev is not None:  # not the first update: a fresh Adam here was reset
+            for side, e in (("A", ea), ("B", eb)):
+                if e is not None:
+                    return [("adam_reset", side, _round(e.lr))]
     fits = fit_difference(da, db, pb, ub)
     for fit in fits[:2]:
         t = fit.terms
@@ -236,16 +218,67 @@ def _findings(x: Context, s, step: int, prev: int, pprev: Optional[int]) -> list
     return out
 
 
-def _momentum_before(x: Context, s, step: int, prev: Optional[int], side: str) -> float:
-    """The momentum one run's previous update used (0 when unknown): a run whose momentum drops
-    to 0 after being positive had its buffer reset."""
+def _fresh_findings(ea: FreshFit, eb: FreshFit) -> list[tuple]:
+    """What differs between two updates from empty Adam moments: the rate (every element moves
+    by it) and the decay, coupled (directions) or decoupled (a term in the weights)."""
+    out: list[tuple] = []
+    if abs(ea.lr - eb.lr) > 1e-3 * max(ea.lr, eb.lr):
+        out.append(("adam_lr", _round(ea.lr), _round(eb.lr)))
+    ka, kb = fresh_decay(ea), fresh_decay(eb)
+    if ka[0] == kb[0] == "decoupled":
+        differ = differs(ea.decoupled, eb.decoupled, ea.se_decoupled, eb.se_decoupled)
+    elif ka[0] == kb[0] == "coupled":  # disjoint intervals of the decay
+        differ = ea.coupled[0] >= eb.coupled[1] or eb.coupled[0] >= ea.coupled[1]
+    else:
+        differ = ka[0] != kb[0]
+    if differ:
+        # the intervals are merged over the parameters that share the finding (_merge_fresh)
+        out.append(("adam_decay", ka, kb, ea.coupled, eb.coupled))
+    return out
+
+
+def _merge_fresh(found: dict) -> dict:
+    """Group the fresh-Adam decay findings by what each run does, intersecting the coupled
+    decay intervals of the parameters in a group (kept when they do not intersect: one
+    parameter's interval then stands for the group's)."""
+    out: dict = {}
+    for f, slots in found.items():
+        if f[0] != "adam_decay":
+            out.setdefault(f, []).extend(slots)
+            continue
+        key = next((k for k in out if k[:3] == f[:3]), None)
+        if key is None:
+            out[f] = list(slots)
+            continue
+        ia = (max(key[3][0], f[3][0]), min(key[3][1], f[3][1]))
+        ib = (max(key[4][0], f[4][0]), min(key[4][1], f[4][1]))
+        ia = ia if ia[0] < ia[1] else key[3]
+        ib = ib if ib[0] < ib[1] else key[4]
+        out[key[:3] + (ia, ib)] = out.pop(key) + list(slots)
+    return out
+
+
+def _sgd_at(x: Context, s, step: Optional[int], side: str) -> Optional[SgdFit]:
+    """One run's update to ``step`` fitted as SGD (None: no earlier step, or not SGD)."""
+    prev = x.prev(step) if step is not None else None
     if prev is None:
-        return 0.0
+        return None
     got = _series(x, s, step, prev, x.prev(prev), side)
-    if got is None or got[1] is None:
-        return 0.0
-    f = fit_sgd(*got)
-    return f.momentum if f is not None and f.momentum else 0.0
+    return fit_sgd(*got) if got is not None and got[1] is not None else None
+
+
+def _momentum(x: Context, s, step: int, side: str, f: SgdFit) -> tuple[Optional[float], float]:
+    """The momentum of one run's update to ``step``, and its standard error.
+
+    PyTorch's SGD moves by ``-lr_t * (g + wd * p + mu * buf)`` and its previous update was
+    ``-lr_(t-1) * buf``: the fitted coefficient of the previous update is ``mu * lr_t / lr_(t-1)``,
+    so a schedule that changes the rate changes the coefficient. The previous update's fitted
+    rate undoes that (the coefficient is kept where that update cannot be fitted)."""
+    if not f.momentum:
+        return f.momentum, f.se["momentum"]
+    before = _sgd_at(x, s, x.prev(step), side)
+    scale = before.lr / f.lr if before is not None else 1.0
+    return f.momentum * scale, f.se["momentum"] * scale
 
 
 def _round(v: float) -> float:
@@ -266,7 +299,9 @@ def _cause(
     head = f"at step {prev} the parameters and gradients agree; the updates to step {step} differ"
     # parameters updated bitwise alike are evidence of other parameter groups only when the
     # decay difference is large enough to survive rounding (> 16 ulps of float32 per step)
-    visible = f[0] in ("wd", "decoupled") and abs(f[-1]) > ROUNDING_ULPS * eps_of("float32")
+    visible = (f[0] in ("wd", "decoupled") and abs(f[-1]) > ROUNDING_ULPS * eps_of("float32")) or f[
+        0
+    ] == "adam_decay"  # a fresh Adam decay shows as whole directions or a fitted term
     groups = (
         f"; {x.names(alike)} are updated bitwise alike: the decay covers different parameter groups"
         if alike and visible
@@ -274,16 +309,21 @@ def _cause(
     )
     later = prev > int(x.pair.steps[0])
     if f[0] == "lr":
+        title, sched_ev, fix = schedule_cause(x, prev) if later else (None, [], None)
+        ev = [
+            head,
+            f"fitting each run's update as p -= lr * (g + wd * p) (+ momentum) gives lr "
+            f"{fmt(f[1])} in A and {fmt(f[2])} in B for {who}",
+        ]
+        if title is not None:
+            return Cause("learning_rate", title, ev + sched_ev, fix)
         return Cause(
             "learning_rate",
             f"learning rate differs: {fmt(f[1])} in A vs {fmt(f[2])} in B"
             + (" (a schedule stepped differently?)" if later else ""),
-            [
-                head,
-                f"fitting each run's update as p -= lr * (g + wd * p) (+ momentum) gives lr "
-                f"{fmt(f[1])} in A and {fmt(f[2])} in B for {who}",
-            ]
-            + ([f"earlier updates agree: the rates part at step {prev}"] if later else []),
+            ev
+            + ([f"earlier updates agree: the rates part at step {prev}"] if later else [])
+            + sched_ev,
             "use the same learning rate and scheduler; step the scheduler at the same place (per "
             "step vs per epoch) and restore it (scheduler.load_state_dict) when resuming",
         )
@@ -295,6 +335,21 @@ def _cause(
             "use the same learning rate and scheduler; step the scheduler at the same place (per "
             "step vs per epoch) and restore it (scheduler.load_state_dict) when resuming",
         )
+    if f[0] == "adam_lr":
+        return Cause(
+            "learning_rate",
+            f"learning rate differs: {fmt(f[1])} in A vs {fmt(f[2])} in B"
+            + (" (a schedule stepped differently?)" if later else ""),
+            [
+                head,
+                f"both updates are Adam's first step from empty moments, which moves every "
+                f"element by the learning rate: {fmt(f[1])} in A, {fmt(f[2])} in B for {who}",
+            ],
+            "use the same learning rate and scheduler; step the scheduler at the same place (per "
+            "step vs per epoch) and restore it (scheduler.load_state_dict) when resuming",
+        )
+    if f[0] == "adam_decay":
+        return _adam_decay_cause(f, head, who, groups)
     if f[0] in ("wd", "decoupled"):
         if f[0] == "wd":
             what = f"weight_decay {fmt(f[1])} in A vs {fmt(f[2])} in B (coupled L2: g + wd * p)"
@@ -364,4 +419,50 @@ def _cause(
         "learning rate and weight decay differ",
         [head, f"A's update minus B's is a mix of B's update and the weights for {who}"],
         "compare the learning rate and weight_decay of the two optimizers",
+    )
+
+
+def _adam_decay_cause(f: tuple, head: str, who: str, groups: str) -> Cause:
+    """Weight decay told apart on updates from empty Adam moments: none, coupled L2 inside
+    Adam, or decoupled (AdamW)."""
+
+    def short(k: tuple) -> str:
+        return {
+            "none": "none",
+            "coupled": "coupled L2 inside Adam",
+            "decoupled": "decoupled (AdamW-style)",
+        }[k[0]]
+
+    def detail(side: str, k: tuple, interval: tuple) -> str:
+        if k[0] == "coupled":
+            lo, hi = interval
+            wd = f"between {fmt(lo)} and {fmt(hi)}" if np.isfinite(hi) else f"at least {fmt(lo)}"
+            return (
+                f"{side}'s still moves every element by the learning rate, along -sign(g + wd * p) "
+                f"with weight_decay {wd}: the decay passed through Adam's normalisation (coupled "
+                "L2: Adam(weight_decay=wd) adds wd * p to the gradient before the moments)"
+            )
+        if k[0] == "decoupled":
+            return (
+                f"{side}'s is -lr * sign(g) - lr * wd * p with wd {fmt(k[1])}: a decay outside "
+                "the normalisation (decoupled, AdamW)"
+            )
+        return f"{side}'s moves every element by the learning rate along -sign(g): no decay"
+
+    ka, kb, ia, ib = f[1], f[2], f[3], f[4]
+    title = f"weight decay differs: {short(ka)} in A vs {short(kb)} in B"
+    if "none" in (ka[0], kb[0]):
+        side, k = ("B", kb) if ka[0] == "none" else ("A", ka)
+        title = f"weight decay differs: {short(k)} in {side} only"
+    return Cause(
+        "weight_decay",
+        title + (" on different parameter groups" if groups else ""),
+        [
+            head,
+            "both updates are Adam steps from empty moments (every element moves by the "
+            f"learning rate); {detail('A', ka, ia)}; {detail('B', kb, ib)}; for {who}{groups}",
+        ],
+        "Adam(weight_decay=wd) is L2 regularisation coupled to the gradient (normalised away "
+        "where gradients are large); for decoupled decay use torch.optim.AdamW(weight_decay=wd); "
+        "use the same optimizer class, weight_decay and parameter groups in both runs",
     )

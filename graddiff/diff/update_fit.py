@@ -11,8 +11,10 @@ and the previous update (``u``), in float64. Two fits, both least squares:
   updates ``e = delta_a - delta_b`` as ``c * delta_b`` (learning rate ratio ``1 + c``),
   ``beta * p`` (decoupled weight decay, ``beta = -lr * (wd_a - wd_b)``) and ``m * u_b``
   (optimizer state: momentum, moments).
-- :func:`fresh_adam`: an update that is ``-lr * sign(g)`` element by element, the first step of
-  an Adam whose moments start at zero.
+- :func:`fit_fresh`, per run: an update that is ``-lr * sign(g + wd * p) - lr * wd' * p``
+  element by element, the first step of an Adam whose moments start at zero; it reads the
+  learning rate, a coupled L2 decay ``wd`` (inside the normalisation: it turns directions, never
+  sizes) and a decoupled one ``wd'`` (AdamW: outside it).
 """
 
 from __future__ import annotations
@@ -125,18 +127,68 @@ def fit_difference(
     return []
 
 
-def fresh_adam(delta: np.ndarray, g: np.ndarray) -> Optional[float]:
-    """The learning rate when ``delta ~ -lr * sign(g)`` for (nearly) every element, else None.
+@dataclass
+class FreshFit:
+    """An update from empty Adam moments: ``delta = -lr * sign(g + coupled * p) - decoupled * p``.
 
-    Adam's first step from zero moments is ``-lr * g / (|g| + eps)``: every element moves by
-    the same amount. Later steps, with history in the moments, do not.
+    Adam's first step is ``-lr * g~ / (|g~| + eps)`` with ``g~`` the gradient the moments saw:
+    every element moves by ``lr`` (the normalisation), whatever the gradient's size. Coupled L2
+    (``Adam(weight_decay=wd)``: ``g~ = g + wd * p``) therefore changes only directions, never
+    sizes; decoupled decay (``AdamW``: ``p *= 1 - lr * wd`` first) adds ``-lr * wd * p`` outside
+    the normalisation. ``coupled`` is the interval of ``wd`` for which ``-sign(g + wd * p)`` is
+    every element's direction (it contains 0 when no direction needs a decay).
     """
-    live = g != 0
-    if live.sum() < MIN_PER_COEF:
+
+    lr: float
+    decoupled: float  # lr * wd of a decoupled decay
+    se_decoupled: float
+    coupled: tuple[float, float]
+
+
+def fit_fresh(delta: np.ndarray, g: np.ndarray, p: np.ndarray) -> Optional[FreshFit]:
+    """Fit one run's update as Adam's first step from empty moments; None when it is not one
+    (90% of the moving elements must move by ``lr``, within 1%, after the decoupled term)."""
+    live = delta != 0
+    n = int(live.sum())
+    if n < 2 * MIN_PER_COEF:
         return None
-    d, s = delta[live], -np.sign(g[live])
-    mag = np.abs(d)
-    med = float(np.median(mag))
-    if med == 0 or float(np.mean(np.sign(d) == s)) < 0.95:
+    d, gl, pl = delta[live], g[live], p[live]
+    s = np.sign(d)
+    cols = [s, pl] if np.any(pl) else [s]
+    keep = np.ones(n, dtype=bool)
+    for _ in range(2):  # fit, then refit on the elements that are not eps-sized (|g~| ~ eps)
+        got = _lstsq([c[keep] for c in cols], d[keep])
+        if got is None or got[0][0] <= 0:
+            return None
+        coef, _, se = got
+        pred = coef[0] * s + (coef[1] * pl if len(cols) == 2 else 0.0)
+        keep = np.abs(d - pred) <= 1e-2 * coef[0]
+        if keep.mean() < 0.9:
+            return None
+    dec = -float(coef[1]) if len(cols) == 2 else 0.0
+    # each element's direction: -sign(g + c * p) = sign(d + dec * p), i.e. lhs * c > rhs
+    sig = np.sign(d + dec * pl)
+    lhs, rhs = -sig * pl, sig * gl
+    if np.any((lhs == 0) & (rhs >= 0)):
         return None
-    return med if float(np.mean(np.abs(mag - med) <= 0.1 * med)) >= 0.9 else None
+    up, down = lhs > 0, lhs < 0
+    lo = float(np.max(rhs[up] / lhs[up])) if up.any() else -np.inf
+    hi = float(np.min(rhs[down] / lhs[down])) if down.any() else np.inf
+    if lo >= hi:
+        return None
+    return FreshFit(
+        lr=float(coef[0]),
+        decoupled=dec,
+        se_decoupled=float(se[1]) if len(cols) == 2 else 0.0,
+        coupled=(lo, hi),
+    )
+
+
+def fresh_decay(f: FreshFit) -> tuple:
+    """The decay a fresh Adam update shows: ("none",), ("coupled",) or ("decoupled", wd)."""
+    lo, hi = f.coupled
+    if lo > 0 or hi < 0:
+        return ("coupled",)
+    if abs(f.decoupled) > SIGNIFICANCE * f.se_decoupled and abs(f.decoupled) > 1e-6 * f.lr:
+        return ("decoupled", float(f"{f.decoupled / f.lr:.3g}"))
+    return ("none",)
