@@ -32,6 +32,8 @@ def _run(
     sched: Optional[str] = None,
     sched_restart_at: Optional[int] = None,
     sched_every: int = 1,
+    no_decay_bias: bool = False,
+    bn: bool = False,
     steps: int = 4,
 ) -> str:
     """``sched``: None, "warmup" (linear over 6 steps) or "decay" (x0.5 per scheduler step);
@@ -41,12 +43,22 @@ def _run(
     ``scaler``: None (fp32), "ok" (scale, unscale_, clip, scaler.step), "clip_scaled"
     (clip before unscale_), "bypass" (optimizer.step() on the scaled gradients)."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    if bn:  # 0.bias (4 elements) feeds BatchNorm: its gradient is rounding residue
+        net = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 4))
+    else:
+        net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    groups: list = list(net.parameters())
+    if no_decay_bias:
+        named = list(net.named_parameters())
+        groups = [
+            {"params": [p for n, p in named if not n.endswith("bias")]},
+            {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0},
+        ]
     if opt == "sgd":
-        o = torch.optim.SGD(net.parameters(), lr=lr, weight_decay=wd, momentum=momentum)
+        o = torch.optim.SGD(groups, lr=lr, weight_decay=wd, momentum=momentum)
     else:
         cls = torch.optim.AdamW if opt == "adamw" else torch.optim.Adam
-        o = cls(net.parameters(), lr=lr, weight_decay=wd)
+        o = cls(groups, lr=lr, weight_decay=wd)
     sc = torch.amp.GradScaler("cpu", init_scale=2.0**16) if scaler else None
 
     def schedule():
@@ -306,3 +318,75 @@ def test_a_constant_rate_change_is_not_called_a_schedule(tmp_path):
     r = _compare(tmp_path, {"steps": 6, "momentum": 0.9}, {"steps": 6, "momentum": 0.9, "lr": 0.05})
     assert r.cause.cause == "learning_rate" and "0.1 in A vs 0.05 in B" in r.cause.title
     assert "schedule" not in r.cause.title
+
+
+def _all_names(monkeypatch):
+    """List every parameter in evidence (no "and N more"), so the test sees which count."""
+    from graddiff.diff import context
+
+    names = context.Context.names
+    monkeypatch.setattr(
+        context.Context, "names", lambda self, slots, limit=4: names(self, slots, 99)
+    )
+
+
+# (id, A, B, parameters the evidence must name, parameters it must not name)
+SMALL = [
+    (
+        "rate: the 4-element bias counts",
+        {"momentum": 0.9},
+        {"momentum": 0.9, "lr": 0.05},
+        "for every parameter",
+        [],
+    ),
+    (
+        "no decay on biases: both biases carry it, the 4-element one too",
+        {"wd": 0.05, "momentum": 0.9},
+        {"wd": 0.05, "momentum": 0.9, "no_decay_bias": True},
+        "2 of 4 parameters: 0.bias, 2.bias (both Linear); 0.weight, 2.weight (both Linear) are "
+        "updated bitwise alike",
+        [],
+    ),
+    (
+        "rate: a bias before BatchNorm (rounding-residue gradient) proves nothing",
+        {"bn": True},
+        {"bn": True, "lr": 0.05},
+        "5 of 6 parameters",
+        ["0.bias"],
+    ),
+    (
+        "decay: a zero-initialised BatchNorm bias proves nothing",
+        {"bn": True},
+        {"bn": True, "wd": 0.05},
+        "4 of 6 parameters",
+        ["0.bias", "1.bias"],
+    ),
+    (
+        "AdamW, no decay on biases: the 4-element bias counts",
+        {"opt": "adamw", "lr": 0.01, "wd": 0.5},
+        {"opt": "adamw", "lr": 0.01, "wd": 0.5, "no_decay_bias": True},
+        "2 of 4 parameters: 0.bias, 2.bias (both Linear)",
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("va", "vb", "who", "not_named"), [c[1:] for c in SMALL], ids=[c[0] for c in SMALL]
+)
+def test_small_parameters_are_evidence_where_informative(
+    tmp_path, monkeypatch, va, vb, who, not_named
+):
+    """A 4-element bias is too small to fit three coefficients, but is tested against its
+    module's coefficients (and its own decay): it counts where its data reject the other run's
+    value, and only there. The oracle knows which parameters the change touched and which
+    could show it (a zero tensor shows no decay, a rounding-residue gradient no rate)."""
+    _all_names(monkeypatch)
+    r = _compare(tmp_path, va, vb)
+    assert (r.first.step, r.first.kind) == (1, "param"), r.headline()
+    assert r.cause.cause in ("learning_rate", "weight_decay"), r.cause
+    text = _text(r.cause)
+    assert who in text, text
+    listed = text.split(" parameters: ", 1)[-1]
+    for name in not_named:
+        assert name not in listed, text

@@ -12,8 +12,19 @@ import numpy as np
 from .compare_records import EQUAL
 from .context import Cause, Context, fmt
 from .noise import ROUNDING_ULPS, eps_of
+from .pooled import MAX_SOURCES, decay_only, fresh_given, fresh_pooled, predicted, sgd_residual
 from .rules_schedule import schedule_cause
-from .update_fit import FreshFit, SgdFit, differs, fit_difference, fit_fresh, fit_sgd, fresh_decay
+from .update_fit import (
+    FIT_TOL,
+    MIN_PER_COEF,
+    FreshFit,
+    SgdFit,
+    differs,
+    fit_difference,
+    fit_fresh,
+    fit_sgd,
+    fresh_decay,
+)
 from .update_series import series as _series
 
 
@@ -137,13 +148,14 @@ def _update_causes(x: Context, step: int) -> list[Cause]:
     pprev = x.prev(prev)
     found: dict[tuple, list] = {}  # finding -> parameter slots
     alike, total = [], 0
+    fits = _Fits(x, step, prev, pprev)
     for s, code in x.slots_of(step, ("param",)):
         total += 1
         if code == EQUAL:
             if _decay_could_show(x, s, prev):
                 alike.append(s)
             continue
-        for f in _findings(x, s, step, prev, pprev):
+        for f in _findings(x, fits, s, step, prev, pprev):
             found.setdefault(f, []).append(s)
     if not found:
         return []
@@ -151,11 +163,14 @@ def _update_causes(x: Context, step: int) -> list[Cause]:
     causes = [_cause(x, f, names, alike, total, prev, step) for f, names in found.items()]
     order = {f: -len(n) for f, n in found.items()}
     ranked = sorted(zip(found, causes), key=lambda fc: order[fc[0]])
-    out, seen = [], set()
-    for _, c in ranked:  # one cause per id, the best-supported first
-        if c.cause not in seen:
-            seen.add(c.cause)
+    out: list[Cause] = []
+    by_id: dict[str, Cause] = {}
+    for _, c in ranked:  # one cause per id, the best-supported first; the others' evidence
+        if c.cause not in by_id:  # (other parameters, another reading) joins it
+            by_id[c.cause] = c
             out.append(c)
+        else:
+            by_id[c.cause].evidence.extend("also: " + e for e in c.evidence[1:])
     return out
 
 
@@ -167,45 +182,124 @@ def _decay_could_show(x: Context, s, prev: int) -> bool:
     return p is not None and p.dtype.kind == "f" and bool(np.any(p != 0))
 
 
-def _findings(x: Context, s, step: int, prev: int, pprev: Optional[int]) -> list[tuple]:
+class _Fits:
+    """Each run's fits of every parameter at one update (cached), and the pooled readings of
+    parameters too small to fit alone (pooled.py): tested against a larger parameter's
+    coefficients, the same module's first."""
+
+    def __init__(self, x: Context, step: int, prev: int, pprev: Optional[int]) -> None:
+        self.x, self.step, self.prev, self.pprev = x, step, prev, pprev
+        self.params = [s for s, _ in x.slots_of(step, ("param",))]
+        self._sr: dict = {}
+        self._sgd: dict = {}
+        self._fresh: dict = {}
+
+    def series(self, s, side: str):
+        key = (s.index, side)
+        if key not in self._sr:
+            self._sr[key] = _series(self.x, s, self.step, self.prev, self.pprev, side)
+        return self._sr[key]
+
+    def sgd(self, s, side: str) -> Optional[SgdFit]:
+        key = (s.index, side)
+        if key not in self._sgd:
+            sr = self.series(s, side)
+            self._sgd[key] = fit_sgd(*sr) if sr is not None and sr[1] is not None else None
+        return self._sgd[key]
+
+    def fresh(self, s, side: str) -> Optional[FreshFit]:
+        key = (s.index, side)
+        if key not in self._fresh:
+            sr = self.series(s, side)
+            ok = sr is not None and sr[1] is not None
+            self._fresh[key] = fit_fresh(sr[0], sr[1], sr[2]) if ok else None
+        return self._fresh[key]
+
+    def _sources(self, s) -> list:
+        module = s.name.rpartition(".")[0]
+        size = {o.index: (self.series(o, "a") or (np.empty(0),))[0].size for o in self.params}
+        others = sorted(
+            (o for o in self.params if o.index != s.index), key=lambda o: -size[o.index]
+        )
+        same = [o for o in others if o.name.rpartition(".")[0] == module]
+        return (same + [o for o in others if o not in same])[:MAX_SOURCES]
+
+    def sgd_reading(self, s, side: str) -> Optional[tuple[SgdFit, object, bool]]:
+        """(fit, the slot whose coefficients it uses, pooled?) of one run's update."""
+        f = self.sgd(s, side)
+        if f is not None:
+            return f, s, False
+        sr = self.series(s, side)
+        if sr is None or sr[1] is None:
+            return None
+        cols = 2 + (sr[3] is not None)
+        if sr[0].size >= MIN_PER_COEF * cols and np.any(sr[2]):
+            return None  # large enough to fit: it is not SGD
+        sources = [(o, self.sgd(o, side)) for o in self._sources(s)]
+        sources = [(o, f) for o, f in sources if f is not None]
+        for o, f in sources:
+            if predicted(sr, f):
+                return f, o, True
+        if sources:
+            g = decay_only(sr, sources[0][1])
+            if g is not None:
+                return g, sources[0][0], True
+        return None
+
+    def fresh_reading(self, s, side: str) -> Optional[tuple[FreshFit, bool]]:
+        f = self.fresh(s, side)
+        if f is not None:
+            return f, False
+        sr = self.series(s, side)
+        if sr is None or sr[1] is None or np.count_nonzero(sr[0]) >= 2 * MIN_PER_COEF:
+            return None
+        for o in self._sources(s):
+            src = self.fresh(o, side)
+            if src is not None:
+                got = fresh_pooled(sr, src)
+                return (got, True) if got is not None else None
+        return None
+
+
+def _rejects(sr: tuple, f: SgdFit, **swap) -> bool:
+    """This run's update does not follow its coefficients with one swapped for the other run's
+    (the evidence a pooled reading must give to count)."""
+    c = {"lr": f.lr, "wd": f.wd, "momentum": f.momentum, **swap}
+    return sgd_residual(sr, c["lr"], c["wd"], c["momentum"]) > 10 * FIT_TOL
+
+
+def _findings(
+    x: Context, fits: _Fits, s, step: int, prev: int, pprev: Optional[int]
+) -> list[tuple]:
     """What differs in this parameter's update, as hashable findings."""
-    a = _series(x, s, step, prev, pprev, "a")
-    b = _series(x, s, step, prev, pprev, "b")
+    a, b = fits.series(s, "a"), fits.series(s, "b")
     if a is None or b is None:
         return []
-    (da, ga, pa, ua), (db, gb, pb, ub) = a, b
+    (da, ga, _, _), (db, gb, pb, ub) = a, b
     out: list[tuple] = []
     if ga is not None and gb is not None:
-        fa, fb = fit_sgd(da, ga, pa, ua), fit_sgd(db, gb, pb, ub)
-        if fa is not None and fb is not None:  # both runs are SGD: read the hyperparameters
-            if differs(fa.lr, fb.lr, fa.se["lr"], fb.se["lr"]):
-                out.append(("lr", _round(fa.lr), _round(fb.lr)))
-            se_wd = (fa.se["p"] / max(fa.lr, 1e-30), fb.se["p"] / max(fb.lr, 1e-30))
-            if differs(fa.wd, fb.wd, *se_wd):
-                # the relative change per step the decay difference makes: lr x |wd_a - wd_b|
-                out.append(("wd", _round(fa.wd), _round(fb.wd), _round(fa.lr * abs(fa.wd - fb.wd))))
-            ma, sa = _momentum(x, s, step, "a", fa)
-            mb, sb = _momentum(x, s, step, "b", fb)
-            if ma is not None and mb is not None and differs(ma, mb, sa, sb):
-                side = "a" if ma == 0 else "b"
-                before = _sgd_at(x, s, prev, side)
-                reset = _momentum(x, s, prev, side, before)[0] if before is not None else 0.0
-                if min(abs(ma), abs(mb)) == 0 and reset:
-                    out.append(("momentum_reset", side.upper(), _round(reset)))
-                else:
-                    out.append(("momentum", _round(ma), _round(mb)))
+        ra, rb = fits.sgd_reading(s, "a"), fits.sgd_reading(s, "b")
+        if ra is not None and rb is not None:  # both runs are SGD: read the hyperparameters
+            (fa, sa_, pooled_a), (fb, sb_, pooled_b) = ra, rb
+            out = _sgd_findings(x, fa, fb, sa_, sb_, step, prev)
+            if pooled_a or pooled_b:
+                out = [f for f in out if _swap_rejected(f, a, b, fa, fb)]
             return out
-        ea, eb = fit_fresh(da, ga, pa), fit_fresh(db, gb, pb)
+        fra, frb = fits.fresh_reading(s, "a"), fits.fresh_reading(s, "b")
+        ea, eb = (fra or (None,))[0], (frb or (None,))[0]
         if ea is not None and eb is not None:  # both: Adam's step from empty moments
             out = _fresh_findings(ea, eb)
+            if fra[1] or frb[1]:
+                out = [f for f in out if _fresh_swap_rejected(f, a, b, ea, eb)]
             if out:
                 return out
         elif pprev is not None:  # not the first update: a fresh Adam here was reset
             for side, e in (("A", ea), ("B", eb)):
                 if e is not None:
                     return [("adam_reset", side, _round(e.lr))]
-    fits = fit_difference(da, db, pb, ub)
-    for fit in fits[:2]:
+    if min(da.size, db.size) < 2 * MIN_PER_COEF:
+        return out  # too small for a cross-run fit to tell its terms apart
+    for fit in fit_difference(da, db, pb, ub)[:2]:
         t = fit.terms
         if set(t) == {"ratio"}:
             out.append(("ratio", _round(1 + t["ratio"])))
@@ -216,6 +310,48 @@ def _findings(x: Context, s, step: int, prev: int, pprev: Optional[int]) -> list
         else:
             out.append(("ratio+decay",))
     return out
+
+
+def _sgd_findings(x: Context, fa: SgdFit, fb: SgdFit, sa, sb, step: int, prev: int) -> list:
+    """Rate, decay and momentum compared between two SGD readings (``sa``/``sb``: the slots
+    whose fits they are, for the momentum's previous rate)."""
+    out: list[tuple] = []
+    if differs(fa.lr, fb.lr, fa.se["lr"], fb.se["lr"]):
+        out.append(("lr", _round(fa.lr), _round(fb.lr)))
+    se_wd = (fa.se["p"] / max(fa.lr, 1e-30), fb.se["p"] / max(fb.lr, 1e-30))
+    if differs(fa.wd, fb.wd, *se_wd):
+        # the relative change per step the decay difference makes: lr x |wd_a - wd_b|
+        out.append(("wd", _round(fa.wd), _round(fb.wd), _round(fa.lr * abs(fa.wd - fb.wd))))
+    # a pooled reading carries its source's rate and momentum: the source's previous rate
+    ma, sea = _momentum(x, sa, step, "a", fa)
+    mb, seb = _momentum(x, sb, step, "b", fb)
+    if ma is not None and mb is not None and differs(ma, mb, sea, seb):
+        side, src = ("a", sa) if ma == 0 else ("b", sb)
+        before = _sgd_at(x, src, prev, side)
+        reset = _momentum(x, src, prev, side, before)[0] if before is not None else 0.0
+        if min(abs(ma), abs(mb)) == 0 and reset:
+            out.append(("momentum_reset", side.upper(), _round(reset)))
+        else:
+            out.append(("momentum", _round(ma), _round(mb)))
+    return out
+
+
+def _swap_rejected(f: tuple, a: tuple, b: tuple, fa: SgdFit, fb: SgdFit) -> bool:
+    key = {"lr": "lr", "wd": "wd", "momentum": "momentum", "momentum_reset": "momentum"}[f[0]]
+    return _rejects(a, fa, **{key: getattr(fb, key)}) and _rejects(b, fb, **{key: getattr(fa, key)})
+
+
+def _fresh_swap_rejected(f: tuple, a: tuple, b: tuple, ea: FreshFit, eb: FreshFit) -> bool:
+    if f[0] == "adam_lr":
+        return (
+            fresh_given(a, eb.lr, ea.decoupled) is None
+            and fresh_given(b, ea.lr, eb.decoupled) is None
+        )
+    if "coupled" in (f[1][0], f[2][0]):
+        return True  # the directions of this parameter's own elements bound the decay
+    return (
+        fresh_given(a, ea.lr, eb.decoupled) is None and fresh_given(b, eb.lr, ea.decoupled) is None
+    )
 
 
 def _fresh_findings(ea: FreshFit, eb: FreshFit) -> list[tuple]:
