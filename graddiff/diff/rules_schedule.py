@@ -3,9 +3,10 @@ restored), set back, or stepped per epoch in one run and per step in the other.
 
 Input: the context and the update where the runs' fitted rates part. Each run's rate per
 update is fitted from its recorded parameters and gradients as SGD (with momentum and coupled
-decay, update_fit.fit_sgd), for every parameter; an update's rate is known when every fitted
-parameter gives the same one. Output: a title, evidence and fix for the learning-rate cause,
-or None when no schedule relation (schedule.py) explains every update compared.
+decay, update_fit.fit_sgd) on its three smallest parameters that can be fitted (reading every
+parameter of a large model at every step would cost too much); an update's rate is known when
+they all give the same one. Output: a title, evidence and fix for the learning-rate cause, or
+no title when no schedule relation (schedule.py) explains every update compared.
 """
 
 from __future__ import annotations
@@ -16,20 +17,22 @@ import numpy as np
 
 from .context import Context, fmt
 from .schedule import find_shift, find_stride, same
-from .update_fit import fit_sgd
+from .update_fit import MIN_PER_COEF, fit_sgd
 from .update_series import series
 
 #: Updates read per run (from the first recorded step), and updates read past the parting one.
 MAX_UPDATES = 64
 AFTER = 16
-#: Elements per parameter the rate is fitted on (evenly spaced; the rate is one number).
+#: Elements per parameter the rate is fitted on (evenly spaced; the rate is one number), and
+#: parameters it is fitted on (the smallest that can be fitted).
 SAMPLE = 4096
+PARAMS = 3
 
 
 def rates(x: Context, side: str, until: int) -> dict:
     """Update (its first step) -> the run's learning rate, where every parameter agrees."""
     steps = [int(t) for t in x.pair.steps]
-    params = [s for s in x.pair.al.slots if s.kind == "param"]
+    params = _cheap_params(x)
     out: dict = {}
     for i, t in enumerate(steps[:-1]):
         if t > until or i >= MAX_UPDATES:
@@ -50,6 +53,18 @@ def rates(x: Context, side: str, until: int) -> dict:
         if got and all(same(r, got[0]) for r in got):
             out[t] = float(np.median(got))
     return out
+
+
+def _cheap_params(x: Context) -> list:
+    """The few smallest parameters large enough for a fit: a rate is one number per update,
+    and reading every parameter of a large model at every step would cost gigabytes."""
+    first = int(x.pair.steps[0])
+    sized = []
+    for s, _ in x.slots_of(first, ("param",)):
+        v = x.v("a", s, first)
+        if v is not None and v.size >= 3 * MIN_PER_COEF:
+            sized.append((v.size, s.index, s))
+    return [s for *_, s in sorted(sized)[:PARAMS]]
 
 
 def _listing(lr: dict) -> str:
