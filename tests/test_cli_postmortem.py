@@ -157,7 +157,8 @@ def test_shell_prefers_ipython_on_a_terminal(traces, monkeypatch):
     r = invoke("shell", traces["clean"])
     assert r.exit_code == 0 and "a = graddiff.open(" in r.output
     assert seen["ns"]["a"].path == traces["clean"] and seen["kw"] == {"display_banner": False}
-    assert invoke("shell", traces["clean"], "--plain", input="print(7*6)\n").output.count("42") == 1
+    out = invoke("shell", traces["clean"], "--plain", input="print(7*6)\n").output
+    assert out.replace(traces["clean"], "").count("42") == 1  # the path may hold "42" (pytest-42N)
 
 
 def test_namespace_is_pure(traces):
