@@ -61,3 +61,31 @@ def test_no_complete_step_is_an_input_error(tmp_path):
     w.close()
     with pytest.raises(graddiff.GraddiffError, match="no complete step"):
         graddiff.compare(tmp_path / "e.h5", simulate(tmp_path / "a.h5"))
+
+
+def test_numbers_beside_a_limit_print_apart():
+    from graddiff.diff.report import _g_apart
+
+    assert _g_apart(0.001012, 0.001) == ("0.00101", "0.001")
+    assert _g_apart(-0.4876, -0.4874) == ("-0.488", "-0.487")
+    assert _g_apart(0.5, 0.5) == ("0.5", "0.5")  # equal values keep the short form
+    assert _g_apart(None, 0.001)[0] == "n/a"
+
+
+def test_a_divergence_just_beyond_rtol_never_prints_as_rtol(tmp_path):
+    """Rounded to two digits, rel 0.00101 read 'rel 0.001; rtol 0.001': a verdict that looked
+    self-contradictory. The printed rel and the printed values now differ where they do."""
+    a, b = simulate(tmp_path / "a.h5"), simulate(tmp_path / "b.h5", zero_grad=False)
+    rel = graddiff.compare(a, b).first.rel_diff
+    rtol = float(f"{rel:.2g}")
+    if rtol >= rel:
+        rtol = rel * 0.999
+    report = graddiff.compare(a, b, rtol=rtol)
+    head = report.headline()
+    shown_rel = head.split("(rel ")[1].split(";")[0]
+    assert report.diverged and float(shown_rel) > rtol, head
+    f = report.first
+    if f.a_value != f.b_value:
+        line = next(x for x in str(report).splitlines() if x.startswith("largest at"))
+        va, vb = line.split(": A ")[1].split(" vs B ")
+        assert va.strip() != vb.strip(), line

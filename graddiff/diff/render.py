@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .report import Report, _g
+from .report import Report, _g, _g_apart
 
 _STATUS = {
     "values": "values differ",
@@ -123,11 +123,14 @@ def _difference_table(report: Report, console: Console) -> None:
     t.add_row("record", f.described)
     t.add_row("status", _STATUS.get(f.status, f.status))
     if f.rel_diff is not None:
-        t.add_row("rel diff", _g(f.rel_diff) + (" (lower bound)" if f.basis == "stats" else ""))
+        limit = f.tolerance if f.tolerance is not None else report.rtol
+        rel = _g_apart(f.rel_diff, limit)[0]
+        t.add_row("rel diff", rel + (" (lower bound)" if f.basis == "stats" else ""))
     if f.max_abs_diff is not None:
         t.add_row("max abs diff", _g(f.max_abs_diff))
     if f.index is not None:
-        t.add_row("largest at", f"index {tuple(f.index)}: A {_g(f.a_value)} vs B {_g(f.b_value)}")
+        va, vb = _g_apart(f.a_value, f.b_value)
+        t.add_row("largest at", f"index {tuple(f.index)}: A {va} vs B {vb}")
     if f.fraction_differing is not None:
         t.add_row("elements differing", f"{f.fraction_differing:.1%}")
     for side, facts in (("A", f.a), ("B", f.b)):

@@ -206,7 +206,8 @@ class Report:
         if f.status == "nonfinite":
             what = "NaN/Inf at different places"
         elif f.rel_diff is not None and f.basis != "structure":
-            what = f"rel {'>= ' if f.basis == 'stats' else ''}{_g(f.rel_diff)}"
+            limit = f.tolerance if f.tolerance is not None else self.rtol
+            what = f"rel {'>= ' if f.basis == 'stats' else ''}{_g_apart(f.rel_diff, limit)[0]}"
         else:
             what = f.status.replace("_", " ")
         low = self.reduced_precision
@@ -335,12 +336,22 @@ def _feature(module: str, attr: str, what: str) -> Callable[..., Any]:
     return fn
 
 
-def _g(x: Optional[float]) -> str:
+def _g(x: Optional[float], digits: int = 2) -> str:
     if x is None:
         return "n/a"
     if not math.isfinite(x):
         return str(x)
-    return f"{x:.2g}" if x == 0 or 1e-3 <= abs(x) < 1e3 else f"{x:.1e}"
+    return f"{x:.{digits}g}" if x == 0 or 1e-3 <= abs(x) < 1e3 else f"{x:.{digits - 1}e}"
+
+
+def _g_apart(x: Optional[float], y: Optional[float]) -> tuple[str, str]:
+    """``x`` and ``y`` with as few significant digits (2 to 9) as tell them apart when they
+    differ, so that a value just beyond a tolerance never prints equal to it."""
+    for digits in range(2, 10):
+        sx, sy = _g(x, digits), _g(y, digits)
+        if sx != sy or x == y or x is None or y is None:
+            break
+    return sx, sy
 
 
 def _clean(obj: Any) -> Any:
