@@ -33,7 +33,7 @@ from .hooks.naming import (
     wrapped_module,
 )
 from .hooks.optimizer_hooks import add_step_hooks
-from .hooks.shards import flat_shards, shard_layout
+from .hooks.shards import flat_shards, full_parameter_counts, shard_layout
 from .kinds import parse_kinds, with_buffer_start
 from .launch import current_launch, resolve_path, shared_run_id
 from .perturb import check_perturb, nudge_parameters
@@ -241,6 +241,9 @@ class Tracer:
                 "nothing but inputs and losses would be recorded"
             )
         environment = collect_environment(inner, self.options())
+        counts = full_parameter_counts(inner)  # FSDP1: the unsharded model's, as DDP's
+        if counts is not None:
+            environment["n_parameters"], environment["n_trainable_parameters"] = counts
         environment["run_id"] = shared_run_id(self.launch, self._template)
         options = self.options()
         try:

@@ -146,3 +146,33 @@ def flat_shards(
             numel = int(size.numel()) if size is not None else int(flat.numel())
             pieces[id(flat)] = FlatPieces(numel, tuple(cut))
     return layout, pieces
+
+
+def full_parameter_counts(model: torch.nn.Module) -> Optional[tuple[int, int]]:
+    """(parameters, trainable parameters) of the unsharded model under FSDP1, whose parameters
+    on a rank are flat shards or 1-D pieces of them (None without FSDP1 units). Each original
+    parameter counts its full size once; other parameters (DTensors: their global size) count
+    as they are."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    cls = getattr(fsdp, "FullyShardedDataParallel", None)
+    if cls is None:
+        return None
+    managed: set[int] = set()
+    total = trainable = 0
+    for mod in model.modules():
+        handle = getattr(mod, "_handle", None) if isinstance(mod, cls) else None
+        flat = getattr(handle, "flat_param", None)
+        if flat is None or id(flat) in managed:
+            continue
+        managed.add(id(flat))
+        managed.update(id(p) for p in (getattr(flat, "_params", None) or ()))
+        n = int(sum(int(k) for k in flat._numels))
+        total += n
+        trainable += n if flat.requires_grad else 0
+    if not managed:
+        return None
+    for p in model.parameters():
+        if id(p) not in managed:
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+    return total, trainable

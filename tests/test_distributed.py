@@ -332,6 +332,10 @@ def test_fsdp1_flat_parameters_by_original_name(two):
             assert list(run.steps) == [0, 1, 2, 3]
             assert run.names("param") == ["0.weight", "0.bias", "2.weight", "2.bias"]
             assert not any("_flat_param" in n for n in run.names())
+            # the unsharded model's parameter count (not this rank's flat shard), as DDP's
+            with graddiff.open(os.path.join(two, "plain", "run_0.h5")) as ddp:
+                for key in ("n_parameters", "n_trainable_parameters"):
+                    assert run.environment[key] == ddp.environment[key] == 163
     # unit 0 holds 0.weight (96 elements) and 0.bias (16): 56 per rank; 0.weight spans both
     with graddiff.open(os.path.join(d, "run_0.h5")) as r0:
         assert r0.get("param", "0.weight", 0).shape == (56,)

@@ -72,7 +72,9 @@ def choose_workers(runs: list[Run], steps: np.ndarray, workers: Optional[int]) -
     """Worker processes to read ``runs`` with (1: serial, in this process). ``workers`` given:
     that many, at most one per file. None: serial for 1 or 2 files, without an idle CPU, or
     for fewer entry rows than :func:`min_rows`; else one worker per idle CPU, at most one per
-    file."""
+    file. Serial always where the OS is not POSIX."""
+    if os.name != "posix":  # the workers' progress is watched with select() on pipes
+        return 1
     if workers is not None:
         return max(1, min(int(workers), len(runs)))
     if len(runs) <= 2:
