@@ -156,6 +156,7 @@ def test_structure_lists_carry_classes_in_text_and_json(tmp_path):
     names = classed_names((r.run_a, r.run_b), r.module_classes)
     assert "only in A: grad_output fc1, grad fc1.weight, grad fc1.bias (all Linear)" in str(r)
     assert not unlabelled(str(r), names)
+    assert all(line == line.rstrip() for line in str(r).splitlines())  # print(report): no padding
 
 
 def test_check_findings_name_records_with_their_classes(tmp_path):
@@ -204,3 +205,18 @@ def test_map_names_the_classes_it_pairs(tmp_path):
     assert "evidence: 'ReLU -> ReLU: forward order" in out.output
     assert "unmatched in B: 1 (activation extra (Tanh))" in out.output
     assert "- activation extra (Tanh)" in out.output  # the map file's list
+
+
+def test_a_cut_evidence_list_says_how_many_more(tmp_path):
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = nn.Sequential(*[nn.Linear(3, 3) for _ in range(4)])  # 8 parameters
+        paths.append(tmp_path / f"{seed}.h5")
+        with graddiff.trace(net, paths[-1]):
+            net(torch.ones(2, 3)).sum().backward()
+            torch.optim.SGD(net.parameters(), lr=0.1).step()
+    r = graddiff.compare(*paths)
+    assert r.cause.cause == "different_init" and "8 of 8 parameters" in r.cause.title
+    assert r.cause.evidence[0].startswith("0.weight (Linear): rel ")
+    assert r.cause.evidence[5:] == ["and 3 more"]

@@ -289,7 +289,7 @@ class Report:
 
         buf = io.StringIO()
         self.render(safe_console(file=buf, force_terminal=False, width=100, color_system=None))
-        return buf.getvalue()
+        return "\n".join(line.rstrip() for line in buf.getvalue().split("\n"))  # no padding
 
     def divergence_matrix(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         """(steps, labels in causal order, rel of shape (n_steps, n_labels); NaN where absent).

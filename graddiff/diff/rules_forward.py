@@ -93,7 +93,8 @@ def rule_init(x: Context) -> Optional[Cause]:
         [
             f"{x.name(s)}: " + (f"rel {fmt(r)}" if r is not None else "not comparable by value")
             for s, r in big[:5]
-        ],
+        ]
+        + ([f"and {len(big) - 5} more"] if len(big) > 5 else []),
         "start both runs from the same weights: copy.deepcopy(model), "
         "model_b.load_state_dict(model_a.state_dict()), or torch.manual_seed(...) before building",
     )
