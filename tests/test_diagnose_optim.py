@@ -34,6 +34,7 @@ def _run(
     sched_every: int = 1,
     no_decay_bias: bool = False,
     bn: bool = False,
+    width: int = 16,
     steps: int = 4,
 ) -> str:
     """``sched``: None, "warmup" (linear over 6 steps) or "decay" (x0.5 per scheduler step);
@@ -46,7 +47,7 @@ def _run(
     if bn:  # 0.bias (4 elements) feeds BatchNorm: its gradient is rounding residue
         net = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 4))
     else:
-        net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        net = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 4))
     groups: list = list(net.parameters())
     if no_decay_bias:
         named = list(net.named_parameters())
@@ -390,3 +391,29 @@ def test_small_parameters_are_evidence_where_informative(
     listed = text.split(" parameters: ", 1)[-1]
     for name in not_named:
         assert name not in listed, text
+
+
+@pytest.mark.parametrize("wd", [1e-3, 1e-4])
+def test_coupled_decay_too_small_to_turn_a_direction_is_read_from_the_sizes(tmp_path, wd):
+    """No direction turns (wd * |p| < |g| everywhere), so the first update differs only at
+    rounding level; elements whose gradient is near Adam's eps move by lr * |g~| / (|g~| + eps)
+    and give wd. The oracle: the setting made, and the verdict is not "rounding"."""
+    va = {"opt": "adam", "lr": 0.01, "width": 256, "steps": 2}
+    r = _compare(tmp_path, va, {**va, "wd": wd})
+    assert (r.first.step, r.first.kind) == (1, "param"), r.headline()
+    assert r.cause.cause == "weight_decay", [(c.cause, c.title) for c in r.diagnosis]
+    assert "coupled L2 inside Adam in B only" in r.cause.title
+    # a parameter whose update such a decay leaves bitwise alike is no parameter-group evidence
+    assert "parameter groups" not in _text(r.cause), r.cause
+    m = re.search(r"weight_decay ([0-9.e+-]+) \(standard error ([0-9.e+-]+)", _text(r.cause))
+    assert m, r.cause
+    assert abs(float(m.group(1)) - wd) < max(6 * float(m.group(2)), 0.05 * wd), m.group(0)
+
+
+def test_no_decay_reads_as_none_from_the_sizes(tmp_path):
+    """The same reading on two runs without coupled decay finds none (Adam vs AdamW's
+    decoupled decay: the sizes must not invent a coupled one)."""
+    va = {"opt": "adam", "lr": 0.01, "width": 256, "steps": 2}
+    r = _compare(tmp_path, va, {**va, "opt": "adamw", "wd": 0.01})
+    assert r.cause.cause == "weight_decay", [(c.cause, c.title) for c in r.diagnosis]
+    assert "decoupled (AdamW-style) in B only" in r.cause.title, r.cause

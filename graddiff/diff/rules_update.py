@@ -17,6 +17,7 @@ from .rules_schedule import schedule_cause
 from .update_fit import (
     FIT_TOL,
     MIN_PER_COEF,
+    SIGNIFICANCE,
     FreshFit,
     SgdFit,
     differs,
@@ -363,13 +364,16 @@ def _fresh_findings(ea: FreshFit, eb: FreshFit) -> list[tuple]:
     ka, kb = fresh_decay(ea), fresh_decay(eb)
     if ka[0] == kb[0] == "decoupled":
         differ = differs(ea.decoupled, eb.decoupled, ea.se_decoupled, eb.se_decoupled)
+    elif ka[0] == kb[0] == "coupled" and ea.sized and eb.sized:  # the sizes read each decay
+        differ = differs(ea.sized[0], eb.sized[0], ea.sized[1], eb.sized[1])
     elif ka[0] == kb[0] == "coupled":  # disjoint intervals of the decay
         differ = ea.coupled[0] >= eb.coupled[1] or eb.coupled[0] >= ea.coupled[1]
     else:
         differ = ka[0] != kb[0]
     if differ:
         # the intervals are merged over the parameters that share the finding (_merge_fresh)
-        out.append(("adam_decay", ka, kb, ea.coupled, eb.coupled))
+        sized = tuple(e.sized if k[0] == "coupled" else None for e, k in ((ea, ka), (eb, kb)))
+        out.append(("adam_decay", ka, kb, ea.coupled, eb.coupled) + sized)
     return out
 
 
@@ -390,7 +394,11 @@ def _merge_fresh(found: dict) -> dict:
         ib = (max(key[4][0], f[4][0]), min(key[4][1], f[4][1]))
         ia = ia if ia[0] < ia[1] else key[3]
         ib = ib if ib[0] < ib[1] else key[4]
-        out[key[:3] + (ia, ib)] = out.pop(key) + list(slots)
+        # the most precise size reading of each run stands for the group
+        sa, sb = (
+            min((v for v in (key[i], f[i]) if v), key=lambda v: v[1], default=None) for i in (5, 6)
+        )
+        out[key[:3] + (ia, ib, sa, sb)] = out.pop(key) + list(slots)
     return out
 
 
@@ -435,9 +443,10 @@ def _cause(
     head = f"at step {prev} the parameters and gradients agree; the updates to step {step} differ"
     # parameters updated bitwise alike are evidence of other parameter groups only when the
     # decay difference is large enough to survive rounding (> 16 ulps of float32 per step)
-    visible = (f[0] in ("wd", "decoupled") and abs(f[-1]) > ROUNDING_ULPS * eps_of("float32")) or f[
-        0
-    ] == "adam_decay"  # a fresh Adam decay shows as whole directions or a fitted term
+    visible = f[0] in ("wd", "decoupled") and abs(f[-1]) > ROUNDING_ULPS * eps_of("float32")
+    if f[0] == "adam_decay":  # per parameter: would the decay have changed its update at all?
+        alike = [s for s in alike if _fresh_decay_shows(x, s, prev, f)]
+        visible = True
     groups = (
         f"; {x.names(alike)} are updated bitwise alike: the decay covers different parameter groups"
         if alike and visible
@@ -558,6 +567,29 @@ def _cause(
     )
 
 
+def _fresh_decay_shows(x: Context, s, prev: int, f: tuple) -> bool:
+    """Whether a fresh-Adam decay finding would have changed this parameter's update: a
+    decoupled decay always moves a nonzero tensor; a coupled one only where it turns a direction
+    (``sign(g + wd * p) != sign(g)``); its effect through eps alone is below rounding on most
+    tensors, so a parameter it does not turn is no evidence of parameter groups."""
+    kinds = (f[1][0], f[2][0])
+    if "decoupled" in kinds:
+        return True
+    p, gs = x.v("a", s, prev), x.pair.slot("grad", s.name)
+    g = x.v("a", gs, prev) if gs is not None else None
+    if p is None or g is None or p.shape != g.shape:
+        return False
+    p, g = p.astype(np.float64).ravel(), g.astype(np.float64).ravel()
+    for k, interval, sized in ((f[1], f[3], f[5]), (f[2], f[4], f[6])):
+        if k[0] != "coupled":
+            continue
+        lo, hi = interval
+        wd = sized[0] if sized else (lo if lo > 0 else hi)
+        if np.isfinite(wd) and np.any(np.sign(g + wd * p) != np.sign(g)):
+            return True
+    return False
+
+
 def _adam_decay_cause(f: tuple, head: str, who: str, groups: str) -> Cause:
     """Weight decay told apart on updates from empty Adam moments: none, coupled L2 inside
     Adam, or decoupled (AdamW)."""
@@ -569,7 +601,15 @@ def _adam_decay_cause(f: tuple, head: str, who: str, groups: str) -> Cause:
             "decoupled": "decoupled (AdamW-style)",
         }[k[0]]
 
-    def detail(side: str, k: tuple, interval: tuple) -> str:
+    def detail(side: str, k: tuple, interval: tuple, sized) -> str:
+        if k[0] == "coupled" and sized and sized_ok(sized, interval):
+            return (
+                f"{side}'s moves the elements whose gradient is near Adam's eps by less than the "
+                f"learning rate, as lr * |g~| / (|g~| + eps) with g~ = g + wd * p: weight_decay "
+                f"{fmt(sized[0])} (standard error {fmt(sized[1])}, eps {fmt(sized[2])}): a decay "
+                "inside Adam's normalisation (coupled L2: Adam(weight_decay=wd) adds wd * p to the "
+                "gradient before the moments)"
+            )
         if k[0] == "coupled":
             lo, hi = interval
             wd = f"between {fmt(lo)} and {fmt(hi)}" if np.isfinite(hi) else f"at least {fmt(lo)}"
@@ -585,7 +625,11 @@ def _adam_decay_cause(f: tuple, head: str, who: str, groups: str) -> Cause:
             )
         return f"{side}'s moves every element by the learning rate along -sign(g): no decay"
 
-    ka, kb, ia, ib = f[1], f[2], f[3], f[4]
+    ka, kb, ia, ib, sa, sb = f[1:7]
+
+    def sized_ok(sized, interval) -> bool:
+        return abs(sized[0]) > SIGNIFICANCE * sized[1] and interval[0] <= sized[0] <= interval[1]
+
     title = f"weight decay differs: {short(ka)} in A vs {short(kb)} in B"
     if "none" in (ka[0], kb[0]):
         side, k = ("B", kb) if ka[0] == "none" else ("A", ka)
@@ -596,7 +640,7 @@ def _adam_decay_cause(f: tuple, head: str, who: str, groups: str) -> Cause:
         [
             head,
             "both updates are Adam steps from empty moments (every element moves by the "
-            f"learning rate); {detail('A', ka, ia)}; {detail('B', kb, ib)}; for {who}{groups}",
+            f"learning rate); {detail('A', ka, ia, sa)}; {detail('B', kb, ib, sb)}; for {who}{groups}",
         ],
         "Adam(weight_decay=wd) is L2 regularisation coupled to the gradient (normalised away "
         "where gradients are large); for decoupled decay use torch.optim.AdamW(weight_decay=wd); "

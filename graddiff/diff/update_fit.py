@@ -143,6 +143,9 @@ class FreshFit:
     decoupled: float  # lr * wd of a decoupled decay
     se_decoupled: float
     coupled: tuple[float, float]
+    #: (wd, standard error, eps) read from the sizes of the elements whose |g~| is near eps,
+    #: where they move by visibly less than lr (see :func:`eps_reading`); None: too few
+    sized: Optional[tuple[float, float, float]] = None
 
 
 def fit_fresh(delta: np.ndarray, g: np.ndarray, p: np.ndarray) -> Optional[FreshFit]:
@@ -181,14 +184,56 @@ def fit_fresh(delta: np.ndarray, g: np.ndarray, p: np.ndarray) -> Optional[Fresh
         decoupled=dec,
         se_decoupled=float(se[1]) if len(cols) == 2 else 0.0,
         coupled=(lo, hi),
+        sized=eps_reading(d, gl, pl, float(coef[0]), dec),
     )
+
+
+def eps_reading(
+    d: np.ndarray, g: np.ndarray, p: np.ndarray, lr: float, dec: float
+) -> Optional[tuple[float, float, float]]:
+    """A coupled decay too small to turn any direction still shows in the sizes: Adam's first
+    step moves an element by ``lr * r`` with ``r = |g~| / (|g~| + eps)``, so an element whose
+    ``|g~|`` is within a few thousand eps moves visibly less than ``lr``, and
+    ``|g~| = eps * r / (1 - r)``. With ``g~ = g + wd * p`` and the direction known,
+    ``g = -wd * p - eps * sign * r / (1 - r)`` is linear in (wd, eps): weighted least squares
+    over the elements where ``1 - r`` exceeds 100 float32 ulps of the parameter (relative to
+    lr). Returns (wd, its standard error, eps), or None (too few such elements, or the model
+    does not hold: eps must come out positive and the residual below 5%)."""
+    m = d + dec * p
+    r = np.abs(m) / lr
+    ulp = 2.0**-23 * (np.abs(p) + np.abs(d)) / lr
+    gap = 1.0 - r
+    use = (gap > 10 * ulp) & (r > 0)
+    if int(use.sum()) < 2 * MIN_PER_COEF:
+        return None
+    q = r[use] / gap[use]
+    sig = np.sign(m[use])
+    wt = gap[use] / (q * np.maximum(ulp[use], 1e-30))  # 1 / the error of eps * q, up to eps
+    x = np.stack([-p[use], -sig * q], axis=1) * wt[:, None]
+    y = g[use] * wt
+    if np.linalg.matrix_rank(x) < 2 or float(y @ y) == 0:
+        return None
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    res = y - x @ coef
+    if coef[1] <= 0 or float(np.sqrt((res @ res) / (y @ y))) > EXPLAIN_TOL:
+        return None
+    cov = np.linalg.inv(x.T @ x) * float(res @ res) / max(len(y) - 2, 1)
+    return float(coef[0]), float(np.sqrt(max(cov[0, 0], 0.0))), float(coef[1])
 
 
 def fresh_decay(f: FreshFit) -> tuple:
     """The decay a fresh Adam update shows: ("none",), ("coupled",) or ("decoupled", wd)."""
     lo, hi = f.coupled
-    if lo > 0 or hi < 0:
+    if lo > 0 or hi < 0 or sized_decay(f):
         return ("coupled",)
     if abs(f.decoupled) > SIGNIFICANCE * f.se_decoupled and abs(f.decoupled) > 1e-6 * f.lr:
         return ("decoupled", float(f"{f.decoupled / f.lr:.3g}"))
     return ("none",)
+
+
+def sized_decay(f: FreshFit) -> bool:
+    """The sizes prove a coupled decay: significant, and inside what the directions allow."""
+    if f.sized is None:
+        return False
+    wd, se, _ = f.sized
+    return abs(wd) > SIGNIFICANCE * se and f.coupled[0] <= wd <= f.coupled[1]
