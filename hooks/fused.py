@@ -106,6 +106,40 @@ def _chunk(words, keys, vals, lut, kc, shift, w_lo, w_hi, e_hi):  # pragma: no c
     return s_sum, s_pos, fs, fss, np.int64(kmin), np.int64(kmax), bad
 
 
+def _decoded(k, vals, lut):  # pragma: no cover
+    """A min/max key of ``_chunk`` back to its value, as float64; replaced in compiled code by
+    ``_decoded_impl`` (per dtype)."""
+    raise NotImplementedError
+
+
+def _decoded_impl(k, vals, lut):
+    """numba overload of ``_decoded``: the key transform is its own inverse on the low bits;
+    16-bit floats look their bits up in ``lut``, float32/float64 reinterpret them, integers
+    are cast (keys are int64; little-endian, as every numba target)."""
+    from numba import types
+
+    dt = vals.dtype
+    if dt == types.uint16:
+        return lambda k, vals, lut: lut[(k ^ ((k >> 15) & 0x7FFF)) & 0xFFFF]
+    if dt == types.float32:
+
+        def f32(k, vals, lut):
+            tmp = np.empty(1, np.int64)
+            tmp[0] = k ^ ((k >> 31) & 0x7FFFFFFF)
+            return np.float64(tmp.view(np.float32)[0])
+
+        return f32
+    if dt == types.float64:
+
+        def f64(k, vals, lut):
+            tmp = np.empty(1, np.int64)
+            tmp[0] = k ^ ((k >> 63) & 0x7FFFFFFFFFFFFFFF)
+            return tmp.view(np.float64)[0]
+
+        return f64
+    return lambda k, vals, lut: np.float64(k)
+
+
 #: Words per tile of ``_chunk`` (16 KiB: the integer and float loops share L1).
 TILE_WORDS = 2048
 
@@ -115,7 +149,8 @@ _chunk_jit: Any = None  # the compiled ``_chunk``, which the compiled ``_whole``
 def _whole(vals, lut, kc, shift):  # pragma: no cover
     """A whole 1-D contiguous array in one compiled call: its word and key views, the kernel,
     and the zero-padded partial last word (weighted like the words of its block), so that a
-    small tensor costs one dispatch. Returns ``_chunk``'s tuple with the tail included."""
+    small tensor costs one dispatch. Returns ``_chunk``'s tuple with the tail included and
+    min/max decoded to float64 values."""
     nbytes = vals.size * vals.itemsize
     n_words = nbytes >> 3
     words = vals[: n_words * 8 // vals.itemsize].view(np.int64)
@@ -130,7 +165,7 @@ def _whole(vals, lut, kc, shift):  # pragma: no cover
             last |= np.int64(b[i]) << (8 * (i - n_words * 8))
         s_sum += last
         s_pos += ((n_words >> shift) + 1) * last
-    return s_sum, s_pos, fs, fss, kmin, kmax, bad
+    return s_sum, s_pos, fs, fss, _decoded(kmin, vals, lut), _decoded(kmax, vals, lut), bad
 
 
 def _build() -> dict[str, Any]:
@@ -138,6 +173,7 @@ def _build() -> dict[str, Any]:
     from numba.extending import overload
 
     overload(_value)(_value_impl)
+    overload(_decoded)(_decoded_impl)
 
     global _chunk_jit
     try:  # machine code cached next to this file, or in numba's user-wide cache directory
@@ -225,17 +261,19 @@ def summarise(
         arr = arr.view(np.uint16)
     nbytes = arr.nbytes
     try:
-        if nbytes < 2 * SPLIT_BYTES or threads < 2:
-            res = kernels["whole"](arr, lut, kc, block_shift)
+        if nbytes < 2 * SPLIT_BYTES or threads < 2:  # min/max decoded in the kernel
+            s_sum, s_pos, fs, fss, lo, hi, bad = kernels["whole"](arr, lut, kc, block_shift)
         else:
-            res = _split(kernels["chunk"], arr, key_dtype, lut, kc, block_shift, threads)
+            s_sum, s_pos, fs, fss, kmin, kmax, bad = _split(
+                kernels["chunk"], arr, key_dtype, lut, kc, block_shift, threads
+            )
+            lo, hi = decode(kmin), decode(kmax)
     except Exception as exc:  # numba compiles per dtype on first use: a failure is not fatal
         _disable(exc)
         return None
-    s_sum, s_pos, fs, fss, kmin, kmax, bad = res
     if not nbytes:
         return s_sum, s_pos, 0.0, 0.0, 0.0, 0.0, 0
-    return s_sum, s_pos, fs, fss, decode(kmin), decode(kmax), bad
+    return s_sum, s_pos, fs, fss, lo, hi, bad
 
 
 def _split(chunk, arr, key_dtype, lut, kc, block_shift, threads) -> tuple:
