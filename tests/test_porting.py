@@ -406,3 +406,17 @@ def test_map_auto_on_runs_that_share_their_names(runs):
     assert rep.exit_code == 0 and "already share their record names" in " ".join(rep.notes)
     r = _cli("map", a, a)
     assert r.exit_code == 0 and "rules: []" in r.output
+
+
+def test_unmapped_records_of_b_carry_their_classes(runs):
+    """Without the final-norm rule, B's final_norm records match nothing of A: they are listed
+    under B's own names, each with its module class read from B's trace."""
+    a, b = runs[""]
+    rules = [line for line in MAP.splitlines() if "final_norm" not in line]
+    path = _write(runs["dir"], "\n".join(rules) + "\n", name="no_final_norm.yaml")
+    rep = graddiff.compare(a, b, name_map=path)
+    nm = rep.to_dict()["structure"]["name_map"]
+    unmapped = dict(zip(nm["unmapped_b"], nm["unmapped_b_classes"]))
+    assert "activation final_norm" in unmapped, nm["unmapped_b"]
+    assert unmapped["activation final_norm"] == "LayerNorm"
+    assert len(nm["unmapped_b_classes"]) == len(nm["unmapped_b"])

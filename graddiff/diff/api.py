@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import GraddiffError
 from ..kinds import ALL_KINDS, parse_kinds
-from ..modclass import class_of
+from ..modclass import class_of, class_of_label
 from ..modclass import merge as merge_classes
 from ..ranks.sides import is_several, open_pair, same_run_note
 from ..reader import Run, open_run
@@ -277,6 +277,8 @@ def _compare_mapped(
         "renamed": res.renamed,
         "transformed": res.transformed,
         "unmapped_b": res.unmapped_b,
+        # B's own names: their classes come from B's original trace, not the renamed copy
+        "unmapped_b_classes": [class_of_label(rb.module_classes, x) for x in res.unmapped_b],
         "step_offset": shift,
     }
     return report
