@@ -96,7 +96,8 @@ def per_parameter(a_path, b_path, step=0) -> None:
             ga = a.get("grad", name, step)
             rel = np.linalg.norm(ga - gb) / max(np.linalg.norm(ga), 1e-30)
             verdict = "equal" if rel == 0 else f"rel diff {rel:.2g}"
-            print(f"    {name:<16} {len(calls)} autograd.grad call(s) in B   {verdict}")
+            shown = f"{name} ({a.module_class('grad', name)})"
+            print(f"    {shown:<30} {len(calls)} autograd.grad call(s) in B   {verdict}")
 
 
 def main(argv=None) -> int:

@@ -90,7 +90,8 @@ def test_q3_summed_autograd_grad_equals_accumulated_grad(tmp_path, capsys):
     out = run_example("q3_backward_vs_autograd_grad", tmp_path)
     r = verdict(out / "backward.h5", out / "autograd_grad.h5")
     assert r["verdict"] == "identical"
-    assert "trunk.0.weight   2 autograd.grad call(s) in B   equal" in capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "trunk.0.weight (Linear) 2 autograd.grad call(s) in B equal" in printed
 
 
 def test_q3_forgotten_branch_is_pinpointed_in_the_shared_trunk(tmp_path, capsys):
@@ -98,8 +99,9 @@ def test_q3_forgotten_branch_is_pinpointed_in_the_shared_trunk(tmp_path, capsys)
     r = verdict(out / "backward.h5", out / "autograd_grad.h5")
     assert r["diverged"]
     assert first_at(r) == (0, "grad", "trunk.0.weight")
-    printed = capsys.readouterr().out
-    assert "parity.weight    1 autograd.grad call(s) in B   equal" in printed  # heads agree
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "parity.weight (Linear) 1 autograd.grad call(s) in B equal" in printed  # heads agree
+    assert "trunk.1.weight (BatchNorm1d) 1 autograd.grad call(s) in B rel diff" in printed
 
 
 @pytest.mark.slow
