@@ -193,7 +193,6 @@ def test_zero_initialised_biases_are_no_evidence_of_parameter_groups(tmp_path):
     assert "parameter groups" not in text, r.cause
 
 
-
 class _LM(nn.Module):
     """A tiny language model whose output projection starts equal to the embedding."""
 
@@ -236,7 +235,9 @@ def test_tied_vs_untied_weights(tmp_path):
         "param",
         "head.weight",
     )
-    assert [c.cause for c in r.diagnosis] == ["tied_weights"], [(c.cause, c.title) for c in r.diagnosis]
+    assert [c.cause for c in r.diagnosis] == ["tied_weights"], [
+        (c.cause, c.title) for c in r.diagnosis
+    ]
     text = " ".join(r.cause.evidence)
     assert "head.weight (Linear) shares emb.weight (Embedding) in A" in r.cause.title
     assert "aliasing recorded at trace time" in text and "starts bitwise equal" in text
@@ -330,3 +331,66 @@ def test_a_frozen_layer_is_not_an_extra_gradient_path(tmp_path):
 
     r = graddiff.compare(run(tmp_path / "a.h5", False), run(tmp_path / "b.h5", True))
     assert r.cause.cause == "frozen_parameter", [(c.cause, c.title) for c in r.diagnosis]
+
+
+class _Normalize(nn.Module):
+    """Scale each sample to unit norm; ``eps=None`` is the bug (0 / 0 on an all-zero sample)."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return x / (
+            x.norm(dim=1, keepdim=True)
+            if self.eps is None
+            else x.norm(dim=1, keepdim=True).clamp_min(self.eps)
+        )
+
+
+def _nan_run(path, *, eps, guard=False) -> str:
+    """Step 2's batch holds an all-zero sample (padding); ``guard`` zeroes NaN logits."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_Normalize(eps), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    o = torch.optim.SGD(net.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with graddiff.trace(net, path, values="full"):
+        for step in range(4):
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+            if step == 2:
+                x[5] = 0
+            o.zero_grad()
+            out = net(x)
+            F.cross_entropy(torch.nan_to_num(out) if guard else out, y).backward()
+            o.step()
+    return str(path)
+
+
+def test_nan_origin_in_one_run(tmp_path):
+    a, b = _nan_run(tmp_path / "a.h5", eps=1e-12), _nan_run(tmp_path / "b.h5", eps=None)
+    r = graddiff.compare(a, b)
+    assert r.exit_code == 1 and (r.first.step, r.first.kind, r.first.name) == (2, "activation", "0")
+    assert r.cause.cause == "nonfinite", [(c.cause, c.title) for c in r.diagnosis]
+    assert (
+        r.cause.title == "run B goes non-finite first: NaN in activation 0 (_Normalize) at step 2"
+    )
+    text = " ".join(r.cause.evidence)
+    # the same story as `graddiff check` on B, what fed it, and the other run
+    with graddiff.open(b) as rb:
+        (nan,) = rb.check().of_kind("nan")
+    assert (nan.step, nan.record_kind, nan.name) == (2, "activation", "0")
+    assert f"B: {nan.message}" in text
+    assert "the record computed just before it, input" in text and "is finite" in text
+    assert "A stays finite in all its 4 steps (at activation 0 (_Normalize) step 2" in text
+
+
+def test_both_runs_nonfinite_at_the_same_place(tmp_path):
+    a = _nan_run(tmp_path / "a.h5", eps=None)
+    b = _nan_run(tmp_path / "b.h5", eps=None, guard=True)  # B zeroes NaN logits: finite loss
+    r = graddiff.compare(a, b)
+    assert r.exit_code == 1 and (r.first.step, r.first.kind) == (2, "loss"), r.headline()
+    assert r.cause.cause == "nonfinite"
+    assert r.cause.title.startswith(
+        "both runs go non-finite at the same place: the first NaN is in activation 0 "
+        "(_Normalize) at step 2"
+    ), r.cause.title

@@ -29,11 +29,11 @@ from .rules_forward import (
     rule_inputs,
     rule_mode,
     rule_module_output,
-    rule_nonfinite,
     rule_precision,
     rule_structure,
 )
 from .rules_graph import rule_extra_grad_path, rule_tied_weights
+from .rules_nonfinite import rule_nonfinite
 from .rules_ranks import rule_rank_local_batchnorm
 from .rules_update import rule_batchnorm, rule_update_rule, rule_update_specific
 

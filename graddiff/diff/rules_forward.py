@@ -1,6 +1,6 @@
 """Diagnosis rules about the forward pass and the records themselves.
 
-NaN/Inf, missing or reshaped records, initial weights, inputs, train/eval mode, dropout masks,
+Missing or reshaped records, initial weights, inputs, train/eval mode, dropout masks,
 a module whose output differs from the same input. Each rule: context in, Cause or None out.
 """
 
@@ -10,33 +10,10 @@ from typing import Optional
 
 import numpy as np
 
-from .compare_records import EQUAL, MISSING_A, MISSING_B, NONFINITE, SHAPE
+from .compare_records import EQUAL, MISSING_A, MISSING_B, SHAPE
 from .context import Cause, Context, fmt
 from .exact import rel_diff
 from .noise import eps_of
-
-
-def rule_nonfinite(x: Context) -> Optional[Cause]:
-    """NaN/Inf at different places: the first one, and in which run."""
-    h = x.hit
-    if h.code != NONFINITE:
-        return None
-    fa, fb = h.facts.get("a") or {}, h.facts.get("b") or {}
-    bad = (
-        "A"
-        if (fa.get("nan", 0) + fa.get("inf", 0)) > (fb.get("nan", 0) + fb.get("inf", 0))
-        else "B"
-    )
-    return Cause(
-        "nonfinite",
-        f"the first NaN/Inf: {x.label(x.slot)} at step {h.step} (run {bad})",
-        [
-            f"NaN/Inf counts: A {fa.get('nan')}/{fa.get('inf')}, B {fb.get('nan')}/{fb.get('inf')}",
-            "every compared record before it in causal order agrees within tolerance",
-        ],
-        "look at what produces this tensor at this step: learning rate, log/div of zero, "
-        "overflow in float16 (loss scaling), an exploding gradient",
-    )
 
 
 def rule_structure(x: Context) -> Optional[Cause]:
