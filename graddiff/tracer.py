@@ -389,8 +389,9 @@ def trace(
             ``("param", "grad")``: parameters and gradients in full, activations as
             statistics); default every recorded kind. The budget counts only what is kept.
         perturb: record a perturbed twin for ``compare --noise``: "ulp" nudges every float
-            parameter up by one ulp of its dtype at trace entry ("bfloat16"/"float16": one ulp
-            of that precision, for autocast runs); no random numbers drawn, nothing else changed.
+            parameter element by one ulp of its dtype, up or down by a fixed hash of its
+            position, at trace entry ("bfloat16"/"float16": one ulp of that precision, for the
+            twin of an autocast run); no random numbers drawn, nothing else changed.
 
     Returns:
         A :class:`Tracer`; ``tr.step()`` ends a step explicitly.

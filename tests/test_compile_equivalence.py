@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
         [sys.executable, SCRIPT, str(d)], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return {name: str(d / f"{name}.h5") for name in ("eager", "compiled", "twin")}
+    return {name: str(d / f"{name}.h5") for name in ("eager", "compiled", "twin", "compiled_lr")}
 
 
 def test_compiled_run_is_not_diverged_from_eager(runs):
@@ -33,6 +33,13 @@ def test_compiled_run_is_not_diverged_from_eager(runs):
 def test_compiled_run_is_within_the_noise_of_the_perturbed_twin(runs):
     r = graddiff.compare(runs["eager"], runs["compiled"], noise=runs["twin"])
     assert (r.verdict, r.exit_code) == ("within_tolerance", 0), r.headline()
+
+
+def test_a_real_bug_under_compile_is_beyond_the_twins_noise(runs):
+    """Compiled with a 10 % larger learning rate: beyond the twin's drift from the first update."""
+    r = graddiff.compare(runs["eager"], runs["compiled_lr"], noise=runs["twin"])
+    assert r.exit_code == 1 and (r.first.step, r.first.kind) == (1, "param"), r.headline()
+    assert "beyond 10x the twin's drift here" in r.headline()
 
 
 def test_the_pair_really_differs_bitwise(runs):

@@ -61,7 +61,14 @@ from . import terminal_console
     "--noise",
     default=None,
     metavar="TWIN",
-    help="A's perturbed twin (trace(..., perturb='ulp')): tolerance per record and step.",
+    help="A perturbed twin of A or B (trace(..., perturb='ulp'|'bfloat16')): tolerance per "
+    "record and step.",
+)
+@click.option(
+    "--noise-of",
+    type=click.Choice(["A", "B"], case_sensitive=False),
+    default=None,
+    help="The run the --noise twin is a copy of (default: the one whose dtypes it shares, else A).",
 )
 @click.option(
     "--html", "html_path", default=None, metavar="FILE", help="Also write an HTML report."
@@ -79,6 +86,7 @@ def compare_cmd(
     offset: Optional[int],
     reduction: Optional[str],
     noise: Optional[str],
+    noise_of: Optional[str],
     html_path: Optional[str],
 ) -> int:
     """Find where two runs diverge: the first step, kind and record, and the likely cause.
@@ -103,6 +111,7 @@ def compare_cmd(
         offset=offset,
         reduction=reduction,
         noise=noise,
+        noise_of=noise_of,
     )
     if html_path:
         report.html(html_path)

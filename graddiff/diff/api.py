@@ -29,7 +29,7 @@ from .mapped import describe, drop_unpaired, write_mapped
 from .matrix import divergence_matrix
 from .namemap import load_map
 from .noise import floor_factor, rounding_level
-from .noiseref import NoiseTolerance, twin_drift
+from .noiseref import NoiseTolerance, twin_drift, twin_origin
 from .pair import RunPair
 from .precision import precision_of, slot_tolerance
 from .report import Difference, Report
@@ -87,6 +87,7 @@ def compare(
     offset: Optional[int] = None,
     reduction: Optional[str] = None,
     noise: Optional[RunLike] = None,
+    noise_of: Optional[str] = None,
 ) -> Report:
     """Compare two recorded runs and find where they part ways.
 
@@ -107,9 +108,12 @@ def compare(
         offset: compare B's step s with A's step s + offset (instead of steps_a/steps_b).
         reduction: the loss reduction of merged ranks, "mean" or "sum" (default: detected
             from the other side's loss, else "mean").
-        noise: a perturbed twin of A (``graddiff.trace(..., perturb="ulp")``): each record's
-            tolerance at each step is 10x how far the twin drifted from A there, instead of
-            ``rtol`` (docs/tolerance.md, "--noise").
+        noise: a perturbed twin of A or B (``graddiff.trace(..., perturb="ulp")``; of the
+            lower-precision run, ``perturb="bfloat16"``, for a reduced-precision pair): each
+            record's tolerance at each step is 10x how far the twin drifted from its origin
+            there (or earlier), instead of ``rtol`` (docs/tolerance.md, "--noise").
+        noise_of: "A" or "B": the run the twin is a copy of (default: the run whose recorded
+            dtypes the twin shares, else A).
 
     Returns:
         A :class:`Report`; ``report.exit_code`` is 0 (no divergence) or 1 (diverged).
@@ -125,6 +129,8 @@ def compare(
     except ValueError as exc:
         raise GraddiffError(f"--kinds: {exc}") from None
     window = parse_steps(steps)
+    if noise_of is not None and noise is None:
+        raise GraddiffError("--noise-of applies only with --noise")
     if noise is not None and (
         is_several(a)
         or is_several(b)
@@ -168,12 +174,19 @@ def compare(
         raise
     try:
         if name_map is None and offset is None and steps_a is None and steps_b is None:
-            drift = _drift(ra, noise, kinds_t) if noise is not None else None
+            drift, origin = (
+                _drift(ra, rb, noise, kinds_t, noise_of) if noise is not None else (None, None)
+            )
             report = _compare(
                 ra, rb, rtol, exact, window, kinds_t, filtered=kinds is not None, drift=drift
             )
             if noise is not None:
                 report.noise = str(noise.path if isinstance(noise, Run) else noise)
+                report.noise_of = origin[0]
+                report.notes.append(
+                    f"--noise: the tolerance is 10x the twin's drift from {origin[0]} "
+                    f"(the twin is {origin[0]}'s: {origin[1]})"
+                )
             first = report.first
             if first is not None and first.kind == "param" and first.step == report.steps["first"]:
                 note = offset_note(ra, rb)  # a run resumed from a checkpoint of A?
@@ -429,10 +442,12 @@ def _compare(
     return report
 
 
-def _drift(ra: Run, noise: RunLike, kinds: tuple[str, ...]) -> dict:
+def _drift(ra: Run, rb: Run, noise: RunLike, kinds: tuple[str, ...], noise_of) -> tuple:
+    """The twin's drift from its origin, and (origin "A"/"B", why)."""
     twin, own = _open(noise)
     try:
-        return twin_drift(ra, twin, kinds)
+        tag, why = twin_origin(ra, rb, twin, noise_of)
+        return twin_drift(ra if tag == "A" else rb, twin, kinds), (tag, why)
     finally:
         if own:
             twin.close()

@@ -1,15 +1,26 @@
-"""``compare A B --noise TWIN``: per-record, per-step tolerance from a perturbed twin of A.
+"""``compare A B --noise TWIN``: per-record, per-step tolerance from a perturbed twin.
 
-The twin (``graddiff.trace(..., perturb="ulp")``, perturb.py) is the same training as A with
-its initial parameters nudged by one ulp. How far it drifts from A at each record and step is
-what rounding-sized perturbations grow into in this training; a difference between A and B
-within ``NOISE_FACTOR`` times that drift is amplified rounding, a larger one is real. This
-replaces the flat ``--rtol`` (and the precision bound): early in a run the drift is tiny, so
-small real differences (a weight decay of 1e-4) are caught; late in a chaotic run it is large,
-so amplified rounding is not called a divergence.
+The twin (``graddiff.trace(..., perturb=...)``, perturb.py) is the same training as one of the
+two runs (its origin) with the initial parameters nudged by one ulp. How far it drifts from its
+origin at each record, at this or any earlier step (the drift's envelope: a drift that happens
+to be small at one step is no sign that the noise went away), is what rounding-sized
+perturbations grow into in this training; a difference between A and B within
+``NOISE_FACTOR`` times that drift is amplified rounding, a larger one is real. This replaces the
+flat ``--rtol`` (and the precision bound): early in a run the drift is tiny, so small real
+differences (a weight decay of 1e-4) are caught; late in a chaotic run it is large, so
+amplified rounding is not called a divergence.
+
+Which run is the origin: the one whose recorded dtypes the twin shares (a twin of a
+bfloat16-autocast run records bfloat16 module outputs), else A; ``noise_of`` says it
+explicitly. A pair that computes in reduced precision needs the twin of its lower-precision
+run, nudged by one ulp of that precision (``perturb="bfloat16"``): its drift then holds the
+rounding of every operation in that precision, which a float32 twin's does not, and a float32
+nudge is rounded away by autocast (no drift at all).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
@@ -19,20 +30,76 @@ from .align import Alignment, align, check_related
 from .compare_records import DIFF, EQUAL, STATS
 from .noise import ROUNDING_ULPS, eps_of
 from .pair import RunPair
+from .precision import UNIT_ROUNDOFF, computing_dtype, precision_of
 
 #: A difference up to this many times the twin's drift at that record and step is amplified
 #: rounding (docs/tolerance.md, "--noise": measured ratios and why 10).
 NOISE_FACTOR = 10.0
 
 
-def twin_drift(a: Run, twin: Run, kinds: tuple[str, ...]) -> dict[tuple, dict[int, float]]:
-    """(kind, name, call) -> {step: relative difference between A and its twin}."""
+def _signature(run: Run) -> dict:
+    return {run.record_key(r): run.record_dtype(r) for r in range(run.n_records)}
+
+
+def twin_origin(a: Run, b: Run, twin: Run, noise_of: Optional[str] = None) -> tuple[str, str]:
+    """("A" or "B", why): the run the twin is a perturbed copy of. Checks that its drift can
+    measure the pair's rounding (GraddiffError otherwise)."""
     options = twin.options or {}
-    if not options.get("perturb"):
+    perturb = options.get("perturb")
+    if not perturb:
         raise GraddiffError(
             f"--noise {twin.path}: not a perturbed twin (record it with "
             "graddiff.trace(..., perturb='ulp'))"
         )
+    runs = {"A": a, "B": b}
+    if noise_of is not None:
+        tag = str(noise_of).upper()
+        if tag not in runs:
+            raise GraddiffError(f"--noise-of {noise_of!r}: choose A or B")
+        why = f"--noise-of {tag}"
+    else:
+        sig = _signature(twin)
+        same = [t for t in ("A", "B") if _signature(runs[t]) == sig]
+        if len(same) == 1:
+            tag, why = same[0], f"it records the same records and dtypes as {same[0]}"
+        else:
+            low = computing_dtype(twin)
+            same = [t for t in ("A", "B") if computing_dtype(runs[t]) == low]
+            if len(same) == 1:
+                tag, why = same[0], f"it computes in {low} like {same[0]}"
+            else:
+                tag, why = "A", "A by default (--noise-of B to choose B)"
+    origin = runs[tag]
+    pair = precision_of(a, b)
+    mine = computing_dtype(origin) or "float32"
+    if pair.reduced and UNIT_ROUNDOFF.get(mine, 0.0) < pair.u:
+        low = "B" if tag == "A" else "A"
+        raise GraddiffError(
+            f"--noise {twin.path}: the twin is of {tag}, which computes in {mine}, but {low} "
+            f"computes in {pair.dtype}: its drift holds no {pair.dtype} rounding. Record the "
+            f"twin from {low}: graddiff.trace(..., perturb='{pair.dtype}')"
+        )
+    if pair.reduced:
+        nudge = perturb
+        if perturb == "ulp":  # one ulp of the twin's own (coarsest) parameter dtype
+            params = [
+                twin.record_dtype(r)
+                for r in range(twin.n_records)
+                if twin.record_key(r).kind == "param"
+            ]
+            nudge = max(params, key=lambda d: UNIT_ROUNDOFF.get(d, 0.0), default="float32")
+        if UNIT_ROUNDOFF.get(nudge, 0.0) < pair.u:
+            raise GraddiffError(
+                f"--noise {twin.path}: the twin was nudged by one {nudge} ulp, but {tag} "
+                f"computes in {pair.dtype}, which rounds such a nudge away (no drift). Record it "
+                f"with graddiff.trace(..., perturb='{pair.dtype}')"
+            )
+    return tag, why
+
+
+def twin_drift(a: Run, twin: Run, kinds: tuple[str, ...]) -> dict[tuple, dict[int, float]]:
+    """(kind, name, call) -> {step: the largest relative difference between the twin and its
+    origin ``a`` at this or any earlier step}."""
     check_related(a, twin)
     al = align(a, twin, kinds)
     common = np.intersect1d(a.steps, twin.steps)
@@ -62,7 +129,41 @@ def twin_drift(a: Run, twin: Run, kinds: tuple[str, ...]) -> dict[tuple, dict[in
                 out.setdefault((slot.kind, slot.name, max(slot.call, 0)), {})[step] = rel
     finally:
         pair.close()
+    _check_copy(a, twin, out, int(common[0]))
+    for series in out.values():  # the envelope: noise, once there, is not taken back
+        top = 0.0
+        for step in sorted(series):
+            top = series[step] = max(top, series[step])
     return out
+
+
+def _check_copy(origin: Run, twin: Run, drift: dict, first: int) -> None:
+    """A twin differs from its origin by the nudge only: the same inputs at every step, and
+    initial parameters at most one ulp of the nudge's precision apart (tensor-level rel <=
+    2 eps). Otherwise its drift would hold a real difference and hide one in the pair."""
+    perturb = (twin.options or {}).get("perturb")
+    for (kind, name, _), series in drift.items():
+        if kind == "input":
+            bad = [s for s, r in series.items() if r > 0]
+            if bad:
+                raise GraddiffError(
+                    f"--noise {twin.path}: not a perturbed copy of {origin.path}: its input "
+                    f"'{name}' differs at step {min(bad)} (a twin is the same script, data and "
+                    "seeds, with trace(..., perturb=...))"
+                )
+        elif kind == "param" and first in series:
+            dtypes = [origin.record_dtype(r) for r in range(origin.n_records)]
+            own = next(
+                (d for r, d in enumerate(dtypes) if origin.record_key(r).name == name), ""
+            )
+            nudge = own if perturb == "ulp" else str(perturb)
+            limit = 2 * max(eps_of(nudge), eps_of(own))
+            if series[first] > limit:
+                raise GraddiffError(
+                    f"--noise {twin.path}: not a perturbed copy of {origin.path}: parameter "
+                    f"'{name}' differs by rel {series[first]:.3g} at step {first}, more than "
+                    f"one {nudge} ulp (different initial weights, or the twin of another run)"
+                )
 
 
 class NoiseTolerance:

@@ -89,8 +89,10 @@ class Report:
     #: the computing precision the pair is judged in (precision.py): dtype, unit_roundoff,
     #: a, b, reduced (lower than float32: precision-aware tolerance)
     precision: dict[str, Any] = field(default_factory=dict)
-    #: the perturbed twin of A whose drift set the tolerance (--noise), or None
+    #: the perturbed twin whose drift set the tolerance (--noise), or None
     noise: Optional[str] = None
+    #: which run the twin is a perturbed copy of ("A" or "B"), with --noise
+    noise_of: Optional[str] = None
     notes: list[str] = field(default_factory=list)
     max_rel_diff: float = 0.0
     #: module name -> class name, from both runs (``Linear / Conv1d`` where they differ)
@@ -243,6 +245,7 @@ class Report:
                 "steps_mismatch": self.steps_mismatch,
                 "precision": dict(self.precision),
                 "noise": self.noise,
+                "noise_of": self.noise_of,
                 "steps": dict(self.steps),
                 "first": self.first.to_dict() if self.first else None,
                 "first_bitwise": self.first_bitwise.to_dict() if self.first_bitwise else None,

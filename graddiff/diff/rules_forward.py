@@ -244,15 +244,17 @@ def rule_precision(x: Context) -> Optional[Cause]:
     if lower is None:
         return None
     side, dtype = lower
-    tol = x.pair.tol[x.slot.index] if x.pair.tol is not None else x.rtol
+    tol = x.pair.tolerance(x.slot.index, x.step) if x.pair.tol is not None else x.rtol
     beyond = x.hit.basis != "structure" and x.hit.rel > tol
+    bound = (
+        "10x the perturbed twin's drift here (--noise)"
+        if x.pair.noise is not None
+        else f"what {dtype} rounding explains at its depth"
+    )
     ev.append(
         f"{x.label(x.slot)} at step {x.step} ({x.hit_text()}) is "
-        + (
-            f"beyond what {dtype} rounding explains at its depth ({fmt(tol)})"
-            if beyond
-            else f"within what {dtype} rounding explains at its depth ({fmt(tol)})"
-        )
+        + ("beyond " if beyond else "within ")
+        + f"{bound} ({fmt(tol)})"
     )
     return Cause(
         "precision",
