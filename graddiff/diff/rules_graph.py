@@ -179,12 +179,18 @@ def rule_extra_grad_path(x: Context) -> Optional[Cause]:
             )
     return Cause(
         "extra_grad_path",
-        f"an extra gradient path reaches {x.names([('grad_output', m) for m in mods], 2)} in {side} (a missing .detach()?)",
+        f"an extra gradient path reaches {x.names([('grad_output', m) for m in _roots(mods)], 2)} "
+        f"in {side} (a missing .detach()?)",
         ev,
         f"detach the tensor that feeds the second loss in {side} (e.g. D(fake.detach()) in a "
         "GAN's discriminator step), or zero these parameters' gradients between the two "
         "backward passes (optimizer.zero_grad())",
     )
+
+
+def _roots(mods: list[str]) -> list[str]:
+    """The modules none of whose parents is in the list (``G`` for ``G, G.0, G.1``)."""
+    return [m for m in mods if not any(m.startswith(p + ".") for p in mods if p != m)]
 
 
 def _agrees(x: Context, slot, code: int, step: int) -> bool:

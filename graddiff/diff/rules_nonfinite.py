@@ -55,6 +55,11 @@ def _where(run: Run, f: Any) -> str:
     return f"{f.record_kind} {describe(run.module_classes, f.record_kind, f.name)}{call}"
 
 
+def _told(run: Run, f: Any) -> str:
+    """check's sentence for the finding, the record named with its module class."""
+    return f.message.replace(f"{f.record_kind} '{f.name}'", _where(run, f), 1)
+
+
 def _fed_by(run: Run, f: Any, series: dict) -> Optional[str]:
     """The record computed just before the origin in the same step (or, for a parameter, its
     gradient in the step before): finite, since the origin is the first non-finite value."""
@@ -111,7 +116,7 @@ def rule_nonfinite(x: Context) -> Optional[Cause]:
     runs = {"A": x.pair.a, "B": x.pair.b}
     got = {tag: _origin(run) for tag, run in runs.items()}
     counts = (
-        f"at {x.slot.label} step {h.step}: NaN/Inf A {fa.get('nan', 0)}/{fa.get('inf', 0)}, "
+        f"at {x.label(x.slot)} step {h.step}: NaN/Inf A {fa.get('nan', 0)}/{fa.get('inf', 0)}, "
         f"B {fb.get('nan', 0)}/{fb.get('inf', 0)}"
     )
     a0, b0 = got["A"][0], got["B"][0]
@@ -122,8 +127,8 @@ def rule_nonfinite(x: Context) -> Optional[Cause]:
             f"both runs go non-finite at the same place: the first {word} is in "
             f"{_where(x.pair.a, a0)} at step {a0.step} in A and in B",
             [
-                f"A: {a0.message}",
-                f"B: {b0.message}",
+                f"A: {_told(x.pair.a, a0)}",
+                f"B: {_told(x.pair.b, b0)}",
                 f"they differ afterwards in where NaN/Inf spread ({counts})",
             ],
             "the instability is in both runs' training, not in what differs between them: "
@@ -142,14 +147,14 @@ def rule_nonfinite(x: Context) -> Optional[Cause]:
     if got[bad][0] is None:  # no origin found (the counts differ only at the hit)
         return Cause(
             "nonfinite",
-            f"the first NaN/Inf: {x.slot.label} at step {h.step} (run {bad})",
+            f"the first NaN/Inf: {x.label(x.slot)} at step {h.step} (run {bad})",
             [counts],
             "look at what produces this tensor at this step",
         )
     f, series = got[bad]
     word = "NaN" if f.kind == "nan" else "Inf"
     brun, orun = runs[bad], runs[other]
-    ev = [f"{bad}: {f.message}"]
+    ev = [f"{bad}: {_told(brun, f)}"]
     fed = _fed_by(brun, f, series)
     if fed:
         ev.append(f"in {bad}, {fed}")
@@ -166,7 +171,7 @@ def rule_nonfinite(x: Context) -> Optional[Cause]:
         )
     else:
         g = got[other][0]
-        ev.append(f"{other} goes non-finite later: {g.message} (step {g.step})")
+        ev.append(f"{other} goes non-finite later: {_told(orun, g)} (step {g.step})")
     return Cause(
         "nonfinite",
         f"run {bad} goes non-finite first: {word} in {_where(brun, f)} at step {f.step}",
