@@ -383,6 +383,10 @@ def test_nan_origin_in_one_run(tmp_path):
     assert f"B: {told}" in text and "8 of 128 values" in text
     assert "the record computed just before it, input" in text and "is finite" in text
     assert "A stays finite in all its 4 steps (at activation 0 (_Normalize) step 2" in text
+    # kinds that were not compared are not told about
+    r = graddiff.compare(a, b, kinds="param,loss")
+    assert r.cause.cause == "nonfinite" and "B goes non-finite first: NaN in loss" in r.cause.title
+    assert "activation" not in r.cause.title + " ".join(r.cause.evidence)
 
 
 def test_both_runs_nonfinite_at_the_same_place(tmp_path):

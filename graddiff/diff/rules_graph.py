@@ -132,7 +132,7 @@ def rule_extra_grad_path(x: Context) -> Optional[Cause]:
     """The same forward, but some modules receive output gradients more often in one run: an
     extra backward path reaches them (a loss backpropagated through a tensor that was meant to
     be detached), and their parameters' gradients carry its contribution."""
-    if x.slot.kind not in ("grad_output", *_GRADS):
+    if x.slot.kind not in ("grad_output", *_GRADS) or "grad_output" not in x.compared:
         return None
     step = x.step
     if x.within(step, _FORWARD) is not True:

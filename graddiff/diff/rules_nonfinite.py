@@ -37,13 +37,17 @@ _FIX = {
 }
 
 
-def _origin(run: Run) -> tuple[Optional[Any], dict]:
+#: Kinds that hold state at the step's start rather than values computed in the step.
+_STATE = frozenset({"param", "buffer_start"})
+
+
+def _origin(run: Run, kinds) -> tuple[Optional[Any], dict]:
     """The first non-finite value of a run as ``graddiff check`` tells it (a Finding, or None),
-    and the run's series."""
+    and the run's series; among the compared kinds only."""
     from ..postmortem.findings import find_nonfinite
     from ..postmortem.series import collect_series
 
-    series = collect_series(run)
+    series = collect_series(run, kinds)
     with np.errstate(all="ignore"):
         found = find_nonfinite(run, series)
     origin = [f for f in found if "follows" not in f.evidence] or found
@@ -55,9 +59,14 @@ def _where(run: Run, f: Any) -> str:
     return f"{f.record_kind} {describe(run.module_classes, f.record_kind, f.name)}{call}"
 
 
-def _told(run: Run, f: Any) -> str:
-    """check's sentence for the finding, the record named with its module class."""
-    return f.message.replace(f"{f.record_kind} '{f.name}'", _where(run, f), 1)
+def _told(run: Run, f: Any, compared) -> str:
+    """check's sentence for the finding, the record named with its module class; without its
+    closing hint ("from finite inputs/activations") unless the kinds it speaks of were
+    compared."""
+    text = f.message.replace(f"{f.record_kind} '{f.name}'", _where(run, f), 1)
+    if not {"input", "activation"} <= set(compared) and "; " in text:
+        text = text.rsplit("; ", 1)[0]
+    return text
 
 
 def _fed_by(run: Run, f: Any, series: dict) -> Optional[str]:
@@ -83,6 +92,8 @@ def _fed_by(run: Run, f: Any, series: dict) -> Optional[str]:
     best = None
     for i, k in enumerate(keys):
         p = (CAUSAL_RANK.get(k.kind, 99), i)
+        if k.kind in _STATE:
+            continue  # parameters and buffers at the step's start are not computed in it
         if p < pos and series[k].row_at(f.step) is not None and (best is None or p > best[0]):
             best = (p, k)
     if best is None:
@@ -114,7 +125,7 @@ def rule_nonfinite(x: Context) -> Optional[Cause]:
     fa, fb = h.facts.get("a") or {}, h.facts.get("b") or {}
     na, nb = fa.get("nan", 0) + fa.get("inf", 0), fb.get("nan", 0) + fb.get("inf", 0)
     runs = {"A": x.pair.a, "B": x.pair.b}
-    got = {tag: _origin(run) for tag, run in runs.items()}
+    got = {tag: _origin(run, x.compared) for tag, run in runs.items()}
     counts = (
         f"at {x.label(x.slot)} step {h.step}: NaN/Inf A {fa.get('nan', 0)}/{fa.get('inf', 0)}, "
         f"B {fb.get('nan', 0)}/{fb.get('inf', 0)}"
@@ -127,8 +138,8 @@ def rule_nonfinite(x: Context) -> Optional[Cause]:
             f"both runs go non-finite at the same place: the first {word} is in "
             f"{_where(x.pair.a, a0)} at step {a0.step} in A and in B",
             [
-                f"A: {_told(x.pair.a, a0)}",
-                f"B: {_told(x.pair.b, b0)}",
+                f"A: {_told(x.pair.a, a0, x.compared)}",
+                f"B: {_told(x.pair.b, b0, x.compared)}",
                 f"they differ afterwards in where NaN/Inf spread ({counts})",
             ],
             "the instability is in both runs' training, not in what differs between them: "
@@ -154,7 +165,7 @@ def rule_nonfinite(x: Context) -> Optional[Cause]:
     f, series = got[bad]
     word = "NaN" if f.kind == "nan" else "Inf"
     brun, orun = runs[bad], runs[other]
-    ev = [f"{bad}: {_told(brun, f)}"]
+    ev = [f"{bad}: {_told(brun, f, x.compared)}"]
     fed = _fed_by(brun, f, series)
     if fed:
         ev.append(f"in {bad}, {fed}")
@@ -171,7 +182,7 @@ def rule_nonfinite(x: Context) -> Optional[Cause]:
         )
     else:
         g = got[other][0]
-        ev.append(f"{other} goes non-finite later: {_told(orun, g)} (step {g.step})")
+        ev.append(f"{other} goes non-finite later: {_told(orun, g, x.compared)} (step {g.step})")
     return Cause(
         "nonfinite",
         f"run {bad} goes non-finite first: {word} in {_where(brun, f)} at step {f.step}",
