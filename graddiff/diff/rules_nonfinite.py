@@ -60,10 +60,9 @@ def _where(run: Run, f: Any) -> str:
 
 
 def _told(run: Run, f: Any, compared) -> str:
-    """check's sentence for the finding, the record named with its module class; without its
-    closing hint ("from finite inputs/activations") unless the kinds it speaks of were
-    compared."""
-    text = f.message.replace(f"{f.record_kind} '{f.name}'", _where(run, f), 1)
+    """check's sentence for the finding; without its closing hint ("from finite
+    inputs/activations") unless the kinds it speaks of were compared."""
+    text = f.message
     if not {"input", "activation"} <= set(compared) and "; " in text:
         text = text.rsplit("; ", 1)[0]
     return text
