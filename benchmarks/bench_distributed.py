@@ -180,7 +180,12 @@ def main() -> int:
             f" 64 ranks: {64 * full / 2**30:.0f} GiB per step with replicated='all', "
             f"{(full + 63 * recs * per_row) / 2**30:.1f} GiB with replicated='one'"
         )
-        from graddiff.ranks.parallel import available_cpus, choose_workers, min_rows
+        from graddiff.ranks.parallel import (
+            MIN_AUTO_WORKERS,
+            available_cpus,
+            choose_workers,
+            min_rows,
+        )
         from graddiff.ranks.parallel import usable_cpus as idle_cpus
 
         n_records = 2 * llama["param_tensors"]
@@ -208,8 +213,8 @@ def main() -> int:
                 f"  {n_ranks:3d} ranks ({rows / 1e6:.2f} M entry rows, serial "
                 f"{1e6 * best[1] / rows:.2f} us per row): {parts}; automatic: "
                 f"{'serial' if auto == 1 else f'{auto} workers'} (parallel from "
-                f"{min_rows(2) / 1e6:.1f} M rows with 2 idle CPUs, {min_rows(16) / 1e6:.2f} M "
-                f"with 16)"
+                f"{min_rows(MIN_AUTO_WORKERS) / 1e6:.2f} M rows with {MIN_AUTO_WORKERS} idle "
+                f"CPUs, {min_rows(16) / 1e6:.2f} M with 16; never with fewer)"
             )
     return 0
 

@@ -252,6 +252,9 @@ def test_automatic_choice(tmp_path, monkeypatch):
         monkeypatch.setattr(parallel, "ROW_COST_S", 2 * parallel.WORKER_START_S / rows)
         assert choose_workers(rs.runs, steps, None) == 3  # enough rows: one worker per file
         assert choose_workers(rs.runs[:2], steps, None) == 1  # two files: serial
+        monkeypatch.setattr(parallel, "usable_cpus", lambda: 2)
+        assert choose_workers(rs.runs, steps, None) == 1  # two workers never pay: serial
+        assert choose_workers(rs.runs, steps, 2) == 2  # unless asked for
         monkeypatch.setattr(parallel, "usable_cpus", lambda: 1)
         assert choose_workers(rs.runs, steps, None) == 1  # no idle CPU: serial
         assert min_rows(2) > min_rows(16) > 0  # more workers repay their start sooner

@@ -10,7 +10,8 @@ import torch or the caller's main module, so calling ``check_ranks`` from a trai
 does not rerun it.
 
 Starting a worker costs about 0.3 s of CPU (an interpreter importing numpy and h5py), so
-``workers=None`` reads small sets serially: 1 or 2 files, no idle CPU, or fewer entry rows than
+``workers=None`` reads small sets serially: 1 or 2 files, fewer than MIN_AUTO_WORKERS idle CPUs
+(two workers were measured slower than the serial path at every size), or fewer entry rows than
 repay the workers' start (:func:`min_rows`, from costs measured by
 benchmarks/bench_distributed.py).
 """
@@ -37,6 +38,11 @@ from ..reader import RecordKey, Run
 #: and the serial path about ROW_COST_S seconds per entry row read and voted on.
 WORKER_START_S = 0.3
 ROW_COST_S = 0.5e-6
+#: Two workers never beat the serial path, even on an idle machine: the vote stays in this
+#: process and the hand-over through .npy files costs more per row than the read saves
+#: (32 ranks x 200 steps, 1.87 M rows, idle 2-CPU machine: serial 0.081 ms per rank x step,
+#: 2 workers 0.123). Automatic parallel reads therefore use at least this many workers.
+MIN_AUTO_WORKERS = 3
 
 
 def available_cpus() -> int:
@@ -70,7 +76,8 @@ def min_rows(workers: int) -> float:
 
 def choose_workers(runs: list[Run], steps: np.ndarray, workers: Optional[int]) -> int:
     """Worker processes to read ``runs`` with (1: serial, in this process). ``workers`` given:
-    that many, at most one per file. None: serial for 1 or 2 files, without an idle CPU, or
+    that many, at most one per file. None: serial for 1 or 2 files, with fewer than
+    MIN_AUTO_WORKERS idle CPUs, or
     for fewer entry rows than :func:`min_rows`; else one worker per idle CPU, at most one per
     file. Serial always where the OS is not POSIX."""
     if os.name != "posix":  # the workers' progress is watched with select() on pipes
@@ -80,7 +87,7 @@ def choose_workers(runs: list[Run], steps: np.ndarray, workers: Optional[int]) -
     if len(runs) <= 2:
         return 1
     n = min(len(runs), usable_cpus())
-    if n < 2 or sum(entry_rows(run) for run in runs) < min_rows(n):
+    if n < MIN_AUTO_WORKERS or sum(entry_rows(run) for run in runs) < min_rows(n):
         return 1
     return n
 
