@@ -31,7 +31,7 @@ from .namemap import load_map
 from .noise import floor_factor, rounding_level
 from .noiseref import NoiseTolerance, twin_drift, twin_origin
 from .pair import RunPair
-from .precision import precision_of, slot_tolerance
+from .precision import precision_of, slot_rounding, slot_tolerance
 from .report import Difference, Report
 from .stepalign import offset_note, resolve_offset
 
@@ -365,6 +365,8 @@ def _compare(
     prec = precision_of(ra, rb)
     pair.precision = prec
     pair.tol = slot_tolerance(al, rtol, prec)
+    pair.rounding = slot_rounding(al, prec)  # grows with the steps since A's first
+    pair.first_step = int(ra.steps[0]) if len(ra.steps) else pair.first_step
     if drift is not None:
         pair.noise = NoiseTolerance(al, drift, _dtype_lookup(ra, rb))
     if prec.reduced:  # rounding residue is judged at the computing precision's noise floor

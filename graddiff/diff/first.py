@@ -195,7 +195,11 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
             if first is not None:
                 continue
             nonfinite = code == NONFINITE or (vd is not None and vd.nonfinite_mismatch)
-            limit = pair.noise(slot, step) if pair.noise is not None else tol[slot]
+            limit = (
+                pair.tolerance(slot, step)
+                if pair.noise is not None or pair.rounding is not None
+                else tol[slot]
+            )
             diverged = exact or code in DEFINITE or nonfinite or best[i] > limit
             if first_bitwise is not None and not diverged:
                 continue

@@ -17,6 +17,7 @@ from ..reader import Run
 from .align import Alignment, Slot
 from .compare_records import Cells, DtypeTable, classify
 from .exact import ValueDiff, combine, compare_values, quick_diff
+from .precision import steps_factor
 from .stepvalues import StepValues
 
 _CACHE_STEPS = 8
@@ -40,6 +41,10 @@ class RunPair:
         self._index: OrderedDict[tuple[str, int], dict[int, np.ndarray]] = OrderedDict()
         #: per-slot tolerance (precision-aware), set by compare; None: the flat rtol
         self.tol: Optional[np.ndarray] = None
+        #: per-slot rounding bound of one step in a reduced precision (precision.py), which
+        #: grows with the steps since ``first_step``; None: the tolerance does not grow
+        self.rounding: Optional[np.ndarray] = None
+        self.first_step = int(steps[0]) if len(steps) else 0
         self.precision = None  # precision.Precision, set by compare
         #: per (slot, step) tolerance from a perturbed twin (noiseref.py), set by --noise
         self.noise = None
@@ -48,7 +53,12 @@ class RunPair:
         """The tolerance of a slot at a step: the twin's (--noise), else per slot, else rtol."""
         if self.noise is not None:
             return float(self.noise(slot, step))
-        return float(self.tol[slot]) if self.tol is not None else 0.0
+        if self.tol is None:
+            return 0.0
+        if self.rounding is None:
+            return float(self.tol[slot])
+        grown = float(self.rounding[slot]) * steps_factor(step, self.first_step)
+        return max(float(self.tol[slot]), grown)
 
     def close(self) -> None:
         """Close the extra file handles of the value readers (not the runs)."""

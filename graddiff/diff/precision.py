@@ -7,13 +7,17 @@ The computing precision of a run is the lowest precision among the dtypes of its
 module outputs (an autocast region records bfloat16/float16 activations; ``model.half()``
 records float16 parameters; float32 on CUDA with TF32 allowed counts as TF32). The tolerance of a record grows with its depth ``d`` in the step's
 causal chain (the number of module outputs and output gradients computed before it):
-``tol = max(rtol, 8 x u x (1 + d))``, ``u`` the unit roundoff of the lower computing precision
-(docs/tolerance.md, "Precision-aware tolerance", for the choice and its measurements). Runs
-that both compute in float32 or float64 keep ``rtol``: ``8 x u x (1 + d)`` is far below it.
+``tol = max(rtol, 8 x u x (1 + d) x sqrt(1 + n))``, ``u`` the unit roundoff of the lower
+computing precision and ``n`` the optimizer steps since the first recorded step: each update
+adds its own rounding to parameters that carry the earlier steps' rounding, and independent
+errors accumulate like a random walk (docs/tolerance.md, "Precision-aware tolerance", for the
+choice and its measurements). Runs that both compute in float32 or float64 keep ``rtol``:
+``8 x u x (1 + d)`` is far below it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -115,9 +119,19 @@ def slot_depths(al: Alignment) -> np.ndarray:
 
 
 def slot_tolerance(al: Alignment, rtol: float, p: Precision) -> np.ndarray:
-    """Per slot, the relative difference rounding in precision ``p`` may produce (>= rtol)."""
-    depth = slot_depths(al)
+    """Per slot, the relative difference rounding in precision ``p`` may produce in one step
+    (>= rtol): the tolerance at the first recorded step."""
+    rounding = slot_rounding(al, p)
     tol = np.full(len(al.slots), float(rtol))
-    if p.reduced:
-        tol = np.maximum(tol, ULPS_PER_DEPTH * p.u * (1.0 + depth))
-    return tol
+    return tol if rounding is None else np.maximum(tol, rounding)
+
+
+def slot_rounding(al: Alignment, p: Precision) -> Optional[np.ndarray]:
+    """Per slot, ``8 x u x (1 + depth)`` for a reduced precision; None otherwise."""
+    return ULPS_PER_DEPTH * p.u * (1.0 + slot_depths(al)) if p.reduced else None
+
+
+def steps_factor(step: int, first_step: int) -> float:
+    """How one step's rounding compounds over the ``n`` optimizer steps since the first
+    recorded one: ``sqrt(1 + n)``, the growth of a sum of independent errors."""
+    return math.sqrt(1.0 + max(0, int(step) - int(first_step)))
