@@ -136,15 +136,6 @@ SCALING = [
         ["loss_scaling"],
         "clipped while still scaled",
     ),
-    (
-        "GradScaler used correctly vs fp32: only the recorded loss differs",
-        {},
-        {"scaler": "ok"},
-        0,
-        "loss",
-        ["loss_scaling"],
-        "its gradients are unscaled before the update",
-    ),
     ("loss weight 3", {}, {"loss_weight": 3.0}, 0, "loss", ["loss_scale"], "B's loss is 3x"),
     (
         "loss weight 1/8",
@@ -188,8 +179,27 @@ def test_correct_grad_scaler_leaves_the_updates_bitwise_equal(tmp_path):
     kinds = "param,input,activation,grad"  # output gradients are scaled, as the loss
     r = graddiff.compare(a, b, exact=True, kinds=kinds)
     assert r.exit_code == 0 and r.first is None, r.headline()
-    r = graddiff.compare(a, b, exact=True)
-    assert "B's gradients are 1x" in _text(r.cause)
+    # every kind: the loss and output gradients are judged up to B's exact loss scale, so the
+    # same training is not a divergence, and the report says why (lossscale.py)
+    for ex in (False, True):
+        r = graddiff.compare(a, b, exact=ex)
+        assert r.exit_code == 0 and r.verdict == "identical", r.headline()
+        assert r.loss_scale == {"run": "B", "log2": [16]}
+        assert "loss" in r.compared_kinds and "grad_output" in r.compared_kinds
+        assert "B's are 2^16 x the other's" in r.headline()
+        assert r.cause.cause == "loss_scaling" and "the same training" in r.cause.title
+    # A and B swapped: A is the scaled run
+    r = graddiff.compare(b, a)
+    assert r.exit_code == 0 and r.loss_scale == {"run": "A", "log2": [16]}
+
+
+def test_grad_scaler_clipping_while_scaled_is_still_diverged(tmp_path):
+    """The loss scale explains the loss and output gradients only: clipping before unscale_
+    changes the gradients the update uses, and that stays a divergence."""
+    a = _run(tmp_path / "a.h5", clip=1.0)
+    b = _run(tmp_path / "b.h5", scaler="clip_scaled", clip=1.0)
+    r = graddiff.compare(a, b)
+    assert r.exit_code == 1 and r.loss_scale is None, r.headline()
 
 
 # (id, A, B, cause id, text of the first cause, text it must not contain)

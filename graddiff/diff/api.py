@@ -25,6 +25,7 @@ from .align import align, check_related
 from .diagnose import Cause, diagnose
 from .envdiff import environment_diff
 from .first import Hit, walk
+from .lossscale import SCALED_KINDS, describe_powers, loss_scale
 from .mapped import describe, drop_unpaired, write_mapped
 from .matrix import divergence_matrix
 from .namemap import load_map
@@ -180,6 +181,8 @@ def compare(
             report = _compare(
                 ra, rb, rtol, exact, window, kinds_t, filtered=kinds is not None, drift=drift
             )
+            if noise is None:
+                report = _up_to_loss_scale(report, ra, rb, rtol, exact, window, kinds_t, kinds)
             if noise is not None:
                 report.noise = str(noise.path if isinstance(noise, Run) else noise)
                 report.noise_of = origin[0]
@@ -214,6 +217,55 @@ def compare(
             ra.close()
         if own_b:
             rb.close()
+
+
+def _up_to_loss_scale(report: Report, ra, rb, rtol, exact, window, kinds_t, kinds) -> Report:
+    """A run that scales its loss by 2^n (a GradScaler) diverges at the loss and output
+    gradients only by that exact factor (lossscale.py). When so, judge them up to it and every
+    other kind as usual: the report of the other kinds, with the scale in its scope."""
+    first = report.first
+    if first is None or first.kind not in SCALED_KINDS:
+        return report
+    steps = np.intersect1d(ra.steps, rb.steps)
+    if window is not None:
+        steps = steps_within(steps, window)
+    found = loss_scale(ra, rb, steps)
+    if found is None:
+        return report
+    others = tuple(k for k in kinds_t if k not in SCALED_KINDS)
+    if not others:
+        return report
+    try:
+        rest = _compare(ra, rb, rtol, exact, window, others, filtered=kinds is not None)
+    except GraddiffError:
+        return report
+    if rest.diverged:
+        return report  # the scale explains the loss, not what diverged elsewhere
+    run, powers = found
+    scale = describe_powers(powers)
+    n_go = sum(1 for k in ra.keys if k.kind == "grad_output")
+    rest.loss_scale = {"run": run, "log2": sorted(set(powers.values()))}
+    rest.compared_kinds = [k for k in ALL_KINDS if k in rest.compared_kinds or k in SCALED_KINDS]
+    rest.kinds = list(kinds_t)
+    rest.diagnosis.insert(
+        0,
+        Cause(
+            "loss_scaling",
+            f"{run} scales its loss by {scale} (a GradScaler) and unscales its gradients before "
+            "the update: the same training",
+            [
+                f"every loss of {run} is exactly {scale} x the other run's at each of the "
+                f"{len(steps)} compared steps",
+                f"the norms of the {n_go} output gradient record(s) are scaled by the same "
+                "factor at every step",
+                "everything else compared agrees as the headline says, gradients included: "
+                "they are unscaled before the optimizer uses them",
+            ],
+            "nothing to fix; compare with --kinds excluding loss,grad_output to leave the "
+            "scaled quantities out",
+        ),
+    )
+    return rest
 
 
 def _compare_mapped(

@@ -94,6 +94,9 @@ class Report:
     #: which run the twin is a perturbed copy of ("A" or "B"), with --noise
     noise_of: Optional[str] = None
     notes: list[str] = field(default_factory=list)
+    #: one run scales its loss (lossscale.py): {"run": "B", "log2": [16]}; its loss and output
+    #: gradients are judged up to that exact factor, or None
+    loss_scale: Optional[dict[str, Any]] = None
     max_rel_diff: float = 0.0
     #: module name -> class name, from both runs (``Linear / Conv1d`` where they differ)
     module_classes: dict[str, str] = field(default_factory=dict)
@@ -146,6 +149,14 @@ class Report:
         lo, hi = self.steps.get("first"), self.steps.get("last")
         span = f" ({lo}..{hi})" if n > 1 and lo is not None else (f" ({lo})" if n == 1 else "")
         kinds = ", ".join(self.compared_kinds or self.kinds) or "no kind"
+        if self.loss_scale:
+            p = self.loss_scale["log2"]
+            scale = f"2^{p[0]}" if len(p) == 1 else f"2^{p[0]} to 2^{p[-1]}"
+            run = self.loss_scale["run"]
+            kinds += (
+                f" (loss, grad_output: {run}'s are {scale} x the other's, the loss exactly, "
+                "output gradients by norm)"
+            )
         return f"{n} step{'s' if n != 1 else ''}{span} of {kinds}" + (
             " (--kinds)" if self.kinds_filtered else ""
         )
@@ -243,6 +254,7 @@ class Report:
                 "compared_kinds": list(self.compared_kinds),
                 "kinds_filtered": self.kinds_filtered,
                 "steps_mismatch": self.steps_mismatch,
+                "loss_scale": self.loss_scale,
                 "precision": dict(self.precision),
                 "noise": self.noise,
                 "noise_of": self.noise_of,

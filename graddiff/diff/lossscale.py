@@ -1,0 +1,84 @@
+"""A loss scale (AMP ``GradScaler``) in one run: the same training, scaled backward quantities.
+
+``scaler.scale(loss).backward()`` records a loss and output gradients 2^n times the unscaled
+run's, exactly: multiplying by a power of two is exact in floating point (barring overflow and
+underflow), and every backward op is linear in the gradient flowing into it. When the scaler
+unscales the gradients before the update, everything the update uses (``.grad``, parameters,
+buffers) and the forward pass agree. Input: two runs and their compared steps; output: the
+power of two per step, or None when the losses are not exactly such multiples or an output
+gradient's norm is not scaled by the same factor. api.py then judges the loss and output
+gradients up to that factor and every other kind as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..reader import Run
+
+#: The kinds a loss scale multiplies.
+SCALED_KINDS = ("loss", "grad_output")
+#: Output-gradient norms are float64 sums of exactly scaled values: equal up to this.
+_NORM_RTOL = 1e-9
+
+
+def _by_key(run: Run, steps: np.ndarray) -> dict[tuple[int, str, str, int], np.void]:
+    rows = run.entries(int(steps[0]), int(steps[-1]))
+    rows = rows[np.isin(rows["step"], steps)]
+    out = {}
+    for e in rows:
+        k = run.record_key(int(e["record"]))
+        if k.kind in SCALED_KINDS:
+            out[(int(e["step"]), k.kind, k.name, int(k.call))] = e
+    return out
+
+
+def loss_scale(a: Run, b: Run, steps: np.ndarray) -> Optional[tuple[str, dict[int, int]]]:
+    """("A" or "B", {step: n}) when at every compared step every loss of that run is exactly
+    2^n times the other's (one n per step, n >= 1) and every output gradient's norm is 2^n times
+    the other's; else None."""
+    if not len(steps):
+        return None
+    ea, eb = _by_key(a, steps), _by_key(b, steps)
+    if not ea or ea.keys() != eb.keys():
+        return None
+    powers: dict[int, int] = {}
+    for key, x in ea.items():
+        step, kind = key[0], key[1]
+        if kind != "loss":
+            continue
+        y = eb[key]
+        va, vb = float(x["mean"]), float(y["mean"])
+        if int(x["numel"]) != 1 or not (np.isfinite(va) and np.isfinite(vb)) or va == 0 or vb == 0:
+            return None
+        n = int(round(float(np.log2(abs(vb / va)))))
+        if n == 0 or vb != va * 2.0**n:
+            return None
+        if powers.setdefault(step, n) != n:
+            return None
+    if set(powers) != {int(s) for s in steps}:
+        return None  # a step without a loss: nothing says how it was scaled
+    signs = {n > 0 for n in powers.values()}
+    if len(signs) != 1:
+        return None
+    for key, x in ea.items():
+        step, kind = key[0], key[1]
+        if kind != "grad_output":
+            continue
+        y = eb[key]
+        if int(x["nan"]) or int(x["inf"]) or int(y["nan"]) or int(y["inf"]):
+            return None
+        want = float(x["norm"]) * 2.0 ** powers[step]
+        if abs(float(y["norm"]) - want) > _NORM_RTOL * max(abs(want), 1e-300):
+            return None
+    if signs == {True}:
+        return "B", powers
+    return "A", {s: -n for s, n in powers.items()}
+
+
+def describe_powers(powers: dict[int, int]) -> str:
+    """'2^16' or '2^15 to 2^16' (a scaler that changed its scale)."""
+    lo, hi = min(powers.values()), max(powers.values())
+    return f"2^{lo}" if lo == hi else f"2^{lo} to 2^{hi}"
