@@ -15,7 +15,14 @@ from typing import Optional
 
 import numpy as np
 
-from .update_fit import FIT_TOL, MIN_PER_COEF, SIGNIFICANCE, FreshFit, SgdFit
+from .update_fit import (
+    FIT_TOL,
+    MIN_PER_COEF,
+    SIGNIFICANCE,
+    FreshFit,
+    SgdFit,
+    coupled_range,
+)
 
 #: Parameters tried as sources for one small parameter.
 MAX_SOURCES = 8
@@ -67,14 +74,7 @@ def fresh_given(sr: tuple, lr: float, decoupled: float) -> Optional[tuple[float,
     dl, gl, pl = d[live], g[live], p[live]
     if np.mean(np.abs(np.abs(dl + decoupled * pl) - lr) <= 1e-2 * lr) < 0.9:
         return None
-    sig = np.sign(dl + decoupled * pl)
-    lhs, rhs = -sig * pl, sig * gl
-    if np.any((lhs == 0) & (rhs >= 0)):
-        return None
-    up, down = lhs > 0, lhs < 0
-    lo = float(np.max(rhs[up] / lhs[up])) if up.any() else -np.inf
-    hi = float(np.min(rhs[down] / lhs[down])) if down.any() else np.inf
-    return (lo, hi) if lo < hi else None
+    return coupled_range(dl, gl, pl, decoupled)
 
 
 def fresh_pooled(sr: tuple, source: FreshFit) -> Optional[FreshFit]:

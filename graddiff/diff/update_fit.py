@@ -169,23 +169,32 @@ def fit_fresh(delta: np.ndarray, g: np.ndarray, p: np.ndarray) -> Optional[Fresh
         if keep.mean() < 0.9:
             return None
     dec = -float(coef[1]) if len(cols) == 2 else 0.0
-    # each element's direction: -sign(g + c * p) = sign(d + dec * p), i.e. lhs * c > rhs
-    sig = np.sign(d + dec * pl)
-    lhs, rhs = -sig * pl, sig * gl
-    if np.any((lhs == 0) & (rhs >= 0)):
-        return None
-    up, down = lhs > 0, lhs < 0
-    lo = float(np.max(rhs[up] / lhs[up])) if up.any() else -np.inf
-    hi = float(np.min(rhs[down] / lhs[down])) if down.any() else np.inf
-    if lo >= hi:
+    coupled = coupled_range(d, gl, pl, dec)
+    if coupled is None:
         return None
     return FreshFit(
         lr=float(coef[0]),
         decoupled=dec,
         se_decoupled=float(se[1]) if len(cols) == 2 else 0.0,
-        coupled=(lo, hi),
+        coupled=coupled,
         sized=eps_reading(d, gl, pl, float(coef[0]), dec),
     )
+
+
+def coupled_range(
+    d: np.ndarray, g: np.ndarray, p: np.ndarray, dec: float
+) -> Optional[tuple[float, float]]:
+    """The coupled decays ``c`` that Adam's first-step directions allow: each moving element's
+    direction is ``-sign(g + c * p) = sign(d + dec * p)``, i.e. ``lhs * c > rhs``; the interval
+    (lo, hi) of ``c`` satisfying every element, or None when empty."""
+    sig = np.sign(d + dec * p)
+    lhs, rhs = -sig * p, sig * g
+    if np.any((lhs == 0) & (rhs >= 0)):
+        return None
+    up, down = lhs > 0, lhs < 0
+    lo = float(np.max(rhs[up] / lhs[up])) if up.any() else -np.inf
+    hi = float(np.min(rhs[down] / lhs[down])) if down.any() else np.inf
+    return (lo, hi) if lo < hi else None
 
 
 def eps_reading(
