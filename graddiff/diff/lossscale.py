@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from ..reader import Run
+from .first import BLOCK_STEPS
 
 #: The kinds a loss scale multiplies.
 SCALED_KINDS = ("loss", "grad_output")
@@ -25,12 +26,17 @@ _NORM_RTOL = 1e-9
 
 
 def _by_key(run: Run, steps: np.ndarray) -> dict[tuple[int, str, str, int], np.void]:
-    rows = run.entries(int(steps[0]), int(steps[-1]))
-    rows = rows[np.isin(rows["step"], steps)]
+    """The loss and output-gradient entries of ``steps``, read block by block as the walk does
+    (first.BLOCK_STEPS), so that only these kinds' rows are held at once."""
+    scaled = np.array(
+        [i for i in range(run.n_records) if run.record_key(i).kind in SCALED_KINDS], np.int64
+    )
     out = {}
-    for e in rows:
-        k = run.record_key(int(e["record"]))
-        if k.kind in SCALED_KINDS:
+    for lo in range(0, len(steps), BLOCK_STEPS):
+        block = steps[lo : lo + BLOCK_STEPS]
+        rows = run.entries(int(block[0]), int(block[-1]))
+        for e in rows[np.isin(rows["step"], block) & np.isin(rows["record"], scaled)]:
+            k = run.record_key(int(e["record"]))
             out[(int(e["step"]), k.kind, k.name, int(k.call))] = e
     return out
 
