@@ -99,6 +99,8 @@ def test_q3_forgotten_branch_is_pinpointed_in_the_shared_trunk(tmp_path, capsys)
     r = verdict(out / "backward.h5", out / "autograd_grad.h5")
     assert r["diverged"]
     assert first_at(r) == (0, "grad", "trunk.0.weight")
+    assert causes(r)[0] == "extra_grad_path"
+    assert "gradient path into trunk (Sequential) is missing in B" in r["diagnosis"][0]["title"]
     printed = " ".join(capsys.readouterr().out.split())
     assert "parity.weight (Linear) 1 autograd.grad call(s) in B equal" in printed  # heads agree
     assert "trunk.1.weight (BatchNorm1d) 1 autograd.grad call(s) in B rel diff" in printed

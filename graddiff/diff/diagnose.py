@@ -34,6 +34,7 @@ from .rules_forward import (
 )
 from .rules_graph import rule_extra_grad_path, rule_tied_weights
 from .rules_nonfinite import rule_nonfinite
+from .rules_path import rule_grad_path, rule_zero_vs_none
 from .rules_ranks import rule_rank_local_batchnorm
 from .rules_update import rule_batchnorm, rule_update_rule, rule_update_specific
 
@@ -107,11 +108,13 @@ def _amplification_plausible(x: Context) -> bool:
 
 
 #: Causes that explain a missing record better than rule_structure's generic ones.
-GRAPH_CAUSES = frozenset({"tied_weights", "extra_grad_path"})
+GRAPH_CAUSES = frozenset({"tied_weights", "extra_grad_path", "zero_vs_none_grad"})
 RULES: tuple[Callable[[Context], Any], ...] = (
     rule_nonfinite,
     rule_tied_weights,
     rule_extra_grad_path,
+    rule_grad_path,
+    rule_zero_vs_none,
     rule_structure,
     rule_init,
     rule_inputs,
@@ -151,7 +154,9 @@ def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> li
     rules = (rule_nonfinite, rule_structure, rule_update_specific) if tiny else RULES
     causes: list[Cause] = []
     for rule in rules:
-        if rule is rule_structure and any(c.cause in GRAPH_CAUSES for c in causes):
+        if rule in (rule_structure, rule_grad_path) and any(
+            c.cause in GRAPH_CAUSES for c in causes
+        ):
             continue
         c = rule(x)
         causes.extend(c if isinstance(c, list) else ([c] if c is not None else []))

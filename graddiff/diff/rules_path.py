@@ -1,0 +1,379 @@
+"""Diagnosis rule: an extra (or missing) gradient path, told from parameter gradients alone.
+
+rules_graph's ``rule_extra_grad_path`` sees an extra backward pass in recorded output gradients.
+Without them (``--kinds``, or a run that takes gradients with ``torch.autograd.grad`` of chosen
+parameters only, which backpropagates into no module output it does not need), the path still
+shows in the parameter gradients of a step whose forward agrees:
+
+- a parameter has a gradient in one run only at this step, while the other run computes
+  gradients for it at other steps (so it is not frozen) and the one run's gradient is not all
+  zeros (a ``zero_grad(set_to_none=False)`` of an unused parameter): a backward pass reaches it
+  in one run only (a GAN discriminator loss flowing into the generator);
+- the gradients of a set of parameters differ while those of the other parameters agree, and
+  the difference is none of the known transforms of a gradient (a factor: clipping or scaling;
+  an elementwise clip; a term proportional to the weights: L2 decay; the previous step's
+  gradient: a missing ``zero_grad``): the backward into that sub-network differs.
+
+Every statement is about compared kinds only: the rule needs the losses or the activations
+compared (the forward is then known to agree), and says which were. Context in, Cause or None
+out (see context.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..modclass import ROOT, owner
+from .align import Slot
+from .compare_records import EQUAL, MISSING_A, MISSING_B
+from .context import RELATION_TOL, Cause, Context, fmt
+from .exact import rel_diff
+
+_FORWARD = ("param", "input", "activation", "loss")
+_GRADS = ("grad", "autograd_grad")
+
+
+def _forward_agrees(x: Context, step: int) -> bool:
+    """The forward was compared beyond the parameters (losses or activations) and agrees."""
+    if "loss" not in x.compared and "activation" not in x.compared:
+        return False
+    if x.within(step, _FORWARD) is not True:
+        return False
+    return x.slot.kind == "grad_output" or x.within(step, ("grad_output",)) is not False
+
+
+def _agrees(x: Context, slot: Slot, code: int, step: int) -> bool:
+    if code == EQUAL:
+        return True
+    r = x.rel(slot, step)
+    return r is not None and r <= x.pair.tolerance(slot.index, step)
+
+
+def _subnet(x: Context, slots: list[Slot]) -> str:
+    """These records (parameter or module output gradients) by the outermost modules that hold
+    them: a module is named when every record of these kinds under it is in the set (``G`` for
+    all of G's parameters), else the records are named one by one; each with its class."""
+    kinds = tuple({s.kind for s in slots})
+    every = [(s.kind, s.name, owner(s.kind, s.name)) for s, _ in x.slots_of(x.step, kinds)]
+    mine = {(s.kind, s.name) for s in slots}
+    named = []
+    for s in slots:
+        m = owner(s.kind, s.name)
+        pick = None
+        if m and m != ROOT:
+            parts = m.split(".")
+            for i in range(1, len(parts) + 1):
+                top = ".".join(parts[:i])
+                under = [(k, n) for k, n, o in every if o and (o == top or o.startswith(top + "."))]
+                if all(u in mine for u in under):
+                    pick = top
+                    break
+        named.append(("grad_output", pick) if pick else (s.kind, s.name))
+    return x.names(list(dict.fromkeys(named)), 3)
+
+
+def _loss_calls(x: Context, side: str, step: int) -> int:
+    run = x.pair.run(side)
+    return sum(
+        1 for rec in x.pair.rows(side, step)["record"] if run.record_key(int(rec)).kind == "loss"
+    )
+
+
+def _calls_text(x: Context, step: int) -> Optional[str]:
+    """ "both runs take 2 gradients (backward or autograd.grad calls) of losses that agree" """
+    if "loss" not in x.compared:
+        return None
+    na, nb = _loss_calls(x, "a", step), _loss_calls(x, "b", step)
+    if na == nb:
+        return (
+            f"both runs take {na} gradient(s) (backward or autograd.grad calls) at step {step}, "
+            "of losses that agree"
+        )
+    return (
+        f"A takes {na} gradient(s) (backward or autograd.grad calls) at step {step}, B {nb}; "
+        "the compared losses agree"
+    )
+
+
+def _autograd_calls(x: Context, side: str, step: int) -> Optional[list[set]]:
+    """Per torch.autograd.grad call of the step (in order), the parameters it returned; None
+    when the run records none or its calls cannot be told apart (losses not recorded)."""
+    run = x.pair.run(side)
+    rows = np.sort(x.pair.rows(side, step), order="seq")
+    calls: list[set] = []
+    seen_grad = False
+    for row in rows:
+        k = run.record_key(int(row["record"]))
+        if k.kind == "loss":
+            calls.append(set())
+        elif k.kind == "autograd_grad" and not k.name.startswith("input["):
+            seen_grad = True
+            if not calls:
+                return None
+            calls[-1].add(k.name)
+    calls = [c for c in calls if c]
+    return calls if seen_grad and len(calls) > 1 else None
+
+
+def _routing(x: Context, step: int, differ: list[Slot]) -> tuple[Optional[str], list[str]]:
+    """Which run asks some autograd.grad call for gradients of other parameters only: there, a
+    loss's path into the differing parameters may be left out. (side or None, evidence)."""
+    names = {s.name for s in differ}
+    ev, sides = [], []
+    for side in ("a", "b"):
+        calls = _autograd_calls(x, side, step)
+        if calls is None:
+            continue
+        skip = [i for i, c in enumerate(calls) if not (c & names)]
+        reach = [i for i, c in enumerate(calls) if c & names]
+        if not skip or not reach:
+            continue
+        S = side.upper()
+        other = sorted(set().union(*(calls[i] for i in skip)))
+        ev.append(
+            f"{S} takes {len(calls)} torch.autograd.grad calls at step {step}; the parameters "
+            f"whose gradients differ get theirs from call(s) {', '.join(map(str, reach))} only; "
+            f"call(s) {', '.join(map(str, skip))} ask for "
+            f"{x.names([('grad', n) for n in other], 3)} only: a loss whose path also runs "
+            "through the differing parameters gets no gradient there in "
+            f"{S} (autograd.grad returns only the inputs it is asked for)"
+        )
+        sides.append(S)
+    return (sides[0] if len(sides) == 1 else None), ev
+
+
+def rule_grad_path(x: Context) -> Optional[Cause]:
+    """Parameters of a sub-network get a gradient (or a different one) in one run while the
+    forward and every other parameter's gradient agree: an extra or missing gradient path."""
+    if x.slot.kind not in (*_GRADS, "grad_output") or not _forward_agrees(x, x.step):
+        return None
+    if x.hit.code in (MISSING_A, MISSING_B):
+        return None if x.slot.kind == "grad_output" else _reached_in_one(x)
+    return _differs_in_subnet(x)
+
+
+def _fix(extra: Optional[str], missing: Optional[str] = None) -> str:
+    if missing is not None:
+        return (
+            f"in {missing}, ask each torch.autograd.grad call for every parameter its loss "
+            "should train (or sum into .grad with backward()); if the path is unwanted, detach "
+            f"the shared tensor in the other run"
+        )
+    where = f" in {extra}" if extra else ""
+    return (
+        f"detach the tensor that feeds the other loss{where} (e.g. D(fake.detach()) in a GAN's "
+        "discriminator step) or zero these parameters' gradients between the backward passes; "
+        "with torch.autograd.grad, ask each call for every parameter its loss should train"
+    )
+
+
+def _reached_in_one(x: Context) -> Optional[Cause]:
+    h, step = x.hit, x.step
+    has, lacks = ("b", "a") if h.code == MISSING_A else ("a", "b")
+    gone = [s for s, code in x.slots_of(step, _GRADS) if code == h.code]
+    if x.slot not in gone:
+        gone.insert(0, x.slot)
+    # frozen there: the lacking run never computes a gradient for it
+    if any(not getattr(s, f"keys_{lacks}") for s in gone):
+        return None
+    # all zeros where it is present: an unused parameter zeroed (set_to_none=False), not a path
+    vals = [x.v(has, s, step) for s in gone]
+    if any(v is None for v in vals) or all(not np.any(v) for v in vals):
+        return None
+    H, L = has.upper(), lacks.upper()
+    other = [t for t in x.pair.steps.tolist() if t != step and _present(x, lacks, gone[0], t)]
+    both = [(s, c) for s, c in x.slots_of(step, _GRADS) if c not in (MISSING_A, MISSING_B)]
+    n_same = sum(1 for s, c in both if _agrees(x, s, c, step))
+    ev = [
+        f"at step {step} {x.agree(_FORWARD)}, but {H} has gradients for {len(gone)} "
+        f"parameter(s) that {L} does not: {x.names(gone)}",
+        f"{L} computes gradients for them at other steps"
+        + (f" (step {other[0]})" if other else "")
+        + ": they are not frozen there, so a backward pass reaches them in "
+        f"{H} only at this step",
+    ]
+    if both:
+        ev.append(
+            f"the gradients of {n_same} of the {len(both)} parameter(s) both runs have at "
+            "this step agree"
+        )
+    calls = _calls_text(x, step)
+    if calls:
+        ev.append(calls)
+    return Cause(
+        "extra_grad_path",
+        f"an extra gradient path reaches {_subnet(x, gone)} in {H} at step {step} "
+        "(a missing .detach()?)",
+        ev,
+        _fix(H),
+    )
+
+
+def _present(x: Context, side: str, slot: Slot, step: int) -> bool:
+    i = x.pair.cell(slot, step)
+    return i is not None and bool(getattr(x.pair.cells(step), side).present[i])
+
+
+def _explained(x: Context, slot: Slot, step: int, a: np.ndarray, b: np.ndarray) -> Optional[str]:
+    """A known transform of a gradient that maps one run's onto the other's, or None."""
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    plain = rel_diff(a, b)
+    bb = float(b @ b)
+    if bb > 0 and rel_diff(a, (float(a @ b) / bb) * b) < RELATION_TOL:
+        return "a factor (clipping or scaling)"
+    for u, v in ((a, b), (b, a)):
+        m = float(np.max(np.abs(u))) if u.size else 0.0
+        if m > 0 and rel_diff(u, np.clip(v, -m, m)) < 1e-6 * max(plain, 1e-30) + 1e-12:
+            return "an elementwise clip (clip_grad_value_)"
+    ps = x.pair.slot("param", slot.name)
+    p = None if ps is None else x.v("a", ps, step)
+    if p is not None and p.size == a.size:
+        d, p = a - b, p.astype(np.float64).ravel()
+        pp = float(p @ p)
+        if pp > 0 and rel_diff(d, (float(d @ p) / pp) * p) < RELATION_TOL:
+            return "a term proportional to the weights (L2 decay)"
+    prev = x.prev(step)
+    if prev is not None:
+        for u, v, side in ((a, b, "b"), (b, a, "a")):
+            w = x.v(side, slot, prev)
+            if w is not None and w.size == u.size:
+                r = rel_diff(u, v + w.astype(np.float64).ravel())
+                if r < RELATION_TOL and r < 0.1 * plain:
+                    return "the previous step's gradient (a missing zero_grad)"
+    return None
+
+
+def _partition(x: Context, step: int, kinds: tuple[str, ...]) -> tuple[list, list]:
+    """(differing, agreeing) records of these kinds at the step, both runs present."""
+    differ, agree = [], []
+    for s, code in x.slots_of(step, kinds):
+        if code not in (MISSING_A, MISSING_B):
+            (agree if _agrees(x, s, code, step) else differ).append(s)
+    return differ, agree
+
+
+def _differs_in_subnet(x: Context) -> Optional[Cause]:
+    step = x.step
+    kinds = ("grad_output",) if x.slot.kind == "grad_output" else _GRADS
+    differ, agree = _partition(x, step, kinds)
+    if not differ or not agree or x.slot not in differ:
+        return None
+    zero = {"a": True, "b": True}
+    known = []
+    for s in differ:
+        a, b = x.v("a", s, step), x.v("b", s, step)
+        if a is None or b is None or a.shape != b.shape or a.dtype.kind != "f":
+            return None  # statistics alone cannot rule out a scale, clip or decay
+        known.append(_explained(x, s, step, a, b))
+        zero["a"] &= not np.any(a)
+        zero["b"] &= not np.any(b)
+    # one transform for every differing gradient is another cause (a small tensor alone can
+    # fit a factor by chance: a scalar-output network's gradients are nearly parallel)
+    if all(k is not None for k in known):
+        return None
+    what = "output gradients" if kinds == ("grad_output",) else "gradients"
+    unit = "module(s)" if kinds == ("grad_output",) else "parameter(s)"
+    where = _subnet(x, differ)
+    ev = [
+        f"at step {step} {x.agree(_FORWARD)}; the {what} of {len(differ)} {unit} "
+        f"differ ({x.names(differ)}) while those of the other {len(agree)} agree "
+        f"({x.names(agree, 3)})",
+        "the difference is not one factor (clipping, scaling), elementwise clip, term "
+        "proportional to the weights (L2 decay) or previous step's gradient (missing "
+        "zero_grad) for all of them: a contribution to these gradients in one run that the "
+        "other lacks",
+    ]
+    side = None
+    if zero["a"] != zero["b"]:
+        side = "B" if zero["a"] else "A"
+        ev.append(
+            f"their {what} are all zeros in {'A' if side == 'B' else 'B'}: no backward pass "
+            "reaches them there"
+        )
+    pdiff = differ if kinds == _GRADS else _partition(x, step, _GRADS)[0]
+    rside, rev = _routing(x, step, pdiff) if pdiff else (None, [])
+    ev.extend(rev)
+    calls = _calls_text(x, step)
+    if calls:
+        ev.append(calls)
+    ev.append(
+        "a backward hook or custom autograd.Function that changes these gradients alone "
+        "would look the same"
+    )
+    worst = max((x.rel(s, step) or 0.0) for s in differ)
+    ev.append(f"largest relative difference among them: {fmt(worst)}")
+    if side is not None:
+        title = f"an extra gradient path reaches {where} in {side} (a missing .detach()?)"
+    elif rside is not None:
+        other = "A" if rside == "B" else "B"
+        title = (
+            f"a gradient path into {where} is missing in {rside} (or extra in {other}): "
+            f"{rside}'s torch.autograd.grad calls leave it out"
+        )
+    else:
+        title = (
+            f"a gradient path into {where} differs: an extra (or missing) path in one run "
+            "(a forgotten .detach()?)"
+        )
+    fix = _fix(side) if side is not None or rside is None else _fix(None, rside)
+    return Cause("extra_grad_path", title, ev, fix)
+
+
+def _all_zero(x: Context, side: str, slot: Slot, step: int) -> Optional[bool]:
+    """Whether the record holds only zeros (values, else the statistics' max and min)."""
+    v = x.v(side, slot, step)
+    if v is not None:
+        return not np.any(v)
+    i = x.pair.cell(slot, step)
+    if i is None:
+        return None
+    sd = getattr(x.pair.cells(step), side)
+    if not sd.present[i]:
+        return None
+    return bool(sd.max[i] == 0 and sd.min[i] == 0 and sd.nan[i] == 0)
+
+
+def rule_zero_vs_none(x: Context) -> Optional[Cause]:
+    """A parameter's gradient is all zeros in one run and absent (None) in the other: unused at
+    this step, its .grad zeroed in place in one run and set to None in the other."""
+    h, step = x.hit, x.step
+    if x.slot.kind not in _GRADS or h.code not in (MISSING_A, MISSING_B):
+        return None
+    has, lacks = ("b", "a") if h.code == MISSING_A else ("a", "b")
+    gone = [s for s, code in x.slots_of(step, _GRADS) if code == h.code]
+    if x.slot not in gone:
+        gone.insert(0, x.slot)
+    if not all(_all_zero(x, has, s, step) for s in gone):
+        return None
+    H, L = has.upper(), lacks.upper()
+    ev = [
+        f"at step {step} {H}'s gradients of {x.names(gone)} are all zeros; {L} has none (None)",
+    ]
+    nxt = x.pair.steps[x.pair.steps > step]
+    if len(nxt):
+        t = int(nxt[0])
+        ps = [x.pair.slot("param", s.name) for s in gone]
+        ps = [p for p in ps if p is not None]
+        same = x.within(t, ("param",)) if ps else None
+        if ps and all(x.rel(p, t) == 0 for p in ps):
+            ev.append(
+                f"their parameters are bitwise equal at step {t}: the update ignores the "
+                "difference (an optimizer skips a None gradient; a zero one moves nothing "
+                "without momentum or weight decay)"
+            )
+        elif ps and same is False:
+            ev.append(
+                f"their parameters differ at step {t}: momentum or weight decay moves a "
+                "parameter whose gradient is zero, while an optimizer skips one whose "
+                "gradient is None"
+            )
+    return Cause(
+        "zero_vs_none_grad",
+        f"zero vs no gradient: {x.names(gone, 2)} unused at step {step}, .grad zeroed in "
+        f"place in {H} (zero_grad(set_to_none=False)) and None in {L}",
+        ev,
+        "call zero_grad with the same set_to_none in both runs (PyTorch's default is "
+        "set_to_none=True); with plain SGD the two are the same training",
+    )

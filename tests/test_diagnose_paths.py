@@ -1,0 +1,212 @@
+"""An extra or missing gradient path told from parameter gradients alone (rules_path), and what
+must not be read as one: a frozen layer, a zero vs a None gradient, clipping, L2 on gradients.
+
+Each test is its own oracle: it knows which path it added or cut, at which step, which
+parameters it reaches, and what the differ must then say.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from classcheck import diagnosis_unlabelled
+from torch import nn
+
+import graddiff
+
+LEAN = ["param", "grad", "loss"]  # no output gradients: the path shows in .grad only
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.digit = nn.Linear(8, 4)
+        self.parity = nn.Linear(8, 2)
+
+    def forward(self, x, detach_parity: bool = False):
+        h = self.trunk(x)
+        return self.digit(h), self.parity(h.detach() if detach_parity else h)
+
+
+def _two_heads(path, forget: bool, autograd: bool) -> str:
+    """Two losses on a shared trunk. ``forget``: the second loss's gradient is taken for its
+    head only (autograd.grad) or its head is fed a detached trunk (backward)."""
+    torch.manual_seed(0)
+    m = _TwoHeads()
+    params = list(m.parameters())
+    g = torch.Generator().manual_seed(0)
+    with graddiff.trace(m, path, values="full"):
+        for _ in range(2):
+            x, y = torch.randn(12, 6, generator=g), torch.randint(0, 4, (12,), generator=g)
+            digit, parity = m(x, detach_parity=forget and not autograd)
+            l1, l2 = F.cross_entropy(digit, y), F.cross_entropy(parity, y % 2)
+            if autograd:
+                g1 = torch.autograd.grad(l1, params, retain_graph=True, allow_unused=True)
+                wrt = list(m.parity.parameters()) if forget else params
+                got = dict(zip(map(id, wrt), torch.autograd.grad(l2, wrt, allow_unused=True)))
+                with torch.no_grad():
+                    for p, a in zip(params, g1):
+                        b = got.get(id(p))
+                        p -= 0.1 * (a if b is None else b if a is None else a + b)
+            else:
+                m.zero_grad()
+                (l1 + l2).backward()
+                with torch.no_grad():
+                    for p in params:
+                        p -= 0.1 * p.grad
+    return str(path)
+
+
+def _trunk_params():
+    return {"trunk.0.weight", "trunk.0.bias", "trunk.2.weight", "trunk.2.bias"}
+
+
+@pytest.mark.parametrize("kinds", [None, LEAN], ids=["all kinds", "no output gradients"])
+def test_autograd_grad_call_that_leaves_out_the_trunk(tmp_path, kinds):
+    """examples/q3 --forget-branch in small: B asks the parity loss's autograd.grad call for
+    the parity head only, so the trunk misses that loss's gradient."""
+    a = _two_heads(tmp_path / "a.h5", forget=False, autograd=False)
+    b = _two_heads(tmp_path / "b.h5", forget=True, autograd=True)
+    r = graddiff.compare(a, b, kinds=kinds)
+    assert r.exit_code == 1 and r.first.step == 0, r.headline()
+    if kinds is None:  # the trunk's output gradient (one backward pass reaches it in each run)
+        assert (r.first.kind, r.first.name) == ("grad_output", "trunk.3"), r.headline()
+    else:
+        assert r.first.kind == "grad" and r.first.name in _trunk_params(), r.headline()
+    assert [c.cause for c in r.diagnosis] == ["extra_grad_path"], [
+        (c.cause, c.title) for c in r.diagnosis
+    ]
+    assert "gradient path into trunk (Sequential) is missing in B" in r.cause.title
+    text = " ".join(r.cause.evidence)
+    if kinds is None:
+        assert "the output gradients of 5 module(s) differ" in text
+    else:
+        assert "the gradients of 4 parameter(s) differ" in text and "the other 4 agree" in text
+    assert "B takes 2 torch.autograd.grad calls at step 0" in text
+    assert "ask for parity.bias, parity.weight (both Linear) only" in text
+    assert "in B, ask each torch.autograd.grad call" in r.cause.fix
+    assert not diagnosis_unlabelled(r)
+
+
+def test_detached_branch_under_backward(tmp_path):
+    """Both runs use backward(); the side is not known from values, so none is claimed."""
+    a = _two_heads(tmp_path / "a.h5", forget=False, autograd=False)
+    b = _two_heads(tmp_path / "b.h5", forget=True, autograd=False)
+    r = graddiff.compare(a, b, kinds=LEAN)
+    assert (r.first.step, r.first.kind) == (0, "grad") and r.first.name in _trunk_params()
+    assert r.cause.cause == "extra_grad_path", [(c.cause, c.title) for c in r.diagnosis]
+    assert "gradient path into trunk (Sequential) differs" in r.cause.title
+    assert "activations not compared" in " ".join(r.cause.evidence)
+    assert not diagnosis_unlabelled(r)
+
+
+class _GAN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.G = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6))
+        self.D = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _gan(path, detach: bool, two_optimizers: bool) -> str:
+    torch.manual_seed(0)
+    m = _GAN()
+    if two_optimizers:
+        oD, oG = (torch.optim.SGD(p.parameters(), lr=0.1) for p in (m.D, m.G))
+    else:
+        oD = oG = torch.optim.SGD(m.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    bce = F.binary_cross_entropy_with_logits
+    with graddiff.trace(m, path, values="full"):
+        for _ in range(2):
+            z, real = torch.randn(8, 4, generator=g), torch.randn(8, 6, generator=g)
+            oD.zero_grad()
+            oG.zero_grad()
+            fake = m.G(z)
+            dr, df = m.D(real), m.D(fake.detach() if detach else fake)
+            (bce(dr, torch.ones_like(dr)) + bce(df, torch.zeros_like(df))).backward(
+                retain_graph=not two_optimizers
+            )
+            if two_optimizers:
+                oD.step()
+                fake = m.G(z)
+            out = m.D(fake)
+            bce(out, torch.ones_like(out)).backward()
+            oG.step()
+    return str(path)
+
+
+@pytest.mark.parametrize("two_optimizers", [True, False], ids=["two optimizers", "one step"])
+def test_missing_detach_without_output_gradients(tmp_path, two_optimizers):
+    a = _gan(tmp_path / "a.h5", detach=True, two_optimizers=two_optimizers)
+    b = _gan(tmp_path / "b.h5", detach=False, two_optimizers=two_optimizers)
+    r = graddiff.compare(a, b, kinds=LEAN)
+    assert r.exit_code == 1 and (r.first.step, r.first.kind) == (0, "grad"), r.headline()
+    assert r.first.name.startswith("G.")
+    assert [c.cause for c in r.diagnosis] == ["extra_grad_path"], [
+        (c.cause, c.title) for c in r.diagnosis
+    ]
+    text = " ".join(r.cause.evidence)
+    if two_optimizers:  # D's step: G gets a gradient in B only, and has one in A at step 1
+        assert "reaches G (Sequential) in B at step 0" in r.cause.title
+        assert "A computes gradients for them at other steps (step 1)" in text
+    else:  # one step: G's gradients differ, D's agree
+        assert "gradient path into G (Sequential) differs" in r.cause.title
+        assert "the other 4 agree (D.0.weight, D.0.bias, D.2.weight (all Linear)" in text
+    assert not diagnosis_unlabelled(r)
+    # without the losses (or activations) compared the forward is unknown: no path is claimed
+    r = graddiff.compare(a, b, kinds=["param", "grad"])
+    assert "extra_grad_path" not in [c.cause for c in r.diagnosis]
+    assert "forward" not in " ".join(" ".join(c.evidence) for c in r.diagnosis)
+
+
+def _mlp(path, variant: str = "") -> str:
+    """A 3-layer MLP under SGD with an auxiliary head used at step 1 only."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    m = nn.ModuleDict({"net": net, "aux": nn.Linear(16, 4)})
+    if variant == "frozen":
+        net[0].requires_grad_(False)
+    o = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with graddiff.trace(m, path, values="full"):
+        for step in range(3):
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+            o.zero_grad(set_to_none=variant != "zeros")
+            h = net[:4](x)
+            loss = F.cross_entropy(net[4](h), y)
+            if step == 1:
+                loss = loss + F.cross_entropy(m["aux"](h), y)
+            loss.backward()
+            if variant == "clip_value":
+                torch.nn.utils.clip_grad_value_(net[0].parameters(), 0.01)
+            if variant == "l2":
+                for n, p in net.named_parameters():
+                    if n.endswith("weight"):
+                        p.grad += 0.01 * p
+            o.step()
+    return str(path)
+
+
+@pytest.mark.parametrize("variant", ["frozen", "clip_value", "l2"])
+def test_not_a_gradient_path(tmp_path, variant):
+    """A frozen layer, an elementwise clip and an L2 term on some gradients change the
+    gradients of a sub-network while the forward agrees: none is an extra path."""
+    a, b = _mlp(tmp_path / "a.h5"), _mlp(tmp_path / "b.h5", variant)
+    r = graddiff.compare(a, b, kinds=LEAN)
+    assert r.exit_code == 1 and (r.first.step, r.first.kind) == (0, "grad"), r.headline()
+    assert "extra_grad_path" not in [c.cause for c in r.diagnosis], r.cause.title
+    if variant == "frozen":
+        assert r.cause.cause == "frozen_parameter"
+
+
+def test_zero_vs_none_gradient(tmp_path):
+    """The auxiliary head is unused at step 2; B zeroes its .grad in place, A sets it to None."""
+    a, b = _mlp(tmp_path / "a.h5"), _mlp(tmp_path / "b.h5", "zeros")
+    r = graddiff.compare(a, b, kinds=LEAN)
+    assert (r.first.step, r.first.kind, r.first.name) == (2, "grad", "aux.weight"), r.headline()
+    assert [c.cause for c in r.diagnosis] == ["zero_vs_none_grad"], r.cause.title
+    assert "aux.weight, aux.bias (both Linear) unused at step 2" in r.cause.title
+    assert "in place in B" in r.cause.title and "None in A" in r.cause.title
+    assert not diagnosis_unlabelled(r)
