@@ -362,9 +362,9 @@ def run_variant(
                 bw = tr._writer  # benchmark instrumentation: time spent blocked in submit()
                 submit = bw.submit
 
-                def timed_submit(step: int, entries: list) -> None:
+                def timed_submit(step: int, entries: list, **kw: object) -> None:
                     t = time.perf_counter()
-                    submit(step, entries)
+                    submit(step, entries, **kw)
                     waits.append(time.perf_counter() - t)
 
                 bw.submit = timed_submit

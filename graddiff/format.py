@@ -71,6 +71,27 @@ Additive extensions (optional: older files lack them, readers tolerate that):
   [start, stop) of this rank's flat shard that the record was cut from; its ``param`` and
   ``grad`` records are named by the original parameter, as with ``use_orig_params=True``.
 
+- ``/optimizer`` (1-D table ``OPTIMIZER_DTYPE``: ``step`` int64, ``changes`` UTF-8 JSON), the
+  settings of every optimizer that updates traced parameters, as seen by the step pre-hook
+  right before the update of that step (so the settings at step ``s`` produced the parameters
+  of step ``s + 1``). A row is written only at a step where something changed, in the same
+  flush as the step, before its ``/steps`` row: rows after the last committed step are
+  ignored (rows of earlier steps stay: they are changes, and later steps build on them). Absent
+  when no optimizer stepped (manual loops, older files). ``changes`` is a list, one object per
+  optimizer that changed: ``optimizer`` (int, the order in which optimizers first stepped in
+  the trace; a rebuilt optimizer is a new one), and only what changed since its last row:
+  ``class`` (qualified class name, at its first row), ``groups`` (number of param groups; when
+  it changes every group is given again), ``hyper`` ({group index: {name: value}}: the
+  scalar or tuple-of-scalars entries of the group that changed, merged into what the group had;
+  a one-element CPU tensor as a float; every entry when the group is new), ``removed``
+  ({group index: [names of entries the group no longer has]}), ``params`` ({group index: [record names of the traced
+  parameters in it]}) with ``untraced`` ({group index: count of others}), ``state_step``
+  ({group index: the state step count of the group's first parameter before the update, 0
+  without state, null when not read}), stored when it is not the last stored count plus the
+  steps since; then ``state_steps`` ({group index: {name: count}}) when the group's
+  parameters' counts differ; ``notes`` (what was not read, e.g. a tensor on an accelerator).
+  Group indices are JSON strings.
+
 The fingerprint of a tensor is two unsigned 64-bit sums over its raw bytes read as
 little-endian int64 words (the last partial word zero-padded), both modulo 2**64:
 ``fp_sum`` = sum of all words; ``fp_pos`` = sum over blocks of (block index + 1) * (block
@@ -138,6 +159,9 @@ ENTRY_DTYPE = np.dtype(
 STEP_DTYPE = np.dtype(
     [("step", "<i8"), ("start", "<i8"), ("stop", "<i8"), ("full", "u1"), ("time", "<f8")]
 )
+
+#: ``/optimizer``: one row per step at which an optimizer's settings changed (JSON list).
+OPTIMIZER_DTYPE = np.dtype([("step", "<i8"), ("changes", _VLEN_STR)])
 
 #: Stats fields, in the order the recorder packs them.
 STAT_FIELDS = ("norm", "mean", "min", "max", "nan", "inf")

@@ -8,7 +8,7 @@ rule (HDF5 1.x/2.0 ``H5HG__cache_heap_deserialize``), and refuses a collection t
 advance or that overruns its end.
 
 Which collections: those holding the record names (found from the raw chunks of ``/records``)
-and any in the first 64 KiB of the file (the root attributes: format marker, environment,
+and the optimizer settings (``/optimizer``), and any in the first 64 KiB of the file (the root attributes: format marker, environment,
 options, status are written first). A damaged collection elsewhere is left to the CLI's
 watchdog (``graddiff/cli/watchdog.py``).
 """
@@ -49,12 +49,15 @@ def collection_problem(fd: int, addr: int, file_size: int, strict: bool = True) 
     return None
 
 
-def _records_collections(f: h5py.File, fd: int) -> set[int]:
-    """Addresses of the collections that hold the names in ``/records`` (raw chunk bytes)."""
-    ds = f.get("records", getlink=True)
+def _records_collections(
+    f: h5py.File, fd: int, table: str = "records", column: bytes = b"name"
+) -> set[int]:
+    """Addresses of the collections that hold the strings of ``/records`` (``name``) or
+    another table's string column (raw chunk bytes)."""
+    ds = f.get(table, getlink=True)
     if not isinstance(ds, h5py.HardLink):
         return set()
-    ds = f["records"]
+    ds = f[table]
     if not isinstance(ds, h5py.Dataset) or ds.dtype.names is None:
         return set()
     ftype = ds.id.get_type()
@@ -70,7 +73,7 @@ def _records_collections(f: h5py.File, fd: int) -> set[int]:
         variable = isinstance(member, h5py.h5t.TypeVlenID) or (
             isinstance(member, h5py.h5t.TypeStringID) and member.is_variable_str()
         )
-        if ftype.get_member_name(i) == b"name" and variable:
+        if ftype.get_member_name(i) == column and variable:
             off = ftype.get_member_offset(i) + shift
         if variable:
             shift += 16 - size
@@ -111,7 +114,8 @@ def check_heaps(f: h5py.File, path: str) -> Optional[str]:
             if problem:
                 return problem
             at = head.find(b"GCOL", at + 4)
-        for addr in sorted(_records_collections(f, fd)):
+        addrs = _records_collections(f, fd) | _records_collections(f, fd, "optimizer", b"changes")
+        for addr in sorted(addrs):
             problem = collection_problem(fd, addr, size)
             if problem:
                 return problem

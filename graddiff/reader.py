@@ -25,6 +25,7 @@ from .format import (
     FORMAT_MARKER,
     FORMAT_VERSION,
     MAX_NDIM,
+    OPTIMIZER_DTYPE,
     RECORD_DTYPE,
     STEP_DTYPE,
     decode_values,
@@ -34,6 +35,7 @@ from .format import (
 from .heapcheck import check_heaps
 from .kinds import CAUSAL_RANK
 from .modclass import class_of
+from .optimizer_settings import OptimizerSettings, SettingsError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -573,6 +575,36 @@ class Run:
                 f"corrupt graddiff file: values of {key} at step {step} do not match their fingerprint",
             )
         return decode_values(raw, dtype, shape)
+
+    @property
+    def optimizer_settings(self) -> OptimizerSettings:
+        """The optimizer settings over the committed steps (``/optimizer``; empty when none
+        were recorded: manual loops, older files). Read once, on first use."""
+        cached = getattr(self, "_optimizer_settings", None)
+        if cached is not None:
+            return cached
+        p = self.path
+        rows: list[tuple[int, str]] = []
+        if _local_object(self._file, "optimizer", p) is not None:
+            table = _read(
+                _check_table(self._file, "optimizer", OPTIMIZER_DTYPE, p),
+                (),
+                p,
+                "the optimizer table",
+            )
+            # rows after the last committed step were written for steps a crash cut off
+            last = int(self.steps[-1]) if len(self.steps) else -1
+            for row in table:
+                step = int(row["step"])
+                if step <= last:
+                    rows.append((step, _text(row["changes"])))
+            rows.sort(key=lambda r: r[0])
+        try:
+            settings = OptimizerSettings(rows)
+        except SettingsError as exc:
+            raise TraceFileError(p, f"corrupt graddiff file: optimizer settings: {exc}") from None
+        self._optimizer_settings = settings
+        return settings
 
     # -- post-mortem (thin delegations to graddiff.postmortem) ------------------------------
     def check(self, **kw: Any) -> Any:

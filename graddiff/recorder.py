@@ -28,6 +28,7 @@ from .format import FLAG_TRAINING
 from .hooks.autograd_hooks import as_tensor_list, inside_backward
 from .hooks.device_stats import DeviceStatsBatch
 from .hooks.naming import flatten_tensors, record_name
+from .hooks.optim_settings import SettingsWatch
 from .hooks.optimizer_hooks import optimizer_params
 from .hooks.shards import FlatPieces, local_tensor
 from .hooks.snapshot import capture
@@ -144,6 +145,8 @@ class Recorder:
         self._optimizer_params: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._device_batch = DeviceStatsBatch()  # accelerator stats: one transfer per step
         self._closure_steps: set[int] = set()  # optimizers inside a wrapped step(closure)
+        # optimizer settings per step (changes only); None once it failed
+        self._settings: Optional[SettingsWatch] = SettingsWatch(self._param_by_id)
         self._reset_step_state()
 
     # -- per-step state -----------------------------------------------------------------
@@ -275,7 +278,11 @@ class Recorder:
             for handle in self._old_tensor_handles:
                 handle.remove()
             self._old_tensor_handles, self._tensor_handles = self._tensor_handles, []
-        self.writer.submit(step, entries)
+            settings = self._settings.take() if self._settings is not None else None
+        if settings:
+            self.writer.submit(step, entries, optimizer=settings)
+        else:
+            self.writer.submit(step, entries)
         self.steps_submitted += 1
 
     # -- events from the hooks -------------------------------------------------------------
@@ -437,6 +444,7 @@ class Recorder:
         if not owned:
             return  # an optimizer of another model
         self.optimizer_seen = True
+        self._watch_settings(optimizer)
         if not self.clock.started:
             return  # nothing recorded since the last boundary (e.g. a GradScaler retry)
         if _K_GRAD in self.kinds:
@@ -444,12 +452,26 @@ class Recorder:
         if self.clock.optimizer_step():
             self._end_step()
 
+    def _watch_settings(self, optimizer: Any) -> None:
+        """The optimizer's settings for this step's update; a failure here stops only this."""
+        if self._settings is None:
+            return
+        try:
+            self._settings.observe(optimizer, self.clock.step)
+        except Exception as exc:
+            self._settings = None
+            warn_user(
+                f"graddiff: optimizer settings are not recorded from step {self.clock.step} "
+                f"({type(exc).__name__}: {exc}); the rest of the trace is unaffected"
+            )
+
     @_guarded
     def on_closure_step(self, optimizer: Any) -> bool:
         """``optimizer.step(closure)`` begins; True asks for the closure to be wrapped."""
         if self.forward_only or not self._owned(optimizer):
             return False
         self.optimizer_seen = True
+        self._watch_settings(optimizer)
         self.clock.closure_step()
         self._closure_steps.add(id(optimizer))
         return True

@@ -39,6 +39,7 @@ from .format import (
     FORMAT_MARKER,
     FORMAT_VERSION,
     MAX_NDIM,
+    OPTIMIZER_DTYPE,
     RECORD_DTYPE,
     STEP_DTYPE,
     TABLE_CHUNK_ROWS,
@@ -99,6 +100,7 @@ class TraceWriter:
         self._layouts: dict[tuple, tuple[int, int, tuple, int, int]] = {}
         self._n_entries = 0
         self._n_steps = 0
+        self._optimizer: Optional[h5py.Dataset] = None  # /optimizer, made at its first row
         self._step_row = np.zeros(1, dtype=STEP_DTYPE)
         self._last_step_bytes = 0
         self._ballast_path: Optional[str] = None
@@ -149,8 +151,11 @@ class TraceWriter:
         f.flush()
 
     # -- one step -----------------------------------------------------------------------
-    def write_step(self, step: int, entries: Sequence[EntryData]) -> int:
-        """Append one complete step, flush, and mark it complete. Returns bytes of values."""
+    def write_step(
+        self, step: int, entries: Sequence[EntryData], optimizer: Optional[list] = None
+    ) -> int:
+        """Append one complete step, flush, and mark it complete. Returns bytes of values.
+        ``optimizer``: the changes of the optimizer settings at this step (``/optimizer``)."""
         entries = sorted(entries, key=lambda e: (CAUSAL_RANK.get(e.kind, 99), e.seq))
         rows, new_records, blobs, offset = self._rows(step, entries)
         self._check_space(offset)
@@ -166,6 +171,8 @@ class TraceWriter:
             _append(self._entries, _ENTRY_MTYPE, rows, start)
         if blobs:
             self._write_values(f"{step:08d}", blobs, offset)
+        if optimizer:
+            self._write_optimizer(step, optimizer)
         self._n_entries = start + len(rows)
         row = self._step_row
         row[0] = (step, start, self._n_entries, 1 if blobs else 0, time.time())
@@ -174,6 +181,20 @@ class TraceWriter:
         self._file.flush()  # the commit: after this, the step survives kill -9
         self._last_step_bytes = offset + rows.nbytes
         return offset
+
+    def _write_optimizer(self, step: int, changes: list) -> None:
+        """One ``/optimizer`` row: the step and its settings changes as JSON (before the
+        commit marker, so a row whose step is not committed is ignored by readers)."""
+        if self._optimizer is None:
+            self._optimizer = self._file.create_dataset(
+                "optimizer", (0,), dtype=OPTIMIZER_DTYPE, maxshape=(None,), chunks=(64,)
+            )
+        ds = self._optimizer
+        n = ds.shape[0]
+        ds.resize((n + 1,))
+        row = np.zeros(1, dtype=OPTIMIZER_DTYPE)
+        row[0] = (step, json.dumps(changes, sort_keys=True, default=str))
+        ds[n:] = row
 
     def _rows(self, step: int, entries: Sequence[EntryData]) -> tuple[np.ndarray, list, list, int]:
         """The step's entry rows, built column-wise (one numpy assignment per column).
@@ -395,7 +416,7 @@ class BackgroundWriter:
             item = self._queue.get()
             if item is _STOP:
                 break
-            what, step, payload = item
+            what, step, payload, optimizer = item
             if self._failure is not None:
                 continue
             t0 = time.perf_counter()
@@ -404,7 +425,7 @@ class BackgroundWriter:
                     self._writer.set_attr(*payload)
                     continue
                 resolved = [e.resolve() for e in payload]
-                self.bytes_written += self._writer.write_step(step, resolved)
+                self.bytes_written += self._writer.write_step(step, resolved, optimizer)
                 self.steps_written += 1
             except WriteFailed as exc:
                 self._failure = str(exc)
@@ -415,11 +436,12 @@ class BackgroundWriter:
             finally:
                 self.write_seconds += time.perf_counter() - t0
 
-    def submit(self, step: int, entries: list) -> None:
-        """Queue a finished step. After a failure, steps are dropped and one warning is given."""
+    def submit(self, step: int, entries: list, optimizer: Optional[list] = None) -> None:
+        """Queue a finished step (with its optimizer settings changes, if any). After a
+        failure, steps are dropped and one warning is given."""
         self.warn_if_failed()
         if self._failure is None:
-            self._queue.put(("step", step, entries))
+            self._queue.put(("step", step, entries, optimizer))
 
     def warn_if_failed(self) -> None:
         if self._failure is not None and not self._warned:
@@ -432,7 +454,7 @@ class BackgroundWriter:
     def set_attr(self, key: str, value: str) -> None:
         """Queue an attribute update (runs on the writer thread, in order with steps)."""
         if self._failure is None:
-            self._queue.put(("attr", None, (key, value)))
+            self._queue.put(("attr", None, (key, value), None))
 
     def close(self, status: str = "complete") -> None:
         """Drain the queue, write the final status, close the file. Never raises."""

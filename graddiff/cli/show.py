@@ -20,6 +20,12 @@ from . import terminal_console
 @click.option("--width", default=60, show_default=True, help="Columns of the loss chart.")
 @click.option("--env", "env", is_flag=True, help="List the recorded environment in full.")
 @click.option(
+    "--optimizer",
+    "optimizer",
+    is_flag=True,
+    help="List every change of the recorded optimizer settings (lr per step, ...).",
+)
+@click.option(
     "--html",
     "html_path",
     default=None,
@@ -27,7 +33,13 @@ from . import terminal_console
     help="Also write an interactive HTML page: loss, per-layer gradient and parameter norms.",
 )
 def show_cmd(
-    run_path: str, as_json: bool, no_check: bool, width: int, env: bool, html_path: Optional[str]
+    run_path: str,
+    as_json: bool,
+    no_check: bool,
+    width: int,
+    env: bool,
+    optimizer: bool,
+    html_path: Optional[str],
 ) -> int:
     """Summarise one trace: steps, loss, findings, then what was recorded and the environment.
 
@@ -44,6 +56,8 @@ def show_cmd(
         echo(dumps(summary))
     else:
         columns = terminal_console().width
-        for line in render_summary(summary, width=max(8, width), columns=columns, env=env):
+        for line in render_summary(
+            summary, width=max(8, width), columns=columns, env=env, optimizer=optimizer
+        ):
             echo(line)
     return 0

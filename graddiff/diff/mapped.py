@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import h5py
 import numpy as np
 
 from ..entries import EntryData, array_stats
@@ -19,6 +20,7 @@ from ..format import FLAG_NDIM_CLIPPED, FLAG_VALUES, fingerprint_bytes, storage_
 from ..reader import RecordKey, Run
 from ..writer import TraceWriter
 from .namemap import OUTPUT_KINDS, MapError, Match, NameMap, Rule
+from .optcopy import copy_settings
 from .renamecopy import copy_renamed
 from .stepvalues import StepValues
 
@@ -378,6 +380,13 @@ def write_mapped(
     finally:
         mapper.sv.close()
         w.close(b.status)
+    rename = {
+        key.name: m.targets[0]
+        for key, m in matches.items()
+        if key.kind == "param" and m.rule is not None and len(m.targets) == 1
+    }
+    with h5py.File(path, "r+") as f:
+        copy_settings(b, f, offset, rename)
     if dropped:
         res.notes.append(
             f"{dropped} step(s) of B not compared: {', '.join(sorted(mapper.stats_only_transforms))} "

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..reader import RecordKey, Run
 from .namemap import Match
+from .optcopy import copy_settings
 
 
 def copy_renamed(
@@ -73,5 +74,12 @@ def copy_renamed(
         f["steps"].resize((len(steps),))
         if len(steps):
             f["steps"][...] = steps
+        rename = {
+            key.name: m.targets[0]
+            for key, m in matches.items()
+            if key.kind == "param" and m.rule is not None and m.targets
+        }
+        if offset or rename:
+            copy_settings(b, f, offset, rename)
         f.attrs["options"] = json.dumps(options, sort_keys=True, default=str)
     return int(len(steps))

@@ -113,9 +113,39 @@ def summarize(run: Run, *, findings: bool = True) -> dict[str, Any]:
         "options": dict(run.options),
         "loss": {"steps": [int(s) for s in steps], "values": [float(v) for v in loss]},
     }
+    settings = run.optimizer_settings
+    out["optimizer"] = {
+        "changes": settings.to_list(),
+        "lines": [[step, lines] for step, lines in settings.changes()],
+    }
     if findings:
         out["findings"] = [f.to_dict() for f in check_run(run, series=series)]
     return out
+
+
+#: Change steps of the optimizer settings that ``show`` prints unless asked for all.
+SHOWN_CHANGES = 6
+
+
+def render_optimizer(
+    summary: dict[str, Any], *, columns: int = 80, full: bool = False
+) -> list[str]:
+    """The optimizer settings over steps: the first ones in full, then each change."""
+    changes = summary.get("optimizer", {}).get("lines", [])
+    if not changes:
+        return ["  optimizer settings not recorded (no optimizer stepped, or an older trace)"]
+    lines = ["  optimizer settings (at the update of each step; changes only)"]
+    shown = changes if full else changes[:SHOWN_CHANGES]
+    for step, texts in shown:
+        for i, text in enumerate(texts):
+            prefix = f"    step {step:<5} " if i == 0 else " " * 15
+            lines += _wrap(prefix, text, columns, 17)
+    if len(shown) < len(changes):
+        lines.append(
+            f"    ... and {len(changes) - len(shown)} more change step(s), the last at step "
+            f"{changes[-1][0]} (graddiff show --optimizer lists them all)"
+        )
+    return lines
 
 
 def _size(n: int) -> str:
@@ -152,10 +182,16 @@ def render_findings(
 
 
 def render_summary(
-    summary: dict[str, Any], *, width: int = 60, columns: int = 80, env: bool = False
+    summary: dict[str, Any],
+    *,
+    width: int = 60,
+    columns: int = 80,
+    env: bool = False,
+    optimizer: bool = False,
 ) -> list[str]:
     """The text of ``graddiff show``: what happened (steps, loss, findings) first, then what was
-    recorded, then the environment (one line unless ``env``). ``width``: loss chart columns;
+    recorded (the optimizer settings: every change when ``optimizer``), then the environment
+    (one line unless ``env``). ``width``: loss chart columns;
     ``columns``: the width every line fits."""
     st = summary["steps"]
     steps = (
@@ -193,6 +229,8 @@ def render_summary(
     lines.append("  records")
     for kind, k in summary["kinds"].items():
         lines.append(f"    {kind:<14}{k['records']:>6} records {k['entries']:>9} entries")
+    if "optimizer" in summary:
+        lines += render_optimizer(summary, columns=columns, full=optimizer)
     lines.append(
         f"  file     {_size(summary['file_size'])}, graddiff {summary['graddiff_version']}"
         + (f", created {summary['created']}" if summary.get("created") else "")

@@ -1,0 +1,241 @@
+"""The optimizer settings recorded per step (``/optimizer``): what is stored, when, and how it
+reads back. Each test keeps its own oracle: the settings the loop itself saw at each step."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import graddiff
+from graddiff.cli import main as cli_main
+from graddiff.writer import TraceWriter
+
+
+def _mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 4, generator=g), torch.randn(16, 2, generator=g)
+
+
+def _groups(m):
+    decay = [p for n, p in m.named_parameters() if n.endswith("weight")]
+    rest = [p for n, p in m.named_parameters() if not n.endswith("weight")]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _train(m, opt, sched, steps, x, y, seen=None):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((m(x) - y) ** 2).mean()
+        loss.backward()
+        if seen is not None:
+            seen.append(
+                [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups]
+            )
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def test_adamw_groups_and_warmup_schedule(tmp_path):
+    m = _mlp()
+    opt = torch.optim.AdamW(_groups(m), lr=1e-3, betas=(0.8, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
+    x, y = _data()
+    seen: list = []
+    with graddiff.trace(m, tmp_path / "a.h5"):
+        _train(m, opt, sched, 6, x, y, seen)
+    with graddiff.open(tmp_path / "a.h5") as run:
+        st = run.optimizer_settings
+        steps = [int(s) for s in run.steps]
+        assert steps == list(range(6))
+        # one row at the start, then one per step where the warmup changed lr (steps 1, 2)
+        assert st.change_steps == [0, 1, 2]
+        assert st.series("lr", steps) == [g[0]["lr"] for g in seen]
+        assert st.series("lr", steps, group=1) == [g[1]["lr"] for g in seen]
+        for s in steps:
+            (o,) = st.at(s)
+            assert o.class_name == "torch.optim.adamw.AdamW" and o.short_class == "AdamW"
+            g0, g1 = o.groups
+            assert g0.params == ("0.weight", "2.weight") and g1.params == ("0.bias", "2.bias")
+            assert g0.get("weight_decay") == 0.1 and g1.get("weight_decay") == 0.0
+            assert g0.get("betas") == [0.8, 0.99] and g0.get("eps") == 1e-8
+            assert g0.state_step == s and g1.state_step == s  # Adam's count before the update
+            assert st.for_param(s, "2.bias")[1].index == 1
+        # stored compactly: later rows hold only what changed
+        with h5py.File(tmp_path / "a.h5", "r") as f:
+            rows = f["optimizer"][:]
+        later = json.loads(rows[1]["changes"])
+        assert later == [
+            {
+                "optimizer": 0,
+                "hyper": {"0": {"lr": seen[1][0]["lr"]}, "1": {"lr": seen[1][1]["lr"]}},
+            }
+        ]
+
+
+def test_traced_is_bitwise_identical_to_untraced(tmp_path):
+    x, y = _data()
+    out = []
+    for traced in (False, True):
+        m = _mlp()
+        opt = torch.optim.AdamW(_groups(m), lr=1e-2)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=10)
+        if traced:
+            with graddiff.trace(m, tmp_path / "t.h5"):
+                _train(m, opt, sched, 5, x, y)
+        else:
+            _train(m, opt, sched, 5, x, y)
+        out.append([p.detach().clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+    import torch.optim.optimizer as optimizer_module
+
+    assert not optimizer_module._global_optimizer_pre_hooks  # every hook removed on exit
+    assert not optimizer_module._global_optimizer_post_hooks
+
+
+def test_fresh_optimizer_and_cleared_state(tmp_path):
+    """A rebuilt optimizer is a new one (index 1) whose count starts at 0; a cleared state
+    shows as a count that is not the last one plus the steps since."""
+    m = _mlp()
+    x, y = _data()
+    with graddiff.trace(m, tmp_path / "r.h5"):
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        _train(m, opt, None, 3, x, y)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)  # resumed without the optimizer state
+        _train(m, opt, None, 2, x, y)
+        opt.state = collections.defaultdict(dict)  # moments reset in place
+        _train(m, opt, None, 2, x, y)
+    with graddiff.open(tmp_path / "r.h5") as run:
+        st = run.optimizer_settings
+        counts = [st.for_param(s, "0.weight")[1].state_step for s in range(7)]
+        assert counts == [0, 1, 2, 0, 1, 0, 1]
+        assert [st.for_param(s, "0.weight")[0].index for s in range(7)] == [0, 0, 0, 1, 1, 1, 1]
+        assert st.change_steps == [0, 3, 5]
+
+
+def test_sgd_momentum_tensor_lr_and_lbfgs(tmp_path):
+    m = _mlp()
+    x, y = _data()
+    opt = torch.optim.SGD(m.parameters(), lr=torch.tensor(0.05), momentum=0.9, nesterov=True)
+    with graddiff.trace(m, tmp_path / "s.h5"):
+        _train(m, opt, None, 2, x, y)
+    with graddiff.open(tmp_path / "s.h5") as run:
+        (o,) = run.optimizer_settings.at(1)
+        g = o.groups[0]
+        assert o.short_class == "SGD"
+        assert g.get("lr") == pytest.approx(0.05) and isinstance(g.get("lr"), float)
+        assert g.get("momentum") == 0.9 and g.get("nesterov") is True
+        assert g.state_step == 0  # SGD keeps no step count
+    m = _mlp()
+    opt = torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=3)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((m(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    with graddiff.trace(m, tmp_path / "l.h5"):
+        for _ in range(2):
+            opt.step(closure)
+    with graddiff.open(tmp_path / "l.h5") as run:
+        (o,) = run.optimizer_settings.at(1)
+        assert o.short_class == "LBFGS" and o.groups[0].get("max_iter") == 3
+
+
+def test_manual_loop_and_old_files_have_none(tmp_path):
+    m = _mlp()
+    x, y = _data()
+    with graddiff.trace(m, tmp_path / "m.h5"):
+        for _ in range(2):
+            m.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p -= 0.1 * p.grad
+    with graddiff.open(tmp_path / "m.h5") as run:
+        assert not run.optimizer_settings and run.optimizer_settings.at(1) == []
+        assert run.summary()["optimizer"]["changes"] == []
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        assert "optimizer" not in f
+    res = CliRunner().invoke(cli_main, ["show", str(tmp_path / "m.h5"), "--no-check"])
+    assert res.exit_code == 0 and "optimizer settings not recorded" in res.output
+
+
+def _synthetic(path, rows, steps=(0, 1)):
+    from graddiff.entries import entry_from_array
+
+    w = TraceWriter(str(path), {}, {}, ballast=False)
+    for s in steps:
+        w.write_step(
+            s, [entry_from_array("param", "w", np.zeros(2, np.float32), seq=0)], rows.get(s)
+        )
+    w.close()
+
+
+def test_rows_of_uncommitted_steps_are_ignored_and_bad_rows_refused(tmp_path):
+    good = [{"optimizer": 0, "class": "x.SGD", "groups": 1, "hyper": {"0": {"lr": 0.1}}}]
+    _synthetic(tmp_path / "g.h5", {0: good, 1: [{"optimizer": 0, "hyper": {"0": {"lr": 0.2}}}]})
+    with h5py.File(tmp_path / "g.h5", "a") as f:  # a row written for a step never committed
+        ds = f["optimizer"]
+        ds.resize((3,))
+        ds[2] = (2, json.dumps([{"optimizer": 0, "hyper": {"0": {"lr": 9.0}}}]))
+    with graddiff.open(tmp_path / "g.h5") as run:
+        assert run.optimizer_settings.series("lr", [0, 1, 2]) == [0.1, 0.2, 0.2]
+    _synthetic(tmp_path / "b.h5", {0: good})
+    with h5py.File(tmp_path / "b.h5", "a") as f:
+        f["optimizer"][0] = (0, "{not json")
+    with graddiff.open(tmp_path / "b.h5") as run:
+        with pytest.raises(graddiff.TraceFileError, match="optimizer settings"):
+            _ = run.optimizer_settings
+    res = CliRunner().invoke(cli_main, ["show", str(tmp_path / "b.h5")])
+    assert res.exit_code == 2 and res.output.startswith("Error:")
+    assert "Traceback" not in res.output
+
+
+def test_offset_copy_shifts_the_settings(tmp_path):
+    """compare --offset writes B shifted: its settings rows move with its steps."""
+    from graddiff.diff.mapped import write_mapped
+
+    m = _mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    x, y = _data()
+    with graddiff.trace(m, tmp_path / "b.h5"):
+        _train(m, opt, sched, 5, x, y)
+    with graddiff.open(tmp_path / "b.h5") as b:
+        write_mapped(b, b, None, str(tmp_path / "o.h5"), offset=3, window_b=(1, None))
+    with graddiff.open(tmp_path / "o.h5") as o:
+        assert [int(s) for s in o.steps] == [4, 5, 6, 7]
+        assert o.optimizer_settings.series("lr", [4, 5, 6, 7]) == [0.1, 0.05, 0.05, 0.025]
+
+
+def test_show_lists_the_changes(tmp_path):
+    m = _mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = _data()
+    with graddiff.trace(m, tmp_path / "c.h5"):
+        _train(m, opt, sched, 9, x, y)
+    res = CliRunner().invoke(cli_main, ["show", str(tmp_path / "c.h5"), "--no-check"])
+    assert res.exit_code == 0
+    assert "optimizer 0 (SGD): 1 param group(s)" in res.output
+    assert "lr 0.1 -> 0.05" in res.output and "more change step(s)" in res.output
+    res = CliRunner().invoke(
+        cli_main, ["show", str(tmp_path / "c.h5"), "--no-check", "--optimizer"]
+    )
+    assert "lr 0.00078125 -> 0.000390625" in res.output and "more change" not in res.output
+    res = CliRunner().invoke(cli_main, ["show", str(tmp_path / "c.h5"), "--no-check", "--json"])
+    doc = json.loads(res.output)
+    assert [c["step"] for c in doc["optimizer"]["changes"]] == list(range(9))
