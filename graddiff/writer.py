@@ -425,7 +425,11 @@ class BackgroundWriter:
                     self._writer.set_attr(*payload)
                     continue
                 resolved = [e.resolve() for e in payload]
-                self.bytes_written += self._writer.write_step(step, resolved, optimizer)
+                if optimizer:
+                    written = self._writer.write_step(step, resolved, optimizer=optimizer)
+                else:
+                    written = self._writer.write_step(step, resolved)
+                self.bytes_written += written
                 self.steps_written += 1
             except WriteFailed as exc:
                 self._failure = str(exc)

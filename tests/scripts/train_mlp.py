@@ -91,10 +91,10 @@ def main() -> int:
     if args.fail_write_at is not None:
         original = gw.TraceWriter.write_step
 
-        def write_step(self, step, entries):
+        def write_step(self, step, entries, **kw):
             if step >= args.fail_write_at:
                 raise OSError(28, "No space left on device")
-            return original(self, step, entries)
+            return original(self, step, entries, **kw)
 
         gw.TraceWriter.write_step = write_step
 
