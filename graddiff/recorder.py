@@ -195,15 +195,16 @@ class Recorder:
         self._step_full = self._decide_full(self.clock.step)
         if not self.optimizer_seen:
             self._probe_values = [(p._version, p.detach().clone()) for p in self._probes]
-        if _K_PARAM in self.kinds:
-            for name, p in self.params:
-                for piece_name, t in self._pieces(name, p, p, keep_empty=True):
-                    self._record(_K_PARAM, piece_name, t, call=0)
-        if _K_BUFFER_START in self.kinds:
-            # Where params are: replicas that sync buffers (DDP broadcast_buffers) agree here
-            # and not at the step's end, where each rank's own batch has updated them.
-            for name, buf in self.buffers:
-                self._record(_K_BUFFER_START, name, buf, call=0)
+        with self._device_batch.group():  # no user code runs here: one launch per dtype
+            if _K_PARAM in self.kinds:
+                for name, p in self.params:
+                    for piece_name, t in self._pieces(name, p, p, keep_empty=True):
+                        self._record(_K_PARAM, piece_name, t, call=0)
+            if _K_BUFFER_START in self.kinds:
+                # Where params are: replicas that sync buffers (DDP broadcast_buffers) agree
+                # here and not at the step's end, where each rank's own batch has updated them.
+                for name, buf in self.buffers:
+                    self._record(_K_BUFFER_START, name, buf, call=0)
 
     def _record(
         self,
@@ -265,11 +266,12 @@ class Recorder:
                 self._seq += 1
                 entries.append(entry)
             if _K_BUFFER in self.kinds:
-                for name, buf in self.buffers:
-                    entries.append(
-                        self._capture(_K_BUFFER, name, buf, call=0, seq=self._seq, flags=0)
-                    )
-                    self._seq += 1
+                with self._device_batch.group():
+                    for name, buf in self.buffers:
+                        entries.append(
+                            self._capture(_K_BUFFER, name, buf, call=0, seq=self._seq, flags=0)
+                        )
+                        self._seq += 1
             step = self.clock.step
             self._device_batch.flush()
             self._reset_step_state()
@@ -402,7 +404,7 @@ class Recorder:
 
     def _capture_grads(self, params: list[tuple[str, torch.Tensor]], closure: bool = False) -> None:
         """``.grad`` as the update will use it: call 0, or one call per closure evaluation."""
-        with self._lock:
+        with self._lock, self._device_batch.group():
             for name, p in params:
                 if p.grad is not None:
                     call = self._next_call("closure_grad", name) if closure else 0

@@ -386,14 +386,16 @@ _ZERO_STATS = (0.0, 0.0, 0.0, 0.0, 0, 0)
 def capture_on_device(
     entry: PendingEntry, x: torch.Tensor, keep_values: bool, batch: Optional[DeviceStatsBatch]
 ) -> None:
-    """Accelerator tensors: summarise on the device, copy asynchronously (pinned host memory,
-    reused by torch's caching host allocator), sync on the writer thread. UNVERIFIED on a GPU;
-    the logic runs on CPU tensors in the tests."""
+    """Accelerator tensors: summarise on the device (``batch``: the Triton kernels of
+    ``hooks/triton_stats.py`` where they apply, else ``stats_on_device``), copy asynchronously
+    (pinned host memory), sync on the writer thread. UNVERIFIED on a GPU; the logic runs on CPU
+    tensors in the tests."""
     pin = x.device.type == "cuda"
-    stats = stats_on_device(x)
     if batch is not None:
-        batch.add(entry, stats)
+        if not batch.add_tensor(entry, x):  # the Triton kernels, else the torch ops below
+            batch.add(entry, stats_on_device(x))
     else:
+        stats = stats_on_device(x)
         host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=pin)
         host.copy_(stats, non_blocking=pin)
         entry._stats_host = host

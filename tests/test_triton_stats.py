@@ -1,0 +1,283 @@
+"""The Triton kernels of the accelerator path, run by Triton's interpreter on CPU tensors.
+
+No GPU on CI: ``TRITON_INTERPRET=1`` makes ``triton.jit`` build interpreted kernels, and the
+interpreter runs each program with numpy on the tensors' own memory. Triton reads the variable
+when a function is decorated, and its own library (``tl.sum``, ``tl.zeros``, ...) is decorated
+when ``triton.language`` is first imported, so the variable must be set before triton is
+imported: the tests below run in a fresh pytest process started with it
+(``test_the_kernels_under_the_interpreter``), and are skipped in the outer one. So
+the kernels' logic is checked here bit for bit: the fingerprint equals
+``graddiff.format.fingerprint_bytes``, the torch-op device path's and the numba kernel's; min/max
+and NaN/Inf counts equal the CPU path's; norm and mean agree with float64 arithmetic to
+rounding. What the interpreter cannot show (GPU code generation, int64 wrap-around in the
+compiled reductions, streams and pinned copies) is checked by ``benchmarks/gpu_check.py``.
+
+Sizes are small (the interpreter runs one program at a time, ~10 ms each); ``words`` is set
+small so that small tensors still span many programs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from graddiff.format import FP_SMALL_BYTES, fingerprint_bytes  # noqa: E402
+from graddiff.hooks import device_stats, fused, triton_stats  # noqa: E402
+from graddiff.hooks.device_stats import RING, DeviceStatsBatch  # noqa: E402
+from graddiff.hooks.snapshot import (  # noqa: E402
+    PendingEntry,
+    capture_on_device,
+    fingerprint_parts,
+    stats_on_cpu,
+    stats_on_cpu_reference,
+)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+RTOL_FLOAT64 = 1e-9
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_the_kernels_under_the_interpreter():
+    """Every other test of this file, in a fresh process with TRITON_INTERPRET=1."""
+    if INTERPRETED:
+        pytest.skip("this is the interpreted process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.replace("1 skipped", ""), r.stdout
+
+
+@pytest.fixture(autouse=True)
+def interpreted(request, monkeypatch):
+    """Only in the interpreted process; the device path's one-time state restored after each."""
+    if not INTERPRETED and request.node.name != "test_the_kernels_under_the_interpreter":
+        pytest.skip("runs in the interpreted process (test_the_kernels_under_the_interpreter)")
+    monkeypatch.delenv("GRADDIFF_NO_TRITON", raising=False)
+    monkeypatch.setattr(device_stats, "_TRITON", {"module": None, "failed": None})
+    monkeypatch.setattr(device_stats, "_CHECKED", {})
+    # The interpreter computes with numpy, which warns where IEEE arithmetic makes a NaN or an
+    # Inf (inf + -inf in a sum); the compiled kernel does the same arithmetic silently.
+    with np.errstate(all="ignore"):
+        yield
+
+
+def _tensors(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Empty, one element, sizes around words and chunks, both fingerprint block sizes."""
+    g = torch.Generator().manual_seed(7)
+    item = torch.empty((), dtype=dtype).element_size()
+    big = FP_SMALL_BYTES // item + 77  # just above 32 KiB: 64-word blocks, partial block
+    sizes = [0, 1, 3, 5, 7, 33, 64 * 8 // item + 1, FP_SMALL_BYTES // item, big]
+    out = [(torch.randn(n, generator=g) * 3).to(dtype) for n in sizes]
+    out.append((torch.randn(6, 7, generator=g)).to(dtype).t())  # non-contiguous
+    out.append(torch.tensor(2.5, dtype=dtype))  # 0-d
+    return out
+
+
+def _special(dtype: torch.dtype) -> list[torch.Tensor]:
+    vals = [1.5, float("nan"), -0.0, float("inf"), -2.0, float("-inf"), 0.0, 1e-40, -3.25]
+    return [
+        torch.tensor(vals).to(dtype),
+        torch.tensor([float("nan")] * 3).to(dtype),
+        torch.tensor([float("inf"), float("-inf")]).to(dtype),
+        torch.tensor([float("inf"), 1.0, 2.0]).to(dtype),
+        torch.tensor([-0.0, 0.0, -0.0]).to(dtype),
+    ]
+
+
+def _run(xs: list[torch.Tensor], words: int, grouped: bool) -> list[tuple]:
+    rows = triton_stats.StepRows(torch.device("cpu"), words)
+    got = rows.launch(xs) if grouped else [rows.launch([x])[0] for x in xs]
+    out = rows.finalize().clone()
+    return [triton_stats.unpack(out[r]) for r in got]
+
+
+def _float64(x: torch.Tensor) -> tuple[float, float]:
+    xd = x.to(torch.float64)
+    return float(torch.linalg.vector_norm(xd)), float(xd.mean())
+
+
+def _check(x: torch.Tensor, stats: tuple, fp: tuple[int, int]) -> None:
+    raw = x.contiguous().reshape(-1)
+    if x.dtype == torch.bfloat16:
+        raw = raw.view(torch.int16)
+    assert fp == fingerprint_bytes(raw.numpy()), (x.dtype, x.shape)
+    want_stats, want_fp = stats_on_cpu_reference(x)
+    assert fp == want_fp
+    assert fp == tuple(int(v) % 2**64 for v in fingerprint_parts(x))  # the torch device path
+    if fused.available():
+        assert fp == stats_on_cpu(x)[1]  # the numba kernel's
+    assert stats[4:] == want_stats[4:]  # NaN / Inf counts: exact
+    for got, want in zip(stats[2:4], want_stats[2:4]):  # min / max over finite values: exact
+        assert got == want or (math.isnan(got) and math.isnan(want)), (stats, want_stats)
+    if not x.numel():
+        assert stats == (0.0, 0.0, 0.0, 0.0, 0, 0)
+        return
+    norm, mean = _float64(x)
+    if not (math.isfinite(norm) and math.isfinite(mean)):
+        for got, want in zip(stats[:2], (norm, mean)):
+            assert got == want or (math.isnan(got) and math.isnan(want))
+        return
+    rms = norm / math.sqrt(x.numel())
+    assert abs(stats[0] - norm) <= RTOL_FLOAT64 * norm
+    assert abs(stats[1] - mean) <= RTOL_FLOAT64 * rms
+    # and the reference path (float32 sums for float32/16-bit tensors) to its own rounding
+    assert abs(stats[0] - want_stats[0]) <= 1e-4 * norm
+    assert abs(stats[1] - want_stats[1]) <= 1e-4 * rms
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_each_tensor_alone_matches_the_definition(dtype):
+    xs = _tensors(dtype)
+    for x, (stats, fp) in zip(xs, _run(xs, words=256, grouped=False)):
+        _check(x, stats, fp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_many_tensors_in_one_launch_match_the_definition(dtype):
+    xs = _tensors(dtype) + _special(dtype)
+    rows = triton_stats.StepRows(
+        torch.device("cpu"), 512 // torch.empty((), dtype=dtype).element_size()
+    )
+    got = rows.launch(xs)
+    assert rows.launches == 1  # one launch for the whole group
+    out = rows.finalize()
+    assert rows.launches == 2  # and one reduction for the step
+    for x, r in zip(xs, got):
+        _check(x, *triton_stats.unpack(out[r]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_inf_signed_zero_and_subnormals(dtype):
+    xs = _special(dtype)
+    for x, (stats, fp) in zip(xs, _run(xs, words=1, grouped=False)):  # one word per program
+        _check(x, stats, fp)
+    nan_row = _run([xs[1]], words=8, grouped=False)[0][0]
+    assert math.isnan(nan_row[2]) and math.isnan(nan_row[3]) and nan_row[4] == 3
+
+
+def test_the_default_chunk_size_and_float32_overflow_convention():
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(40_000, generator=g), torch.full((4,), 3e38)]  # 5 programs; sum > f32 max
+    (stats, fp), (big, big_fp) = _run(xs, words=triton_stats.WORDS, grouped=True)
+    _check(xs[0], stats, fp)
+    # The reference sums float32 in float32, where these sums overflow: the kernel says so too.
+    assert big[0] == math.inf and big[1] == math.inf
+    assert big_fp == stats_on_cpu_reference(xs[1])[1]
+    assert stats_on_cpu_reference(xs[1])[0][:2] == (math.inf, math.inf)
+    f64 = _run([xs[1].double()], words=4, grouped=False)[0][0]
+    assert math.isfinite(f64[0]) and math.isfinite(f64[1])  # float64 tensors: no such rule
+
+
+def test_results_are_deterministic_and_arenas_are_reused_and_grown():
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(n, generator=g) for n in (3, 100, 17, 150)]
+    rows = triton_stats.StepRows(torch.device("cpu"), 16)
+    first = None
+    for step in range(3):
+        for x in xs[:2]:
+            rows.launch([x])
+        rows.launch(xs[2:] * (step + 1))  # the group grows: arenas grow mid-step
+        out = rows.finalize().clone()
+        assert out.shape[0] == 2 + 2 * (step + 1)
+        if first is None:
+            first = out
+        assert torch.equal(out[:4].view(torch.int64), first[:4].view(torch.int64))  # bitwise
+        for x, r in zip(xs, range(4)):
+            _check(x, *triton_stats.unpack(out[r]))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_the_self_check_passes_under_the_interpreter(dtype):
+    assert triton_stats.self_check(torch.device("cpu"), dtype, words=256) is None
+
+
+def _entry(x: torch.Tensor) -> PendingEntry:
+    return PendingEntry("param", "w", 0, str(x.dtype), tuple(x.shape), (0.0,) * 6, (0, 0))
+
+
+def test_batch_wiring_single_grouped_and_torch_rows_over_many_steps():
+    """Captures on the Triton path (alone and grouped) and on the torch-op path (int64) share
+    one host buffer per step; values are those at capture, across more steps than the ring."""
+    g = torch.Generator().manual_seed(0)
+    batch = DeviceStatsBatch(triton=True)
+    seen = set()
+    for step in range(RING + 2):
+        xs = [
+            torch.randn(5 + step, generator=g),
+            torch.randint(-9, 9, (7,), generator=g),  # not a Triton dtype: torch ops
+            torch.randn(3, 50, generator=g).to(torch.bfloat16),
+            torch.randn(4, dtype=torch.float64, generator=g),
+        ]
+        entries = [_entry(x) for x in xs]
+        capture_on_device(entries[0], xs[0], False, batch)
+        capture_on_device(entries[1], xs[1], False, batch)
+        with batch.group():
+            capture_on_device(entries[2], xs[2], True, batch)
+            capture_on_device(entries[3], xs[3], False, batch)
+        assert len(batch) == 4
+        originals = [x.clone() for x in xs]
+        for x in xs:
+            x.add_(1)  # training goes on: the statistics are those at capture
+        batch.flush()
+        assert len(batch) == 0
+        seen.add(entries[0]._stats_host.untyped_storage().data_ptr())
+        for x, e in zip(originals, entries):
+            e.resolve()
+            want_stats, want_fp = stats_on_cpu_reference(x)
+            assert e.fingerprint == want_fp
+            assert e.stats[2:] == want_stats[2:]
+            np.testing.assert_allclose(e.stats[:2], want_stats[:2], rtol=1e-5)
+    steps = batch._steps[(torch.device("cpu"), None)]
+    # per step: one single launch, one group launch per dtype (bfloat16, float64), one reduction
+    assert steps.launches == 4 * (RING + 2)
+    assert len(seen) == RING
+
+
+def test_a_failing_kernel_warns_once_and_the_torch_path_takes_over(monkeypatch):
+    def broken(self, xs):
+        raise RuntimeError("compile error (simulated)")
+
+    monkeypatch.setattr(triton_stats.StepRows, "launch", broken)
+    batch = DeviceStatsBatch(triton=True)
+    xs = [torch.randn(10), torch.randn(3)]
+    entries = [_entry(x) for x in xs]
+    with pytest.warns(RuntimeWarning, match="Triton statistics kernels are unavailable"):
+        capture_on_device(entries[0], xs[0], False, batch)
+    with batch.group():  # no second warning
+        capture_on_device(entries[1], xs[1], False, batch)
+    batch.flush()
+    for x, e in zip(xs, entries):
+        e.resolve()
+        assert e.fingerprint == stats_on_cpu_reference(x)[1]
+    assert device_stats._TRITON["failed"].startswith("RuntimeError: compile error")
+
+
+def test_a_failing_self_check_disables_the_kernels(monkeypatch):
+    monkeypatch.setattr(triton_stats, "self_check", lambda device, dtype: "fingerprint differs")
+    batch = DeviceStatsBatch(triton=True)
+    x = torch.randn(5)
+    e = _entry(x)
+    with pytest.warns(RuntimeWarning, match="self-check failed: fingerprint differs"):
+        capture_on_device(e, x, False, batch)
+    batch.flush()
+    e.resolve()
+    assert e.fingerprint == stats_on_cpu_reference(x)[1]
+
+
+def test_disabled_by_environment_and_cpu_tensors_by_default(monkeypatch):
+    x = torch.randn(5)
+    assert not DeviceStatsBatch().add_tensor(_entry(x), x)  # CPU tensors: only when forced
+    monkeypatch.setenv("GRADDIFF_NO_TRITON", "1")
+    assert not DeviceStatsBatch(triton=True).add_tensor(_entry(x), x)
+    assert device_stats.triton_unavailable_reason(x.device) == "disabled by GRADDIFF_NO_TRITON"
