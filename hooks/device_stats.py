@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -89,6 +90,7 @@ class DeviceStatsBatch:
         self._rows: dict[Any, list[tuple[Any, int]]] = {}
         self._steps: dict[Any, Any] = {}  # (device, stream) -> triton_stats.StepRows
         self._group: Optional[list[tuple[Any, torch.Tensor]]] = None
+        self._group_thread = 0
         self._ring: dict[Any, list[Any]] = {}
         self._turn: dict[Any, int] = {}
         self.flushes = 0
@@ -103,7 +105,7 @@ class DeviceStatsBatch:
         ``group``); False when that path does not take it (the caller uses ``add``)."""
         if not self._takes(x):
             return False
-        if self._group is not None:
+        if self._group is not None and self._group_thread == threading.get_ident():
             self._group.append((entry, x))
             return True
         return self._launch([(entry, x)])
@@ -111,11 +113,12 @@ class DeviceStatsBatch:
     @contextlib.contextmanager
     def group(self) -> Iterator[None]:
         """Captures inside share one launch per (device, dtype) at exit. Only for loops that run
-        no user code, so the tensors cannot change before the launch."""
+        no user code, so the tensors cannot change before the launch; captures from other
+        threads (autograd's device threads) meanwhile launch at once."""
         if self._group is not None:  # nested: the outer group launches
             yield
             return
-        self._group = []
+        self._group, self._group_thread = [], threading.get_ident()
         try:
             yield
         finally:

@@ -58,6 +58,7 @@ DTYPES: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
 #: row, float32-convention flag.
 TABLE_COLS = 6
 
+_SCALARS = ["numel_arg", "shift_arg", "base", "row_arg", "flag_arg", "n_tensors"]
 _lock = threading.Lock()
 _built: dict[bool, Any] = {}
 
@@ -128,7 +129,7 @@ def _partials(
         else:
             word = word | (bits.to(tl.uint16, bitcast=True).to(tl.int64) << (16 * e))
         if FCODE == 0:
-            v = bits.to(tl.float16, bitcast=True).to(tl.float64)
+            v = bits.to(tl.float16, bitcast=True).to(tl.float32).to(tl.float64)
         elif FCODE == 1:  # bfloat16: its bits are the top half of a float32's
             v = (
                 (bits.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
@@ -225,7 +226,15 @@ def kernels() -> tuple[Any, Any]:
         with _lock:
             got = _built.get(interpret)
             if got is None:
-                got = _built[interpret] = (triton.jit(_partials), triton.jit(_finalize))
+                # Integer arguments unspecialised: Triton would otherwise compile a variant per
+                # value pattern (a 1 becomes a constant; multiples of 16 get hints), i.e. new
+                # compilations in the middle of training; x_ptr may be any element offset.
+                part = triton.jit(
+                    _partials,
+                    do_not_specialize=_SCALARS,
+                    do_not_specialize_on_alignment=["x_ptr"],
+                )
+                got = _built[interpret] = (part, triton.jit(_finalize))
     return got
 
 
