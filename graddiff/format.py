@@ -37,8 +37,15 @@ A trace is an HDF5 file in HDF5's default (oldest compatible) format, flushed af
                             row index = record id.
     /entries                1-D table, one row per (step, record): shape, fingerprint, stats,
                             and where the full values are (offset/nbytes into /values/<step>).
-    /values/<step:08d>      1-D uint8, the raw bytes of that step's stored tensors, back to back
-                            (C order, little endian). Absent for steps stored as stats only.
+    /values/<step:08d>      1-D uint8, the raw bytes of that step's stored tensors (C order,
+                            little endian): entry e's bytes are [offset, offset + nbytes).
+                            Absent for steps stored as stats only. Ranges never overlap,
+                            except that one tensor recorded under two names shares one range;
+                            their order is unspecified and up to 63 zero bytes of padding may
+                            lie between two (the recorder's per-step arena: slots 64-byte
+                            aligned, written in capture order; values from elsewhere follow
+                            back to back, as in older files). Readers refuse a row whose
+                            range overlaps another's or leaves the dataset.
     /steps                  1-D table, one row per COMPLETE step: step index, its entries rows
                             [start, stop), whether full values were stored, wall time. Written
                             last and flushed: this is the commit marker. Readers ignore any

@@ -369,6 +369,8 @@ class Run:
                     huge = np.any(np.log2(np.maximum(shape, 1)).sum(axis=1) > 62)
                 if huge or np.any(numel != out["numel"]):
                     bad = "has a shape that does not match its size"
+                else:
+                    bad = _bad_value_ranges(out)
         if bad is not None:
             raise TraceFileError(p, f"corrupt graddiff file: an entry row {bad}")
         return out
@@ -624,6 +626,31 @@ class Run:
         from .postmortem.plots import plot_run
 
         return plot_run(self, path)
+
+
+def _bad_value_ranges(rows: np.ndarray) -> Optional[str]:
+    """Why the stored-values ranges of these entry rows are impossible, or None.
+
+    Within one step, each entry's bytes [offset, offset + nbytes) must not overlap another's,
+    unless both name the very same range (one tensor recorded under two names). Sorted by
+    (step, offset, nbytes), that holds exactly when each range starts at or after the end of
+    the one before it in the same step, or repeats it. (Ranges past the end of the step's
+    values dataset are refused when the values are read: ``Run.values_of``.)
+    """
+    v = rows[(rows["flags"] & FLAG_VALUES) > 0]
+    if not len(v):
+        return None
+    step, off, size = v["step"], v["offset"], v["nbytes"]
+    if np.any(off < 0) or np.any(size < 0) or np.any(off > (1 << 62) - size):
+        return "has stored values out of range"
+    order = np.lexsort((size, off, step))
+    step, off, size = step[order], off[order], size[order]
+    same_step = step[1:] == step[:-1]
+    starts_after = off[1:] >= off[:-1] + size[:-1]
+    repeats = (off[1:] == off[:-1]) & (size[1:] == size[:-1])
+    if np.any(same_step & ~starts_after & ~repeats):
+        return "has stored values that overlap another entry's"
+    return None
 
 
 def entry_stats(e: np.void, dtype: str) -> dict[str, Any]:

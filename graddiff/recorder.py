@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ._warn import warn_user
+from .arena import Arena, ArenaPool
 from .entries import EntryData
 from .format import FLAG_TRAINING
 from .hooks.autograd_hooks import as_tensor_list, inside_backward
@@ -144,6 +145,8 @@ class Recorder:
         self._old_tensor_handles: list[Any] = []
         self._optimizer_params: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._device_batch = DeviceStatsBatch()  # accelerator stats: one transfer per step
+        self._arenas = ArenaPool()  # full values: one reused staging buffer per step
+        self._arena: Optional[Arena] = None
         self._closure_steps: set[int] = set()  # optimizers inside a wrapped step(closure)
         # optimizer settings per step (changes only); None once it failed
         self._settings: Optional[SettingsWatch] = SettingsWatch(self._param_by_id)
@@ -160,6 +163,7 @@ class Recorder:
         self._step_full = False
         self._batches: list[Any] = []  # offered by a framework callback (offer_batch)
         self._forward_ran = False  # the model's own forward ran with grad in this step
+        self._arena = None  # taken at the step's first full-values capture
 
     def _next_call(self, kind: str, name: str) -> int:
         key = (kind, name)
@@ -242,8 +246,12 @@ class Recorder:
             kind not in self.stats_only_kinds or local is not tensor or name in self._sharded
         )
         keep = keep and (self.full_kinds is None or kind in self.full_kinds)
+        arena = None
         if keep:
             self.full_bytes += local.numel() * local.element_size()
+            arena = self._arena
+            if arena is None:
+                arena = self._arena = self._arenas.acquire()
         return capture(
             kind,
             name,
@@ -253,6 +261,7 @@ class Recorder:
             flags=flags,
             keep_values=keep,
             batch=self._device_batch,
+            arena=arena,
         )
 
     def _end_step(self) -> None:
@@ -273,6 +282,7 @@ class Recorder:
                         )
                         self._seq += 1
             step = self.clock.step
+            arena = self._arena
             self._device_batch.flush()
             self._reset_step_state()
             self.clock.advance()
@@ -281,10 +291,12 @@ class Recorder:
                 handle.remove()
             self._old_tensor_handles, self._tensor_handles = self._tensor_handles, []
             settings = self._settings.take() if self._settings is not None else None
+        extra: dict[str, Any] = {}  # keywords only when given (wrappers of submit)
         if settings:
-            self.writer.submit(step, entries, optimizer=settings)
-        else:
-            self.writer.submit(step, entries)
+            extra["optimizer"] = settings
+        if arena is not None:
+            extra["arena"] = arena
+        self.writer.submit(step, entries, **extra)
         self.steps_submitted += 1
 
     # -- events from the hooks -------------------------------------------------------------
@@ -536,6 +548,7 @@ class Recorder:
             handle.remove()
         self._old_tensor_handles, self._tensor_handles = [], []
         self._reset_step_state()
+        self._arenas.clear()
 
     def fail(self, why: str) -> None:
         if self.failure is None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .._warn import warn_user
+from ..arena import Arena
 from ..entries import EntryData
 from ..format import FP_BLOCK_WORDS, FP_SMALL_BYTES, fp_block_words, storable_dtypes
 from . import fused
@@ -355,11 +356,14 @@ def capture(
     flags: int,
     keep_values: bool,
     batch: Optional[DeviceStatsBatch] = None,
+    arena: Optional[Arena] = None,
 ) -> EntryData:
     """Snapshot ``tensor`` now. Never modifies it and never consumes RNG.
 
     ``batch`` collects accelerator statistics for one transfer at the step's end (the recorder
     flushes it before handing the step to the writer); without it each is copied on its own.
+    ``arena``: the step's staging buffer; a CPU tensor whose values are kept is copied into a
+    slot of it (one copy, no allocation), or cloned when it does not fit.
     """
     x = tensor.detach()
     dtype = _DTYPE_NAMES.get(x.dtype)
@@ -369,7 +373,10 @@ def capture(
         if keep_values:
             entry = PendingEntry(kind, name, call, dtype, tuple(x.shape), _ZERO_STATS, (0, 0))
             entry.flags, entry.seq = flags, seq
-            entry._source = x.clone(memory_format=torch.contiguous_format)
+            copy = _into_arena(x, arena) if arena is not None else None
+            if copy is None:
+                copy = x.clone(memory_format=torch.contiguous_format)
+            entry._source = copy
             entry._keep_values = True
             return entry
         stats, fp = stats_on_cpu(x)
@@ -381,6 +388,24 @@ def capture(
 
 
 _ZERO_STATS = (0.0, 0.0, 0.0, 0.0, 0, 0)
+
+
+def _into_arena(x: torch.Tensor, arena: Arena) -> Optional[torch.Tensor]:
+    """A copy of CPU tensor ``x`` in a slot of ``arena`` (contiguous, x's dtype and shape), or
+    None when it does not fit or cannot be viewed there (the caller clones it)."""
+    nbytes = x.numel() * x.element_size()
+    off = arena.slot(nbytes)
+    if off is None:
+        return None
+    whole = arena.keepalive
+    if whole is None:  # the arena's bytes as a torch tensor, made once per arena
+        whole = arena.keepalive = torch.from_numpy(arena.buf)
+    try:
+        dst = whole[off : off + nbytes].view(x.dtype).view(x.shape)
+        dst.copy_(x)
+    except (RuntimeError, TypeError):  # tensor subclasses, exotic views: clone instead
+        return None
+    return dst
 
 
 def capture_on_device(

@@ -24,7 +24,7 @@ import graddiff
 from graddiff.cli import main
 from graddiff.entries import entry_from_array
 from graddiff.errors import TraceFileError
-from graddiff.format import fingerprint_bytes
+from graddiff.format import FLAG_VALUES, fingerprint_bytes
 from graddiff.textsafe import escape_markup, one_line, printable, safe_console
 from graddiff.writer import TraceWriter
 
@@ -282,6 +282,10 @@ def _external_values(trace: str, secret: str) -> None:
         row["offset"], row["nbytes"] = 0, size
         row["fp_sum"], row["fp_pos"] = fingerprint_bytes(raw)
         ent[i] = row
+        # the step's other rows keep statistics only: no range overlaps the secret's
+        others = (ent["step"] == 0) & (np.arange(len(ent)) != i)
+        ent["flags"][others] &= ~np.uint8(FLAG_VALUES)
+        ent["offset"][others], ent["nbytes"][others] = -1, 0
         f["entries"][:] = ent
         rec = f["records"][:]
         rec[int(row["record"])]["dtype"] = b"uint8"

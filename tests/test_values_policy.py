@@ -90,17 +90,28 @@ def test_nan_and_inf_are_counted(tmp_path):
 
 
 def test_large_and_small_tensors_read_back_exactly(tmp_path):
-    """Large tensors are written straight into their slice, small ones batched: both exact."""
-    from graddiff.writer import DIRECT_WRITE_BYTES
+    """Tensors larger than one write piece and small ones gathered together read back exactly,
+    at the first step (copied one by one) and later ones (copied into the step's arena)."""
+    from graddiff.writer import STAGE_BYTES, WRITE_BYTES
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.ReLU(), torch.nn.Linear(600, 3))
-    assert model[0].weight.numel() * 4 >= DIRECT_WRITE_BYTES > model[2].weight.numel() * 4
-    x = torch.randn(4, 600)
+    model = torch.nn.Sequential(torch.nn.Linear(800, 800), torch.nn.ReLU(), torch.nn.Linear(800, 3))
+    assert model[0].weight.numel() * 4 > WRITE_BYTES
+    assert model[2].weight.numel() * 4 < STAGE_BYTES
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = [torch.randn(4, 800) for _ in range(3)]
+    seen = []
     with graddiff.trace(model, tmp_path / "big.h5", values="full"):
-        model(x).sum().backward()
+        for x in xs:
+            opt.zero_grad()
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            model(x).sum().backward()
+            seen.append((before, {n: p.grad.clone() for n, p in model.named_parameters()}))
+            opt.step()
     run = graddiff.open(tmp_path / "big.h5")
-    for name, p in model.named_parameters():
-        np.testing.assert_array_equal(run.get("param", name, 0), p.detach().numpy())
-        np.testing.assert_array_equal(run.get("grad", name, 0), p.grad.numpy())
-    np.testing.assert_array_equal(run.get("input", "0", 0), x.numpy())
+    assert list(run.steps) == [0, 1, 2]
+    for step, (params, grads) in enumerate(seen):
+        for name in params:
+            np.testing.assert_array_equal(run.get("param", name, step), params[name].numpy())
+            np.testing.assert_array_equal(run.get("grad", name, step), grads[name].numpy())
+        np.testing.assert_array_equal(run.get("input", "0", step), xs[step].numpy())
