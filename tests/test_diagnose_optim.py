@@ -124,8 +124,8 @@ SCALING = [
         {"scaler": "clip_scaled", "clip": 0.05},
         0,
         "grad",
-        ["scaled_gradients"],
-        "A's gradients are 2^16 x B's",
+        ["clip_before_unscale"],
+        "B clips its gradients while they are still scaled by the GradScaler",
     ),
     (
         "GradScaler clipped before unscale_ vs fp32",

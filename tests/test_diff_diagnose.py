@@ -57,7 +57,7 @@ CASES = [
         "optimizer_state",
         "momentum differs: 0 in A vs 0.9 in B",
     ),
-    ("clipping", {}, {"clip": 0.05}, 0, "grad", "scaled_gradients", "clipping"),
+    ("clipping", {}, {"clip": 0.05}, 0, "grad", "grad_clipping", "max_norm 0.05, A does not"),
     ("batchnorm momentum", {}, {"bn_momentum": 0.3}, 0, "buffer", "batchnorm_stats", "momentum"),
     (
         "extra train forward",

@@ -40,7 +40,7 @@ BUGS = [
     ),
     ("data order", {}, {"data_seed": 3}, 0, "input", "different_inputs"),
     ("weight decay", {}, {"weight_decay": 0.1}, 1, "param", "weight_decay"),
-    ("gradient clipping", {}, {"clip": 0.05}, 0, "grad", "scaled_gradients"),
+    ("gradient clipping", {}, {"clip": 0.05}, 0, "grad", "grad_clipping"),
     ("lr schedule", {}, {"schedule": (1, 0.5)}, 2, "param", "learning_rate"),
     ("swapped activation", {}, {"act": nn.Tanh}, 0, "activation", "module_output"),
     ("frozen layer", {}, {"freeze": "0."}, 0, "grad_output", "frozen_parameter"),
@@ -58,7 +58,7 @@ BUGS = [
         {"loop": "autograd_assign", "clip": 0.05},
         0,
         "grad",
-        "scaled_gradients",
+        "grad_clipping",
     ),
     (
         "forgotten model.train()",

@@ -22,6 +22,7 @@ from .rules_backward import (
     rule_scaled_grads,
     rule_unscaled_micro_batches,
 )
+from .rules_clip import rule_clip_while_scaled
 from .rules_forward import (
     rule_dropout,
     rule_generic,
@@ -109,6 +110,8 @@ def _amplification_plausible(x: Context) -> bool:
 
 #: Causes that explain a missing record better than rule_structure's generic ones.
 GRAPH_CAUSES = frozenset({"tied_weights", "extra_grad_path", "zero_vs_none_grad"})
+#: Causes that explain scaled gradients better than rule_scaled_grads' generic ones.
+CLIP_CAUSES = frozenset({"clip_before_unscale", "grad_clipping"})
 RULES: tuple[Callable[[Context], Any], ...] = (
     rule_nonfinite,
     rule_tied_weights,
@@ -119,6 +122,7 @@ RULES: tuple[Callable[[Context], Any], ...] = (
     rule_init,
     rule_inputs,
     rule_accumulation,
+    rule_clip_while_scaled,
     rule_scaled_grads,
     rule_mode,
     rule_dropout,
@@ -157,6 +161,8 @@ def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> li
         if rule in (rule_structure, rule_grad_path) and any(
             c.cause in GRAPH_CAUSES for c in causes
         ):
+            continue
+        if rule is rule_scaled_grads and any(c.cause in CLIP_CAUSES for c in causes):
             continue
         c = rule(x)
         causes.extend(c if isinstance(c, list) else ([c] if c is not None else []))

@@ -13,6 +13,7 @@ from .align import Slot
 from .compare_records import EQUAL
 from .context import ACCUMULATION_LOOKBACK, RELATION_TOL, Cause, Context, fmt
 from .exact import rel_diff
+from .rules_clip import SAME_NORM, global_norm
 
 
 def _grad_pairs(x: Context, limit: int = 8) -> list[Slot]:
@@ -144,11 +145,22 @@ def rule_scaled_grads(x: Context) -> Optional[Cause]:
     n = power_of_two(1 / float(np.median(factors))) if same else None
     if n is not None:
         ev.append(f"{big}'s gradients are exactly 2^{n} x {small}'s: a loss scale's factor")
+        varies = _norm_varies(x, small.lower())
+        if varies:
+            ev.append(
+                f"{small}'s global gradient norm varies over the steps ({varies}): not clipped "
+                "to one norm, so not clipped while scaled"
+            )
         return Cause(
             "scaled_gradients",
             f"{big}'s gradients are 2^{n} x {small}'s: an AMP GradScaler's scale is left in "
-            f"{big}'s gradients (optimizer.step() instead of scaler.step(optimizer)), or "
-            f"{small}'s were clipped while scaled (clip_grad_norm_ before scaler.unscale_)",
+            f"{big}'s gradients (optimizer.step() instead of scaler.step(optimizer))"
+            + (
+                ""
+                if varies
+                else f", or {small}'s were clipped while scaled (clip_grad_norm_ before "
+                "scaler.unscale_)"
+            ),
             ev,
             "call scaler.unscale_(optimizer) before clipping or inspecting gradients, and "
             "scaler.step(optimizer) instead of optimizer.step()",
@@ -165,6 +177,20 @@ def rule_scaled_grads(x: Context) -> Optional[Cause]:
         "compare the clip_grad_norm_ / clip_grad_value_ calls and loss scaling (GradScaler, "
         "loss / n) of the two runs",
     )
+
+
+def _norm_varies(x: Context, side: str) -> str:
+    """The run's global gradient norms over the steps from the hit (at most 4 shown) when they
+    differ from step to step (clip_grad_norm_ would pin them), else ""."""
+    norms = []
+    for t in x.pair.steps[x.pair.steps >= x.step][:4].tolist():
+        n = global_norm(x, side, int(t))
+        if n is None or n == 0:
+            break
+        norms.append(n)
+    if len(norms) < 2 or all(abs(v / norms[0] - 1) < SAME_NORM for v in norms):
+        return ""
+    return ", ".join(fmt(v) for v in norms)
 
 
 def power_of_two(k: float, least: int = 4) -> Optional[int]:
