@@ -2,7 +2,8 @@
 
 Input: the pair of runs and the walk's result (first divergence, first bitwise difference).
 Output: a ranked list of :class:`Cause`. Specific rules (rules_forward, rules_backward,
-rules_update) run first; a rounding-level origin is listed after them, or alone when none
+rules_update) run first, then the recorded optimizer settings (rules_settings) add their causes
+at an update and say whether they confirm the value fits; a rounding-level origin is listed after them, or alone when none
 matched and amplification is plausible; generic descriptions are the fallback.
 """
 
@@ -37,6 +38,7 @@ from .rules_graph import rule_extra_grad_path, rule_tied_weights
 from .rules_nonfinite import rule_nonfinite
 from .rules_path import rule_grad_path, rule_zero_vs_none
 from .rules_ranks import rule_rank_local_batchnorm
+from .rules_settings import apply_settings
 from .rules_update import rule_batchnorm, rule_update_rule, rule_update_specific
 
 __all__ = ["Cause", "diagnose"]
@@ -176,4 +178,5 @@ def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> li
                 break
     if rounding is not None:
         causes.append(rounding)
-    return causes
+    # the recorded optimizer settings: causes at an update, evidence for or against the fits
+    return apply_settings(x, causes)

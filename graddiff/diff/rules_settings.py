@@ -1,0 +1,543 @@
+"""Diagnosis from the recorded optimizer settings (``/optimizer``, Run.optimizer_settings).
+
+At the update where the parameters part (the previous step's parameters and gradients agree),
+the two runs' settings are compared parameter by parameter: the optimizer class, each
+hyperparameter of the parameter's group, the group membership and the optimizer state's step
+count. A difference there is direct evidence; the value fits of rules_update.py confirm it or
+disagree, and both are said. Where the settings agree, that is evidence too: the update itself
+differs. A setting difference is never named as the cause of a divergence that starts before
+any update (it is listed as "also differs").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..errors import GraddiffError
+from ..optimizer_settings import IMPLEMENTATION_KEYS, OptimizerSettings, fmt_value
+from .context import Cause, Context
+from .schedule import find_shift, find_stride
+
+#: Entries a learning-rate scheduler keeps in the group for itself (not settings of the update).
+SCHEDULER_KEYS = frozenset(
+    {"initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "base_lr", "last_lr"}
+)
+#: The value-based causes (rules_update.py) each settings cause is consistent with: the value
+#: fit then confirms it. A different optimizer class changes the whole update.
+CONFIRMED_BY = {
+    "optimizer_class": {"weight_decay", "learning_rate", "optimizer_state", "update_rule"},
+    "learning_rate": {"learning_rate"},
+    "weight_decay": {"weight_decay", "learning_rate"},
+    "optimizer_state": {"optimizer_state", "learning_rate", "update_rule"},
+    "optimizer_settings": {"optimizer_state", "learning_rate", "update_rule", "weight_decay"},
+}
+#: Value-based causes about the update (the ones settings can confirm or contradict).
+UPDATE_CAUSES = frozenset({"learning_rate", "weight_decay", "optimizer_state", "update_rule"})
+#: Order of the settings causes when several differ (the class explains the others).
+PRIORITY = ("optimizer_class", "optimizer_state", "learning_rate", "weight_decay")
+#: Updates of the recorded learning-rate series related by the schedule relations.
+SERIES_STEPS = 256
+
+
+@dataclass
+class Difference:
+    """One setting that differs, and the parameters it differs for."""
+
+    what: str  # "class", "membership", "state_step" or a hyperparameter name
+    a: Any
+    b: Any
+    params: list = field(default_factory=list)  # parameter names
+    groups: set = field(default_factory=set)  # (group in A, group in B)
+
+
+def _settings(x: Context) -> tuple[Optional[OptimizerSettings], Optional[OptimizerSettings]]:
+    out = []
+    for run in (x.pair.a, x.pair.b):
+        try:
+            s = run.optimizer_settings
+        except (GraddiffError, AttributeError):
+            s = None
+        out.append(s if s else None)
+    return out[0], out[1]
+
+
+def compare_at(x: Context, t: int) -> tuple[list[Difference], list[Difference], bool]:
+    """(differences that change the update, differences in how it is computed, whether any
+    parameter was compared) at the update of step ``t``."""
+    sa, sb = _settings(x)
+    if sa is None or sb is None:
+        return [], [], False
+    found: dict[tuple, Difference] = {}
+    impl: dict[tuple, Difference] = {}
+    compared = False
+    for slot, _ in x.slots_of(t, ("param",)) if x.pair.has_step(t) else []:
+        ha, hb = sa.for_param(t, slot.name), sb.for_param(t, slot.name)
+        if ha is None and hb is None:
+            continue
+        compared = True
+        if ha is None or hb is None:
+            _add(found, "membership", ha is not None, hb is not None, slot, ha, hb)
+            continue
+        (oa, ga), (ob, gb) = ha, hb
+        if oa.class_name != ob.class_name:
+            _add(found, "class", oa.class_name, ob.class_name, slot, ha, hb)
+        for k in sorted(set(ga.hyper) | set(gb.hyper)):
+            va, vb = ga.hyper.get(k), gb.hyper.get(k)
+            if k in SCHEDULER_KEYS or va == vb:
+                continue
+            if oa.class_name != ob.class_name and k == "decoupled_weight_decay":
+                continue  # said by the class
+            target = impl if k in IMPLEMENTATION_KEYS else found
+            _add(target, k, _key(va), _key(vb), slot, ha, hb)
+        if ga.state_step is not None and gb.state_step is not None:
+            ca = ga.state_steps.get(slot.name, ga.state_step)
+            cb = gb.state_steps.get(slot.name, gb.state_step)
+            if ca != cb:
+                _add(found, "state_step", ca, cb, slot, ha, hb)
+    return list(found.values()), list(impl.values()), compared
+
+
+def _key(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _add(found: dict, what: str, a: Any, b: Any, slot, ha, hb) -> None:
+    d = found.setdefault((what, a, b), Difference(what, a, b))
+    d.params.append(slot)
+    d.groups.add((ha[1].index if ha else None, hb[1].index if hb else None))
+
+
+def update_steps(x: Context) -> list[int]:
+    """The updates (their steps) that made the first differing parameters, when the
+    parameters and gradients before them agree: the origin's, then the divergence's."""
+    from .rules_update import _after_agreeing_step
+
+    o = x.walk.first_bitwise
+    steps = []
+    if o is not None and x.pair.al.slots[o.slot].kind == "param" and o.step < x.step:
+        steps.append(o.step)
+    steps.append(x.step)
+    out = []
+    for s in steps:
+        if _after_agreeing_step(x, s):
+            prev = x.prev(s)
+            if prev is not None and prev not in out:
+                out.append(prev)
+    return out
+
+
+def _first(run) -> int:
+    return int(run.steps[0]) if len(run.steps) else 0
+
+
+def _v(v: Any) -> str:
+    return fmt_value(list(v) if isinstance(v, tuple) else v)
+
+
+def _groups(d: Difference) -> str:
+    ga = sorted({a for a, _ in d.groups if a is not None})
+    gb = sorted({b for _, b in d.groups if b is not None})
+    if ga == gb:
+        return f"param group {', '.join(map(str, ga))}"
+    return (
+        f"param group {', '.join(map(str, ga)) or '-'} in A, {', '.join(map(str, gb)) or '-'} in B"
+    )
+
+
+def _who(x: Context, d: Difference, total: int) -> str:
+    if len(d.params) == total:
+        return f"every parameter ({_groups(d)})"
+    return f"{len(d.params)} of {total} parameters: {x.names(d.params)} ({_groups(d)})"
+
+
+def _series(s: OptimizerSettings, run_steps: list[int], name: str, until: int) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for t in run_steps:
+        if t > until:
+            break
+        hit = s.for_param(t, name)
+        lr = hit[1].hyper.get("lr") if hit else None
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+            out[t] = float(lr)
+    return out
+
+
+def _schedule(x: Context, d: Difference, t: int) -> tuple[Optional[str], list[str], str]:
+    """The schedule relation behind a learning-rate difference, read off the recorded rates."""
+    sa, sb = _settings(x)
+    name = d.params[0].name
+    until = t + SERIES_STEPS
+    steps_a = [int(s) for s in x.pair.a.steps]
+    steps_b = [int(s) for s in x.pair.b.steps]
+    la, lb = _series(sa, steps_a, name, until), _series(sb, steps_b, name, until)
+    ev = [
+        f"recorded learning rate of {x.record('param', name)}: A {_listing(la)}; B {_listing(lb)}"
+    ]
+    fix = (
+        "save scheduler.state_dict() in the checkpoint with the model and optimizer, and call "
+        "scheduler.load_state_dict() after creating the scheduler when resuming"
+    )
+    shift = find_shift(la, lb)
+    if shift is not None and shift.start == t:
+        late, early = shift.late, "B" if shift.late == "A" else "A"
+        k = t if t in shift.ks else shift.ks[0]
+        ev.append(
+            f"from the update at step {t} on, {late}'s recorded rate at step s is {early}'s at "
+            f"step s - {k} ({shift.checked} updates compared)"
+        )
+        if k == t:
+            return (
+                f"learning-rate schedule restarted in {late} at step {t}: its recorded rates "
+                "repeat the schedule from step 0 (resumed without restoring the scheduler)",
+                ev,
+                fix,
+            )
+        return (
+            f"learning-rate schedule set back by {k} step{'s' if k > 1 else ''} in {late} at step "
+            f"{t} (its step count reset: resumed without restoring the scheduler?)",
+            ev,
+            fix,
+        )
+    stride = find_stride(la, lb)
+    if stride is not None:
+        fast = "B" if stride.slow == "A" else "A"
+        ev.append(
+            f"{stride.slow}'s recorded rate at step s is {fast}'s at step s // {stride.every} "
+            f"({stride.checked} updates compared)"
+        )
+        return (
+            f"learning-rate schedule stepped once every {stride.every} steps in {stride.slow} and "
+            f"at every step in {fast} (per epoch vs per step)",
+            ev,
+            "call scheduler.step() at the same place in both runs (once per optimizer step, or "
+            "once per epoch, as the schedule's step counts assume)",
+        )
+    return None, ev, ""
+
+
+def _listing(lr: dict) -> str:
+    ts = sorted(lr)
+    if not ts:
+        return "not recorded"
+    # the steps where the rate changes, and its value there
+    changes = [t for i, t in enumerate(ts) if i == 0 or lr[t] != lr[ts[i - 1]]]
+    shown = ", ".join(f"{_v(lr[t])} from step {t}" for t in changes[:6])
+    more = f", ... ({len(changes)} changes)" if len(changes) > 6 else ""
+    return shown + more
+
+
+def _classes(a: str, b: str) -> tuple[str, str]:
+    sa, sb = a.rsplit(".", 1)[-1], b.rsplit(".", 1)[-1]
+    return (a, b) if sa == sb else (sa, sb)
+
+
+def settings_causes(x: Context, t: int, diffs: list[Difference], total: int) -> list[Cause]:
+    """One cause per kind of difference at the update of step ``t``, most explanatory first."""
+    head = f"recorded optimizer settings at the update of step {t}"
+    by_cause: dict[str, Cause] = {}
+    for d in sorted(diffs, key=lambda d: (d.what != "class", d.what)):
+        who = _who(x, d, total)
+        if d.what == "class":
+            ca, cb = _classes(d.a, d.b)
+            decay = _decay_at(x, t, d.params[0].name)
+            if decay and (decay[0] or decay[1]) and decay[2] != decay[3] and _same_family(d):
+                c = _decay_cause(x, t, d, diffs, total, head)  # Adam vs AdamW: the coupling
+            else:
+                c = Cause(
+                    "optimizer_class",
+                    f"optimizer class differs: {ca} in A vs {cb} in B (recorded optimizer "
+                    "settings)",
+                    [f"{head}: optimizer {ca} in A, {cb} in B for {who}"],
+                    "use the same optimizer class in both runs",
+                )
+        elif d.what == "membership":
+            side = "A" if d.a else "B"
+            c = Cause(
+                "optimizer_settings",
+                f"parameters updated by the optimizer in {side} only (recorded param groups)",
+                [
+                    f"{head}: {x.names(d.params)} are in {side}'s optimizer and in no param group "
+                    f"of the other run's"
+                ],
+                "give both optimizers the same parameters (frozen parameters, "
+                "requires_grad, or a parameter left out of the param groups)",
+            )
+        elif d.what == "state_step":
+            c = _state_cause(x, t, d, who, head)
+        elif d.what == "lr":
+            first = min(_first(x.pair.a), _first(x.pair.b), int(x.pair.steps[0]))
+            title, sched_ev, fix = _schedule(x, d, t) if t > first else (None, [], "")
+            ev = [f"{head}: lr {_v(d.a)} in A vs {_v(d.b)} in B for {who}"] + sched_ev
+            c = Cause(
+                "learning_rate",
+                title
+                or f"learning rate differs: {_v(d.a)} in A vs {_v(d.b)} in B at step {t} "
+                f"(recorded optimizer settings, {_groups(d)})",
+                ev,
+                fix
+                or "use the same learning rate and scheduler; step the scheduler at the same "
+                "place (per step vs per epoch) and restore it (scheduler.load_state_dict) when "
+                "resuming",
+            )
+        elif d.what in ("weight_decay", "decoupled_weight_decay"):
+            c = _decay_cause(x, t, d, diffs, total, head)
+        elif d.what == "momentum":
+            c = Cause(
+                "optimizer_state",
+                f"momentum differs: {_v(d.a)} in A vs {_v(d.b)} in B at step {t} (recorded "
+                "optimizer settings)",
+                [f"{head}: momentum {_v(d.a)} in A vs {_v(d.b)} in B for {who}"],
+                "use the same momentum in both optimizers",
+            )
+        else:
+            c = Cause(
+                "optimizer_settings",
+                f"optimizer settings differ: {d.what} {_v(d.a)} in A vs {_v(d.b)} in B at step "
+                f"{t} (recorded optimizer settings)",
+                [f"{head}: {d.what} {_v(d.a)} in A vs {_v(d.b)} in B for {who}"],
+                f"use the same {d.what} in both optimizers",
+            )
+        if c.cause in by_cause:
+            by_cause[c.cause].evidence.extend("also: " + e for e in c.evidence)
+        else:
+            by_cause[c.cause] = c
+    rank = {cid: i for i, cid in enumerate(PRIORITY)}
+    return sorted(by_cause.values(), key=lambda c: rank.get(c.cause, len(PRIORITY)))
+
+
+#: Optimizer classes whose weight_decay is decoupled (when the group does not say).
+DECOUPLED_CLASSES = frozenset({"AdamW", "AdamWScheduleFree", "Lion"})
+#: Classes that differ only in how they apply weight_decay.
+ADAM_FAMILY = frozenset({"Adam", "AdamW"})
+
+
+def _same_family(d: Difference) -> bool:
+    return {d.a.rsplit(".", 1)[-1], d.b.rsplit(".", 1)[-1]} <= ADAM_FAMILY
+
+
+def _decay_kind(o, g) -> str:
+    """How an optimizer applies weight_decay: decoupled (AdamW), coupled L2 inside Adam's
+    normalisation, or coupled L2 added to the gradient (SGD and others)."""
+    dec = g.hyper.get("decoupled_weight_decay")
+    if dec is None:
+        dec = o.short_class in DECOUPLED_CLASSES
+    if dec:
+        return "decoupled (AdamW-style)"
+    if "betas" in g.hyper:
+        return "coupled L2 inside Adam"
+    return "coupled L2 (g + wd * p)"
+
+
+def _decay_at(x: Context, t: int, name: str) -> Optional[tuple]:
+    sa, sb = _settings(x)
+    ha, hb = sa.for_param(t, name), sb.for_param(t, name)
+    if ha is None or hb is None:
+        return None
+    wa, wb = ha[1].hyper.get("weight_decay"), hb[1].hyper.get("weight_decay")
+    return wa, wb, _decay_kind(*ha), _decay_kind(*hb)
+
+
+def _decay_title(wa: Any, wb: Any, ka: str, kb: str) -> str:
+    if not wa and wb:
+        return f"weight decay differs: {kb} in B only"
+    if wa and not wb:
+        return f"weight decay differs: {ka} in A only"
+    if ka != kb:
+        return f"weight decay differs: {ka} in A vs {kb} in B"
+    return f"weight decay differs: {ka}, {_v(wa)} in A vs {_v(wb)} in B"
+
+
+def _decay_cause(
+    x: Context, t: int, d: Difference, diffs: list[Difference], total: int, head: str
+) -> Cause:
+    """weight_decay (or the coupling) differs; ``d.what == "class"``: Adam vs AdamW with a
+    decay, where the class decides the coupling."""
+    who = _who(x, d, total)
+    name = d.params[0].name
+    wa, wb, ka, kb = _decay_at(x, t, name) or (None, None, "", "")
+    if d.what == "class":
+        ca, cb = _classes(d.a, d.b)
+        what = f"optimizer {ca} in A vs {cb} in B, weight_decay {_v(wa)} vs {_v(wb)}"
+    elif d.what == "decoupled_weight_decay":
+        what = f"decoupled_weight_decay {_v(d.a)} in A vs {_v(d.b)} in B"
+    else:
+        what = f"weight_decay {_v(d.a)} in A vs {_v(d.b)} in B"
+    ev = [f"{head}: {what} for {who}"]
+    title = _decay_title(wa, wb, ka, kb)
+    if "Adam" in ka + kb and ka != kb:
+        ev.append(
+            "coupled L2 enters Adam's normalisation (normalised away where gradients are "
+            "large); decoupled decay moves the weights by -lr * wd * p outside it"
+        )
+    if len(d.params) < total and d.what == "weight_decay":
+        off = "B" if not d.b else "A" if not d.a else None
+        if off is not None:
+            ev.append(
+                f"{x.names(d.params)} are decayed in {'A' if off == 'B' else 'B'} and excluded "
+                f"from decay in {off}; the other parameters have the same decay in both runs: "
+                "the parameter groups differ"
+            )
+            title = (
+                f"weight decay differs on parameter groups: {x.names(d.params, limit=3)} "
+                f"excluded from decay in {off}"
+            )
+    return Cause(
+        "weight_decay",
+        f"{title} (recorded optimizer settings at step {t}: {what})",
+        ev,
+        "use the same optimizer class, weight_decay and parameter groups in both runs: "
+        "Adam(weight_decay=wd) and SGD add wd * p to the gradient (coupled L2), "
+        "AdamW(weight_decay=wd) decays the weights directly; e.g. no decay on biases and norm "
+        "weights in both",
+    )
+
+
+def _state_cause(x: Context, t: int, d: Difference, who: str, head: str) -> Cause:
+    fix = (
+        "save optimizer.state_dict() in the checkpoint and call optimizer.load_state_dict() "
+        "after creating the optimizer when resuming"
+    )
+    if 0 in (d.a, d.b) and d.a != d.b:
+        side, other = ("A", d.b) if d.a == 0 else ("B", d.a)
+        return Cause(
+            "optimizer_state",
+            f"optimizer state reset in {side} at step {t}: its state step count is 0 where the "
+            f"other run's is {other} (optimizer state not restored on resume?)",
+            [
+                f"{head}: state step count {d.a} in A vs {d.b} in B for {who}: {side}'s "
+                "optimizer starts from empty state (Adam's moments at zero, no momentum)"
+            ],
+            fix,
+        )
+    return Cause(
+        "optimizer_state",
+        f"optimizer state differs: state step count {d.a} in A vs {d.b} in B at step {t} "
+        "(restored from a different checkpoint?)",
+        [f"{head}: state step count {d.a} in A vs {d.b} in B for {who}"],
+        fix,
+    )
+
+
+def _agree_text(x: Context, t: int) -> str:
+    sa, _ = _settings(x)
+    opts = sa.at(t) if sa is not None else []
+    parts = []
+    for o in opts[:2]:
+        g = o.groups[0] if o.groups else None
+        keys = ("lr", "weight_decay", "momentum", "betas", "eps")
+        hyper = ", ".join(f"{k} {_v(g.hyper[k])}" for k in keys if g and k in g.hyper)
+        parts.append(
+            f"{o.short_class}"
+            + (f" ({hyper}{', ...' if len(o.groups) > 1 else ''})" if hyper else "")
+        )
+    return "; ".join(parts)
+
+
+def _impl_text(impl: list[Difference]) -> str:
+    return ", ".join(f"{d.what} {_v(d.a)} vs {_v(d.b)}" for d in impl)
+
+
+def apply_settings(x: Context, causes: list[Cause]) -> list[Cause]:
+    """Add what the recorded optimizer settings say to ``causes`` (the value-based ones)."""
+    sa, sb = _settings(x)
+    if sa is None and sb is None:
+        return causes
+    if sa is None or sb is None:
+        if causes and update_steps(x):
+            side = "A" if sa is None else "B"
+            causes[0].evidence.append(
+                f"optimizer settings were recorded in one run only (not in {side}: no optimizer "
+                "stepped there, or an older trace)"
+            )
+        return causes
+    total = len(x.slots_of(x.step, ("param",)))
+    diverged = x.walk.first is not None
+    for t in update_steps(x):
+        diffs, impl, compared = compare_at(x, t)
+        if not compared:
+            continue
+        if diffs:
+            return _merge(x, t, settings_causes(x, t, diffs, total), causes, impl, diverged)
+        # the settings agree at the update: the update itself differs
+        text = (
+            f"the recorded optimizer settings agree at the update of step {t} "
+            f"({_agree_text(x, t)}): the update itself differs"
+        )
+        if impl and diverged:
+            text += f"; they differ only in how it is computed ({_impl_text(impl)})"
+        target = next((c for c in causes if c.cause in UPDATE_CAUSES), None)
+        if target is not None:
+            target.evidence.append(
+                text + " (not a setting: a manual change of the parameters "
+                "or gradients, or a custom step?)"
+            )
+        elif causes:
+            causes[0].evidence.append(text)
+        return causes
+    # not an update divergence: a setting difference is not the cause, at most also differs
+    first = int(x.pair.steps[0])
+    diffs, impl, _ = compare_at(x, first)
+    if diffs and causes:
+        texts = []
+        for d in diffs[:3]:
+            if d.what == "class":
+                texts.append("optimizer class {} vs {}".format(*_classes(d.a, d.b)))
+            elif d.what == "membership":
+                texts.append(f"param groups ({x.names(d.params, limit=2)} in one run only)")
+            else:
+                texts.append(f"{d.what} {_v(d.a)} vs {_v(d.b)}")
+        causes[0].evidence.append(
+            "also differs (not the cause: the divergence starts before any update reaches it): "
+            f"recorded optimizer settings at step {first}: " + "; ".join(texts)
+        )
+    return causes
+
+
+def _merge(
+    x: Context,
+    t: int,
+    found: list[Cause],
+    causes: list[Cause],
+    impl: list[Difference],
+    diverged: bool,
+) -> list[Cause]:
+    """Settings causes first, each with the value fit that confirms it; a value cause that no
+    settings difference explains is kept after them, saying so."""
+    value = [c for c in causes if c.cause in UPDATE_CAUSES]
+    rest = [c for c in causes if c.cause not in UPDATE_CAUSES]
+    used: set[int] = set()
+    confirmed: list[Cause] = []
+    unconfirmed: list[Cause] = []
+    for c in found:
+        match = [i for i, v in enumerate(value) if v.cause in CONFIRMED_BY.get(c.cause, ())]
+        if match:
+            for i in match:
+                if i not in used:
+                    used.add(i)
+                    v = value[i]
+                    c.evidence.append(f"the values agree: {v.title}")
+                    c.evidence.extend("values: " + e for e in v.evidence[1:])
+            confirmed.append(c)
+        else:
+            if value:
+                c.evidence.append(
+                    "the value fit of the update reads something else: "
+                    + "; ".join(v.title for v in value)
+                )
+            unconfirmed.append(c)
+    left = [v for i, v in enumerate(value) if i not in used]
+    for v in left:
+        v.evidence.append(
+            "the recorded optimizer settings do not show this: they differ in "
+            + ", ".join(sorted({c.cause for c in found}))
+        )
+    out = confirmed + unconfirmed + left + rest
+    if impl and diverged and out:
+        out[0].evidence.append(
+            f"also differs, in how the update is computed (not a cause): {_impl_text(impl)}"
+        )
+    return out
+
+
+__all__ = ["apply_settings", "compare_at", "settings_causes", "update_steps"]
