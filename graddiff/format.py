@@ -94,8 +94,9 @@ Additive extensions (optional: older files lack them, readers tolerate that):
   ({group index: [names of entries the group no longer has]}), ``params`` ({group index: [record names of the traced
   parameters in it]}) with ``untraced`` ({group index: count of others}), ``state_step``
   ({group index: the state step count of the group's first parameter before the update, 0
-  without state, null when not read}), stored when it is not the last stored count plus the
-  steps since; then ``state_steps`` ({group index: {name: count}}) when the group's
+  without state, null when there is none (state without a count, e.g. SGD's momentum buffer;
+  no state kept across updates) or it is not read}), stored when it is not the last stored
+  count plus the steps since; then ``state_steps`` ({group index: {name: count}}) when the group's
   parameters' counts differ; ``notes`` (what was not read, e.g. a tensor on an accelerator).
   Group indices are JSON strings.
 

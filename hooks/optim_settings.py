@@ -12,7 +12,8 @@ traced parameters of the group (record names) and the optimizer state's step cou
 Cost: a step compares one tuple per group (``operator.itemgetter``) with the last one seen and
 reads one step count per group; only what changed becomes a row (``changes``), so a constant
 setting costs nothing to store. The step count is stored when it is not the last stored count
-plus the steps since (a reset, a restore, an optimizer that skips steps); with it, the count of
+plus the steps since (a reset, a restore, an optimizer that skips steps); with it, when the
+count did not advance by one since the last call (first sight, a reset, a restore), the count of
 every parameter of the group (these reads are per parameter, and rare).
 """
 
@@ -49,21 +50,27 @@ def _tensor_value(t: torch.Tensor) -> tuple[bool, Any]:
 
 
 def _count_of(state: Any, p: Any) -> Optional[int]:
-    """The state step count of ``p`` (0 without state); None when unreadable (accelerator)."""
+    """The state step count of ``p`` (0 without state); None when there is none (state without
+    a count) or it is not read (a tensor on an accelerator)."""
     st = state.get(p)  # state is a defaultdict: get() does not create an entry
     if not st:
         return 0
     v = st.get("step")
     if v is None:
-        return 0
+        return None  # state without a step count (SGD's momentum buffer)
     if isinstance(v, torch.Tensor):
-        if v.device.type != "cpu" or v.numel() != 1:
+        if not v.is_cpu or v.numel() != 1:  # (is_cpu: no torch.device object per call)
             return None
         return int(v.item())
     try:
         return int(v)
     except (TypeError, ValueError):
         return None
+
+
+def _on_device(state: Any, p: Any) -> bool:
+    v = (state.get(p) or {}).get("step")
+    return isinstance(v, torch.Tensor) and not v.is_cpu
 
 
 class _Group:
@@ -78,6 +85,7 @@ class _Group:
         "params_sig",
         "count",
         "count_step",
+        "seen",
     )
 
     def __init__(self) -> None:
@@ -89,6 +97,7 @@ class _Group:
         self.params_sig: Any = None
         self.count: Optional[int] = -1
         self.count_step = -1
+        self.seen: Any = None  # the count at the last call (None: not seen yet)
 
 
 class _Optimizer:
@@ -136,11 +145,7 @@ class SettingsWatch:
                     tuple(g[k].item() if self._readable(g[k]) else None for k in c.tensor_keys),
                 )
             if values != c.values:
-                c.values = values
-                new = self._hyper(g, c, st)
-                delta = {k: v for k, v in new.items() if k not in c.stored or c.stored[k] != v}
-                gone = [k for k in c.stored if k not in new]
-                c.stored = new
+                delta, gone = self._changes_of(g, c, st, values)
                 if delta:
                     change.setdefault("hyper", {})[str(gi)] = delta
                 if gone:
@@ -153,24 +158,25 @@ class SettingsWatch:
                 change.setdefault("params", {})[str(gi)] = names
                 change.setdefault("untraced", {})[str(gi)] = len(params) - len(names)
             count = _count_of(state, params[0]) if params else None
-            if (
-                c.count_step < 0
-                or count is None
-                or c.count is None
-                or (count != c.count + (step - c.count_step))
+            seen, c.seen = c.seen, count
+            if count == 0 and seen == 0:
+                count = None  # no state kept across updates (SGD without momentum): no count
+            if c.count_step < 0 or (
+                count != (None if c.count is None else c.count + (step - c.count_step))
             ):
-                if count is None and c.count is None:
-                    continue
                 c.count, c.count_step = count, step
                 change.setdefault("state_step", {})[str(gi)] = count
-                per = {
-                    self._names[id(p)][0]: _count_of(state, p)
-                    for p in params
-                    if id(p) in self._names
-                }
-                if len(set(per.values())) > 1:
-                    change.setdefault("state_steps", {})[str(gi)] = per
-                if count is None:
+                # per parameter only at first sight or when the count did not advance by one
+                # update since the last call (a reset, a restore): reads are per parameter
+                if count is not None and (not isinstance(seen, int) or count != seen + 1):
+                    per = {
+                        self._names[id(p)][0]: _count_of(state, p)
+                        for p in params
+                        if id(p) in self._names
+                    }
+                    if len(set(per.values())) > 1:
+                        change.setdefault("state_steps", {})[str(gi)] = per
+                if count is None and _on_device(state, params[0]):
                     st.notes.add("state step on an accelerator: not read (it would sync)")
         if st.notes:
             change["notes"] = sorted(st.notes)
@@ -180,7 +186,7 @@ class SettingsWatch:
 
     @staticmethod
     def _readable(t: Any) -> bool:
-        return isinstance(t, torch.Tensor) and t.numel() == 1 and t.device.type == "cpu"
+        return isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_cpu
 
     @staticmethod
     def _keys(g: dict, c: _Group) -> None:
@@ -200,30 +206,51 @@ class SettingsWatch:
             c.get = operator.itemgetter(*keys)
         c.values = object()
 
+    @classmethod
+    def _changes_of(
+        cls, g: dict, c: _Group, st: _Optimizer, values: Any
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The entries that changed since the last stored ones, and those now gone. With the
+        same keys, only the entries whose values changed are converted (a scheduler's lr)."""
+        old, c.values = c.values, values
+        if not c.tensor_keys and isinstance(old, tuple) and len(old) == len(values):
+            delta = {}
+            for k, v, was in zip(c.keys, values, old):
+                if v is not was and v != was:
+                    ok, plain = cls._convert(k, v, st)
+                    if ok:
+                        delta[str(k)] = c.stored[str(k)] = plain
+            return delta, []
+        new: dict[str, Any] = {}
+        for k in (*c.keys, *c.tensor_keys):
+            ok, plain = cls._convert(k, g[k], st)
+            if ok:
+                new[str(k)] = plain
+        delta = {k: v for k, v in new.items() if k not in c.stored or c.stored[k] != v}
+        gone = [k for k in c.stored if k not in new]
+        c.stored = new
+        return delta, gone
+
     @staticmethod
-    def _hyper(g: dict, c: _Group, st: _Optimizer) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k in c.keys:
-            ok, v = _plain(g[k])
-            if ok:
-                out[str(k)] = v
-            elif isinstance(g[k], (tuple, list)) and all(
-                isinstance(x, (torch.Tensor, *_SCALARS)) for x in g[k]
-            ):
-                vals = [
-                    _tensor_value(x) if isinstance(x, torch.Tensor) else (True, x) for x in g[k]
-                ]
-                if all(ok for ok, _ in vals):
-                    out[str(k)] = [v for _, v in vals]
-                else:
-                    st.notes.add(f"{k}: {next(v for ok, v in vals if not ok)}")
-        for k in c.tensor_keys:
-            ok, v = _tensor_value(g[k])
-            if ok:
-                out[str(k)] = v
-            else:
-                st.notes.add(f"{k}: {v}")
-        return out
+    def _convert(k: Any, v: Any, st: _Optimizer) -> tuple[bool, Any]:
+        """One group entry as plain data; (False, None) with a note when it cannot be."""
+        if isinstance(v, torch.Tensor):
+            ok, got = _tensor_value(v)
+            if not ok:
+                st.notes.add(f"{k}: {got}")
+                return False, None
+            return True, got
+        ok, plain = _plain(v)
+        if ok:
+            return True, plain
+        if isinstance(v, (tuple, list)) and all(
+            isinstance(x, (torch.Tensor, *_SCALARS)) for x in v
+        ):
+            vals = [_tensor_value(x) if isinstance(x, torch.Tensor) else (True, x) for x in v]
+            if all(ok for ok, _ in vals):
+                return True, [x for _, x in vals]
+            st.notes.add(f"{k}: {next(x for ok, x in vals if not ok)}")
+        return False, None  # other objects (callables, custom types) are not settings data
 
     def take(self) -> Optional[list[dict[str, Any]]]:
         """The changes since the last call (None when nothing changed)."""

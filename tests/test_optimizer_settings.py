@@ -136,7 +136,7 @@ def test_sgd_momentum_tensor_lr_and_lbfgs(tmp_path):
         assert o.short_class == "SGD"
         assert g.get("lr") == pytest.approx(0.05) and isinstance(g.get("lr"), float)
         assert g.get("momentum") == 0.9 and g.get("nesterov") is True
-        assert g.state_step == 0  # SGD keeps no step count
+        assert g.state_step is None  # SGD keeps no step count (its state: a momentum buffer)
     m = _mlp()
     opt = torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=3)
 
@@ -152,6 +152,40 @@ def test_sgd_momentum_tensor_lr_and_lbfgs(tmp_path):
     with graddiff.open(tmp_path / "l.h5") as run:
         (o,) = run.optimizer_settings.at(1)
         assert o.short_class == "LBFGS" and o.groups[0].get("max_iter") == 3
+
+
+def test_stateless_sgd_and_a_gan_like_alternation_store_little(tmp_path):
+    """SGD without momentum keeps no state: its count is null after the first step, not a row
+    per step; an optimizer that steps every other step gets its count stored where it steps."""
+    m = _mlp()
+    x, y = _data()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with graddiff.trace(m, tmp_path / "s.h5"):
+        _train(m, opt, None, 5, x, y)
+    with graddiff.open(tmp_path / "s.h5") as run:
+        st = run.optimizer_settings
+        assert st.change_steps == [0, 1]
+        assert [st.at(s)[0].groups[0].state_step for s in range(5)] == [0, None, None, None, None]
+    # two optimizers over one model, alternating: each steps every other trace step
+    m = _mlp()
+    first = torch.optim.Adam(m[0].parameters(), lr=1e-3)
+    second = torch.optim.Adam(m[2].parameters(), lr=1e-3)
+    with graddiff.trace(m, tmp_path / "g.h5"):
+        for _ in range(6):
+            for o in (first, second):
+                o.zero_grad()
+                ((m(x) - y) ** 2).mean().backward()
+                o.step()
+    with graddiff.open(tmp_path / "g.h5") as run:
+        st = run.optimizer_settings
+        assert [int(s) for s in run.steps] == list(range(12))
+        # optimizer 1 steps at odd trace steps: its count there is the number of its updates
+        assert [st.for_param(s, "2.weight")[1].state_step for s in range(1, 12, 2)] == list(
+            range(6)
+        )
+        assert [st.for_param(s, "0.weight")[1].state_step for s in range(0, 12, 2)] == list(
+            range(6)
+        )
 
 
 def test_manual_loop_and_old_files_have_none(tmp_path):
