@@ -156,6 +156,21 @@ CASES = [
         "recorded optimizer settings at the update of step 3: lr 0.005 in A vs 0.001 in B",
     ),
     (
+        "AdamW: OneCycleLR with another max_lr (its own max_lr, min_lr entries are not settings)",
+        dict(
+            make_opt=_adamw(),
+            sched=lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=6),
+        ),
+        dict(
+            make_opt=_adamw(),
+            sched=lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=6),
+        ),
+        1,
+        ["learning_rate"],
+        "learning rate differs: 0.002 in A vs 0.0008 in B at step 0",
+        "lr 0.002 in A vs 0.0008 in B for every parameter",
+    ),
+    (
         "Adam: a coupled L2 decay too small to turn a direction",
         dict(make_opt=_adam()),
         dict(make_opt=_adam(weight_decay=1e-6)),
@@ -254,6 +269,7 @@ def test_settings_name_the_cause(tmp_path, va, vb, step, causes, title, text):
     assert text in _text(r.cause), r.cause
     assert "recorded optimizer settings" in _text(r.cause)
     assert not diagnosis_unlabelled(r)  # every record named with its module class
+    assert "max_lr" not in str(r) and "initial_lr" not in str(r)  # a scheduler's own entries
 
 
 def test_resume_in_a_new_process_names_state_and_schedule(tmp_path):

@@ -141,9 +141,12 @@ def render_optimizer(
             prefix = f"    step {step:<5} " if i == 0 else " " * 15
             lines += _wrap(prefix, text, columns, 17)
     if len(shown) < len(changes):
-        lines.append(
-            f"    ... and {len(changes) - len(shown)} more change step(s), the last at step "
-            f"{changes[-1][0]} (graddiff show --optimizer lists them all)"
+        lines += _wrap(
+            "    ",
+            f"... and {len(changes) - len(shown)} more change step(s), the last at step "
+            f"{changes[-1][0]} (graddiff show --optimizer lists them all)",
+            columns,
+            8,
         )
     return lines
 
