@@ -344,3 +344,30 @@ def test_same_settings_say_nothing(tmp_path):
     b = _loop(tmp_path / "b.h5", _adamw(), sched=_warmup)
     r = graddiff.compare(a, b, exact=True)
     assert r.exit_code == 0 and r.first is None and not r.diagnosis, r.headline()
+
+
+def test_settings_and_value_fit_that_disagree_are_both_said():
+    """The merge of the two kinds of evidence, on causes alone: a settings cause the value fit
+    does not confirm is said to be unconfirmed, and the value cause is kept after it, saying
+    the settings do not show it (never one picked silently)."""
+    from graddiff.diff.context import Cause
+    from graddiff.diff.rules_settings import _merge
+
+    found = [Cause("learning_rate", "learning rate differs: 0.1 in A vs 0.05 in B", ["ev"], "")]
+    value = [Cause("weight_decay", "weight decay differs: coupled L2", ["head", "fit"], "")]
+    rounding = Cause("rounding", "float-rounding-level difference", [], "")
+    out = _merge(None, 3, found, [*value, rounding], [], True)
+    assert [c.cause for c in out] == ["learning_rate", "weight_decay", "rounding"]
+    assert "the value fit of the update reads something else: weight decay differs" in " ".join(
+        out[0].evidence
+    )
+    assert "the recorded optimizer settings do not show this" in out[1].evidence[-1]
+    # a value cause that reads the same confirms it, with its numbers
+    found = [Cause("learning_rate", "learning rate differs: 0.1 in A vs 0.05 in B", ["ev"], "")]
+    value = [Cause("learning_rate", "learning rate differs", ["head", "A's update is B's x 2"], "")]
+    out = _merge(None, 3, found, value, [], True)
+    assert [c.cause for c in out] == ["learning_rate"]
+    assert out[0].evidence[1:] == [
+        "the values agree: learning rate differs",
+        "values: A's update is B's x 2",
+    ]

@@ -488,7 +488,7 @@ def apply_settings(x: Context, causes: list[Cause]) -> list[Cause]:
             else:
                 texts.append(f"{d.what} {_v(d.a)} vs {_v(d.b)}")
         causes[0].evidence.append(
-            "also differs (not the cause: the divergence starts before any update reaches it): "
+            "also differs (not the cause: the divergence does not start in an update): "
             f"recorded optimizer settings at step {first}: " + "; ".join(texts)
         )
     return causes
