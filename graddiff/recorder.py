@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
@@ -158,7 +159,10 @@ class Recorder:
         self._calls: dict[tuple[str, str], int] = {}
         self._grad_output_calls: dict[str, set[int]] = {}
         self._pending_grads: dict[tuple[str, int], EntryData] = {}
-        self._aliases: dict[int, tuple[torch.Tensor, int, EntryData]] = {}
+        # id -> (weak reference, _version, entry): a strong reference would keep every
+        # activation and output gradient of the step alive until its end (more memory, and
+        # page faults when the allocator returns it to the OS and takes it back every step).
+        self._aliases: dict[int, tuple[weakref.ref, int, EntryData]] = {}
         self._seq = 0
         self._step_full = False
         self._batches: list[Any] = []  # offered by a framework callback (offer_batch)
@@ -222,12 +226,12 @@ class Recorder:
     ) -> EntryData:
         with self._lock:
             cached = self._aliases.get(id(tensor)) if alias else None
-            if cached is not None and cached[0] is tensor and cached[1] == tensor._version:
+            if cached is not None and cached[0]() is tensor and cached[1] == tensor._version:
                 entry: EntryData = AliasEntry(cached[2], kind, name, call, self._seq, flags)
             else:
                 entry = self._capture(kind, name, tensor, call=call, seq=self._seq, flags=flags)
                 if alias:
-                    self._aliases[id(tensor)] = (tensor, tensor._version, entry)
+                    self._aliases[id(tensor)] = (weakref.ref(tensor), tensor._version, entry)
             self._seq += 1
             self._entries.append(entry)
             return entry
