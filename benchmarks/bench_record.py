@@ -362,7 +362,7 @@ def run_variant(
                 bw = tr._writer  # benchmark instrumentation: time spent blocked in submit()
                 submit = bw.submit
 
-                def timed_submit(step: int, entries: list, **kw: object) -> None:
+                def timed_submit(step: int, entries: list, **kw: Any) -> None:
                     t = time.perf_counter()
                     submit(step, entries, **kw)
                     waits.append(time.perf_counter() - t)

@@ -27,7 +27,7 @@ from ._warn import warn_user
 from .arena import Arena, ArenaPool
 from .entries import EntryData
 from .format import FLAG_TRAINING
-from .hooks.autograd_hooks import as_tensor_list, inside_backward
+from .hooks.autograd_hooks import _current_task_id, as_tensor_list, inside_backward
 from .hooks.device_stats import DeviceStatsBatch
 from .hooks.naming import flatten_tensors, record_name
 from .hooks.optim_settings import SettingsWatch
@@ -168,6 +168,7 @@ class Recorder:
         self._batches: list[Any] = []  # offered by a framework callback (offer_batch)
         self._forward_ran = False  # the model's own forward ran with grad in this step
         self._arena = None  # taken at the step's first full-values capture
+        self._step_final = True  # every entry so far is final (statistics computed here)
 
     def _next_call(self, kind: str, name: str) -> int:
         key = (kind, name)
@@ -256,7 +257,7 @@ class Recorder:
             arena = self._arena
             if arena is None:
                 arena = self._arena = self._arenas.acquire()
-        return capture(
+        entry = capture(
             kind,
             name,
             local,
@@ -267,6 +268,9 @@ class Recorder:
             batch=self._device_batch,
             arena=arena,
         )
+        if type(entry) is not EntryData:  # finished later, on the writer thread
+            self._step_final = False
+        return entry
 
     def _end_step(self) -> None:
         if not self.clock.started:
@@ -288,6 +292,7 @@ class Recorder:
             step = self.clock.step
             arena = self._arena
             self._device_batch.flush()
+            final = self._step_final
             self._reset_step_state()
             self.clock.advance()
             # Output-gradient hooks of the step before last can no longer fire usefully.
@@ -300,7 +305,8 @@ class Recorder:
             extra["optimizer"] = settings
         if arena is not None:
             extra["arena"] = arena
-        self.writer.submit(step, entries, **extra)
+        # final: statistics only, nothing to wait for (the writer may write it right here)
+        self.writer.submit(step, entries, **extra, final=final and arena is None)
         self.steps_submitted += 1
 
     # -- events from the hooks -------------------------------------------------------------
@@ -344,44 +350,66 @@ class Recorder:
         if self._forward_depth:
             self._forward_depth.pop()
 
-    def _in_training_forward(self) -> bool:
-        if inside_backward():  # gradient-checkpoint recompute (FIELD-NOTES 5)
-            return False
-        if self.forward_only:
-            return self.clock.started
-        return torch.is_grad_enabled() or any(self._forward_depth)
-
-    @_guarded
+    # The two handlers below run once per module output and once per output gradient, the
+    # bulk of a step's records: guarded inline (no wrapper frame), a plain tensor output
+    # without flattening, and the gradient hook a ``partial`` of the bound handler (no
+    # closure frame). Same records as the general path.
     def on_module_output(self, name: str, module: torch.nn.Module, output: Any) -> None:
-        if not self._in_training_forward():
-            return
-        self._ensure_started()
-        flags = FLAG_TRAINING if module.training else 0
-        want_act = _K_ACTIVATION in self.kinds
-        want_go = _K_GRAD_OUTPUT in self.kinds and torch.is_grad_enabled() and not self.forward_only
-        for path, t in flatten_tensors(output):
-            rname = record_name(name, path)
-            call = self._next_call("forward", rname)
-            if want_act:
-                self._record(_K_ACTIVATION, rname, t, call=call, flags=flags, alias=True)
-            if want_go and t.requires_grad:
-                self._tensor_handles.append(t.register_hook(self._grad_output_hook(rname, call)))
+        if not self.active:
+            return None
+        try:
+            if _current_task_id() != -1:  # gradient-checkpoint recompute (FIELD-NOTES 5)
+                return None
+            grad = torch.is_grad_enabled()
+            if self.forward_only:
+                if not self.clock.started:
+                    return None
+            elif not grad and not any(self._forward_depth):
+                return None
+            if not self.clock.started:
+                self._ensure_started()
+            flags = FLAG_TRAINING if module.training else 0
+            kinds = self.kinds
+            want_act = _K_ACTIVATION in kinds
+            want_go = grad and _K_GRAD_OUTPUT in kinds and not self.forward_only
+            outputs = (
+                ((name, output),)
+                if isinstance(output, torch.Tensor)
+                else [(record_name(name, path), t) for path, t in flatten_tensors(output)]
+            )
+            calls = self._calls
+            for rname, t in outputs:
+                key = ("forward", rname)
+                call = calls.get(key, 0)
+                calls[key] = call + 1
+                if want_act:
+                    self._record(_K_ACTIVATION, rname, t, call=call, flags=flags, alias=True)
+                if want_go and t.requires_grad:
+                    # a partial of a handler that returns None: a non-None return would
+                    # replace the gradient
+                    self._tensor_handles.append(
+                        t.register_hook(functools.partial(self.on_grad_output, rname, call))
+                    )
+        except Exception as exc:
+            self.fail(f"internal error in on_module_output: {type(exc).__name__}: {exc}")
+        return None
 
-    def _grad_output_hook(self, rname: str, call: int) -> Callable[[torch.Tensor], None]:
-        def hook(grad: torch.Tensor) -> None:
-            self.on_grad_output(rname, call, grad)
-            return None  # a non-None return would replace the gradient
-
-        return hook
-
-    @_guarded
     def on_grad_output(self, rname: str, call: int, grad: torch.Tensor) -> None:
-        with self._lock:
-            used = self._grad_output_calls.setdefault(rname, set())
-            if call in used:  # a second gradient for one output (double backward): fresh index
-                call = max(used) + 1
-            used.add(call)
-            self._record(_K_GRAD_OUTPUT, rname, grad, call=call, alias=True)
+        if not self.active:
+            return None
+        try:
+            with self._lock:
+                used = self._grad_output_calls.get(rname)
+                if used is None:
+                    self._grad_output_calls[rname] = {call}
+                else:
+                    if call in used:  # a second gradient for one output (double backward)
+                        call = max(used) + 1  # a fresh index
+                    used.add(call)
+                self._record(_K_GRAD_OUTPUT, rname, grad, call=call, alias=True)
+        except Exception as exc:
+            self.fail(f"internal error in on_grad_output: {type(exc).__name__}: {exc}")
+        return None
 
     @_guarded
     def before_gradient(self, outputs: Any, accumulate: bool) -> None:

@@ -168,22 +168,53 @@ def _whole(vals, lut, kc, shift):  # pragma: no cover
     return s_sum, s_pos, fs, fss, _decoded(kmin, vals, lut), _decoded(kmax, vals, lut), bad
 
 
+_whole_jit: Any = None  # the compiled ``_whole``, which the compiled ``_whole_at`` calls
+_typed_pointer: Any = None  # numba intrinsic: an address as a pointer to ``proto``'s dtype
+
+
+def _whole_at(addr, n, proto, lut, kc, shift):  # pragma: no cover
+    """``_whole`` of the ``n`` elements at address ``addr`` (dtype of the empty array
+    ``proto``): no numpy array is made for the tensor (``Tensor.numpy()`` and ``reshape`` cost
+    more than the kernel on a small tensor). The caller keeps the memory alive and aligned."""
+    return _whole_jit(_carray(_typed_pointer(addr, proto), n), lut, kc, shift)
+
+
+_carray: Any = None  # numba.carray, bound at build time (numba is imported lazily)
+
+
+def _typed_pointer_impl(typingctx, addr, proto):
+    """numba intrinsic: the integer ``addr`` as a pointer to ``proto``'s element type."""
+    from numba import types
+
+    sig = types.CPointer(proto.dtype)(addr, proto)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_data_type(proto.dtype).as_pointer())
+
+    return sig, codegen
+
+
 def _build() -> dict[str, Any]:
     import numba
-    from numba.extending import overload
+    from numba.extending import intrinsic, overload
 
     overload(_value)(_value_impl)
     overload(_decoded)(_decoded_impl)
 
-    global _chunk_jit
+    global _typed_pointer, _carray
+    _typed_pointer = intrinsic(_typed_pointer_impl)
+    _carray = numba.carray
     try:  # machine code cached next to this file, or in numba's user-wide cache directory
-        jit = numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
-        _chunk_jit = jit(_chunk)
-        return {"chunk": _chunk_jit, "whole": jit(_whole)}
+        return _compile(numba.njit(nogil=True, cache=True, fastmath={"reassoc"}))
     except RuntimeError:  # "cannot cache function ...": no writable cache location
-        jit = numba.njit(nogil=True, cache=False, fastmath={"reassoc"})
-        _chunk_jit = jit(_chunk)
-        return {"chunk": _chunk_jit, "whole": jit(_whole)}
+        return _compile(numba.njit(nogil=True, cache=False, fastmath={"reassoc"}))
+
+
+def _compile(jit: Any) -> dict[str, Any]:
+    global _chunk_jit, _whole_jit
+    _chunk_jit = jit(_chunk)
+    _whole_jit = jit(_whole)
+    return {"chunk": _chunk_jit, "whole": _whole_jit, "whole_at": jit(_whole_at)}
 
 
 def available() -> bool:
@@ -274,6 +305,24 @@ def summarise(
     if not nbytes:
         return s_sum, s_pos, 0.0, 0.0, 0.0, 0.0, 0
     return s_sum, s_pos, fs, fss, lo, hi, bad
+
+
+def summarise_at(
+    addr: int, numel: int, dtype: str, block_shift: int
+) -> Optional[tuple[int, int, float, float, float, float, int]]:
+    """:func:`summarise` of ``numel`` (> 0) contiguous elements of torch dtype ``dtype`` at
+    the 8-byte-aligned address ``addr``, in one compiled call (the caller keeps the memory
+    alive, and sends arrays of ``2 * SPLIT_BYTES`` or more, which may be split, to
+    :func:`summarise`). None when the kernel is unavailable or the dtype not one it takes."""
+    kernels = _kernels if _kernels is not None else _get()
+    spec = _AT_SPECS.get(dtype)
+    if kernels is None or spec is None:
+        return None
+    try:
+        return kernels["whole_at"](addr, numel, spec[0], spec[1], spec[2], block_shift)
+    except Exception as exc:  # numba compiles per dtype on first use: a failure is not fatal
+        _disable(exc)
+        return None
 
 
 def _split(chunk, arr, key_dtype, lut, kc, block_shift, threads) -> tuple:
@@ -378,3 +427,14 @@ _SPECS = {
     },
 }
 _BF16_SPEC = (np.int16, _key_consts(np.int16, 0x7F80), _decode_bf16, _LUT_BF16)
+
+#: Per torch dtype name (``summarise_at``): (an empty array of the dtype the kernel reads,
+#: bits -> float64 table or empty, kernel constants). 16-bit floats are read as their bits.
+_AT_SPECS = {
+    "float16": (np.empty(0, np.uint16), _LUT_F16, _SPECS[np.dtype(np.float16)][1]),
+    "bfloat16": (np.empty(0, np.uint16), _LUT_BF16, _BF16_SPEC[1]),
+    **{
+        name: (np.empty(0, name), _NO_LUT, _SPECS[np.dtype(name)][1])
+        for name in ("float32", "float64", "int8", "int16", "int32", "int64")
+    },
+}

@@ -168,6 +168,8 @@ _FUSED_DTYPES = frozenset(
         torch.int8,
     )
 )
+#: The same dtypes by name, for ``fused.summarise_at``.
+_AT_NAMES = {d: dtype_name(d) for d in _FUSED_DTYPES}
 #: dtypes the reference summarises in float32 arithmetic (``_float_view``): a sum of squares
 #: or a sum beyond float32's range is inf there, and the fused path reports the same.
 _FLOAT32_ACCUMULATED = frozenset((torch.float32, torch.float16, torch.bfloat16))
@@ -192,15 +194,36 @@ def stats_on_cpu(
     x: torch.Tensor,
 ) -> tuple[tuple[float, float, float, float, int, int], tuple[int, int]]:
     """Stats and fingerprint of a CPU tensor: one fused pass where it applies, else the
-    reference (:func:`stats_on_cpu_reference`). Same fingerprint bit for bit either way."""
-    arr = _fused_array(x) if fused.available() else None
-    if arr is None:
-        return stats_on_cpu_reference(x)
-    n = arr.nbytes
-    shift = 0 if n <= FP_SMALL_BYTES else _BLOCK_SHIFT
-    r = fused.summarise(arr, shift, _threads(), bfloat16=x.dtype == torch.bfloat16)
+    reference (:func:`stats_on_cpu_reference`). Same fingerprint bit for bit either way.
+
+    A plain, contiguous, 8-byte-aligned tensor below the split size (most of a step's
+    tensors) goes to the kernel by its address, with no numpy view (``fused.summarise_at``);
+    the same kernel, so the same results as through :func:`fused.summarise`.
+    """
+    size = x.numel()
+    n = size * x.element_size()
+    r = None
+    if (
+        0 < n < _SPLIT_AT
+        and type(x) is torch.Tensor
+        and x.is_contiguous()
+        and not x.is_neg()
+        and not x.data_ptr() & 7
+    ):
+        name = _AT_NAMES.get(x.dtype)
+        if name is not None:
+            r = fused.summarise_at(
+                x.data_ptr(), size, name, 0 if n <= FP_SMALL_BYTES else _BLOCK_SHIFT
+            )
     if r is None:
-        return stats_on_cpu_reference(x)
+        arr = _fused_array(x) if fused.available() else None
+        if arr is None:
+            return stats_on_cpu_reference(x)
+        n, size = arr.nbytes, arr.size
+        shift = 0 if n <= FP_SMALL_BYTES else _BLOCK_SHIFT
+        r = fused.summarise(arr, shift, _threads(), bfloat16=x.dtype == torch.bfloat16)
+        if r is None:
+            return stats_on_cpu_reference(x)
     s, pos, total, squares, lo, hi, bad = r
     fp = (s & _MASK64, pos & _MASK64)
     if not n:
@@ -212,7 +235,7 @@ def stats_on_cpu(
         norm = float(torch.linalg.vector_norm(x.to(torch.float64)))
     else:
         norm = math.sqrt(squares)
-    mean = total / arr.size
+    mean = total / size
     if x.dtype in _FLOAT32_ACCUMULATED:
         # The reference sums these in float32: a sum of squares (or a sum) beyond the float32
         # range is inf there. Report the same, so that both paths describe a tensor alike.
@@ -224,6 +247,8 @@ def stats_on_cpu(
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: Below this many bytes a tensor is never split across threads (``fused.summarise``).
+_SPLIT_AT = 2 * fused.SPLIT_BYTES
 
 
 _MASK64 = 2**64 - 1

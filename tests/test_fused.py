@@ -265,10 +265,31 @@ def test_kernel_that_fails_to_compile_warns_once(monkeypatch):
         calls.append(1)
         raise RuntimeError("Failed in nopython mode pipeline (step: nopython frontend)")
 
-    monkeypatch.setattr(fused, "_build", lambda: {"chunk": chunk, "whole": chunk})
+    monkeypatch.setattr(
+        fused, "_build", lambda: {"chunk": chunk, "whole": chunk, "whole_at": chunk}
+    )
     x, y = CASES["large_tail"], CASES["just_large"]
     with pytest.warns(RuntimeWarning, match="nopython") as record:
         assert stats_on_cpu(x) == stats_on_cpu_reference(x)
         assert stats_on_cpu(y) == stats_on_cpu_reference(y)
     assert len(record) == 1 and len(calls) == 1
     assert not fused.available()
+
+
+@pytest.mark.parametrize("name", list(CASES), ids=list(CASES))
+def test_address_path_equals_array_path(name, monkeypatch):
+    """Small plain tensors reach the kernel by address (``fused.summarise_at``), everything
+    else through a numpy view (``fused.summarise``): the same kernel, so the same results,
+    bit for bit (compared with the address path switched off)."""
+    if not fused.available():
+        pytest.skip("numba unavailable")
+    x = CASES[name]
+    calls = []
+    at = fused.summarise_at
+    monkeypatch.setattr(fused, "summarise_at", lambda *a: calls.append(a) or at(*a))
+    by_address = stats_on_cpu(x)
+    plain = type(x) is torch.Tensor and x.is_contiguous() and x.dtype in snapshot._AT_NAMES
+    if plain and 0 < x.nbytes < 2 * fused.SPLIT_BYTES:
+        assert calls, "the address path was not taken"
+    monkeypatch.setattr(snapshot, "_SPLIT_AT", 0)  # the address path off
+    assert repr(stats_on_cpu(x)) == repr(by_address)
