@@ -168,7 +168,6 @@ class Recorder:
         self._batches: list[Any] = []  # offered by a framework callback (offer_batch)
         self._forward_ran = False  # the model's own forward ran with grad in this step
         self._arena = None  # taken at the step's first full-values capture
-        self._step_final = True  # every entry so far is final (statistics computed here)
 
     def _next_call(self, kind: str, name: str) -> int:
         key = (kind, name)
@@ -268,8 +267,6 @@ class Recorder:
             batch=self._device_batch,
             arena=arena,
         )
-        if type(entry) is not EntryData:  # finished later, on the writer thread
-            self._step_final = False
         return entry
 
     def _end_step(self) -> None:
@@ -292,7 +289,6 @@ class Recorder:
             step = self.clock.step
             arena = self._arena
             self._device_batch.flush()
-            final = self._step_final
             self._reset_step_state()
             self.clock.advance()
             # Output-gradient hooks of the step before last can no longer fire usefully.
@@ -305,8 +301,7 @@ class Recorder:
             extra["optimizer"] = settings
         if arena is not None:
             extra["arena"] = arena
-        # final: statistics only, nothing to wait for (the writer may write it right here)
-        self.writer.submit(step, entries, **extra, final=final and arena is None)
+        self.writer.submit(step, entries, **extra)
         self.steps_submitted += 1
 
     # -- events from the hooks -------------------------------------------------------------

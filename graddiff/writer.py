@@ -4,13 +4,6 @@ Data flow: recorder --(one finished step: list of entries)--> BackgroundWriter -
 --> HDF5 (layout in ``graddiff.format``). The queue holds at most one step besides the one
 being written, so memory stays bounded and a kill -9 loses at most the last two steps.
 
-A step whose entries are all final (statistics only, nothing to copy or wait for) is written
-on the training thread when the writer thread is idle: handing it over cost more CPU than
-writing it (a thread wake-up, the interpreter lock passed back and forth, and the writer
-reading every entry from the other core's cache; docs/performance.md). After an inline write
-slower than ``INLINE_MAX_SECONDS`` (the disk blocks), the next ``INLINE_BACKOFF_STEPS`` such
-steps go to the thread.
-
 Failure policy: a write error (disk full, file too large, I/O error) stops recording with one
 warning; training goes on; the file stays readable up to the last complete step. Free space
 and the process file-size limit are checked before each step so that the disk-full path, which
@@ -65,10 +58,6 @@ WRITE_BYTES = 2 * 2**20
 #: Segments smaller than this are gathered into the staging buffer and written together.
 STAGE_BYTES = 256 * 2**10
 _U8 = h5t.NATIVE_UINT8
-#: An inline write (module doc) slower than this, by the wall clock (the disk blocked, or the
-#: machine is overloaded), sends the next ``INLINE_BACKOFF_STEPS`` final steps to the thread.
-INLINE_MAX_SECONDS = 0.05
-INLINE_BACKOFF_STEPS = 1000
 
 
 #: Cached row layouts per (record, shape) at most (see ``TraceWriter._layout``).
@@ -479,9 +468,6 @@ class BackgroundWriter:
 
     def __init__(self, writer_factory, *, max_pending: int = 1) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        # Held while an item is written, by the writer thread or by an inline ``submit``.
-        self._owner = threading.Lock()
-        self._inline_skip = 0  # final steps left to send to the thread after a slow inline write
         self._failure: Optional[str] = None
         self._warned = False
         self._writer: Optional[TraceWriter] = None
@@ -511,26 +497,19 @@ class BackgroundWriter:
         self._ready.set()
         while True:
             item = self._queue.get()
-            try:
-                if item is _STOP:
-                    break
-                self._process(*item)
-            finally:
-                self._queue.task_done()
-
-    def _process(self, what: str, step: Optional[int], payload: Any, extra: Optional[dict]) -> None:
-        """Write one item (on the writer thread, or inline from ``submit``)."""
-        arena = extra.get("arena") if what == "step" and extra else None
-        if self._failure is not None:
-            if arena is not None:
-                arena.release()
-            return
-        t0 = time.perf_counter()
-        with self._owner:
+            if item is _STOP:
+                break
+            what, step, payload, extra = item
+            arena = extra.get("arena") if what == "step" and extra else None
+            if self._failure is not None:
+                if arena is not None:
+                    arena.release()
+                continue
+            t0 = time.perf_counter()
             try:
                 if what == "attr":
                     self._writer.set_attr(*payload)
-                    return
+                    continue
                 resolved = [e.resolve() for e in payload]
                 # keywords only when given: wrappers of write_step keep working
                 self.bytes_written += self._writer.write_step(step, resolved, **(extra or {}))
@@ -552,40 +531,22 @@ class BackgroundWriter:
         entries: list,
         optimizer: Optional[list] = None,
         arena: Optional[Arena] = None,
-        *,
-        final: bool = False,
     ) -> None:
         """Queue a finished step (with its optimizer settings changes, if any, and the arena
-        its kept values were copied into, if any). After a failure, steps are dropped and one
-        warning is given.
-
-        ``final``: every entry is final (``resolve`` has nothing to wait for or copy). Such a
-        step is written here, on the caller's thread, when nothing is queued or being written
-        (so steps stay in order), unless a recent inline write was slow.
-        """
+        its kept values were copied into, if any). After a
+        failure, steps are dropped and one warning is given."""
         self.warn_if_failed()
         if arena is not None:
             arena.seal()
-        if self._failure is not None:
+        if self._failure is None:
+            extra: dict[str, Any] = {}
+            if optimizer:
+                extra["optimizer"] = optimizer
             if arena is not None:
-                arena.release()
-            return
-        extra: dict[str, Any] = {}
-        if optimizer:
-            extra["optimizer"] = optimizer
-        if arena is not None:
-            extra["arena"] = arena
-        if final and not self._queue.unfinished_tasks:
-            if self._inline_skip:
-                self._inline_skip -= 1
-            else:
-                t0 = time.perf_counter()
-                self._process("step", step, entries, extra)
-                if time.perf_counter() - t0 > INLINE_MAX_SECONDS:
-                    self._inline_skip = INLINE_BACKOFF_STEPS
-                self.warn_if_failed()
-                return
-        self._queue.put(("step", step, entries, extra))
+                extra["arena"] = arena
+            self._queue.put(("step", step, entries, extra))
+        elif arena is not None:
+            arena.release()
 
     def warn_if_failed(self) -> None:
         if self._failure is not None and not self._warned:
