@@ -273,3 +273,41 @@ def test_show_lists_the_changes(tmp_path):
     res = CliRunner().invoke(cli_main, ["show", str(tmp_path / "c.h5"), "--no-check", "--json"])
     doc = json.loads(res.output)
     assert [c["step"] for c in doc["optimizer"]["changes"]] == list(range(9))
+
+
+def test_merged_ranks_keep_rank_0s_optimizer_settings(tmp_path):
+    """compare on rank files merges them: the merged trace carries rank 0's settings, so the
+    settings causes work on distributed runs too."""
+    import json
+
+    import h5py
+    from test_ranks_parallel import _write
+
+    from graddiff.format import OPTIMIZER_DTYPE
+    from graddiff.ranks import open_ranks
+    from graddiff.ranks.merge import merge_ranks
+
+    (pattern,) = _write(str(tmp_path / "r"), n_ranks=2, n_steps=3)
+    rows = np.zeros(2, dtype=OPTIMIZER_DTYPE)
+    rows[0] = (
+        0,
+        json.dumps(
+            [
+                {
+                    "optimizer": 0,
+                    "class": "x.SGD",
+                    "groups": 1,
+                    "hyper": {"0": {"lr": 0.1}},
+                    "params": {"0": ["layer0.weight"]},
+                }
+            ]
+        ),
+    )
+    rows[1] = (2, json.dumps([{"optimizer": 0, "hyper": {"0": {"lr": 0.05}}}]))
+    with h5py.File(tmp_path / "r" / "run_0.h5", "a") as f:
+        f.create_dataset("optimizer", data=rows, maxshape=(None,), chunks=(64,))
+    rs = open_ranks([pattern])
+    merged = merge_ranks(rs, "mean", "A")
+    st = merged.run.optimizer_settings
+    assert st.series("lr", [0, 1, 2]) == [0.1, 0.1, 0.05]
+    assert st.for_param(1, "layer0.weight")[0].class_name == "x.SGD"

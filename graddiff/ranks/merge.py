@@ -255,9 +255,24 @@ def merge_ranks(rs: RankSet, reduction: str, label: str) -> Merged:
         raise
     statuses = {run.status for run in rs.runs}
     writer.close("complete" if statuses == {"complete"} else "stopped: a rank did not complete")
+    _copy_settings(rs, path, label, notes)
     for what, why in skipped.items():
         notes.append(f"{label}: {what} not merged ({why})")
     return Merged(open_run(path), label, reduction, notes)
+
+
+def _copy_settings(rs: RankSet, path: str, label: str, notes: list[str]) -> None:
+    """Rank 0's recorded optimizer settings into the merged trace (every rank's optimizer has
+    the same settings in data parallelism; compare's diagnoses read them)."""
+    import h5py
+
+    from ..diff.optcopy import copy_settings  # (lazily: diff imports ranks)
+
+    try:
+        with h5py.File(path, "r+") as f:
+            copy_settings(rs.runs[0], f, 0, {})
+    except GraddiffError as exc:
+        notes.append(f"{label}: rank 0's optimizer settings not used ({exc})")
 
 
 def _merge_shards(rs, key, rows, layouts, skipped) -> Optional[EntryData]:
