@@ -248,6 +248,13 @@ def test_the_self_check_passes_under_the_interpreter(dtype):
     assert triton_stats.self_check(torch.device("cpu"), dtype, words=256) is None
 
 
+def test_the_self_check_catches_a_wrong_kernel(monkeypatch):
+    """Per-word weights for every size (a fingerprint that differs above 32 KiB) must fail."""
+    monkeypatch.setattr(triton_stats, "shift_for", lambda numel, itemsize: 0)
+    problem = triton_stats.self_check(torch.device("cpu"), torch.float64, words=512)
+    assert problem is not None and problem.startswith("fingerprint of torch.float64 x 7173")
+
+
 def _entry(x: torch.Tensor) -> PendingEntry:
     return PendingEntry("param", "w", 0, str(x.dtype), tuple(x.shape), (0.0,) * 6, (0, 0))
 
