@@ -32,6 +32,7 @@ CPU tensors. Never run on a GPU by the author: see docs/performance.md.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any, Optional
 
@@ -389,7 +390,7 @@ def self_check(device: torch.device, dtype: torch.dtype, words: int = WORDS) -> 
     from .snapshot import stats_on_cpu_reference
 
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    ctx = torch.cuda.stream(stream) if stream is not None else _null()
+    ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
     with ctx:
         cpu = _check_tensors(dtype)
         xs = [x.to(device) for x in cpu]
@@ -445,11 +446,3 @@ def _same_nan(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and all(
         (math.isnan(x) and math.isnan(y)) or x == y for x, y in zip(a, b)
     )
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
