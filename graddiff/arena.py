@@ -38,6 +38,7 @@ class Arena:
     def __init__(self, pool: Optional[ArenaPool], buf: np.ndarray, keepalive: Any = None) -> None:
         self.buf = buf
         self.keepalive = keepalive  # the allocation that owns ``buf`` (a pinned torch tensor)
+        self.views: dict = {}  # the recorder's typed views of its slots, by (offset, dtype, shape)
         self.base = int(buf.__array_interface__["data"][0]) if buf.size else 0
         self.used = 0
         self.requested = 0  # bytes asked for this step, in slots (fitting or not)

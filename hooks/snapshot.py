@@ -422,15 +422,26 @@ def _into_arena(x: torch.Tensor, arena: Arena) -> Optional[torch.Tensor]:
     off = arena.slot(nbytes)
     if off is None:
         return None
-    whole = arena.keepalive
-    if whole is None:  # the arena's bytes as a torch tensor, made once per arena
-        whole = arena.keepalive = torch.from_numpy(arena.buf)
+    views = arena.views
+    key = (off, x.dtype, x.shape)
     try:
-        dst = whole[off : off + nbytes].view(x.dtype).view(x.shape)
+        dst = views.get(key)
+        if dst is None:  # a training loop repeats its captures: each slot's view is made once
+            whole = arena.keepalive
+            if whole is None:  # the arena's bytes as a torch tensor, made once per arena
+                whole = arena.keepalive = torch.from_numpy(arena.buf)
+            dst = whole[off : off + nbytes].view(x.dtype).view(x.shape)
+            if len(views) >= _MAX_VIEWS:
+                views.clear()
+            views[key] = dst
         dst.copy_(x)
     except (RuntimeError, TypeError):  # tensor subclasses, exotic views: clone instead
         return None
     return dst
+
+
+#: Slot views cached per arena at most (shapes that change every step stay bounded).
+_MAX_VIEWS = 4096
 
 
 def capture_on_device(
