@@ -91,6 +91,7 @@ class ArenaPool:
         self._alloc = alloc
         self._idle: list[Arena] = []
         self._target = 0
+        self._closed = False
         self._lock = threading.Lock()
 
     def acquire(self) -> Arena:
@@ -118,10 +119,17 @@ class ArenaPool:
 
     def _give_back(self, arena: Arena) -> None:
         with self._lock:
-            if arena.capacity >= self._target and arena.capacity and len(self._idle) < MAX_IDLE:
+            if (
+                not self._closed
+                and arena.capacity >= self._target
+                and arena.capacity
+                and len(self._idle) < MAX_IDLE
+            ):
                 self._idle.append(arena)
 
     def clear(self) -> None:
-        """Drop the idle arenas (at the trace's end)."""
+        """Drop the idle arenas and keep none handed back later (at the trace's end: the
+        steps still being written free their arenas when the writer is done with them)."""
         with self._lock:
+            self._closed = True
             self._idle.clear()
