@@ -5,8 +5,8 @@ BackgroundWriter --(the arena's used bytes, written in a few large pieces)--> HD
 
 A full-values step used to ``clone`` every tensor (a fresh allocation per tensor per step, its
 pages faulted in again each time) and write each one on its own. With an arena the capture
-copies each tensor once into a slot of a buffer whose pages were touched once, when the pool
-first made it, and the writer writes the step's bytes from that same memory; no byte is copied
+copies each tensor once into a slot of a buffer whose pages were faulted in once, at the
+arena's first use, and the writer writes the step's bytes from that same memory; no byte is copied
 twice. A buffer goes back to its pool when the writer is done with it (or when the step is
 dropped), so a trace holds at most the steps in flight (the one being captured, the one
 queued and the one being written, ``BackgroundWriter``). This module knows only numpy; the
@@ -27,9 +27,10 @@ MAX_IDLE = 3
 
 
 def _alloc_numpy(nbytes: int) -> tuple[np.ndarray, Any]:
-    buf = np.empty(nbytes, dtype=np.uint8)
-    buf.fill(0)  # fault every page in now, once, instead of in each step's copies
-    return buf, None
+    # Not zeroed here: the pages are faulted in by the arena's first step of copies (as a
+    # clone's would be), once; slot() zeroes the padding it leaves, and bytes no slot covers
+    # are never written to the file.
+    return np.empty(nbytes, dtype=np.uint8), None
 
 
 class Arena:
