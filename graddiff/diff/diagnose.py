@@ -35,6 +35,7 @@ from .rules_forward import (
     rule_structure,
 )
 from .rules_graph import rule_extra_grad_path, rule_tied_weights
+from .rules_micro import rule_accumulation_steps
 from .rules_nonfinite import rule_nonfinite
 from .rules_path import rule_grad_path, rule_zero_vs_none
 from .rules_ranks import rule_rank_local_batchnorm
@@ -114,6 +115,8 @@ def _amplification_plausible(x: Context) -> bool:
 GRAPH_CAUSES = frozenset({"tied_weights", "extra_grad_path", "zero_vs_none_grad"})
 #: Causes that explain scaled gradients better than rule_scaled_grads' generic ones.
 CLIP_CAUSES = frozenset({"clip_before_unscale", "grad_clipping"})
+#: Rules whose readings (a loss ratio, the batch's samples) assume the same samples per step.
+BATCH_RULES = (rule_inputs, rule_loss_scale, rule_unscaled_micro_batches, rule_accumulation)
 RULES: tuple[Callable[[Context], Any], ...] = (
     rule_nonfinite,
     rule_tied_weights,
@@ -121,6 +124,7 @@ RULES: tuple[Callable[[Context], Any], ...] = (
     rule_grad_path,
     rule_zero_vs_none,
     rule_structure,
+    rule_accumulation_steps,
     rule_init,
     rule_inputs,
     rule_accumulation,
@@ -165,6 +169,8 @@ def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> li
         ):
             continue
         if rule is rule_scaled_grads and any(c.cause in CLIP_CAUSES for c in causes):
+            continue
+        if rule in BATCH_RULES and any(c.cause == "accumulation_steps" for c in causes):
             continue
         c = rule(x)
         causes.extend(c if isinstance(c, list) else ([c] if c is not None else []))

@@ -34,13 +34,22 @@ def rule_structure(x: Context) -> Optional[Cause]:
         gone = [g for g, code in x.slots_of(h.step, ("grad", "autograd_grad")) if code == h.code]
         if gone or s.kind != "grad_output":
             names = gone or [s]
+            ev = [
+                f"run {lacks} computes no gradient for {x.names(names)} at step {h.step}",
+                f"first missing record: {x.label(s)}",
+            ]
+            firm = _frozen_evidence(x, lacks.lower(), names)
+            ev.extend(firm)
+            title = f"{len(names)} parameter(s) have a gradient in {has} only: a frozen layer?"
+            if len(firm) == 2:
+                title = (
+                    f"frozen vs trainable: {x.names(names, 2)} frozen in {lacks} (no gradient, "
+                    f"never updated), trained in {has}"
+                )
             return Cause(
                 "frozen_parameter",
-                f"{len(names)} parameter(s) have a gradient in {has} only: a frozen layer?",
-                [
-                    f"run {lacks} computes no gradient for {x.names(names)} at step {h.step}",
-                    f"first missing record: {x.label(s)}",
-                ],
+                title,
+                ev,
                 "a frozen layer (requires_grad=False) or a parameter unused in one run; "
                 "freeze the same parameters in both",
             )
@@ -50,6 +59,30 @@ def rule_structure(x: Context) -> Optional[Cause]:
         [f"run {lacks} has no {s.kind} {x.name(s)}, call {max(s.call, 0)}, at step {h.step}"],
         "the runs execute different modules or a different number of calls",
     )
+
+
+def _frozen_evidence(x: Context, lacks: str, grads: list) -> list[str]:
+    """Whether the run lacking these gradients ever records one for them, and whether their
+    parameters stay bitwise unchanged there over the compared steps (values where stored)."""
+    out = []
+    if all(not getattr(g, f"keys_{lacks}") for g in grads):
+        out.append(f"{lacks.upper()} records no gradient for them at any step")
+    first, last = int(x.pair.steps[0]), int(x.pair.steps[-1])
+    if last > first:
+        same = []
+        for g in grads:
+            ps = x.pair.slot("param", g.name)
+            u = None if ps is None else x.v(lacks, ps, first)
+            w = None if ps is None else x.v(lacks, ps, last)
+            if u is None or w is None or u.shape != w.shape:
+                return out
+            same.append(bool(np.array_equal(u, w)))
+        if all(same):
+            out.append(
+                f"their parameters stay bitwise unchanged in {lacks.upper()} from step {first} "
+                f"to {last}: not trained there (requires_grad=False, or not in the optimizer)"
+            )
+    return out
 
 
 def rule_init(x: Context) -> Optional[Cause]:
@@ -83,6 +116,44 @@ def _sample_bytes(x: np.ndarray) -> list[bytes]:
     return [row.tobytes() for row in flat]
 
 
+#: How many recorded steps the data-order search reads per run (full values only).
+ORDER_SEARCH_STEPS = 64
+
+
+def _step_list(steps: list[int]) -> str:
+    steps = sorted(set(steps))
+    return ", ".join(map(str, steps[:6])) + (
+        f" and {len(steps) - 6} more" if len(steps) > 6 else ""
+    )
+
+
+def _elsewhere(x: Context, rows_a: list[bytes], rows_b: list[bytes]):
+    """(samples of one run's batch found in the other run at other steps, those steps, steps
+    searched, the run searched): A's batch in B's steps and B's batch in A's, the larger count;
+    None when no other step has values to search."""
+    near = x.pair.steps[x.pair.steps != x.step]
+    near = near[np.argsort(np.abs(near - x.step), kind="stable")][:ORDER_SEARCH_STEPS]
+    best, searched = None, 0
+    for mine, side in ((set(rows_a) - set(rows_b), "b"), (set(rows_b) - set(rows_a), "a")):
+        # side: the run searched for the other run's samples
+        found: set = set()
+        steps: list[int] = []
+        n = 0
+        for t in near.tolist():
+            v = x.v(side, x.slot, int(t))
+            if v is None or v.ndim < 1 or v.shape[1:] != x.v("a", x.slot, x.step).shape[1:]:
+                continue
+            n += 1
+            hit = mine & set(_sample_bytes(v))
+            if hit - found:
+                steps.append(int(t))
+            found |= hit
+        searched = max(searched, n)
+        if n and (best is None or len(found) > best[0]):
+            best = (len(found), steps, side)
+    return None if best is None else (best[0], best[1], searched, best[2])
+
+
 def rule_inputs(x: Context) -> Optional[Cause]:
     """An input differs while parameters agree: data order or augmentation."""
     if x.slot.kind != "input":
@@ -101,6 +172,24 @@ def rule_inputs(x: Context) -> Optional[Cause]:
             shared = len(set(rows_a) & set(rows_b))
             ev.append(f"{shared} of {len(a)} samples of the batch occur in both runs")
             title = "different inputs: different samples (data order) or augmentation"
+            moved = _elsewhere(x, rows_a, rows_b)
+            if moved is not None:
+                found, steps, searched, side = moved
+                if found:
+                    title = "different data order: the same samples at other steps"
+                    mine = "A" if side == "b" else "B"
+                    ev.append(
+                        f"{found} of the {len(a)} samples of {mine}'s batch at step {x.step} "
+                        f"occur in {side.upper()} at other steps ({_step_list(steps)}): one "
+                        "dataset, drawn in a different order (sampler, shuffle seed)"
+                    )
+                else:
+                    title = "different inputs: not the same samples (augmentation or data)"
+                    ev.append(
+                        f"none of the batch's samples occurs in the other run at any of the "
+                        f"{searched} recorded steps searched: different data, preprocessing "
+                        "or augmentation (or an order the recorded steps do not reach)"
+                    )
     return Cause(
         "different_inputs",
         title,
@@ -153,8 +242,10 @@ def rule_dropout(x: Context) -> Optional[Cause]:
     if not (za != zb).any():
         return None
     both = ~za & ~zb
-    if both.sum() == 0 or rel_diff(a[both], b[both]) > 1e-5:
+    if both.sum() == 0:
         return None
+    if rel_diff(a[both], b[both]) > 1e-5:
+        return _dropout_rate(x, a, b, za, zb, both)
     return Cause(
         "dropout_rng",
         f"different dropout masks in {x.module(x.slot.name)} (random number state differs)",
@@ -165,6 +256,44 @@ def rule_dropout(x: Context) -> Optional[Cause]:
         ],
         "seed torch identically (torch.manual_seed) and make both runs draw the same random numbers "
         "before this step (an extra random op shifts every later mask)",
+    )
+
+
+def _dropout_rate(x: Context, a, b, za, zb, both) -> Optional[Cause]:
+    """Different elements zeroed and the kept ones scaled by one constant c != 1: inverted
+    dropout scales kept elements by 1 / (1 - p), so a different p gives c = (1 - p_B) / (1 - p_A)
+    on the elements both runs kept."""
+    a64, b64 = a[both].astype(np.float64), b[both].astype(np.float64)
+    aa = float(a64 @ a64)
+    if aa == 0:
+        return None
+    c = float(a64 @ b64) / aa
+    if abs(c - 1) < 1e-3 or rel_diff(b64, c * a64) > 1e-5:
+        return None
+    fa, fb = float(za.mean()), float(zb.mean())
+    ev = [
+        f"at step {x.step} different elements are zeroed ({fa:.1%} in A, {fb:.1%} in B: p "
+        "plus the input's own zeros), and where both runs kept an element B's output is "
+        f"A's x {fmt(c)} exactly (one constant: (1 - p_A) / (1 - p_B) with inverted dropout)",
+    ]
+    b_in_a, a_in_b = not (zb & ~za).any(), not (za & ~zb).any()
+    if b_in_a != a_in_b:  # one run zeroes only what the other does too: its input's own zeros
+        side, p = ("B", 1 - c) if b_in_a else ("A", 1 - 1 / c)
+        other = "A" if side == "B" else "B"
+        ev.append(
+            f"every element {side} zeroes is zero in {other} too (the input's own zeros): p = 0 "
+            f"in {side}, p = {fmt(p)} in {other} (the kept elements' factor)"
+        )
+    return Cause(
+        "dropout_rate",
+        f"dropout probability differs in {x.module(x.slot.name)}: its kept elements are "
+        f"scaled by 1/(1-p) with another p in each run",
+        ev
+        + [
+            "the module's input agrees (every earlier compared record is within tolerance)",
+        ],
+        "use the same dropout probability in both runs (nn.Dropout(p), a config's "
+        "*_pdrop / hidden_dropout_prob)",
     )
 
 
