@@ -161,17 +161,17 @@ def test_missing_detach_without_output_gradients(tmp_path, two_optimizers):
     assert "forward" not in " ".join(" ".join(c.evidence) for c in r.diagnosis)
 
 
-def _mlp(path, variant: str = "") -> str:
+def _mlp(path, variant: str = "", steps: int = 3, momentum: float = 0.0) -> str:
     """A 3-layer MLP under SGD with an auxiliary head used at step 1 only."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     m = nn.ModuleDict({"net": net, "aux": nn.Linear(16, 4)})
     if variant == "frozen":
         net[0].requires_grad_(False)
-    o = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    o = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=momentum)
     g = torch.Generator().manual_seed(0)
     with graddiff.trace(m, path, values="full"):
-        for step in range(3):
+        for step in range(steps):
             x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
             o.zero_grad(set_to_none=variant != "zeros")
             h = net[:4](x)
@@ -201,12 +201,31 @@ def test_not_a_gradient_path(tmp_path, variant):
         assert r.cause.cause == "frozen_parameter"
 
 
-def test_zero_vs_none_gradient(tmp_path):
-    """The auxiliary head is unused at step 2; B zeroes its .grad in place, A sets it to None."""
+def test_zero_vs_none_gradient_is_the_same_training(tmp_path):
+    """The auxiliary head is unused at step 2; B zeroes its .grad in place, A sets it to None.
+    Under plain SGD that is the same training: a None gradient is zero, compared as equal, and
+    said so in the headline, the notes and the structure."""
     a, b = _mlp(tmp_path / "a.h5"), _mlp(tmp_path / "b.h5", "zeros")
     r = graddiff.compare(a, b, kinds=LEAN)
-    assert (r.first.step, r.first.kind, r.first.name) == (2, "grad", "aux.weight"), r.headline()
-    assert [c.cause for c in r.diagnosis] == ["zero_vs_none_grad"], r.cause.title
+    assert r.exit_code == 0 and r.verdict == "identical", r.headline()
+    assert "counting a None gradient as zero (2 record(s)" in r.headline()
+    zn = sorted(d["label"] for d in r.structure["zero_vs_none"])
+    assert zn == ["grad aux.bias", "grad aux.weight"], zn
+    assert all(d["steps"] == 1 for d in r.structure["zero_vs_none"])
+    assert any("None in one run and all zeros" in n for n in r.notes)
+
+
+def test_zero_vs_none_gradient_under_momentum(tmp_path):
+    """With momentum, B's optimizer moves the unused head (its buffer decays on a zero
+    gradient) while A's skips it: the first divergence is that head's parameters one step
+    later, and the cause is the zero vs None gradient of the step before."""
+    a = _mlp(tmp_path / "a.h5", steps=4, momentum=0.9)
+    b = _mlp(tmp_path / "b.h5", "zeros", steps=4, momentum=0.9)
+    r = graddiff.compare(a, b, kinds=LEAN)
+    assert r.exit_code == 1, r.headline()
+    assert (r.first.step, r.first.kind) == (3, "param"), r.headline()
+    assert r.first.name in ("aux.weight", "aux.bias"), r.headline()
+    assert r.cause.cause == "zero_vs_none_grad", r.cause.title
     assert "aux.weight, aux.bias (both Linear) unused at step 2" in r.cause.title
     assert "in place in B" in r.cause.title and "None in A" in r.cause.title
     assert not diagnosis_unlabelled(r)

@@ -455,9 +455,19 @@ def _compare(
             {"label": al.slots[slot].label, "steps": n, "how": al.slots[slot].note}
             for slot, n in sorted(w.unjudged.items())
         ],
+        "zero_vs_none": [
+            {"label": al.slots[slot].label, "steps": n} for slot, n in sorted(w.zero_none.items())
+        ],
         "steps_only_in_a": _span(only_a),
         "steps_only_in_b": _span(only_b),
     }
+    if w.zero_none:
+        n = len(w.zero_none)
+        notes.append(
+            f"{n} gradient record{'s are' if n != 1 else ' is'} None in one run and all zeros in "
+            "the other at some steps (zero_grad(set_to_none=...) differs, or an unused "
+            "parameter): compared as equal, a None gradient being zero (see structure)"
+        )
     report = Report(
         run_a=ra.path,
         run_b=rb.path,

@@ -300,6 +300,21 @@ def derived_slack(a: Side, b: Side, eps: np.ndarray, eps_stats: np.ndarray) -> n
         return unit * scale
 
 
+#: kinds whose absence means zero: PyTorch leaves .grad None (autograd.grad returns None with
+#: allow_unused) where the gradient is zero because the parameter was not reached
+ZERO_WHEN_ABSENT = ("grad", "autograd_grad")
+
+
+def _all_zero(s: Side) -> np.ndarray:
+    return s.present & (s.max == 0) & (s.min == 0) & (s.nan == 0) & (s.inf == 0)
+
+
+def none_vs_zero(al: Alignment, slot: np.ndarray, a: Side, b: Side) -> np.ndarray:
+    """Cells of gradient kinds absent (None) in one run and all zeros in the other."""
+    grads = np.array([s.kind in ZERO_WHEN_ABSENT for s in al.slots] or [False])[slot]
+    return grads & ((~a.present & _all_zero(b)) | (~b.present & _all_zero(a)))
+
+
 def classify(
     run_a: Run,
     run_b: Run,
@@ -345,6 +360,9 @@ def classify(
     code[diff & ~shape_eq] = SHAPE
     code[~a.present] = MISSING_A
     code[~b.present] = MISSING_B
+    # A gradient that is None in one run and all zeros in the other is the same gradient
+    # (zero_grad(set_to_none=True) vs False on a parameter unused at that step): equal.
+    code[none_vs_zero(al, slot, a, b)] = EQUAL
     floor = noise_floor(step, rank, a, b, dtypes.floor)
     # Calls summed or joined without full values on both sides: their statistics are compared
     # within a rounding allowance, and only the fingerprints of joined aligned calls are exact.

@@ -67,6 +67,9 @@ class WalkResult:
     #: slot -> steps where its summed or joined calls were stats-only and agreed within
     #: rounding: not comparable bitwise there, and not counted as a difference
     unjudged: dict[int, int] = field(default_factory=dict)
+    #: slot -> steps where its gradient was None in one run and all zeros in the other
+    #: (compared as equal: compare_records.none_vs_zero)
+    zero_none: dict[int, int] = field(default_factory=dict)
 
 
 def _facts(c: Cells, i: int, pair: RunPair) -> dict:
@@ -143,6 +146,7 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
     max_rel = 0.0
     changes: dict[tuple[str, int], tuple[int, dict]] = {}
     unjudged: dict[int, int] = {}
+    zero_none: dict[int, int] = {}
     kind_col = {k: j for j, k in enumerate(ALL_KINDS)}
     slot_col = np.array([kind_col.get(s.kind, 0) for s in pair.al.slots] or [0], np.int64)
     steps = pair.steps
@@ -160,6 +164,9 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         unsure = (c.code == STATS) & c.loose & ~different
         for slot, n in zip(*np.unique(c.slot[unsure], return_counts=True)):
             unjudged[int(slot)] = unjudged.get(int(slot), 0) + int(n)
+        zn = (c.code == EQUAL) & (c.a.present != c.b.present)
+        for slot, n in zip(*np.unique(c.slot[zn], return_counts=True)):
+            zero_none[int(slot)] = zero_none.get(int(slot), 0) + int(n)
         need_exact = first is None or int(block[0]) <= first.step + EXACT_STEPS_AFTER
         by_step_a, by_step_b = _by_step(ea), _by_step(eb)
         fast: dict[int, tuple[bool, float]] = {}
@@ -237,5 +244,12 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         if different.any():
             max_rel = max(max_rel, float(np.nanmax(np.where(different, best, 0.0))))
     return WalkResult(
-        first, first_bitwise, growth.result(), steps_differing, max_rel, changes, unjudged
+        first,
+        first_bitwise,
+        growth.result(),
+        steps_differing,
+        max_rel,
+        changes,
+        unjudged,
+        zero_none,
     )

@@ -195,6 +195,13 @@ class Report:
                     f"{len(unsure)} summed or joined record(s) stored as statistics only, "
                     "which agree within rounding (not comparable bitwise)."
                 )
+            zn = self.structure.get("zero_vs_none") or []
+            if zn:
+                return (
+                    f"No difference: the runs are bitwise identical over {scope}, counting a "
+                    f"None gradient as zero ({len(zn)} record(s) None in one run and all zeros "
+                    "in the other)."
+                )
             return f"No difference: the runs are bitwise identical over {scope}."
         if self.verdict == "within_tolerance":
             o = self.first_bitwise

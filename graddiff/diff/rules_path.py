@@ -335,44 +335,52 @@ def _all_zero(x: Context, side: str, slot: Slot, step: int) -> Optional[bool]:
     return bool(sd.max[i] == 0 and sd.min[i] == 0 and sd.nan[i] == 0)
 
 
+def _zero_none_slots(x: Context, step: int) -> tuple[list[Slot], Optional[str]]:
+    """Gradient slots None in one run and all zeros in the other at ``step`` (compared as
+    equal, compare_records.none_vs_zero), and the run that has the zeros ("a"/"b")."""
+    c = x.pair.cells(step)
+    out, has = [], set()
+    for i in np.flatnonzero((c.code == EQUAL) & (c.a.present != c.b.present)):
+        slot = x.pair.al.slots[int(c.slot[i])]
+        if slot.kind in _GRADS:
+            out.append(slot)
+            has.add("a" if c.a.present[i] else "b")
+    return out, (has.pop() if len(has) == 1 else None)
+
+
 def rule_zero_vs_none(x: Context) -> Optional[Cause]:
-    """A parameter's gradient is all zeros in one run and absent (None) in the other: unused at
-    this step, its .grad zeroed in place in one run and set to None in the other."""
+    """A parameter's gradient is all zeros in one run and None in the other at a step (unused
+    there, its .grad zeroed in place in one run and set to None in the other). The gradients
+    compare as equal (a None gradient is zero); the update that follows differs when momentum
+    or weight decay moves a parameter whose gradient is zero, and an optimizer skips one whose
+    gradient is None."""
     h, step = x.hit, x.step
-    if x.slot.kind not in _GRADS or h.code not in (MISSING_A, MISSING_B):
+    if x.slot.kind in _GRADS and h.code in (MISSING_A, MISSING_B):  # not all zeros: no
         return None
-    has, lacks = ("b", "a") if h.code == MISSING_A else ("a", "b")
-    gone = [s for s, code in x.slots_of(step, _GRADS) if code == h.code]
-    if x.slot not in gone:
-        gone.insert(0, x.slot)
-    if not all(_all_zero(x, has, s, step) for s in gone):
+    if x.slot.kind != "param":
         return None
-    H, L = has.upper(), lacks.upper()
+    earlier = x.pair.steps[x.pair.steps < step]
+    if not len(earlier):
+        return None
+    prev = int(earlier[-1])
+    gone, has = _zero_none_slots(x, prev)
+    diverging = [s for s, code in x.slots_of(step, ("param",)) if code != EQUAL]
+    names = {s.name for s in gone}
+    if not gone or has is None or not diverging or not all(s.name in names for s in diverging):
+        return None
+    H, L = has.upper(), ("b" if has == "a" else "a").upper()
     ev = [
-        f"at step {step} {H}'s gradients of {x.names(gone)} are all zeros; {L} has none (None)",
+        f"at step {prev} {H}'s gradients of {x.names(gone)} are all zeros and {L}'s are None: "
+        "compared as equal (a None gradient is zero)",
+        f"at step {step} the parameters that differ are exactly among them "
+        f"({x.names(diverging, 2)}): momentum or weight decay moves a parameter whose gradient "
+        "is zero, while an optimizer skips one whose gradient is None",
     ]
-    nxt = x.pair.steps[x.pair.steps > step]
-    if len(nxt):
-        t = int(nxt[0])
-        ps = [x.pair.slot("param", s.name) for s in gone]
-        ps = [p for p in ps if p is not None]
-        same = x.within(t, ("param",)) if ps else None
-        if ps and all(x.rel(p, t) == 0 for p in ps):
-            ev.append(
-                f"their parameters are bitwise equal at step {t}: the update ignores the "
-                "difference (an optimizer skips a None gradient; a zero one moves nothing "
-                "without momentum or weight decay)"
-            )
-        elif ps and same is False:
-            ev.append(
-                f"their parameters differ at step {t}: momentum or weight decay moves a "
-                "parameter whose gradient is zero, while an optimizer skips one whose "
-                "gradient is None"
-            )
     return Cause(
         "zero_vs_none_grad",
-        f"zero vs no gradient: {x.names(gone, 2)} unused at step {step}, .grad zeroed in "
-        f"place in {H} (zero_grad(set_to_none=False)) and None in {L}",
+        f"zero vs no gradient: {x.names(gone, 2)} unused at step {prev}, .grad zeroed in "
+        f"place in {H} (zero_grad(set_to_none=False)) and None in {L}; the update after it "
+        "differs",
         ev,
         "call zero_grad with the same set_to_none in both runs (PyTorch's default is "
         "set_to_none=True); with plain SGD the two are the same training",
