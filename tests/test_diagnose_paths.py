@@ -199,6 +199,13 @@ def test_not_a_gradient_path(tmp_path, variant):
     assert "extra_grad_path" not in [c.cause for c in r.diagnosis], r.cause.title
     if variant == "frozen":
         assert r.cause.cause == "frozen_parameter"
+    if variant == "clip_value":  # B clamps net.0's gradients to [-0.01, 0.01]
+        assert r.cause.cause == "grad_clipping", r.cause.title
+        assert "B clips gradients by value at 0.01 (clip_grad_value_), A does not" in r.cause.title
+        assert "net.0.weight" in " ".join(r.cause.evidence)
+        assert not diagnosis_unlabelled(r)
+    else:
+        assert "by value" not in " ".join(c.title for c in r.diagnosis)
 
 
 def test_zero_vs_none_gradient_is_the_same_training(tmp_path):

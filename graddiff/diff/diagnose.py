@@ -23,7 +23,7 @@ from .rules_backward import (
     rule_scaled_grads,
     rule_unscaled_micro_batches,
 )
-from .rules_clip import rule_clip_while_scaled
+from .rules_clip import rule_clip_by_value, rule_clip_while_scaled
 from .rules_forward import (
     rule_dropout,
     rule_generic,
@@ -129,6 +129,7 @@ RULES: tuple[Callable[[Context], Any], ...] = (
     rule_inputs,
     rule_accumulation,
     rule_clip_while_scaled,
+    rule_clip_by_value,
     rule_scaled_grads,
     rule_mode,
     rule_dropout,

@@ -195,3 +195,64 @@ def rule_clip_while_scaled(x: Context) -> Optional[Cause]:
         f"in {S}, call scaler.unscale_(optimizer) before clip_grad_norm_, then "
         "scaler.step(optimizer) and scaler.update()",
     )
+
+
+_GRADS = ("grad", "autograd_grad")
+
+
+def _clip_value(u: np.ndarray, v: np.ndarray) -> Optional[float]:
+    """``c`` when ``u`` is ``v`` clamped elementwise to [-c, c] (``c`` = max |u|, exactly) and
+    the clamp engaged on at least one element, else None."""
+    u, v = u.astype(np.float64).ravel(), v.astype(np.float64).ravel()
+    if not u.size or not np.all(np.isfinite(u)) or not np.all(np.isfinite(v)):
+        return None
+    c = float(np.max(np.abs(u)))
+    if c <= 0 or not np.any(np.abs(v) > c) or not np.array_equal(u, np.clip(v, -c, c)):
+        return None
+    return c
+
+
+def rule_clip_by_value(x: Context) -> Optional[Cause]:
+    """Every differing gradient of one run is the other's clamped elementwise to [-c, c], one
+    ``c`` for all (``clip_grad_value_``): that run clips by value, the other does not (or at a
+    larger value). Needs full values of the differing gradients; the relation is exact (a clamp
+    copies the elements it does not touch), so rounding cannot fake it."""
+    if x.slot.kind not in _GRADS or x.within(x.step, _FORWARD) is False:
+        return None
+    step = x.step
+    differ = [
+        s for s, code in x.slots_of(step, _GRADS) if code != EQUAL and x.rel(s, step) is not None
+    ]
+    if x.slot not in differ:
+        return None
+    for small, big in (("a", "b"), ("b", "a")):
+        cs = []
+        for s in differ:
+            u, v = x.v(small, s, step), x.v(big, s, step)
+            if u is None or v is None or u.shape != v.shape or u.dtype.kind != "f":
+                return None
+            c = _clip_value(u, v)
+            if c is None:
+                break
+            cs.append(c)
+        else:
+            c = cs[0]
+            if any(abs(ci / c - 1) > 1e-6 for ci in cs):
+                continue
+            S, B = small.upper(), big.upper()
+            clipped = sum(int(np.sum(np.abs(x.v(big, s, step)) > c)) for s in differ)
+            ev = [
+                f"at step {step} {x.agree(_FORWARD)}; the gradients of {x.names(differ)} differ",
+                f"each of them in {S} is {B}'s clamped elementwise to [-{fmt(c)}, {fmt(c)}]: "
+                f"{clipped} element(s) beyond {fmt(c)} in {B} are exactly \u00b1{fmt(c)} in "
+                f"{S}, every other element is bitwise equal (clip_grad_value_)",
+            ]
+            return Cause(
+                "grad_clipping",
+                f"{S} clips gradients by value at {fmt(c)} (clip_grad_value_), {B} does not "
+                "(or at a larger value)",
+                ev,
+                "use the same clip_grad_value_(parameters, clip_value) call, on the same "
+                "parameters, in both runs",
+            )
+    return None
