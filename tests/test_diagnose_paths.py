@@ -206,6 +206,13 @@ def test_not_a_gradient_path(tmp_path, variant):
         assert not diagnosis_unlabelled(r)
     else:
         assert "by value" not in " ".join(c.title for c in r.diagnosis)
+    if variant == "l2":  # B adds 0.01 * p to net's weight gradients by hand
+        assert r.cause.cause == "weight_decay", r.cause.title
+        assert "B adds an L2 term 0.01 x p to its gradients before the step" in r.cause.title
+        assert "net.0.weight" in " ".join(r.cause.evidence)
+        assert not diagnosis_unlabelled(r)
+    else:
+        assert "L2 term" not in " ".join(c.title for c in r.diagnosis)
 
 
 def test_zero_vs_none_gradient_is_the_same_training(tmp_path):

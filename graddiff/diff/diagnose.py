@@ -34,6 +34,7 @@ from .rules_forward import (
     rule_precision,
     rule_structure,
 )
+from .rules_gradterm import rule_l2_in_gradients
 from .rules_graph import rule_extra_grad_path, rule_tied_weights
 from .rules_micro import rule_accumulation_steps
 from .rules_nonfinite import rule_nonfinite
@@ -130,6 +131,7 @@ RULES: tuple[Callable[[Context], Any], ...] = (
     rule_accumulation,
     rule_clip_while_scaled,
     rule_clip_by_value,
+    rule_l2_in_gradients,
     rule_scaled_grads,
     rule_mode,
     rule_dropout,
