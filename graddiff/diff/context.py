@@ -28,6 +28,10 @@ from .compare_records import DIFF, EQUAL, MISSING_A, MISSING_B, NONFINITE, SHAPE
 from .first import Hit, WalkResult
 from .pair import RunPair
 
+#: The kinds that make up the forward pass (what rules check agrees before blaming a backward).
+FORWARD_KINDS = ("param", "input", "activation", "loss")
+#: Parameter gradients, from ``.grad`` or from ``torch.autograd.grad``.
+GRAD_KINDS = ("grad", "autograd_grad")
 #: How many steps back the accumulation rule sums gradients.
 ACCUMULATION_LOOKBACK = 8
 #: A relation (sum, scale, ...) "holds" when its residual is below this relative error and far

@@ -19,6 +19,8 @@ from typing import Optional
 import numpy as np
 
 from .compare_records import EQUAL
+from .context import FORWARD_KINDS as _FORWARD
+from .context import GRAD_KINDS as _GRADS
 from .context import RELATION_TOL, Cause, Context, fmt
 from .exact import rel_diff
 
@@ -26,7 +28,6 @@ from .exact import rel_diff
 CLIP_STEPS = 16
 #: How equal two global norms must be to be "the same" (clip_grad_norm_ divides by norm + 1e-6).
 SAME_NORM = 1e-4
-_FORWARD = ("param", "input", "activation", "loss")
 
 
 def global_norm(x: Context, side: str, step: int) -> Optional[float]:
@@ -195,9 +196,6 @@ def rule_clip_while_scaled(x: Context) -> Optional[Cause]:
         f"in {S}, call scaler.unscale_(optimizer) before clip_grad_norm_, then "
         "scaler.step(optimizer) and scaler.update()",
     )
-
-
-_GRADS = ("grad", "autograd_grad")
 
 
 def _clip_value(u: np.ndarray, v: np.ndarray) -> Optional[float]:

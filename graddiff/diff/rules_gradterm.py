@@ -16,16 +16,16 @@ from typing import Optional
 import numpy as np
 
 from .compare_records import EQUAL
+from .context import FORWARD_KINDS as _FORWARD
+from .context import GRAD_KINDS as _GRADS
 from .context import RELATION_TOL, Cause, Context, fmt
 from .exact import rel_diff
 
-_GRADS = ("grad", "autograd_grad")
-_FORWARD = ("param", "input", "activation", "loss")
 #: Coefficients fitted on different parameters must agree this closely to be one ``wd``.
 SAME_WD = 1e-3
 
 
-def _coefficient(d: np.ndarray, p: np.ndarray) -> Optional[float]:
+def l2_coefficient(d: np.ndarray, p: np.ndarray) -> Optional[float]:
     """``wd`` with ``d`` = ``wd * p`` to RELATION_TOL, else None."""
     d, p = d.astype(np.float64).ravel(), p.astype(np.float64).ravel()
     pp = float(p @ p)
@@ -54,7 +54,7 @@ def rule_l2_in_gradients(x: Context) -> Optional[Cause]:
         a, b, p = x.v("a", s, step), x.v("b", s, step), x.v("a", ps, step)
         if a is None or b is None or p is None or not (a.shape == b.shape == p.shape):
             return None
-        wd = _coefficient(b.astype(np.float64) - a.astype(np.float64), p)
+        wd = l2_coefficient(b.astype(np.float64) - a.astype(np.float64), p)
         if wd is None:
             return None
         wds.append(wd)

@@ -15,11 +15,10 @@ import numpy as np
 
 from ..modclass import owner
 from .compare_records import EQUAL, MISSING_A, MISSING_B
+from .context import FORWARD_KINDS as _FORWARD
+from .context import GRAD_KINDS as _GRADS
 from .context import RELATION_TOL, Cause, Context, fmt
 from .exact import rel_diff
-
-_FORWARD = ("param", "input", "activation", "loss")
-_GRADS = ("grad", "autograd_grad")
 
 
 def _first_value(x: Context, side: str, kind: str, name: str) -> Optional[np.ndarray]:

@@ -28,11 +28,11 @@ import numpy as np
 from ..modclass import ROOT, owner
 from .align import Slot
 from .compare_records import EQUAL, MISSING_A, MISSING_B
+from .context import FORWARD_KINDS as _FORWARD
+from .context import GRAD_KINDS as _GRADS
 from .context import RELATION_TOL, Cause, Context, fmt
 from .exact import rel_diff
-
-_FORWARD = ("param", "input", "activation", "loss")
-_GRADS = ("grad", "autograd_grad")
+from .rules_gradterm import l2_coefficient
 
 
 def _forward_agrees(x: Context, step: int) -> bool:
@@ -229,11 +229,8 @@ def _explained(x: Context, slot: Slot, step: int, a: np.ndarray, b: np.ndarray) 
             return "an elementwise clip (clip_grad_value_)"
     ps = x.pair.slot("param", slot.name)
     p = None if ps is None else x.v("a", ps, step)
-    if p is not None and p.size == a.size:
-        d, p = a - b, p.astype(np.float64).ravel()
-        pp = float(p @ p)
-        if pp > 0 and rel_diff(d, (float(d @ p) / pp) * p) < RELATION_TOL:
-            return "a term proportional to the weights (L2 decay)"
+    if p is not None and p.size == a.size and l2_coefficient(a - b, p) is not None:
+        return "a term proportional to the weights (L2 decay)"
     prev = x.prev(step)
     if prev is not None:
         for u, v, side in ((a, b, "b"), (b, a, "a")):
