@@ -39,13 +39,13 @@ from typing import Any, Optional
 import torch
 import triton.language as tl
 
-from ..format import FP_BLOCK_WORDS, FP_SMALL_BYTES
+from ..format import FP_SMALL_BYTES, fp_block_words
+from .snapshot import _unpack_device_stats as unpack  # a host row to (stats, fingerprint)
 
 #: 8-byte words read by one ``_partials`` program (8 KiB).
 WORDS = 1024
 #: Partial rows one ``_finalize`` program adds per iteration.
 FINAL_BLOCK = 128
-_BLOCK_SHIFT = FP_BLOCK_WORDS.bit_length() - 1
 
 #: dtype -> (integer dtype of the same width, float code for the kernel: 0 float16, 1 bfloat16,
 #: 2 float32, 3 float64, float32-accumulated convention flag)
@@ -55,9 +55,8 @@ DTYPES: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
     torch.float32: (torch.int32, 2, 1),
     torch.float64: (torch.int64, 3, 0),
 }
-#: Columns of a group launch's tensor table (int64): address, numel, first program, shift,
-#: row, float32-convention flag.
-TABLE_COLS = 6
+# A group launch's tensor table has 6 int64 columns: address, numel, first program, shift,
+# row, float32-convention flag.
 
 _SCALARS = ["numel_arg", "shift_arg", "base", "row_arg", "flag_arg", "n_tensors"]
 _lock = threading.Lock()
@@ -250,7 +249,7 @@ def n_chunks(numel: int, itemsize: int, words: int = WORDS) -> int:
 
 
 def shift_for(numel: int, itemsize: int) -> int:
-    return 0 if numel * itemsize <= FP_SMALL_BYTES else _BLOCK_SHIFT
+    return fp_block_words(numel * itemsize).bit_length() - 1  # 0, or 6 for 64-word blocks
 
 
 def int_view(x: torch.Tensor) -> torch.Tensor:
@@ -412,18 +411,6 @@ def self_check(device: torch.device, dtype: torch.dtype, words: int = WORDS) -> 
             if not _close64(stats[:2], x):
                 return f"norm/mean of {what}: {stats[:2]} != {want_stats[:2]}"
     return None
-
-
-def unpack(
-    row: torch.Tensor,
-) -> tuple[tuple[float, float, float, float, int, int], tuple[int, int]]:
-    """A host row to (stats, fingerprint), as ``snapshot.PendingEntry`` reads it."""
-    vals = row[:6].tolist()
-    fps = row[6:].view(torch.int64).tolist()
-    return (
-        (vals[0], vals[1], vals[2], vals[3], int(vals[4]), int(vals[5])),
-        (fps[0] % 2**64, fps[1] % 2**64),
-    )
 
 
 def _close64(norm_mean: tuple, x: torch.Tensor, rtol: float = 1e-9) -> bool:

@@ -171,6 +171,22 @@ class Context:
                 return 0.0 if vd.bitwise_equal else vd.rel_diff
         return float(c.rel_lb[i])
 
+    def agrees(self, slot: Slot, code: int, step: int) -> bool:
+        """The cell (of classification ``code``) agrees within the slot's tolerance at step."""
+        if code == EQUAL:
+            return True
+        r = self.rel(slot, step)
+        return r is not None and r <= self.pair.tolerance(slot.index, step)
+
+    def loss_calls(self, side: str, step: int) -> int:
+        """How many losses the run recorded at the step (one per backward/autograd.grad call)."""
+        run = self.pair.run(side)
+        return sum(
+            1
+            for rec in self.pair.rows(side, step)["record"]
+            if run.record_key(int(rec)).kind == "loss"
+        )
+
     def slots_of(self, step: int, kinds: tuple[str, ...]) -> list[tuple[Slot, int]]:
         c = self.pair.cells(step)
         return [

@@ -153,9 +153,7 @@ def _check_copy(origin: Run, twin: Run, drift: dict, first: int) -> None:
                 )
         elif kind == "param" and first in series:
             dtypes = [origin.record_dtype(r) for r in range(origin.n_records)]
-            own = next(
-                (d for r, d in enumerate(dtypes) if origin.record_key(r).name == name), ""
-            )
+            own = next((d for r, d in enumerate(dtypes) if origin.record_key(r).name == name), "")
             nudge = own if perturb == "ulp" else str(perturb)
             limit = 2 * max(eps_of(nudge), eps_of(own))
             if series[first] > limit:

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from ..modclass import owner
-from .compare_records import EQUAL, MISSING_A, MISSING_B
+from .compare_records import MISSING_A, MISSING_B
 from .context import FORWARD_KINDS as _FORWARD
 from .context import GRAD_KINDS as _GRADS
 from .context import RELATION_TOL, Cause, Context, fmt
@@ -192,13 +192,6 @@ def _roots(mods: list[str]) -> list[str]:
     return [m for m in mods if not any(m.startswith(p + ".") for p in mods if p != m)]
 
 
-def _agrees(x: Context, slot, code: int, step: int) -> bool:
-    if code == EQUAL:
-        return True
-    r = x.rel(slot, step)
-    return r is not None and r <= x.pair.tolerance(slot.index, step)
-
-
 def _affected_grads(x: Context, step: int, mods: set):
     """([(param, step)] whose gradient differs, number of other gradients that agree) at the
     first step from ``step`` where a gradient of a parameter of ``mods`` is recorded."""
@@ -207,9 +200,7 @@ def _affected_grads(x: Context, step: int, mods: set):
         mine = [(s, c) for s, c in slots if owner("param", s.name) in mods]
         if not mine:
             continue
-        differ = [(s.name, t) for s, c in mine if not _agrees(x, s, c, t)]
-        same = sum(
-            1 for s, c in slots if owner("param", s.name) not in mods and _agrees(x, s, c, t)
-        )
+        differ = [(s.name, t) for s, c in mine if not x.agrees(s, c, t)]
+        same = sum(1 for s, c in slots if owner("param", s.name) not in mods and x.agrees(s, c, t))
         return differ, same
     return None

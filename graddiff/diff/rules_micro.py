@@ -29,13 +29,6 @@ def _batches(x: Context, side: str, step: int) -> dict[str, list[int]]:
     return out
 
 
-def _loss_calls(x: Context, side: str, step: int) -> int:
-    run = x.pair.run(side)
-    return sum(
-        1 for rec in x.pair.rows(side, step)["record"] if run.record_key(int(rec)).kind == "loss"
-    )
-
-
 def micro_batches(x: Context, step: int) -> Optional[tuple[str, list[int], list[int]]]:
     """(input name, A's batch sizes, B's) at the step when the runs feed different numbers of
     model calls per step *and* different numbers of samples; None otherwise."""
@@ -74,7 +67,7 @@ def rule_accumulation_steps(x: Context) -> Optional[Cause]:
     same = [t for t in later if micro_batches(x, t) is not None]
     if same:
         ev.append(f"the same at step(s) {', '.join(map(str, same))}")
-    la, lb = _loss_calls(x, "a", step), _loss_calls(x, "b", step)
+    la, lb = x.loss_calls("a", step), x.loss_calls("b", step)
     if la != lb:
         ev.append(f"loss calls per step: {la} in A, {lb} in B")
     na, nb = len(x.pair.run("a").steps), len(x.pair.run("b").steps)

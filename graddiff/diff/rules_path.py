@@ -44,13 +44,6 @@ def _forward_agrees(x: Context, step: int) -> bool:
     return x.slot.kind == "grad_output" or x.within(step, ("grad_output",)) is not False
 
 
-def _agrees(x: Context, slot: Slot, code: int, step: int) -> bool:
-    if code == EQUAL:
-        return True
-    r = x.rel(slot, step)
-    return r is not None and r <= x.pair.tolerance(slot.index, step)
-
-
 def _subnet(x: Context, slots: list[Slot]) -> str:
     """These records (parameter or module output gradients) by the outermost modules that hold
     them: a module is named when every record of these kinds under it is in the set (``G`` for
@@ -74,18 +67,11 @@ def _subnet(x: Context, slots: list[Slot]) -> str:
     return x.names(list(dict.fromkeys(named)), 3)
 
 
-def _loss_calls(x: Context, side: str, step: int) -> int:
-    run = x.pair.run(side)
-    return sum(
-        1 for rec in x.pair.rows(side, step)["record"] if run.record_key(int(rec)).kind == "loss"
-    )
-
-
 def _calls_text(x: Context, step: int) -> Optional[str]:
     """ "both runs take 2 gradients (backward or autograd.grad calls) of losses that agree" """
     if "loss" not in x.compared:
         return None
-    na, nb = _loss_calls(x, "a", step), _loss_calls(x, "b", step)
+    na, nb = x.loss_calls("a", step), x.loss_calls("b", step)
     if na == nb:
         return (
             f"both runs take {na} gradient(s) (backward or autograd.grad calls) at step {step}, "
@@ -185,7 +171,7 @@ def _reached_in_one(x: Context) -> Optional[Cause]:
     H, L = has.upper(), lacks.upper()
     other = [t for t in x.pair.steps.tolist() if t != step and _present(x, lacks, gone[0], t)]
     both = [(s, c) for s, c in x.slots_of(step, _GRADS) if c not in (MISSING_A, MISSING_B)]
-    n_same = sum(1 for s, c in both if _agrees(x, s, c, step))
+    n_same = sum(1 for s, c in both if x.agrees(s, c, step))
     ev = [
         f"at step {step} {x.agree(_FORWARD)}, but {H} has gradients for {len(gone)} "
         f"parameter(s) that {L} does not: {x.names(gone)}",
@@ -247,7 +233,7 @@ def _partition(x: Context, step: int, kinds: tuple[str, ...]) -> tuple[list, lis
     differ, agree = [], []
     for s, code in x.slots_of(step, kinds):
         if code not in (MISSING_A, MISSING_B):
-            (agree if _agrees(x, s, code, step) else differ).append(s)
+            (agree if x.agrees(s, code, step) else differ).append(s)
     return differ, agree
 
 
@@ -318,20 +304,6 @@ def _differs_in_subnet(x: Context) -> Optional[Cause]:
     return Cause("extra_grad_path", title, ev, fix)
 
 
-def _all_zero(x: Context, side: str, slot: Slot, step: int) -> Optional[bool]:
-    """Whether the record holds only zeros (values, else the statistics' max and min)."""
-    v = x.v(side, slot, step)
-    if v is not None:
-        return not np.any(v)
-    i = x.pair.cell(slot, step)
-    if i is None:
-        return None
-    sd = getattr(x.pair.cells(step), side)
-    if not sd.present[i]:
-        return None
-    return bool(sd.max[i] == 0 and sd.min[i] == 0 and sd.nan[i] == 0)
-
-
 def _zero_none_slots(x: Context, step: int) -> tuple[list[Slot], Optional[str]]:
     """Gradient slots None in one run and all zeros in the other at ``step`` (compared as
     equal, compare_records.none_vs_zero), and the run that has the zeros ("a"/"b")."""
@@ -356,10 +328,9 @@ def rule_zero_vs_none(x: Context) -> Optional[Cause]:
         return None
     if x.slot.kind != "param":
         return None
-    earlier = x.pair.steps[x.pair.steps < step]
-    if not len(earlier):
+    prev = x.prev(step)
+    if prev is None:
         return None
-    prev = int(earlier[-1])
     gone, has = _zero_none_slots(x, prev)
     diverging = [s for s, code in x.slots_of(step, ("param",)) if code != EQUAL]
     names = {s.name for s in gone}
