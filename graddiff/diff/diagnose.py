@@ -142,6 +142,14 @@ RULES: tuple[Callable[[Context], Any], ...] = (
     rule_loss_scale,
     rule_precision,
 )
+#: A rule is skipped when an earlier rule has named one of these causes (a more specific
+#: reading of the same evidence).
+SUPPRESSED_BY: dict[Callable[[Context], Any], frozenset] = {
+    rule_structure: GRAPH_CAUSES,
+    rule_grad_path: GRAPH_CAUSES,
+    rule_scaled_grads: CLIP_CAUSES,
+    **{rule: frozenset({"accumulation_steps"}) for rule in BATCH_RULES},
+}
 #: Generic rules: used only when no specific rule matched and rounding does not explain it.
 LATE_RULES: tuple[Callable[[Context], Any], ...] = (
     rule_update_rule,
@@ -167,13 +175,7 @@ def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> li
     rules = (rule_nonfinite, rule_structure, rule_update_specific) if tiny else RULES
     causes: list[Cause] = []
     for rule in rules:
-        if rule in (rule_structure, rule_grad_path) and any(
-            c.cause in GRAPH_CAUSES for c in causes
-        ):
-            continue
-        if rule is rule_scaled_grads and any(c.cause in CLIP_CAUSES for c in causes):
-            continue
-        if rule in BATCH_RULES and any(c.cause == "accumulation_steps" for c in causes):
+        if any(c.cause in SUPPRESSED_BY.get(rule, ()) for c in causes):
             continue
         c = rule(x)
         causes.extend(c if isinstance(c, list) else ([c] if c is not None else []))
