@@ -27,7 +27,7 @@ from ._warn import warn_user
 from .arena import Arena, ArenaPool
 from .entries import EntryData
 from .format import FLAG_TRAINING
-from .hooks.autograd_hooks import _current_task_id, as_tensor_list, inside_backward
+from .hooks.autograd_hooks import as_tensor_list, inside_backward
 from .hooks.device_stats import DeviceStatsBatch
 from .hooks.naming import flatten_tensors, record_name
 from .hooks.optim_settings import SettingsWatch
@@ -353,7 +353,7 @@ class Recorder:
         if not self.active:
             return None
         try:
-            if _current_task_id() != -1:  # gradient-checkpoint recompute (FIELD-NOTES 5)
+            if inside_backward():  # gradient-checkpoint recompute (FIELD-NOTES 5)
                 return None
             grad = torch.is_grad_enabled()
             if self.forward_only:

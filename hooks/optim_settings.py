@@ -86,6 +86,7 @@ class _Group:
         "count",
         "count_step",
         "seen",
+        "size",
     )
 
     def __init__(self) -> None:
@@ -98,6 +99,7 @@ class _Group:
         self.count: Optional[int] = -1
         self.count_step = -1
         self.seen: Any = None  # the count at the last call (None: not seen yet)
+        self.size = -1  # len() of the group dict when its keys were split (_keys)
 
 
 class _Optimizer:
@@ -136,7 +138,7 @@ class SettingsWatch:
         state = optimizer.state
         for gi, g in enumerate(groups):
             c = st.groups[gi]
-            if len(g) != len(c.keys) + len(c.tensor_keys) + len(_SKIP & g.keys()):
+            if len(g) != c.size:
                 self._keys(g, c)
             values = c.get(g) if c.get is not None else ()
             if c.tensor_keys:
@@ -197,6 +199,7 @@ class SettingsWatch:
                 continue
             (tensor_keys if isinstance(v, torch.Tensor) else keys).append(k)
         c.keys, c.tensor_keys = tuple(keys), tuple(tensor_keys)
+        c.size = len(g)
         if not keys:
             c.get = None
         elif len(keys) == 1:
