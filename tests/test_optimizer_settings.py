@@ -311,3 +311,32 @@ def test_merged_ranks_keep_rank_0s_optimizer_settings(tmp_path):
     st = merged.run.optimizer_settings
     assert st.series("lr", [0, 1, 2]) == [0.1, 0.1, 0.05]
     assert st.for_param(1, "layer0.weight")[0].class_name == "x.SGD"
+
+
+@pytest.mark.parametrize("transform", [False, True])
+def test_mapped_copy_renames_the_settings(tmp_path, transform):
+    """compare --map writes B under A's names: its settings' parameter names follow, on the
+    byte-copy path (renames only) and on the rewrite path (a rule that transforms values)."""
+    from graddiff.diff.mapped import write_mapped
+    from graddiff.diff.namemap import parse_map
+
+    x, y = _data()
+    torch.manual_seed(0)
+    layers = [("enc", torch.nn.Linear(4, 8)), ("1", torch.nn.ReLU()), ("2", torch.nn.Linear(8, 2))]
+    a = torch.nn.Sequential(collections.OrderedDict(layers))
+    with graddiff.trace(a, tmp_path / "a.h5"):
+        _train(a, torch.optim.SGD(a.parameters(), lr=0.1), None, 3, x, y)
+    m = _mlp()
+    with graddiff.trace(m, tmp_path / "b.h5"):
+        _train(m, torch.optim.SGD(_groups(m), lr=0.1), None, 3, x, y)
+    bias = {"from": "0.bias", "to": "enc.bias"}
+    if transform:
+        bias["reshape"] = [8]
+    nm = parse_map({"rules": [{"from": "0.weight", "to": "enc.weight"}, bias]})
+    with graddiff.open(tmp_path / "a.h5") as ra, graddiff.open(tmp_path / "b.h5") as rb:
+        write_mapped(ra, rb, nm, str(tmp_path / "o.h5"))
+    with graddiff.open(tmp_path / "o.h5") as o:
+        groups = o.optimizer_settings.at(int(o.steps[0]))
+    decay, rest = groups[0].groups
+    assert sorted(decay.params) == ["2.weight", "enc.weight"]
+    assert sorted(rest.params) == ["2.bias", "enc.bias"]

@@ -20,7 +20,7 @@ from ..format import FLAG_NDIM_CLIPPED, FLAG_VALUES, fingerprint_bytes, storage_
 from ..reader import RecordKey, Run
 from ..writer import TraceWriter
 from .namemap import OUTPUT_KINDS, MapError, Match, NameMap, Rule
-from .optcopy import copy_settings
+from .optcopy import copy_settings, param_renames
 from .renamecopy import copy_renamed
 from .stepvalues import StepValues
 
@@ -380,11 +380,7 @@ def write_mapped(
     finally:
         mapper.sv.close()
         w.close(b.status)
-    rename = {
-        key.name: m.targets[0]
-        for key, m in matches.items()
-        if key.kind == "param" and m.rule is not None and len(m.targets) == 1
-    }
+    rename = param_renames(matches)
     with h5py.File(path, "r+") as f:
         copy_settings(b, f, offset, rename)
     if dropped:

@@ -21,6 +21,16 @@ def _renamed(changes: list, rename: dict[str, str]) -> list:
     return changes
 
 
+def param_renames(matches: dict) -> dict[str, str]:
+    """B parameter name -> A's, for parameters a rule maps onto exactly one of A's names (a split
+    parameter has no single name in A and keeps its own in the settings)."""
+    return {
+        key.name: m.targets[0]
+        for key, m in matches.items()
+        if key.kind == "param" and m.rule is not None and len(m.targets) == 1
+    }
+
+
 def copy_settings(b: Run, f: h5py.File, offset: int, rename: dict[str, str]) -> None:
     """Write B's settings rows into the open copy ``f`` (replacing any there)."""
     if "optimizer" in f:

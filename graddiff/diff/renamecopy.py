@@ -18,7 +18,7 @@ import numpy as np
 
 from ..reader import RecordKey, Run
 from .namemap import Match
-from .optcopy import copy_settings
+from .optcopy import copy_settings, param_renames
 
 
 def copy_renamed(
@@ -74,11 +74,7 @@ def copy_renamed(
         f["steps"].resize((len(steps),))
         if len(steps):
             f["steps"][...] = steps
-        rename = {
-            key.name: m.targets[0]
-            for key, m in matches.items()
-            if key.kind == "param" and m.rule is not None and m.targets
-        }
+        rename = param_renames(matches)
         if offset or rename:
             copy_settings(b, f, offset, rename)
         f.attrs["options"] = json.dumps(options, sort_keys=True, default=str)
