@@ -14,16 +14,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .report import Report, _g, _g_apart
+from .report import Report, _g, _g_apart, status_text
 
-_STATUS = {
-    "values": "values differ",
-    "stats": "statistics differ (full values not stored)",
-    "missing_in_a": "absent in A",
-    "missing_in_b": "absent in B",
-    "shape": "shapes differ",
-    "nonfinite": "NaN/Inf at different places",
-}
 _STYLE = {"identical": "bold green", "within_tolerance": "bold green", "diverged": "bold red"}
 
 
@@ -121,7 +113,7 @@ def _difference_table(report: Report, console: Console) -> None:
     t.add_column()
     t.add_row("step", str(f.step))
     t.add_row("record", f.described)
-    t.add_row("status", _STATUS.get(f.status, f.status))
+    t.add_row("status", status_text(f.status))
     if f.rel_diff is not None:
         limit = f.tolerance if f.tolerance is not None else report.rtol
         rel = _g_apart(f.rel_diff, limit)[0]

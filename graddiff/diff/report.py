@@ -21,6 +21,20 @@ from .diagnose import Cause
 
 EXIT_SAME, EXIT_DIVERGED = 0, 1
 
+_STATUS_TEXT = {
+    "values": "values differ",
+    "stats": "statistics differ (full values not stored)",
+    "missing_in_a": "absent in A",
+    "missing_in_b": "absent in B",
+    "shape": "shapes differ",
+    "nonfinite": "NaN/Inf at different places",
+}
+
+
+def status_text(status: str) -> str:
+    """A difference's status (``Difference.status``) in words, for the terminal and HTML."""
+    return _STATUS_TEXT.get(status, status.replace("_", " "))
+
 
 @dataclass
 class Difference:

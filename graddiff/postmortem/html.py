@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..diff.report import status_text
 from ..errors import GraddiffError
 from ..kinds import CAUSAL_RANK, GRADIENT_KINDS
 from ..modclass import class_of, with_class
@@ -31,15 +32,6 @@ from ..textsafe import printable
 from .htmlassets import CSS, JS
 from .series import collect_series, loss_curve
 from .termchart import use_log
-
-_STATUS = {
-    "values": "values differ",
-    "stats": "statistics differ (full values not stored)",
-    "missing_in_a": "absent in A",
-    "missing_in_b": "absent in B",
-    "shape": "shapes differ",
-    "nonfinite": "NaN/Inf at different places",
-}
 
 #: codes of the 16-bit heatmap encoding (everything else: a quantised log10 value)
 ABSENT, ZERO, NONFINITE = 0, 1, 65535
@@ -178,7 +170,7 @@ def _difference_html(d: Any, title: str) -> str:
     pairs = [
         ("step", d.step),
         ("record", d.described),
-        ("status", _STATUS.get(d.status, d.status.replace("_", " "))),
+        ("status", status_text(d.status)),
         ("relative difference", rel),
         ("max abs difference", None if d.max_abs_diff is None else _g(d.max_abs_diff)),
         (
