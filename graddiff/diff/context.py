@@ -195,6 +195,15 @@ class Context:
             if self.pair.al.slots[int(s)].kind in kinds
         ]
 
+    def differing(self, step: int, kinds: tuple[str, ...]) -> list[Slot]:
+        """The records of these kinds that differ at ``step`` by a measurable amount (not
+        missing, reshaped or non-finite)."""
+        return [
+            s
+            for s, code in self.slots_of(step, kinds)
+            if code != EQUAL and self.rel(s, step) is not None
+        ]
+
     def within(
         self, step: Optional[int], kinds: tuple[str, ...], tol: Optional[float] = None
     ) -> Optional[bool]:

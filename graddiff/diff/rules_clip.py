@@ -218,9 +218,7 @@ def rule_clip_by_value(x: Context) -> Optional[Cause]:
     if x.slot.kind not in _GRADS or x.within(x.step, _FORWARD) is False:
         return None
     step = x.step
-    differ = [
-        s for s, code in x.slots_of(step, _GRADS) if code != EQUAL and x.rel(s, step) is not None
-    ]
+    differ = x.differing(step, _GRADS)
     if x.slot not in differ:
         return None
     for small, big in (("a", "b"), ("b", "a")):

@@ -15,7 +15,6 @@ from typing import Optional
 
 import numpy as np
 
-from .compare_records import EQUAL
 from .context import FORWARD_KINDS as _FORWARD
 from .context import GRAD_KINDS as _GRADS
 from .context import RELATION_TOL, Cause, Context, fmt
@@ -41,9 +40,7 @@ def rule_l2_in_gradients(x: Context) -> Optional[Cause]:
     if x.slot.kind not in _GRADS or x.within(x.step, _FORWARD) is False:
         return None
     step = x.step
-    differ = [
-        s for s, code in x.slots_of(step, _GRADS) if code != EQUAL and x.rel(s, step) is not None
-    ]
+    differ = x.differing(step, _GRADS)
     if x.slot not in differ:
         return None
     wds = []
