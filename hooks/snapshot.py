@@ -95,7 +95,14 @@ def stats_on_device(x: torch.Tensor) -> torch.Tensor:
         head = torch.zeros(6, dtype=torch.float64, device=x.device)
     else:
         xf = _float_view(x)
-        mn, mx = torch.aminmax(xf)
+        # min/max over the finite values, as the CPU path and the kernels take them (NaN when
+        # there are none: the masked min then exceeds the masked max); no host sync
+        finite = torch.isfinite(xf)
+        mn = torch.where(finite, xf, math.inf).amin()
+        mx = torch.where(finite, xf, -math.inf).amax()
+        empty = mn > mx
+        mn = torch.where(empty, math.nan, mn)
+        mx = torch.where(empty, math.nan, mx)
         head = torch.stack(
             [
                 torch.linalg.vector_norm(xf).to(torch.float64),

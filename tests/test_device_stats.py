@@ -62,3 +62,25 @@ def test_unbatched_device_capture_still_works():
     capture_on_device(e, x, False, None)
     e.resolve()
     assert e.fingerprint == stats_on_cpu_reference(x)[1]
+
+
+def test_torch_op_path_takes_min_max_over_finite_values_like_the_cpu_path():
+    """The torch-op path (accelerators where the kernels do not apply) follows the CPU path's
+    conventions on non-finite values: min/max over the finite ones, NaN when there are none."""
+    from graddiff.hooks.snapshot import _unpack_device_stats, stats_on_device
+
+    nan, inf = float("nan"), float("inf")
+    cases = [
+        torch.tensor([1.0, nan, -2.0, 3.0]),
+        torch.tensor([inf, -5.0, 0.5, -inf]),
+        torch.tensor([nan, inf, -inf]),
+        torch.tensor([nan, nan]),
+        torch.tensor([1.0, nan], dtype=torch.bfloat16),
+        torch.tensor([-1.0, 2.0, 7.0]),
+    ]
+    for x in cases:
+        (got, fp) = _unpack_device_stats(stats_on_device(x))
+        ref, ref_fp = stats_on_cpu_reference(x)
+        assert fp == ref_fp
+        np.testing.assert_array_equal(np.array(got[2:4]), np.array(ref[2:4]))  # NaN == NaN here
+        assert got[4:] == ref[4:]
