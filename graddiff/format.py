@@ -96,8 +96,12 @@ Additive extensions (optional: older files lack them, readers tolerate that):
   ({group index: the state step count of the group's first parameter before the update, 0
   without state, null when there is none (state without a count, e.g. SGD's momentum buffer;
   no state kept across updates) or it is not read}), stored when it is not the last stored
-  count plus the steps since; then ``state_steps`` ({group index: {name: count}}) when the group's
-  parameters' counts differ; ``notes`` (what was not read, e.g. a tensor on an accelerator).
+  count plus the steps since; then ``state_steps`` ({group index: {name: count}}, ``{}`` when
+  they agree again) when the group's parameters' counts differ from one another and from what
+  the last stored ones imply (+1 per step; a count of 0, no state yet, stays 0);
+  ``state_entries`` (optional: ``len(optimizer.state)`` before the update, stored when it
+  changes; 0 after a state cleared or an optimizer re-created); ``notes`` (what was not read,
+  e.g. a tensor on an accelerator).
   Group indices are JSON strings.
 
 The fingerprint of a tensor is two unsigned 64-bit sums over its raw bytes read as

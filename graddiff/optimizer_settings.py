@@ -33,7 +33,8 @@ class GroupSettings:
     params: tuple[str, ...]  # record names of the traced parameters in the group
     untraced: int = 0  # parameters of the group that are not traced
     state_step: Optional[int] = None  # the first parameter's state step count (None: not read)
-    state_steps: dict[str, int] = field(default_factory=dict)  # per parameter, when they differ
+    # per parameter, when they differ (0: no state yet; such a count does not advance)
+    state_steps: dict[str, int] = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.hyper.get(key, default)
@@ -48,6 +49,7 @@ class OptimizerAt:
     groups: tuple[GroupSettings, ...]
     notes: tuple[str, ...] = ()
     since: int = 0  # the step of the last change applied
+    state_entries: Optional[int] = None  # len(optimizer.state) (None: an older trace)
 
     @property
     def short_class(self) -> str:
@@ -88,16 +90,17 @@ class _Live:
         self.params: list[tuple[str, ...]] = []
         self.untraced: list[int] = []
         self.count: list[tuple[Optional[int], int]] = []  # (count, at step)
-        self.per: list[dict[str, int]] = []
+        self.per: list[tuple[dict[str, int], int]] = []  # (counts, at step)
         self.notes: tuple[str, ...] = ()
         self.since = 0
+        self.entries: Optional[int] = None
 
     def resize(self, n: int) -> None:
         self.hyper = [{} for _ in range(n)]
         self.params = [() for _ in range(n)]
         self.untraced = [0] * n
         self.count = [(None, 0)] * n
-        self.per = [{} for _ in range(n)]
+        self.per = [({}, 0) for _ in range(n)]
 
     def apply(self, step: int, ch: dict[str, Any]) -> None:
         if "class" in ch:
@@ -134,13 +137,20 @@ class _Live:
                     self.untraced[gi] = _num(v, "untraced") or 0
                 elif key == "state_step":
                     self.count[gi] = (_num(v, "state_step"), step)
-                    self.per[gi] = {}
+                    self.per[gi] = ({}, step)  # a state_steps entry that follows overrides
                 else:
                     if not isinstance(v, dict):
                         raise SettingsError("state_steps of a group is not an object")
-                    self.per[gi] = {
-                        str(a): c for a, b in v.items() if (c := _num(b, "state_steps")) is not None
-                    }
+                    self.per[gi] = (
+                        {
+                            str(a): c
+                            for a, b in v.items()
+                            if (c := _num(b, "state_steps")) is not None
+                        },
+                        step,
+                    )
+        if "state_entries" in ch:
+            self.entries = _num(ch["state_entries"], "state_entries")
         notes = ch.get("notes")
         if notes is not None:
             if not isinstance(notes, list):
@@ -152,18 +162,20 @@ class _Live:
         groups = []
         for gi in range(len(self.hyper)):
             count, at = self.count[gi]
-            gone = step - at
+            per, per_at = self.per[gi]
             groups.append(
                 GroupSettings(
                     gi,
                     dict(self.hyper[gi]),
                     self.params[gi],
                     self.untraced[gi],
-                    None if count is None else count + gone,
-                    {k: v + gone for k, v in self.per[gi].items()},
+                    None if count is None else count + step - at,
+                    {k: v + step - per_at if v else 0 for k, v in per.items()},
                 )
             )
-        return OptimizerAt(self.index, self.class_name, tuple(groups), self.notes, self.since)
+        return OptimizerAt(
+            self.index, self.class_name, tuple(groups), self.notes, self.since, self.entries
+        )
 
 
 class OptimizerSettings:
@@ -220,11 +232,13 @@ class OptimizerSettings:
                     g.params,
                     g.untraced,
                     None if g.state_step is None else g.state_step + gone,
-                    {k: v + gone for k, v in g.state_steps.items()},
+                    {k: v + gone if v else 0 for k, v in g.state_steps.items()},
                 )
                 for g in o.groups
             )
-            out.append(OptimizerAt(o.index, o.class_name, groups, o.notes, o.since))
+            out.append(
+                OptimizerAt(o.index, o.class_name, groups, o.notes, o.since, o.state_entries)
+            )
         return out
 
     def for_param(self, step: int, name: str) -> Optional[tuple[OptimizerAt, GroupSettings]]:
@@ -285,6 +299,7 @@ def optimizer_dict(o: OptimizerAt) -> dict[str, Any]:
             }
             for g in o.groups
         ],
+        **({"state_entries": o.state_entries} if o.state_entries is not None else {}),
         "notes": list(o.notes),
     }
 
@@ -332,6 +347,15 @@ def describe_change(old: Optional[OptimizerAt], new: OptimizerAt, gap: int = 0) 
             diff.append(f"state step {gn.state_step} (not {expect})")
         if diff:
             lines.append(f"{head} group {gn.index}: " + ", ".join(diff))
+    if (
+        old.state_entries
+        and new.state_entries is not None
+        and new.state_entries < old.state_entries
+    ):
+        lines.append(
+            f"{head}: state {'emptied' if not new.state_entries else 'shrank'} "
+            f"({old.state_entries} -> {new.state_entries} parameter entries)"
+        )
     return lines
 
 

@@ -441,8 +441,12 @@ class Recorder:
             # No optimizer: the update uses .grad as the step's last backward left it.
             self._capture_grads(self.params)
 
-    def _capture_grads(self, params: list[tuple[str, torch.Tensor]], closure: bool = False) -> None:
-        """``.grad`` as the update will use it: call 0, or one call per closure evaluation."""
+    def _capture_grads(
+        self, params: list[tuple[str, torch.Tensor]], closure: bool = False
+    ) -> list[torch.Tensor]:
+        """``.grad`` as the update will use it: call 0, or one call per closure evaluation.
+        Returns the parameters without a gradient (the update skips them)."""
+        missing: list[torch.Tensor] = []
         with self._lock, self._device_batch.group():
             for name, p in params:
                 if p.grad is not None:
@@ -451,6 +455,9 @@ class Recorder:
                         self._pending_grads[(piece_name, call)] = self._capture(
                             _K_GRAD, piece_name, g, call=call, seq=0, flags=0
                         )
+                else:
+                    missing.append(p)
+        return missing
 
     def _pieces(
         self, name: str, p: torch.Tensor, t: torch.Tensor, *, keep_empty: bool
@@ -489,7 +496,11 @@ class Recorder:
         if not self.clock.started:
             return  # nothing recorded since the last boundary (e.g. a GradScaler retry)
         if _K_GRAD in self.kinds:
-            self._capture_grads(owned)
+            missing = self._capture_grads(owned)
+        else:
+            missing = [p for _, p in owned if p.grad is None]
+        if missing and self._settings is not None:
+            self._settings.skipped(optimizer, missing)  # their state counts may lag from now
         if self.clock.optimizer_step():
             self._end_step()
 

@@ -6,15 +6,22 @@ The step pre-hook hands every optimizer that updates traced parameters to
 ``betas``, ``eps``, ``momentum``, ``nesterov``, ``foreach``, ...: every entry that is a number,
 bool, string, None or a tuple of those; a one-element tensor such as a tensor ``lr`` as a float
 when it is on the CPU, skipped with a note on an accelerator, where reading it would sync), the
-traced parameters of the group (record names) and the optimizer state's step count (Adam's
-``state[p]['step']``, read off the group's first parameter: 0 when it has no state yet).
+traced parameters of the group (record names; with several groups compared by identity at
+every step, so a parameter moved between groups of the same sizes shows), the optimizer state's step count (Adam's
+``state[p]['step']``, read off the group's first parameter: 0 when it has no state yet) and the
+number of parameters with state (``len(optimizer.state)``: the signal of a state emptied or an
+optimizer re-created, also for step-less state such as SGD's momentum buffer).
 
-Cost: a step compares one tuple per group (``operator.itemgetter``) with the last one seen and
-reads one step count per group; only what changed becomes a row (``changes``), so a constant
-setting costs nothing to store. The step count is stored when it is not the last stored count
-plus the steps since (a reset, a restore, an optimizer that skips steps); with it, when the
-count did not advance by one since the last call (first sight, a reset, a restore), the count of
-every parameter of the group (these reads are per parameter, and rare).
+Cost: a step compares one tuple per group (``operator.itemgetter``) with the last one seen, with
+several groups the groups' parameters by identity (about 25 ns each), reads one step count per group and
+``len(optimizer.state)``; only what changed becomes a row (``changes``), so a constant setting
+costs nothing to store. The step count is stored when it is not the last stored count plus the
+steps since (a reset, a restore, an optimizer that skips steps). Every parameter's count is read
+(``state_steps``, stored when they are not all the same and not what the last stored ones
+imply) only when they may have parted: first sight, a count that did not advance by one since
+the last call, parameters joining or leaving the state (``len(optimizer.state)`` changed), or a
+traced parameter without a gradient at the last update (the recorder's gradient capture tells
+:meth:`SettingsWatch.skipped`; Adam does not count a parameter it skips).
 """
 
 from __future__ import annotations
@@ -68,6 +75,12 @@ def _count_of(state: Any, p: Any) -> Optional[int]:
         return None
 
 
+def _advanced(per: dict[str, int], gone: int) -> dict[str, int]:
+    """Per-parameter counts ``gone`` updates later: a count of 0 (no state) stays 0 (joining
+    the state changes ``len(optimizer.state)``, which is stored); the reader does the same."""
+    return {k: v + gone if v else 0 for k, v in per.items()}
+
+
 def _on_device(state: Any, p: Any) -> bool:
     v = (state.get(p) or {}).get("step")
     return isinstance(v, torch.Tensor) and not v.is_cpu
@@ -82,9 +95,12 @@ class _Group:
         "tensor_keys",
         "values",
         "stored",
-        "params_sig",
+        "members",
+        "members_list",
         "count",
         "count_step",
+        "per",
+        "per_step",
         "seen",
         "size",
     )
@@ -95,21 +111,26 @@ class _Group:
         self.tensor_keys: tuple = ()
         self.values: Any = object()
         self.stored: dict[str, Any] = {}  # the hyperparameters as last stored
-        self.params_sig: Any = None
+        self.members: tuple = ()  # the group's parameters as last stored (compared by identity)
+        self.members_list: Any = None  # the group's list object itself
         self.count: Optional[int] = -1
         self.count_step = -1
+        self.per: dict[str, int] = {}  # per-parameter counts as last stored ({}: all the same)
+        self.per_step = -1
         self.seen: Any = None  # the count at the last call (None: not seen yet)
         self.size = -1  # len() of the group dict when its keys were split (_keys)
 
 
 class _Optimizer:
-    __slots__ = ("index", "ref", "groups", "notes")
+    __slots__ = ("index", "ref", "groups", "notes", "entries", "skipped")
 
     def __init__(self, index: int, optimizer: Any) -> None:
         self.index = index
         self.ref = weakref.ref(optimizer)
         self.groups: list[_Group] = []
         self.notes: set[str] = set()
+        self.entries = -1  # len(optimizer.state) at the last call
+        self.skipped: list = []  # traced parameters without a gradient at the last update
 
 
 class SettingsWatch:
@@ -135,7 +156,16 @@ class SettingsWatch:
         if len(groups) != len(st.groups):
             st.groups = [_Group() for _ in groups]
             change["groups"] = len(groups)
+        several = len(groups) > 1
         state = optimizer.state
+        entries = len(state)
+        joined = entries != st.entries
+        if joined:
+            st.entries = change["state_entries"] = entries
+        # a parameter skipped at the last update lags only if it has state (one never used
+        # has none, and joins the state when first used: the entry count changes then)
+        skipped = bool(st.skipped) and any(map(state.get, st.skipped))
+        st.skipped = []
         for gi, g in enumerate(groups):
             c = st.groups[gi]
             if len(g) != c.size:
@@ -153,9 +183,14 @@ class SettingsWatch:
                 if gone:
                     change.setdefault("removed", {})[str(gi)] = gone
             params = g["params"]
-            sig = (id(params), len(params))
-            if sig != c.params_sig:
-                c.params_sig = sig
+            if (
+                params is not c.members_list
+                or len(params) != len(c.members)
+                or (several and not all(map(operator.is_, params, c.members)))
+            ):
+                # exact per parameter where there are groups to move between (a parameter
+                # swapped between two groups of the same sizes shows); one group: its list
+                c.members, c.members_list = tuple(params), params
                 names = [self._names[id(p)][0] for p in params if id(p) in self._names]
                 change.setdefault("params", {})[str(gi)] = names
                 change.setdefault("untraced", {})[str(gi)] = len(params) - len(names)
@@ -163,28 +198,49 @@ class SettingsWatch:
             seen, c.seen = c.seen, count
             if count == 0 and seen == 0:
                 count = None  # no state kept across updates (SGD without momentum): no count
-            if c.count_step < 0 or (
-                count != (None if c.count is None else c.count + (step - c.count_step))
-            ):
+            expect = None if c.count is None else c.count + (step - c.count_step)
+            stored = c.count_step < 0 or count != expect
+            if stored:
                 c.count, c.count_step = count, step
                 change.setdefault("state_step", {})[str(gi)] = count
-                # per parameter only at first sight or when the count did not advance by one
-                # update since the last call (a reset, a restore): reads are per parameter
-                if count is not None and (not isinstance(seen, int) or count != seen + 1):
-                    per = {
-                        self._names[id(p)][0]: _count_of(state, p)
-                        for p in params
-                        if id(p) in self._names
-                    }
-                    if len(set(per.values())) > 1:
-                        change.setdefault("state_steps", {})[str(gi)] = per
                 if count is None and _on_device(state, params[0]):
                     st.notes.add("state step on an accelerator: not read (it would sync)")
+            # per parameter only when the counts may have parted: first sight, a count that
+            # did not advance by one update (a reset, a restore), parameters that joined or
+            # left the state, or a parameter without a gradient at the last update (skipped)
+            irregular = count is not None and (not isinstance(seen, int) or count != seen + 1)
+            if irregular or joined or skipped or (stored and c.per):
+                self._per_param(change, gi, c, state, params, step, stored)
         if st.notes:
             change["notes"] = sorted(st.notes)
             st.notes = set()
         if len(change) > 1:
             self._changes.append(change)
+
+    def skipped(self, optimizer: Any, params: list) -> None:
+        """Traced parameters of ``optimizer`` without a gradient at this update (the recorder
+        knows them from its gradient capture): a count of theirs may lag from the next call on
+        (Adam does not count a parameter it skips)."""
+        st = self._opts.get(id(optimizer))
+        if st is not None:
+            st.skipped = params
+
+    def _per_param(
+        self, change: dict, gi: int, c: _Group, state: Any, params: Any, step: int, stored: bool
+    ) -> None:
+        """Read every traced parameter's count; store them when they are not what the last
+        stored ones (or, after a new ``state_step``, the group's count) imply."""
+        names = self._names
+        read = {names[id(p)][0]: _count_of(state, p) for p in params if id(p) in names}
+        counts = [v for v in read.values() if isinstance(v, int)]
+        per = {k: v for k, v in read.items() if isinstance(v, int)}
+        if len(set(counts)) <= 1:
+            per = {}  # one count for the group (or none: step-less state)
+        # a new state_step clears the per-parameter counts on the reading side
+        changed = bool(per) if stored else per != _advanced(c.per, step - c.per_step)
+        if changed:
+            change.setdefault("state_steps", {})[str(gi)] = per
+        c.per, c.per_step = per, step
 
     @staticmethod
     def _readable(t: Any) -> bool:

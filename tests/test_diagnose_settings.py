@@ -48,6 +48,7 @@ def _loop(
     sched_every: int = 1,
     restart_sched_at: Optional[int] = None,
     fresh_opt_at: Optional[int] = None,
+    clear_state_at: Optional[int] = None,
     manual_shrink: bool = False,
     dropout_seed: Optional[int] = None,
     start: int = 0,
@@ -55,6 +56,7 @@ def _loop(
 ) -> str:
     """A plain training loop. ``restart_sched_at``: a resumed run builds a fresh scheduler
     there (state not loaded); ``fresh_opt_at``: a fresh optimizer (state not loaded);
+    ``clear_state_at``: the same optimizer, its state dropped (``optimizer.state.clear()``);
     ``manual_shrink``: B-style bug outside the optimizer (the weights scaled after step());
     ``start``: the first batch (a run resumed from a checkpoint at that step)."""
     net = net if net is not None else _net(dropout=0.5 if dropout_seed is not None else 0.0)
@@ -74,6 +76,8 @@ def _loop(
                     sch = sched(opt)
             elif step == restart_sched_at:
                 sch = sched(opt)
+            if step == clear_state_at:
+                opt.state.clear()
             x, y = batches[step]
             opt.zero_grad()
             F.cross_entropy(net(x), y).backward()
@@ -105,6 +109,21 @@ def _adam(lr=1e-2, **kw):
 
 def _adamw(lr=1e-2, wd=0.01, bias_decay=True, **kw):
     return lambda net: torch.optim.AdamW(_groups(net, wd, bias_decay), lr=lr, **kw)
+
+
+def _lr_groups(first: tuple, second: tuple):
+    """Two Adam param groups by parameter name: lr 1e-2 and 1e-3."""
+
+    def make(net):
+        named = dict(net.named_parameters())
+        return torch.optim.Adam(
+            [
+                {"params": [named[n] for n in first], "lr": 1e-2},
+                {"params": [named[n] for n in second], "lr": 1e-3},
+            ]
+        )
+
+    return make
 
 
 def _sgd(lr=0.1, **kw):
@@ -241,6 +260,43 @@ CASES = [
         ["optimizer_settings"],
         "nesterov False in A vs True in B",
         "",
+    ),
+    (
+        "SGD momentum resumed without its state (a fresh optimizer): no count to read",
+        dict(make_opt=_sgd(momentum=0.9)),
+        dict(make_opt=_sgd(momentum=0.9), fresh_opt_at=3),
+        4,
+        ["optimizer_state"],
+        "optimizer state reset in B at step 3",
+        "holds state for 4 parameter(s) in A vs 0 in B",
+    ),
+    (
+        "SGD momentum buffers cleared in A (optimizer.state.clear())",
+        dict(make_opt=_sgd(momentum=0.9), clear_state_at=2),
+        dict(make_opt=_sgd(momentum=0.9)),
+        3,
+        ["optimizer_state"],
+        "optimizer state reset in A at step 2",
+        "holds state for 0 parameter(s) in A vs 4 in B",
+    ),
+    (
+        "Adam moments cleared in B: the counts and the state size both say it",
+        dict(make_opt=_adam()),
+        dict(make_opt=_adam(), clear_state_at=4),
+        5,
+        ["optimizer_state"],
+        "optimizer state reset in B at step 4",
+        "state step count 4 in A vs 0 in B",
+    ),
+    (
+        "a parameter in another param group (same group sizes, the groups' settings agree)",
+        dict(make_opt=_lr_groups(("0.weight", "2.weight"), ("0.bias", "2.bias"))),
+        dict(make_opt=_lr_groups(("0.bias", "2.weight"), ("0.weight", "2.bias"))),
+        1,
+        ["optimizer_settings"],
+        "parameter groups differ: 0.weight (Linear) in param group 0 in A and 1 in B at step 0, "
+        "so lr 0.01 in A vs 0.001 in B",
+        "param groups 0 and 1 have the same settings in both runs",
     ),
     (
         "Adam resumed without its state: moments reset in B at step 3",

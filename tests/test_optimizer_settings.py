@@ -79,7 +79,14 @@ def test_adamw_groups_and_warmup_schedule(tmp_path):
         assert later == [
             {
                 "optimizer": 0,
+                "state_entries": 4,  # the state now holds the 4 parameters (empty at step 0)
                 "hyper": {"0": {"lr": seen[1][0]["lr"]}, "1": {"lr": seen[1][1]["lr"]}},
+            }
+        ]
+        assert json.loads(rows[2]["changes"]) == [
+            {
+                "optimizer": 0,
+                "hyper": {"0": {"lr": seen[2][0]["lr"]}, "1": {"lr": seen[2][1]["lr"]}},
             }
         ]
 
@@ -121,7 +128,17 @@ def test_fresh_optimizer_and_cleared_state(tmp_path):
         counts = [st.for_param(s, "0.weight")[1].state_step for s in range(7)]
         assert counts == [0, 1, 2, 0, 1, 0, 1]
         assert [st.for_param(s, "0.weight")[0].index for s in range(7)] == [0, 0, 0, 1, 1, 1, 1]
-        assert st.change_steps == [0, 3, 5]
+        # the number of parameters with state: emptied by the new optimizer and by the clear
+        assert [st.for_param(s, "0.weight")[0].state_entries for s in range(7)] == [
+            0,
+            4,
+            4,
+            0,
+            4,
+            0,
+            4,
+        ]
+        assert st.change_steps == [0, 1, 3, 4, 5, 6]  # the counts alone change at 0, 3, 5
 
 
 def test_sgd_momentum_tensor_lr_and_lbfgs(tmp_path):
@@ -340,3 +357,108 @@ def test_mapped_copy_renames_the_settings(tmp_path, transform):
     decay, rest = groups[0].groups
     assert sorted(decay.params) == ["2.weight", "enc.weight"]
     assert sorted(rest.params) == ["2.bias", "enc.bias"]
+
+
+def _counts(opt, names):
+    """The oracle: every parameter's Adam step count before the update (0 without state)."""
+    return {n: int(opt.state[p]["step"]) if opt.state.get(p) else 0 for n, p in names.items()}
+
+
+def test_per_parameter_counts_when_a_parameter_joins_late_or_is_skipped(tmp_path):
+    """A layer that gets no gradient in the first steps joins Adam's state late, and a layer
+    skipped at one update (no gradient) lags by one from then on: each parameter's recorded
+    count is its own, at every step, while the group's first parameter counts regularly."""
+    torch.manual_seed(0)
+    m = torch.nn.ModuleDict(
+        {"a": torch.nn.Linear(4, 4), "b": torch.nn.Linear(4, 2), "c": torch.nn.Linear(4, 1)}
+    )  # "c" is never used: no gradient, no state, count 0 at every step
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    x, _ = _data()
+    names = {f"{k}.{n}": p for k, mod in m.items() for n, p in mod.named_parameters()}
+    seen = []
+    with graddiff.trace(m, tmp_path / "j.h5"):
+        for step in range(8):
+            opt.zero_grad(set_to_none=True)
+            h = m["a"](x)
+            # "b" is used from step 3 on, except at step 5 (no gradient: Adam skips it)
+            loss = h.square().mean() if step < 3 or step == 5 else m["b"](h).square().mean()
+            loss.backward()
+            seen.append(_counts(opt, names))
+            opt.step()
+    with graddiff.open(tmp_path / "j.h5") as run:
+        st = run.optimizer_settings
+        for s in range(8):
+            (o,) = st.at(s)
+            (g,) = o.groups
+            got = {n: g.state_steps.get(n, g.state_step) for n in names}
+            assert got == seen[s], (s, got, seen[s])
+        # rows only where the counts part: the first step, the state filling (1), "b" in the
+        # state after its first update (4), "b" lagging after its skip at 5 (6); the unused "c"
+        # stores nothing per step
+        assert st.change_steps == [0, 1, 4, 6]
+    assert seen[7]["b.weight"] == 3 and seen[7]["a.weight"] == 7  # the oracle did part
+    assert seen[7]["c.weight"] == 0
+
+
+def test_state_entries_show_a_reset_for_any_optimizer_and_nothing_in_a_normal_run(tmp_path):
+    """len(optimizer.state) is kept as a change: an SGD momentum buffer cleared (no count to
+    read) and an Adam optimizer re-created both show as state emptied at that step; a normal
+    run only shows the state filling once, at its first update."""
+    x, y = _data()
+    for make in (
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+        lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
+    ):
+        for reset_at in (None, 3):
+            m = _mlp()
+            opt = make(m)
+            oracle = []
+            with graddiff.trace(m, tmp_path / "e.h5"):
+                for step in range(5):
+                    if step == reset_at:
+                        opt = make(m)  # resumed without the optimizer state
+                    opt.zero_grad()
+                    ((m(x) - y) ** 2).mean().backward()
+                    oracle.append(len(opt.state))
+                    opt.step()
+            with graddiff.open(tmp_path / "e.h5") as run:
+                st = run.optimizer_settings
+                got = [st.for_param(s, "0.weight")[0].state_entries for s in range(5)]
+                assert got == oracle
+                emptied = [line for _, lines in st.changes() for line in lines if "emptied" in line]
+                assert not emptied  # a new optimizer is listed as new, not as emptied
+            assert oracle == ([0, 4, 4, 4, 4] if reset_at is None else [0, 4, 4, 0, 4])
+    m = _mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    with graddiff.trace(m, tmp_path / "c.h5"):
+        for step in range(4):
+            if step == 2:
+                opt.state.clear()  # the same optimizer, its momentum buffers dropped
+            opt.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            opt.step()
+    res = CliRunner().invoke(
+        cli_main, ["show", str(tmp_path / "c.h5"), "--no-check", "--optimizer"]
+    )
+    assert "optimizer 0 (SGD): state emptied (4 -> 0 parameter entries)" in res.output
+
+
+def test_a_parameter_swapped_between_groups_in_place_is_recorded(tmp_path):
+    """Group sizes unchanged, membership changed in place: the recorded groups follow."""
+    m = _mlp()
+    opt = torch.optim.SGD(_groups(m), lr=0.1)
+    x, y = _data()
+    with graddiff.trace(m, tmp_path / "w.h5"):
+        for step in range(3):
+            if step == 2:
+                g0, g1 = opt.param_groups[0]["params"], opt.param_groups[1]["params"]
+                g0[0], g1[0] = g1[0], g0[0]
+            opt.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            opt.step()
+    with graddiff.open(tmp_path / "w.h5") as run:
+        st = run.optimizer_settings
+        assert st.for_param(1, "0.weight")[1].index == 0
+        assert st.for_param(2, "0.weight")[1].index == 1
+        assert st.for_param(2, "0.bias")[1].index == 0
+        assert st.at(2)[0].groups[0].params == ("0.bias", "2.weight")

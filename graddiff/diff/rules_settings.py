@@ -2,8 +2,11 @@
 
 At the update where the parameters part (the previous step's parameters and gradients agree),
 the two runs' settings are compared parameter by parameter: the optimizer class, each
-hyperparameter of the parameter's group, the group membership and the optimizer state's step
-count. A difference there is direct evidence; the value fits of rules_update.py confirm it or
+hyperparameter of the parameter's group, the group membership (a parameter in another group
+whose settings differ, while the groups' own settings agree, is a membership difference), the
+optimizer state's step count (per parameter where recorded) and the number of parameters with
+state (a state emptied or an optimizer re-created in one run, also for SGD's step-less momentum
+buffer). A difference there is direct evidence; the value fits of rules_update.py confirm it or
 disagree, and both are said. Where the settings agree, that is evidence too: the update itself
 differs. A setting difference is never named as the cause of a divergence that starts before
 any update (it is listed as "also differs").
@@ -44,11 +47,12 @@ SERIES_STEPS = 256
 class Difference:
     """One setting that differs, and the parameters it differs for."""
 
-    what: str  # "class", "membership", "state_step" or a hyperparameter name
+    what: str  # "class", "membership", "group", "state_step", "state_entries" or a setting
     a: Any
     b: Any
     params: list = field(default_factory=list)  # parameter names
     groups: set = field(default_factory=set)  # (group in A, group in B)
+    optimizers: set = field(default_factory=set)  # (optimizer in A, optimizer in B)
 
 
 def _settings(x: Context) -> tuple[Optional[OptimizerSettings], Optional[OptimizerSettings]]:
@@ -70,6 +74,7 @@ def compare_at(x: Context, t: int) -> tuple[list[Difference], list[Difference], 
         return [], [], False
     found: dict[tuple, Difference] = {}
     impl: dict[tuple, Difference] = {}
+    states: set[tuple[int, int]] = set()  # optimizer pairs whose state sizes were compared
     compared = False
     for slot, _ in x.slots_of(t, ("param",)) if x.pair.has_step(t) else []:
         ha, hb = sa.for_param(t, slot.name), sb.for_param(t, slot.name)
@@ -82,6 +87,18 @@ def compare_at(x: Context, t: int) -> tuple[list[Difference], list[Difference], 
         (oa, ga), (ob, gb) = ha, hb
         if oa.class_name != ob.class_name:
             _add(found, "class", oa.class_name, ob.class_name, slot, ha, hb)
+        if (oa.index, ob.index) not in states:
+            states.add((oa.index, ob.index))
+            ea, eb = oa.state_entries, ob.state_entries
+            if ea is not None and eb is not None and ea != eb:
+                _add(found, "state_entries", ea, eb, slot, ha, hb)
+        elif any(d.what == "state_entries" for d in found.values()):
+            for d in found.values():
+                if d.what == "state_entries" and (oa.index, ob.index) in d.optimizers:
+                    d.params.append(slot)
+        if oa.class_name == ob.class_name and _moved(oa, ga, ob, gb):
+            _add(found, "group", ga.index, gb.index, slot, ha, hb)
+            continue  # its settings are its groups': the groups agree, the membership differs
         for k in sorted(set(ga.hyper) | set(gb.hyper)):
             va, vb = ga.hyper.get(k), gb.hyper.get(k)
             if k in SCHEDULER_KEYS or va == vb:
@@ -98,6 +115,23 @@ def compare_at(x: Context, t: int) -> tuple[list[Difference], list[Difference], 
     return list(found.values()), list(impl.values()), compared
 
 
+def _settings_of(g) -> dict[str, Any]:
+    return {k: v for k, v in g.hyper.items() if k not in SCHEDULER_KEYS}
+
+
+def _moved(oa, ga, ob, gb) -> bool:
+    """The parameter is in another group in B, its settings differ with the group, and the
+    groups themselves agree (group i of A has the settings of group i of B, for both groups
+    involved): the membership differs, not a setting."""
+    if ga.index == gb.index or len(oa.groups) != len(ob.groups):
+        return False
+    if _settings_of(ga) == _settings_of(gb):
+        return False  # the same settings either way: nothing differs for this parameter
+    return _settings_of(ga) == _settings_of(ob.groups[ga.index]) and _settings_of(
+        gb
+    ) == _settings_of(oa.groups[gb.index])
+
+
 def _key(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
@@ -106,6 +140,8 @@ def _add(found: dict, what: str, a: Any, b: Any, slot, ha, hb) -> None:
     d = found.setdefault((what, a, b), Difference(what, a, b))
     d.params.append(slot)
     d.groups.add((ha[1].index if ha else None, hb[1].index if hb else None))
+    if ha and hb:
+        d.optimizers.add((ha[0].index, hb[0].index))
 
 
 def update_steps(x: Context) -> list[int]:
@@ -265,6 +301,10 @@ def settings_causes(x: Context, t: int, diffs: list[Difference], total: int) -> 
             )
         elif d.what == "state_step":
             c = _state_cause(x, t, d, who, head)
+        elif d.what == "state_entries":
+            c = _entries_cause(t, d, head)
+        elif d.what == "group":
+            c = _group_cause(x, t, d, head)
         elif d.what == "lr":
             first = min(_first(x.pair.a), _first(x.pair.b), int(x.pair.steps[0]))
             title, sched_ev, fix = _schedule(x, d, t) if t > first else (None, [], "")
@@ -419,6 +459,61 @@ def _state_cause(x: Context, t: int, d: Difference, who: str, head: str) -> Caus
     )
 
 
+def _entries_cause(t: int, d: Difference, head: str) -> Cause:
+    """The number of parameters with optimizer state differs (len(optimizer.state))."""
+    fix = (
+        "save optimizer.state_dict() in the checkpoint and call optimizer.load_state_dict() "
+        "after creating the optimizer when resuming; do not re-create or clear the optimizer "
+        "during training"
+    )
+    ev = f"{head}: the optimizer holds state for {d.a} parameter(s) in A vs {d.b} in B"
+    if 0 in (d.a, d.b):
+        side, other = ("A", d.b) if d.a == 0 else ("B", d.a)
+        return Cause(
+            "optimizer_state",
+            f"optimizer state reset in {side} at step {t}: its optimizer holds no state where "
+            f"the other run's holds state for {other} parameter(s) (a re-created optimizer or "
+            "cleared state: optimizer state not restored on resume?)",
+            [
+                ev + f": {side}'s update starts from empty state (no momentum buffer, Adam's "
+                "moments at zero)"
+            ],
+            fix,
+        )
+    return Cause(
+        "optimizer_state",
+        f"optimizer state differs at step {t}: it holds state for {d.a} parameter(s) in A vs "
+        f"{d.b} in B (state restored or cleared for some parameters only?)",
+        [ev],
+        fix,
+    )
+
+
+def _group_cause(x: Context, t: int, d: Difference, head: str) -> Cause:
+    """A parameter in another param group, the groups' own settings the same in both runs."""
+    sa, sb = _settings(x)
+    name = d.params[0].name
+    ga, gb = sa.for_param(t, name)[1], sb.for_param(t, name)[1]
+    keys = sorted(
+        k
+        for k in set(_settings_of(ga)) | set(_settings_of(gb))
+        if ga.hyper.get(k) != gb.hyper.get(k)
+    )
+    what = ", ".join(f"{k} {_v(ga.hyper.get(k))} in A vs {_v(gb.hyper.get(k))} in B" for k in keys)
+    return Cause(
+        "optimizer_settings",
+        f"parameter groups differ: {x.names(d.params, limit=3)} in param group {d.a} in A and "
+        f"{d.b} in B at step {t}, so {what} (recorded optimizer settings; the groups' own "
+        "settings agree)",
+        [
+            f"{head}: {x.names(d.params)} in param group {d.a} in A and {d.b} in B; param "
+            f"groups {d.a} and {d.b} have the same settings in both runs"
+        ],
+        "build the param groups from the same rule in both runs (e.g. the same name filter "
+        "for no-decay or per-layer learning rates)",
+    )
+
+
 def _agree_text(x: Context, t: int) -> str:
     sa, _ = _settings(x)
     opts = sa.at(t) if sa is not None else []
@@ -485,6 +580,10 @@ def apply_settings(x: Context, causes: list[Cause]) -> list[Cause]:
                 texts.append("optimizer class {} vs {}".format(*_classes(d.a, d.b)))
             elif d.what == "membership":
                 texts.append(f"param groups ({x.names(d.params, limit=2)} in one run only)")
+            elif d.what == "group":
+                texts.append(f"param groups ({x.names(d.params, limit=2)} in group {d.a} vs {d.b})")
+            elif d.what == "state_entries":
+                texts.append(f"optimizer state for {d.a} vs {d.b} parameter(s)")
             else:
                 texts.append(f"{d.what} {_v(d.a)} vs {_v(d.b)}")
         causes[0].evidence.append(
