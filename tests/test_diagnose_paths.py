@@ -30,14 +30,14 @@ class _TwoHeads(nn.Module):
         return self.digit(h), self.parity(h.detach() if detach_parity else h)
 
 
-def _two_heads(path, forget: bool, autograd: bool) -> str:
+def _two_heads(path, forget: bool, autograd: bool, values: str = "full") -> str:
     """Two losses on a shared trunk. ``forget``: the second loss's gradient is taken for its
     head only (autograd.grad) or its head is fed a detached trunk (backward)."""
     torch.manual_seed(0)
     m = _TwoHeads()
     params = list(m.parameters())
     g = torch.Generator().manual_seed(0)
-    with graddiff.trace(m, path, values="full"):
+    with graddiff.trace(m, path, values=values):
         for _ in range(2):
             x, y = torch.randn(12, 6, generator=g), torch.randint(0, 4, (12,), generator=g)
             digit, parity = m(x, detach_parity=forget and not autograd)
@@ -98,7 +98,14 @@ def test_detached_branch_under_backward(tmp_path):
     assert (r.first.step, r.first.kind) == (0, "grad") and r.first.name in _trunk_params()
     assert r.cause.cause == "extra_grad_path", [(c.cause, c.title) for c in r.diagnosis]
     assert "gradient path into trunk (Sequential) differs" in r.cause.title
-    assert "activations not compared" in " ".join(r.cause.evidence)
+    assert "side not known" in r.cause.title
+    text = " ".join(r.cause.evidence)
+    assert "activations not compared" in text
+    # why no side: the records are symmetric, and what was checked
+    assert "which run has the path is not known from these records" in text
+    assert "neither run's gradients of them are all zeros" in text
+    assert "output gradients were not compared" in text
+    assert "the same records (g_A - g_B = d either way)" in text
     assert not diagnosis_unlabelled(r)
 
 
@@ -161,7 +168,9 @@ def test_missing_detach_without_output_gradients(tmp_path, two_optimizers):
     assert "forward" not in " ".join(" ".join(c.evidence) for c in r.diagnosis)
 
 
-def _mlp(path, variant: str = "", steps: int = 3, momentum: float = 0.0) -> str:
+def _mlp(
+    path, variant: str = "", steps: int = 3, momentum: float = 0.0, values: str = "full"
+) -> str:
     """A 3-layer MLP under SGD with an auxiliary head used at step 1 only."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -170,7 +179,7 @@ def _mlp(path, variant: str = "", steps: int = 3, momentum: float = 0.0) -> str:
         net[0].requires_grad_(False)
     o = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=momentum)
     g = torch.Generator().manual_seed(0)
-    with graddiff.trace(m, path, values="full"):
+    with graddiff.trace(m, path, values=values):
         for step in range(steps):
             x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
             o.zero_grad(set_to_none=variant != "zeros")
@@ -243,3 +252,87 @@ def test_zero_vs_none_gradient_under_momentum(tmp_path):
     assert "aux.weight, aux.bias (both Linear) unused at step 2" in r.cause.title
     assert "in place in B" in r.cause.title and "None in A" in r.cause.title
     assert not diagnosis_unlabelled(r)
+
+
+def _td(path, detach: bool, values: str = "full", hook_scale: float = 0.0) -> str:
+    """A bootstrapped (TD) target computed by the same network: ``detach`` cuts its path; without
+    it every parameter gets a second contribution through the target, while the loss value is
+    the same. ``hook_scale``: every gradient scaled by a hook instead (a factor, not a path)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    if hook_scale:
+        for p in m.parameters():
+            p.register_hook(lambda g: g * hook_scale)
+    o = torch.optim.SGD(m.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    with graddiff.trace(m, path, values=values):
+        for _ in range(2):
+            s, s2 = torch.randn(10, 6, generator=g), torch.randn(10, 6, generator=g)
+            r = torch.randn(10, generator=g)
+            nxt = m(s2).max(1).values
+            target = r + 0.9 * (nxt.detach() if detach else nxt)
+            loss = F.mse_loss(m(s).max(1).values, target)
+            o.zero_grad()
+            loss.backward()
+            o.step()
+    return str(path)
+
+
+@pytest.mark.parametrize("values", ["full", "stats"])
+def test_a_path_through_every_parameter(tmp_path, values):
+    """B's TD target is not detached: every gradient differs, the loss agrees bitwise. Named as
+    a path (side unknown, and why), ranked before a hook; from statistics too."""
+    a = _td(tmp_path / "a.h5", detach=True, values=values)
+    b = _td(tmp_path / "b.h5", detach=False, values=values)
+    r = graddiff.compare(a, b, kinds=LEAN)
+    assert r.exit_code == 1 and (r.first.step, r.first.kind) == (0, "grad"), r.headline()
+    assert r.cause.cause == "extra_grad_path", [(c.cause, c.title) for c in r.diagnosis]
+    assert "a gradient path differs for every parameter (0, 2 (both Linear))" in r.cause.title
+    assert "while the loss agrees bitwise" in r.cause.title
+    assert "side not known" in r.cause.title
+    assert ("(from statistics)" in r.cause.title) == (values == "stats")
+    text = " ".join(r.cause.evidence)
+    assert "the losses bitwise; the gradients of every one of the 4 parameter(s) differ" in text
+    assert "not loss scaling or another reduction" in text
+    assert "which run has the path is not known from these records" in text
+    assert "output gradients were not compared" in text
+    assert "ranked second: a backward hook" in text
+    assert "activations" not in text.split("which run")[0].replace("activations not compared", "")
+    if values == "stats":
+        assert "the values themselves were not compared" in text
+    assert not diagnosis_unlabelled(r)
+
+
+def test_every_gradient_scaled_by_a_hook_is_not_a_path(tmp_path):
+    """Every gradient differs by one factor (a hook halves them), the loss agrees: a factor,
+    not a path, from values and from statistics."""
+    for values in ("full", "stats"):
+        a = _td(tmp_path / "a.h5", detach=True, values=values)
+        b = _td(tmp_path / "b.h5", detach=True, values=values, hook_scale=0.5)
+        r = graddiff.compare(a, b, kinds=LEAN)
+        assert r.exit_code == 1 and (r.first.step, r.first.kind) == (0, "grad"), r.headline()
+        assert "extra_grad_path" not in [c.cause for c in r.diagnosis], r.cause.title
+
+
+def test_statistics_only_name_a_path_where_they_rule_out_the_transforms(tmp_path):
+    """Recorded as statistics only: the detached branch is still named (side unknown, and
+    said to come from statistics); a clip by value and an L2 term on some gradients are not
+    called a path, since their statistics fit those transforms."""
+    a = _two_heads(tmp_path / "a.h5", forget=False, autograd=False, values="stats")
+    b = _two_heads(tmp_path / "b.h5", forget=True, autograd=False, values="stats")
+    r = graddiff.compare(a, b, kinds=LEAN)
+    assert (r.first.step, r.first.kind) == (0, "grad") and r.first.name in _trunk_params()
+    assert r.cause.cause == "extra_grad_path", [(c.cause, c.title) for c in r.diagnosis]
+    assert "gradient path into trunk (Sequential) differs" in r.cause.title
+    assert r.cause.title.endswith("(from statistics)")
+    text = " ".join(r.cause.evidence)
+    assert "recorded as statistics only: the norms, means, minima and maxima" in text
+    assert "the values themselves were not compared" in text
+    assert "largest relative difference" not in text  # no value-based number claimed
+    ref = _mlp(tmp_path / "m.h5", values="stats")
+    for variant in ("clip_value", "l2"):
+        r = graddiff.compare(
+            ref, _mlp(tmp_path / f"{variant}.h5", variant, values="stats"), kinds=LEAN
+        )
+        assert r.exit_code == 1 and (r.first.step, r.first.kind) == (0, "grad"), r.headline()
+        assert "extra_grad_path" not in [c.cause for c in r.diagnosis], (variant, r.cause.title)

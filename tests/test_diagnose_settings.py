@@ -53,6 +53,7 @@ def _loop(
     dropout_seed: Optional[int] = None,
     start: int = 0,
     net: Optional[nn.Module] = None,
+    **trace_options: Any,
 ) -> str:
     """A plain training loop. ``restart_sched_at``: a resumed run builds a fresh scheduler
     there (state not loaded); ``fresh_opt_at``: a fresh optimizer (state not loaded);
@@ -68,7 +69,7 @@ def _loop(
         batches.append((torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)))
     if dropout_seed is not None:
         torch.manual_seed(dropout_seed)
-    with graddiff.trace(net, path, values="full"):
+    with graddiff.trace(net, path, **{"values": "full", **trace_options}):
         for step in range(start, start + steps):
             if step == fresh_opt_at:
                 opt = make_opt(net)
@@ -427,3 +428,67 @@ def test_settings_and_value_fit_that_disagree_are_both_said():
         "the values agree: learning rate differs",
         "values: A's update is B's x 2",
     ]
+
+
+def _step_lr(gamma: float):
+    return lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=gamma)
+
+
+@pytest.mark.parametrize(
+    ("vb", "step", "cause", "title"),
+    [
+        (dict(sched=_step_lr(0.1)), 3, "learning_rate", "learning rate differs: 0.005 in A vs "),
+        (
+            dict(sched=_step_lr(0.5), fresh_opt_at=2),
+            3,
+            "optimizer_state",
+            "optimizer state reset in B at step 2",
+        ),
+    ],
+    ids=["a changed lr schedule", "optimizer re-created"],
+)
+def test_a_golden_run_check_names_the_settings_cause(tmp_path, vb, step, cause, title):
+    """A golden file (full values at step 0 only, compacted as the fixture writes it) keeps the
+    /optimizer table: a later divergence, judged on statistics, is still named from the
+    recorded settings."""
+    from graddiff.testing import GOLDEN_TRACE_OPTIONS, assert_runs_match, compact_copy
+
+    assert GOLDEN_TRACE_OPTIONS == {"full_steps": [0]}  # what the fixture records
+    make = _sgd(lr=0.01, momentum=0.9)
+    ref = _loop(tmp_path / "g.h5", make, sched=_step_lr(0.5), values="stats", full_steps=[0])
+    compact_copy(ref, tmp_path / "golden.h5")
+    actual = _loop(tmp_path / "b.h5", make, values="stats", full_steps=[0], **vb)
+    with pytest.raises(AssertionError) as info:
+        assert_runs_match(actual, tmp_path / "golden.h5")
+    message = str(info.value)
+    assert f"DIVERGED at step {step}: param" in message, message
+    assert f"Likely cause: {title}" in message, message
+    r = graddiff.compare(str(tmp_path / "golden.h5"), actual)
+    assert r.cause.cause == cause and r.first.step == step, r.cause
+
+
+def test_the_noise_twin_keeps_the_settings_causes_and_adds_no_false_one(tmp_path):
+    """compare --noise: the twin (parameters nudged by one ulp, the same optimizer and
+    schedule) records the same /optimizer table; a changed schedule in B is still named from
+    the settings, and an equivalent B (foreach vs not) is within the noise, no setting named
+    (the implementation entry that differs is not a cause)."""
+    sched = _step_lr(0.5)
+    a = _loop(tmp_path / "a.h5", _adam(), sched=sched)
+    tw = _loop(tmp_path / "tw.h5", _adam(), sched=sched, perturb="ulp")
+    with graddiff.open(a) as ra, graddiff.open(tw) as rt:
+        assert ra.optimizer_settings.rows == rt.optimizer_settings.rows  # the same table
+    b = _loop(tmp_path / "b.h5", _adam(), sched=_step_lr(0.1))
+    r = graddiff.compare(a, b, noise=tw)
+    assert r.exit_code == 1 and (r.first.kind, r.first.step) == ("param", 3), r.headline()
+    assert r.cause.cause == "learning_rate", r.cause
+    assert "recorded optimizer settings at the update of step 2" in _text(r.cause)
+    eq = _loop(tmp_path / "e.h5", _adam(foreach=True), sched=sched)
+    r = graddiff.compare(a, eq, noise=tw)
+    assert r.exit_code == 0, r.headline()
+    assert "settings differ" not in str(r.to_dict()) and "optimizer_" not in str(r.to_dict())
+    # the twin against its own run, bitwise: the nudge is found, no setting is blamed
+    r = graddiff.compare(a, tw, exact=True)
+    assert r.exit_code == 1 and (r.first.kind, r.first.step) == ("param", 0), r.headline()
+    assert not any(c.cause.startswith("optimizer") for c in r.diagnosis), r.diagnosis
+    assert "differ in the recorded optimizer settings" not in str(r.to_dict())
+    assert "also differs (not the cause" not in str(r.to_dict())

@@ -14,6 +14,20 @@ shows in the parameter gradients of a step whose forward agrees:
   an elementwise clip; a term proportional to the weights: L2 decay; the previous step's
   gradient: a missing ``zero_grad``): the backward into that sub-network differs.
 
+- every parameter's gradient differs while the losses agree bitwise (a target or input computed
+  by the model and not detached, a TD target): the same test of known transforms, and loss
+  scaling or another reduction (a factor) or another loss (its value) ruled out;
+- recorded as statistics only: the norms, means, minima and maxima rule a transform out where
+  they can (one factor maps max, min, mean and norm alike; a clamp lowers the norm and moves the
+  maximum or minimum to the clip value; means add up for a missing zero_grad, norms obey the
+  triangle inequality; one L2 coefficient from the means for all, within the norms' bounds);
+  a path is named only for gradients where all are ruled out, "(from statistics)".
+
+Which run has the path is named when the records show it (a gradient in one run only, all
+zeros in the other, autograd.grad calls that leave it out; output gradients: rules_graph).
+Otherwise the records are symmetric (an extra contribution d in A and the same d missing from
+B are the same records), and the cause says so instead of naming a side.
+
 Every statement is about compared kinds only: the rule needs the losses or the activations
 compared (the forward is then known to agree), and says which were. Context in, Cause or None
 out (see context.py).
@@ -237,37 +251,229 @@ def _partition(x: Context, step: int, kinds: tuple[str, ...]) -> tuple[list, lis
     return differ, agree
 
 
+def _stats(x: Context, side: str, slot: Slot, step: int) -> Optional[dict]:
+    """One call's statistics of a record (norm, mean, min, max, numel), or None."""
+    i = x.pair.cell(slot, step)
+    if i is None:
+        return None
+    s = getattr(x.pair.cells(step), side)
+    if not s.present[i] or s.count[i] != 1 or s.nan[i] or s.inf[i] or not s.numel[i]:
+        return None
+    return {
+        "norm": float(s.norm_hi[i]),
+        "mean": float(s.mean[i]),
+        "min": float(s.min[i]),
+        "max": float(s.max[i]),
+        "n": int(s.numel[i]),
+    }
+
+
+def _close(u: float, v: float, tol: float) -> bool:
+    return abs(u - v) <= tol * max(abs(u), abs(v), 1e-30)
+
+
+def _stats_factor(a: dict, b: dict) -> bool:
+    """Can one factor map B's gradient onto A's, as far as the statistics show?"""
+    if a["norm"] == 0 or b["norm"] == 0:
+        return True
+    scale = max(abs(a["max"]), abs(a["min"]))
+    rms = a["norm"] / np.sqrt(a["n"])
+    for c in (a["norm"] / b["norm"], -a["norm"] / b["norm"]):
+        hi, lo = (b["max"], b["min"]) if c > 0 else (b["min"], b["max"])
+        if (
+            abs(a["max"] - c * hi) <= RELATION_TOL * scale
+            and abs(a["min"] - c * lo) <= RELATION_TOL * scale
+            and abs(a["mean"] - c * b["mean"]) <= RELATION_TOL * rms
+        ):
+            return True
+    return False
+
+
+def _stats_clip(u: dict, v: dict) -> bool:
+    """Can ``u`` be ``v`` clamped elementwise to [-m, m] (clip_grad_value_)? A clamp lowers
+    the norm and moves the maximum to m or the minimum to -m (both when both move)."""
+    if u["norm"] > v["norm"] * (1 + 1e-6):
+        return False
+    up, down = not _close(u["max"], v["max"], 1e-6), not _close(u["min"], v["min"], 1e-6)
+    if not up and not down:
+        return False
+    if (up and not u["max"] < v["max"]) or (down and not u["min"] > v["min"]):
+        return False
+    return not (up and down) or _close(u["max"], -u["min"], 1e-6)
+
+
+def _stats_accumulated(u: dict, v: dict, vp: Optional[dict]) -> bool:
+    """Can ``u`` be ``v`` plus ``vp`` (the other run's previous gradient: a missing
+    zero_grad)? Means add exactly; norms obey the triangle inequality."""
+    if vp is None:
+        return False
+    rms = (u["norm"] + v["norm"] + vp["norm"]) / np.sqrt(u["n"])
+    if abs(u["mean"] - (v["mean"] + vp["mean"])) > RELATION_TOL * rms:
+        return False
+    slack = 1 + RELATION_TOL
+    return abs(u["norm"] - v["norm"]) <= vp["norm"] * slack <= (u["norm"] + v["norm"]) * slack**2
+
+
+def _stats_l2(x: Context, s: Slot, step: int, a: dict, b: dict) -> Optional[float]:
+    """The L2 coefficient wd with g_A - g_B = wd * p that the means give, when the norms allow
+    it (| |g_A| - |g_B| | <= |wd| |p| <= |g_A| + |g_B|); None when they do not."""
+    ps = x.pair.slot("param", s.name)
+    p = None if ps is None else _stats(x, "a", ps, step)
+    if p is None or p["n"] != a["n"]:
+        return None
+    if p["mean"] == 0:
+        return None if a["mean"] != b["mean"] else 0.0
+    wd = (a["mean"] - b["mean"]) / p["mean"]
+    size = abs(wd) * p["norm"]
+    slack = 1 + RELATION_TOL
+    if abs(a["norm"] - b["norm"]) > size * slack or size > (a["norm"] + b["norm"]) * slack:
+        return None
+    return wd
+
+
+def _stats_unexplained(x: Context, step: int, differ: list[Slot]) -> Optional[list[str]]:
+    """From statistics alone (norm, mean, min, max): the differing gradients for which a
+    factor, an elementwise clip, one L2 term for all and a missing zero_grad are all ruled
+    out (their names); None when some statistics are missing."""
+    prev = x.prev(step)
+    wds: dict[str, Optional[float]] = {}
+    stats = {}
+    for s in differ:
+        a, b = _stats(x, "a", s, step), _stats(x, "b", s, step)
+        if a is None or b is None or a["n"] != b["n"]:
+            return None
+        stats[s.name] = (a, b)
+        wds[s.name] = _stats_l2(x, s, step, a, b)
+    fitted = [w for w in wds.values() if w is not None]
+    one_wd = (
+        bool(fitted)
+        and len(fitted) == len(differ)
+        and all(_close(w, fitted[0], RELATION_TOL) for w in fitted)
+    )
+    out = []
+    for s in differ:
+        a, b = stats[s.name]
+        ap = _stats(x, "a", s, prev) if prev is not None else None
+        bp = _stats(x, "b", s, prev) if prev is not None else None
+        if (
+            _stats_factor(a, b)
+            or _stats_clip(a, b)
+            or _stats_clip(b, a)
+            or _stats_accumulated(a, b, bp)
+            or _stats_accumulated(b, a, ap)
+            or one_wd
+        ):
+            continue
+        out.append(s)
+    return out
+
+
+def _losses_equal(x: Context, step: int) -> bool:
+    """The losses were compared and agree bitwise at the step (fingerprints prove it)."""
+    if "loss" not in x.compared:
+        return False
+    found = [code for _, code in x.slots_of(step, ("loss",))]
+    return bool(found) and all(code == EQUAL for code in found)
+
+
+def _no_side(x: Context, step: int, kinds: tuple[str, ...]) -> str:
+    """Why the run with the path is not named: the records are symmetric (the numbers of
+    gradient calls are said next to it, by _calls_text)."""
+    reasons = ["no torch.autograd.grad call leaves these parameters out in either run"]
+    reasons.append("neither run's gradients of them are all zeros")
+    if "grad_output" in x.compared:
+        reasons.append(
+            "the output gradients were compared and no module's output receives gradients "
+            "from more backward passes in one run"
+        )
+    else:
+        reasons.append(
+            "output gradients were not compared (they would count the backward passes that "
+            "reach each module)"
+        )
+    what = "output gradients" if kinds == ("grad_output",) else "gradients"
+    return (
+        "which run has the path is not known from these records: "
+        + "; ".join(reasons)
+        + f". An extra contribution d in one run's {what} and the same contribution missing "
+        "from the other's are the same records (g_A - g_B = d either way), and which run's "
+        "gradient norm is larger says nothing about which one is intended"
+    )
+
+
 def _differs_in_subnet(x: Context) -> Optional[Cause]:
     step = x.step
     kinds = ("grad_output",) if x.slot.kind == "grad_output" else _GRADS
     differ, agree = _partition(x, step, kinds)
-    if not differ or not agree or x.slot not in differ:
+    if not differ or x.slot not in differ:
+        return None
+    every = not agree
+    # every gradient differs: a path through the whole network (a target or input computed by
+    # the model and not detached) only if the losses agree bitwise (a different loss function
+    # or reduction would change them) and no factor explains it (loss scaling)
+    if every and (kinds != _GRADS or not _losses_equal(x, step)):
         return None
     zero = {"a": True, "b": True}
     known = []
+    stats_only = False
     for s in differ:
         a, b = x.v("a", s, step), x.v("b", s, step)
-        if a is None or b is None or a.shape != b.shape or a.dtype.kind != "f":
-            return None  # statistics alone cannot rule out a scale, clip or decay
+        if a is None or b is None:
+            stats_only = True
+            break
+        if a.shape != b.shape or a.dtype.kind != "f":
+            return None
         known.append(_explained(x, s, step, a, b))
         zero["a"] &= not np.any(a)
         zero["b"] &= not np.any(b)
+    if stats_only:
+        left = _stats_unexplained(x, step, differ)
+        if not left:
+            return None  # statistics cannot rule out a scale, clip, decay or accumulation
+        zero = {
+            side: all((_stats(x, side, s, step) or {}).get("norm") == 0 for s in differ)
+            for side in ("a", "b")
+        }
     # one transform for every differing gradient is another cause (a small tensor alone can
     # fit a factor by chance: a scalar-output network's gradients are nearly parallel)
-    if all(k is not None for k in known):
+    elif all(k is not None for k in known):
         return None
     what = "output gradients" if kinds == ("grad_output",) else "gradients"
     unit = "module(s)" if kinds == ("grad_output",) else "parameter(s)"
     where = _subnet(x, differ)
-    ev = [
-        f"at step {step} {x.agree(_FORWARD)}; the {what} of {len(differ)} {unit} "
-        f"differ ({x.names(differ)}) while those of the other {len(agree)} agree "
-        f"({x.names(agree, 3)})",
-        "the difference is not one factor (clipping, scaling), elementwise clip, term "
-        "proportional to the weights (L2 decay) or previous step's gradient (missing "
-        "zero_grad) for all of them: a contribution to these gradients in one run that the "
-        "other lacks",
-    ]
+    exact = all(code == EQUAL for s, code in x.slots_of(step, kinds) if s in agree)
+    if every:
+        ev = [
+            f"at step {step} {x.agree(_FORWARD)}, the losses bitwise; the {what} of every "
+            f"one of the {len(differ)} {unit} differ ({x.names(differ)})",
+        ]
+    else:
+        ev = [
+            f"at step {step} {x.agree(_FORWARD)}; the {what} of {len(differ)} {unit} "
+            f"differ ({x.names(differ)}) while those of the other {len(agree)} agree"
+            + ("" if exact or not stats_only else " as far as their statistics show")
+            + f" ({x.names(agree, 3)})",
+        ]
+    if stats_only:
+        ev.append(
+            "recorded as statistics only: the norms, means, minima and maxima of "
+            f"{x.names(left, 3)} rule out one factor (clipping, scaling), an elementwise clip, "
+            "one term proportional to the weights for all (L2 decay) and the other run's "
+            "previous gradient (missing zero_grad); the values themselves were not compared"
+        )
+    else:
+        ev.append(
+            "the difference is not one factor (clipping, scaling), elementwise clip, term "
+            "proportional to the weights (L2 decay) or previous step's gradient (missing "
+            "zero_grad) for all of them: a contribution to these gradients in one run that "
+            "the other lacks"
+        )
+    if every:
+        ev.append(
+            "not loss scaling or another reduction (no single factor maps one run's gradients "
+            "onto the other's), not another loss value (the losses agree bitwise): a loss "
+            "whose value is the same and whose gradient reaches every parameter differently"
+        )
     side = None
     if zero["a"] != zero["b"]:
         side = "B" if zero["a"] else "A"
@@ -281,12 +487,17 @@ def _differs_in_subnet(x: Context) -> Optional[Cause]:
     calls = _calls_text(x, step)
     if calls:
         ev.append(calls)
+    if side is None and rside is None:
+        ev.append(_no_side(x, step, kinds))
     ev.append(
-        "a backward hook or custom autograd.Function that changes these gradients alone "
-        "would look the same"
+        ("ranked second: " if every else "")
+        + "a backward hook or custom autograd.Function that changes these gradients alone "
+        + ("(or gradient noise) " if every else "")
+        + "would look the same"
     )
-    worst = max((x.rel(s, step) or 0.0) for s in differ)
-    ev.append(f"largest relative difference among them: {fmt(worst)}")
+    if not stats_only:
+        worst = max((x.rel(s, step) or 0.0) for s in differ)
+        ev.append(f"largest relative difference among them: {fmt(worst)}")
     if side is not None:
         title = f"an extra gradient path reaches {where} in {side} (a missing .detach()?)"
     elif rside is not None:
@@ -295,11 +506,19 @@ def _differs_in_subnet(x: Context) -> Optional[Cause]:
             f"a gradient path into {where} is missing in {rside} (or extra in {other}): "
             f"{rside}'s torch.autograd.grad calls leave it out"
         )
+    elif every:
+        title = (
+            f"a gradient path differs for every parameter ({where}) while the loss agrees "
+            "bitwise: an extra (or missing) path in one run, side not known (a .detach() "
+            "missing on a target or input computed by the model?)"
+        )
     else:
         title = (
-            f"a gradient path into {where} differs: an extra (or missing) path in one run "
-            "(a forgotten .detach()?)"
+            f"a gradient path into {where} differs: an extra (or missing) path in one run, "
+            "side not known (a forgotten .detach()?)"
         )
+    if stats_only:
+        title += " (from statistics)"
     fix = _fix(side) if side is not None or rside is None else _fix(None, rside)
     return Cause("extra_grad_path", title, ev, fix)
 
