@@ -10,7 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .errors import GraddiffError, TraceFileError, TraceUsageError, ValuesNotStoredError
+from .errors import (
+    GraddiffError,
+    NotATwinError,
+    TraceFileError,
+    TraceUsageError,
+    ValuesNotStoredError,
+)
 from .kinds import Kind
 from .reader import RecordKey, Run
 from .reader import open_run as open  # noqa: A001  (the public name is graddiff.open)
@@ -23,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GraddiffError",
     "Kind",
+    "NotATwinError",
     "RecordKey",
     "Report",
     "Run",

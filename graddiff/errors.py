@@ -25,3 +25,9 @@ class ValuesNotStoredError(GraddiffError):
 
 class TraceUsageError(GraddiffError):
     """``graddiff.trace`` was used in a way that cannot work (nested traces, bad options)."""
+
+
+class NotATwinError(GraddiffError):
+    """``compare --noise TWIN``: TWIN is not a perturbed copy of the run it would measure the
+    noise of (another seed, data order, script or model): its drift would hold a real
+    difference and hide one in the pair."""

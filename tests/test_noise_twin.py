@@ -14,16 +14,29 @@ import graddiff
 import graddiff.cli
 
 
-def _run(path, *, perturb=None, foreach=False, lr=1e-2, steps=4, bf16=False, bn=False) -> str:
-    torch.manual_seed(0)
+def _run(
+    path,
+    *,
+    perturb=None,
+    foreach=False,
+    lr=1e-2,
+    steps=4,
+    bf16=False,
+    bn=False,
+    seed=0,
+    data_seed=None,
+    act=nn.Tanh,
+) -> str:
+    torch.manual_seed(seed)
     if bn:
-        net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 4))
+        net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), act(), nn.Linear(16, 4))
     else:
-        net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        net = nn.Sequential(nn.Linear(8, 16), act(), nn.Linear(16, 4))
     o = torch.optim.AdamW(net.parameters(), lr=lr, foreach=foreach)
+    g = None if data_seed is None else torch.Generator().manual_seed(data_seed)
     with graddiff.trace(net, path, values="full", perturb=perturb):
         for _ in range(steps):  # data from the global RNG: the twin must draw the same
-            x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
             o.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(net(x), y)
@@ -125,3 +138,36 @@ def test_noise_of_names_the_twins_run(tmp_path):
     assert r.to_dict()["noise_of"] == "B"
     out = CliRunner().invoke(graddiff.cli.main, ["compare", a, b, "--noise-of", "B"])
     assert out.exit_code == 2 and "--noise-of applies only with --noise" in out.output
+
+
+WRONG_TWINS = {  # a twin of another run: each would hide B's bug (lr x1.1) in its drift
+    "another seed": ({"seed": 1}, "differs by rel"),
+    "another data order": ({"data_seed": 7}, "its input '0' differs at step 0 (other data)"),
+    "another script (the buggy one)": (
+        {"lr": 1.1e-2},
+        "its optimizer settings differ at step 0: lr is 0.011 in the twin, 0.01 in the run",
+    ),
+    "another script (an op swapped)": ({"act": nn.ReLU}, "at step 0, before any update"),
+    "another model (BatchNorm added)": ({"bn": True}, "its records differ (only in the twin"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WRONG_TWINS))
+def test_a_twin_of_another_run_is_refused(tmp_path, kind):
+    """The twin must be A's: the same records, optimizer settings and inputs, initial
+    parameters one ulp apart, and a first step within what one ulp explains. Otherwise its
+    drift holds a real difference: the bug in B (10 % larger learning rate) would be within
+    it. One Error line and exit 2 on the command line, NotATwinError through the API."""
+    kw, why = WRONG_TWINS[kind]
+    a, b = _run(tmp_path / "a.h5"), _run(tmp_path / "b.h5", lr=1.1e-2)
+    good = _run(tmp_path / "good.h5", perturb="ulp")
+    r = graddiff.compare(a, b, noise=good)  # the genuine twin: accepted, the bug found
+    assert r.exit_code == 1 and r.first.step == 1, r.headline()
+    bad = _run(tmp_path / "bad.h5", perturb="ulp", **kw)
+    with pytest.raises(graddiff.NotATwinError, match="not a perturbed copy of") as err:
+        graddiff.compare(a, b, noise=bad)
+    assert why in str(err.value) and isinstance(err.value, graddiff.GraddiffError)
+    out = CliRunner().invoke(graddiff.cli.main, ["compare", a, b, "--noise", bad])
+    assert out.exit_code == 2, out.output
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: --noise ") and why in lines[0]

@@ -176,7 +176,9 @@ def compare(
     try:
         if name_map is None and offset is None and steps_a is None and steps_b is None:
             drift, origin = (
-                _drift(ra, rb, noise, kinds_t, noise_of) if noise is not None else (None, None)
+                _drift(ra, rb, noise, kinds_t, noise_of, rtol)
+                if noise is not None
+                else (None, None)
             )
             report = _compare(
                 ra, rb, rtol, exact, window, kinds_t, filtered=kinds is not None, drift=drift
@@ -506,12 +508,14 @@ def _compare(
     return report
 
 
-def _drift(ra: Run, rb: Run, noise: RunLike, kinds: tuple[str, ...], noise_of) -> tuple:
+def _drift(
+    ra: Run, rb: Run, noise: RunLike, kinds: tuple[str, ...], noise_of, rtol: float
+) -> tuple:
     """The twin's drift from its origin, and (origin "A"/"B", why)."""
     twin, own = _open(noise)
     try:
         tag, why = twin_origin(ra, rb, twin, noise_of)
-        return twin_drift(ra if tag == "A" else rb, twin, kinds), (tag, why)
+        return twin_drift(ra if tag == "A" else rb, twin, kinds, rtol), (tag, why)
     finally:
         if own:
             twin.close()
@@ -615,6 +619,7 @@ def _difference(pair: RunPair, hit: Optional[Hit], classes: dict[str, str]) -> O
         and hit.status in ("values", "stats")
         and rounding_level(rel, dtype),
         module_class=class_of(classes, slot.kind, slot.name),
+        update=hit.facts.get("update"),
     )
     vd = hit.value_diff
     if vd is not None and not vd.bitwise_equal:

@@ -208,11 +208,23 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
                 else tol[slot]
             )
             diverged = exact or code in DEFINITE or nonfinite or best[i] > limit
+            update = None
+            if not diverged and vd is not None and pair.rounding is not None:
+                names = pair.dtypes.names
+                update = pair.update_beyond(
+                    pair.al.slots[slot],
+                    step,
+                    names[int(c.a.dtype[i])] if c.a.dtype[i] >= 0 else "",
+                    names[int(c.b.dtype[i])] if c.b.dtype[i] >= 0 else "",
+                )
+                diverged = update is not None
             if first_bitwise is not None and not diverged:
                 continue
             if vd is not None:  # element detail, only for the cells the report shows
                 vd = pair.diff(pair.al.slots[slot], step, ra, rb, float(c.floor[i]))
             hit = Hit(step, slot, code, float(best[i]), basis, vd, int(i), _facts(c, i, pair))
+            if update is not None:
+                hit.facts["update"] = update
             if basis == "structure":
                 hit.rel = float("nan")
             if nonfinite:

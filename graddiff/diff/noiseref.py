@@ -24,13 +24,14 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import GraddiffError
+from ..errors import GraddiffError, NotATwinError
+from ..optimizer_settings import IMPLEMENTATION_KEYS
 from ..reader import Run
 from .align import Alignment, align, check_related
 from .compare_records import DIFF, EQUAL, STATS
 from .noise import ROUNDING_ULPS, eps_of
 from .pair import RunPair
-from .precision import UNIT_ROUNDOFF, computing_dtype, precision_of
+from .precision import UNIT_ROUNDOFF, Precision, computing_dtype, precision_of, slot_rounding
 
 #: A difference up to this many times the twin's drift at that record and step is amplified
 #: rounding (docs/tolerance.md, "--noise": measured ratios and why 10).
@@ -97,14 +98,19 @@ def twin_origin(a: Run, b: Run, twin: Run, noise_of: Optional[str] = None) -> tu
     return tag, why
 
 
-def twin_drift(a: Run, twin: Run, kinds: tuple[str, ...]) -> dict[tuple, dict[int, float]]:
+def twin_drift(
+    a: Run, twin: Run, kinds: tuple[str, ...], rtol: float = 1e-3
+) -> dict[tuple, dict[int, float]]:
     """(kind, name, call) -> {step: the largest relative difference between the twin and its
-    origin ``a`` at this or any earlier step}."""
+    origin ``a`` at this or any earlier step}. Refuses (NotATwinError) a twin that is not a
+    perturbed copy of ``a`` (``check_twin``)."""
     check_related(a, twin)
     al = align(a, twin, kinds)
     common = np.intersect1d(a.steps, twin.steps)
     if not len(common):
         raise GraddiffError(f"--noise {twin.path}: no step in common with {a.path}")
+    _check_structure(a, twin)
+    _check_settings(a, twin, common)
     pair = RunPair(a, twin, al, common)
     out: dict[tuple, dict[int, float]] = {}
     try:
@@ -130,11 +136,111 @@ def twin_drift(a: Run, twin: Run, kinds: tuple[str, ...]) -> dict[tuple, dict[in
     finally:
         pair.close()
     _check_copy(a, twin, out, int(common[0]))
+    _check_first_step(a, twin, out, int(common[0]), al, rtol)
     for series in out.values():  # the envelope: noise, once there, is not taken back
         top = 0.0
         for step in sorted(series):
             top = series[step] = max(top, series[step])
     return out
+
+
+def _not_a_copy(origin: Run, twin: Run, what: str) -> NotATwinError:
+    return NotATwinError(
+        f"--noise {twin.path}: not a perturbed copy of {origin.path}: {what} (a twin is the "
+        "same script, data and seeds, recorded with trace(..., perturb=...))"
+    )
+
+
+def _check_structure(origin: Run, twin: Run) -> None:
+    """The same records, with the same dtypes: the same model, traced the same way."""
+    so, st = _signature(origin), _signature(twin)
+    if so == st:
+        return
+    only_t = sorted(str(k) for k in st.keys() - so.keys())
+    only_o = sorted(str(k) for k in so.keys() - st.keys())
+    dtype = sorted(f"{k} ({so[k]} vs {st[k]})" for k in so.keys() & st.keys() if so[k] != st[k])
+    parts = []
+    for what, names in (
+        ("only in the twin", only_t),
+        ("only in the origin", only_o),
+        ("other dtypes in the twin", dtype),
+    ):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            parts.append(f"{what}: {', '.join(names[:3])}{more}")
+    raise _not_a_copy(origin, twin, "its records differ (" + "; ".join(parts) + ")")
+
+
+def _settings(run: Run, step: int) -> list:
+    """The optimizer settings that decide the update at ``step`` (not how it is computed)."""
+    return [
+        (
+            o.class_name,
+            [
+                (
+                    g.index,
+                    g.params,
+                    {k: v for k, v in g.hyper.items() if k not in IMPLEMENTATION_KEYS},
+                )
+                for g in o.groups
+            ],
+        )
+        for o in run.optimizer_settings.at(step)
+    ]
+
+
+def _check_settings(origin: Run, twin: Run, common: np.ndarray) -> None:
+    """The same recorded optimizer settings at every common step: a twin of another script
+    (another learning rate, weight decay, schedule) drifts by that difference after its first
+    update, and would hide it in the pair."""
+    so, st = origin.optimizer_settings, twin.optimizer_settings
+    if not so and not st:
+        return
+    lo, hi = int(common[0]), int(common[-1])
+    steps = sorted({lo} | {s for s in so.change_steps + st.change_steps if lo <= s <= hi})
+    for step in steps:
+        a, t = _settings(origin, step), _settings(twin, step)
+        if a == t:
+            continue
+        what = "a different optimizer"
+        if len(a) == len(t):
+            for (ca, ga), (ct, gt) in zip(a, t):
+                if ca != ct:
+                    what = (
+                        f"the twin's optimizer is {ct.rsplit('.', 1)[-1]}, the run's "
+                        f"{ca.rsplit('.', 1)[-1]}"
+                    )
+                    break
+                for (ia, pa, ha), (_, pt, ht) in zip(ga, gt):
+                    keys = sorted(k for k in ha.keys() | ht.keys() if ha.get(k) != ht.get(k))
+                    if keys:
+                        k = keys[0]
+                        what = (
+                            f"{k} is {ht.get(k)} in the twin, {ha.get(k)} in the run "
+                            f"(param group {ia})"
+                        )
+                        break
+                    if pa != pt:
+                        what = f"param group {ia} holds other parameters in the twin"
+                        break
+                else:
+                    if len(ga) != len(gt):
+                        what = f"the twin has {len(gt)} param groups, the run {len(ga)}"
+                    continue
+                break
+        raise _not_a_copy(origin, twin, f"its optimizer settings differ at step {step}: {what}")
+
+
+def _nudge_dtype(twin: Run) -> str:
+    """The precision of the twin's nudge: ``perturb``, or for "ulp" its coarsest parameter
+    dtype."""
+    perturb = str((twin.options or {}).get("perturb"))
+    if perturb != "ulp":
+        return perturb
+    params = [
+        twin.record_dtype(r) for r in range(twin.n_records) if twin.record_key(r).kind == "param"
+    ]
+    return max(params, key=lambda d: UNIT_ROUNDOFF.get(d, 0.0), default="float32")
 
 
 def _check_copy(origin: Run, twin: Run, drift: dict, first: int) -> None:
@@ -146,10 +252,8 @@ def _check_copy(origin: Run, twin: Run, drift: dict, first: int) -> None:
         if kind == "input":
             bad = [s for s, r in series.items() if r > 0]
             if bad:
-                raise GraddiffError(
-                    f"--noise {twin.path}: not a perturbed copy of {origin.path}: its input "
-                    f"'{name}' differs at step {min(bad)} (a twin is the same script, data and "
-                    "seeds, with trace(..., perturb=...))"
+                raise _not_a_copy(
+                    origin, twin, f"its input '{name}' differs at step {min(bad)} (other data)"
                 )
         elif kind == "param" and first in series:
             dtypes = [origin.record_dtype(r) for r in range(origin.n_records)]
@@ -157,11 +261,42 @@ def _check_copy(origin: Run, twin: Run, drift: dict, first: int) -> None:
             nudge = own if perturb == "ulp" else str(perturb)
             limit = 2 * max(eps_of(nudge), eps_of(own))
             if series[first] > limit:
-                raise GraddiffError(
-                    f"--noise {twin.path}: not a perturbed copy of {origin.path}: parameter "
-                    f"'{name}' differs by rel {series[first]:.3g} at step {first}, more than "
-                    f"one {nudge} ulp (different initial weights, or the twin of another run)"
+                raise _not_a_copy(
+                    origin,
+                    twin,
+                    f"parameter '{name}' differs by rel {series[first]:.3g} at step {first}, "
+                    f"more than one {nudge} ulp (different initial weights)",
                 )
+
+
+def _check_first_step(
+    origin: Run, twin: Run, drift: dict, first: int, al: Alignment, rtol: float
+) -> None:
+    """At the first step, before any update, the twin computes what its origin computes from
+    parameters one ulp apart: every record within ``NOISE_FACTOR`` x the tolerance compare
+    gives a pair of runs in the nudge's precision (``rtol``, or the precision bound at the
+    record's depth). Beyond it the twin computes something else (another op, loss or
+    dropout draw): another script."""
+    nudge = _nudge_dtype(twin)
+    low = max(
+        (computing_dtype(origin) or "float32", nudge), key=lambda d: UNIT_ROUNDOFF.get(d, 0.0)
+    )
+    u = UNIT_ROUNDOFF.get(low, UNIT_ROUNDOFF["float32"])
+    rounding = slot_rounding(al, Precision(low, u, low, low))
+    by_label = {(s.kind, s.name, max(s.call, 0)): s for s in al.slots}
+    for label, series in drift.items():
+        slot = by_label.get(label)
+        if slot is None or label[0] in ("input", "param") or first not in series:
+            continue
+        tol = max(rtol, float(rounding[slot.index]) if rounding is not None else 0.0)
+        if series[first] > NOISE_FACTOR * tol:
+            raise _not_a_copy(
+                origin,
+                twin,
+                f"at step {first}, before any update, {slot.label} differs by rel "
+                f"{series[first]:.3g}, more than a one-ulp nudge explains ({NOISE_FACTOR:g} x "
+                f"{tol:.3g}): another computation",
+            )
 
 
 class NoiseTolerance:

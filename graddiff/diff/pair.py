@@ -17,7 +17,7 @@ from ..reader import Run
 from .align import Alignment, Slot
 from .compare_records import Cells, DtypeTable, classify
 from .exact import ValueDiff, combine, compare_values, quick_diff
-from .precision import steps_factor
+from .precision import UNIT_ROUNDOFF, steps_factor, update_difference
 from .stepvalues import StepValues
 
 _CACHE_STEPS = 8
@@ -59,6 +59,42 @@ class RunPair:
             return float(self.tol[slot])
         grown = float(self.rounding[slot]) * steps_factor(step, self.first_step)
         return max(float(self.tol[slot]), grown)
+
+    def update_beyond(self, slot: Slot, step: int, dtype_a: str, dtype_b: str) -> Optional[dict]:
+        """A parameter whose update into ``step`` differs beyond the tolerance of the gradient
+        it was computed from (precision.update_difference): {"rel", "tolerance", "from_step"};
+        None when within, not a reduced-precision pair judged by its bound, or not comparable
+        (no full values at ``step`` and ``step - 1``)."""
+        if slot.kind != "param" or self.rounding is None or self.noise is not None:
+            return None
+        prev = int(step) - 1
+        if not self.has_step(prev) or not self._grad_above_floor(slot.name, prev):
+            return None
+        vals = [self.values(side, slot, s) for side in ("a", "b") for s in (prev, step)]
+        if any(v is None for v in vals) or len({v.shape for v in vals}) != 1:
+            return None
+        got = update_difference(
+            *vals,
+            self.tolerance(slot.index, prev),
+            UNIT_ROUNDOFF.get(dtype_a, 0.0),
+            UNIT_ROUNDOFF.get(dtype_b, 0.0),
+        )
+        if got is None or not got[0] > got[1]:
+            return None
+        return {"rel": got[0], "tolerance": got[1], "from_step": prev}
+
+    def _grad_above_floor(self, name: str, step: int) -> bool:
+        """The parameter's gradient at ``step`` is compared and, in both runs, above the noise
+        floor: an update computed from rounding residue (a Linear's bias before BatchNorm,
+        normalised to full size by Adam) is residue too, and says nothing."""
+        g = self.slot("grad", name)
+        i = self.cell(g, step) if g is not None else None
+        if i is None:
+            return False
+        c = self.cells(step)
+        if not (c.a.present[i] and c.b.present[i]):
+            return False
+        return min(float(c.a.norm_hi[i]), float(c.b.norm_hi[i])) > float(c.floor[i])
 
     def close(self) -> None:
         """Close the extra file handles of the value readers (not the runs)."""

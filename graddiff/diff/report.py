@@ -64,6 +64,10 @@ class Difference:
     tolerance: Optional[float] = None
     note: str = ""
     module_class: Optional[str] = None  # class of the module owning the record, when recorded
+    #: a parameter judged by its update (reduced precision, precision.update_difference):
+    #: {"rel": the relative difference of the updates' norms, "tolerance": what rounding allows for it,
+    #: "from_step": the step whose gradient the update was computed from}
+    update: Optional[dict] = None
 
     @property
     def described(self) -> str:
@@ -245,7 +249,15 @@ class Report:
         else:
             what = f.status.replace("_", " ")
         low = self.reduced_precision
-        if self.noise and not self.exact and f.tolerance is not None and f.basis != "structure":
+        if f.update and low:
+            u = f.update
+            rel, limit = _g_apart(u["rel"], u["tolerance"])
+            what = (
+                f"rel {_g(f.rel_diff)}, but the size of its update from step "
+                f"{u['from_step']} differs by rel {rel}"
+            )
+            tol = f"beyond what {low} rounding explains for it, {limit}"
+        elif self.noise and not self.exact and f.tolerance is not None and f.basis != "structure":
             tol = f"beyond 10x the twin's drift here, {_g(f.tolerance)} (--noise)"
         elif low and f.tolerance is not None and f.basis != "structure":
             tol = f"beyond what {low} rounding explains here, {_g(f.tolerance)}"
