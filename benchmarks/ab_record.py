@@ -4,14 +4,18 @@ On a loaded machine only CPU-time ratios from interleaved rounds in one process 
 comparing two versions in two processes mixes the change with the load. This script exports
 each git ref's ``graddiff`` package (with ``hooks/`` as ``graddiff.hooks``, as installed) into a
 temporary folder under its own name, imports both, and runs untraced training and
-``trace(values="stats")`` under each version in interleaved rounds, with the same model,
-weights and batches::
+``trace(values="stats")`` (or ``--values full``) under each version in interleaved rounds,
+with the same model, weights and batches::
 
     python benchmarks/ab_record.py main HEAD --model deep_tiny --steps 200 --rounds 6
     python benchmarks/ab_record.py main HEAD --model resnet18 --steps 10 --rounds 6
+    python benchmarks/ab_record.py main HEAD --model mlp --values full --steps 20 --threads 2
 
 Reports per version: process CPU per step (all threads) and the main thread's, CPU ×
-untraced (median and range over rounds), CPU µs per record, and minor page faults per step.
+untraced (median and range over rounds), wall × untraced, CPU µs per record, and minor page
+faults per step. With ``--values full`` the writer's work after the loop (its last steps, the
+close) is included: each run's CPU and wall are taken over the whole ``with trace`` block and
+divided by the steps.
 Models: those of bench_record.py, and ``deep_tiny`` (30 blocks of Linear(16, 16) + ReLU at
 batch 8, 257 records per step: the per-record cost dominates).
 """
@@ -73,6 +77,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--values", default="stats", choices=("stats", "full"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     tmp = tempfile.mkdtemp(prefix="graddiff-ab-", dir=br.same_disk_tmp())
@@ -84,32 +89,43 @@ def main() -> int:
     kinds = importlib.import_module("gd_a.kinds").ALL_KINDS
     wl = workload(a.model)
 
-    def run(version: str) -> tuple[float, float, float]:
+    def run(version: str) -> tuple[float, float, float, float]:
         torch.manual_seed(0)
         model, opt = wl.fresh()
         cpu: list[float] = []
         main_thread: list[float] = []
+        wall: list[float] = []
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
         def loop() -> None:
             for i in range(a.steps):
-                c0, t0 = time.process_time(), time.thread_time()
+                c0, t0, w0 = time.process_time(), time.thread_time(), time.perf_counter()
                 br.train_step(model, opt, wl.batches[i % len(wl.batches)], None, wl.loss_fn)
                 cpu.append(time.process_time() - c0)
                 main_thread.append(time.thread_time() - t0)
+                wall.append(time.perf_counter() - w0)
 
+        c_all, w_all = time.process_time(), time.perf_counter()
         if version == "untraced":
             loop()
         else:
             path = os.path.join(tmp, f"{version}.h5")
-            with mods[version].trace(model, path, kinds=list(kinds), values="stats"):
+            with mods[version].trace(model, path, kinds=list(kinds), values=a.values):
                 loop()
+        c_all, w_all = time.process_time() - c_all, time.perf_counter() - w_all
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / a.steps
         skip = len(cpu) // 10  # warm-up steps
-        return statistics.median(cpu[skip:]), statistics.median(main_thread[skip:]), faults
+        if a.values == "full":  # the writer's last steps and the close belong to the cost
+            return c_all / a.steps, statistics.median(main_thread[skip:]), faults, w_all / a.steps
+        return (
+            statistics.median(cpu[skip:]),
+            statistics.median(main_thread[skip:]),
+            faults,
+            statistics.median(wall[skip:]),
+        )
 
     versions = ["untraced", *names]
-    res: dict[str, list[tuple[float, float, float]]] = {v: [] for v in versions}
+    res: dict[str, list[tuple[float, float, float, float]]] = {v: [] for v in versions}
     for r in range(a.rounds):
         for v in versions[r % 3 :] + versions[: r % 3]:
             res[v].append(run(v))
@@ -120,16 +136,19 @@ def main() -> int:
     base = [x[0] for x in res["untraced"]]
     print(
         f"{a.model}: {records:.0f} records/step, {a.rounds} rounds x {a.steps} steps, "
-        f"{a.threads} torch thread(s), load average {os.getloadavg()[0]:.1f}"
+        f"{a.threads} torch thread(s), values={a.values}, load average {os.getloadavg()[0]:.1f}"
     )
+    base_wall = [x[3] for x in res["untraced"]]
     for v in versions:
         ratios = [x[0] / b for x, b in zip(res[v], base)]
+        walls = [x[3] / b for x, b in zip(res[v], base_wall)]
         us = [(x[0] - b) / records * 1e6 for x, b in zip(res[v], base)]
         label = v if v == "untraced" else f"{names[v]}"
         print(
             f"  {label:12s} CPU {statistics.median(x[0] for x in res[v]) * 1e3:8.3f} ms/step "
             f"(main thread {statistics.median(x[1] for x in res[v]) * 1e3:8.3f}), "
             f"x untraced {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}), "
+            f"wall x {statistics.median(walls):.3f} ({min(walls):.3f}-{max(walls):.3f}), "
             f"CPU us/record {statistics.median(us):6.1f}, "
             f"faults/step {statistics.median(x[2] for x in res[v]):.0f}"
         )

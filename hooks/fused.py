@@ -58,9 +58,48 @@ def _value_impl(vals, j, lut):
     return lambda vals, j, lut: np.float64(vals[j])
 
 
-def _chunk(words, keys, vals, lut, kc, shift, w_lo, w_hi, e_hi):  # pragma: no cover
+def _tile(out, t0, t1):  # pragma: no cover
+    """``out[t0:t1]``; replaced in compiled code by ``_tile_impl`` (None when ``out`` is)."""
+    return None if out is None else out[t0:t1]
+
+
+def _tile_impl(out, t0, t1):
+    """numba overload of ``_tile``: with ``out`` None (the statistics pass) the copy vanishes
+    at compile time, so that kernel is the same machine code as without a copy."""
+    from numba import types
+
+    if isinstance(out, types.NoneType):
+        return lambda out, t0, t1: None
+    return lambda out, t0, t1: out[t0:t1]
+
+
+def _store(to, j, w):  # pragma: no cover
+    """``to[j] = w``; replaced in compiled code by ``_store_impl`` (nothing when ``to`` is
+    None)."""
+    if to is not None:
+        to[j] = w
+
+
+def _store_impl(to, j, w):
+    """numba overload of ``_store``."""
+    from numba import types
+
+    if isinstance(to, types.NoneType):
+        return lambda to, j, w: None
+
+    def store(to, j, w):
+        to[j] = w
+
+    return store
+
+
+def _chunk(words, keys, vals, lut, kc, shift, w_lo, w_hi, e_hi, out):  # pragma: no cover
     """Words [w_lo, w_hi) and their elements, then elements [w_hi * per_word, e_hi) (the
     partial last word's, for the last chunk). Compiled by numba; returns one chunk's sums.
+    ``out``: None (statistics only), or the int64 words of a destination: each word read is
+    also stored there (the copy-and-summarise pass of full values, one read of the source;
+    the partial last word's bytes are the caller's). Both compile from this one source, so
+    they sum in the same order and agree bit for bit.
 
     ``fp_pos`` uses each word's own weight ``(j >> shift) + 1`` (shift 0: one-word blocks,
     6: 64-word blocks), equal to the block formula of ``graddiff.format`` mod 2**64 without
@@ -85,8 +124,10 @@ def _chunk(words, keys, vals, lut, kc, shift, w_lo, w_hi, e_hi):  # pragma: no c
     for t0 in range(w_lo, w_hi + 1, TILE_WORDS):
         t1 = min(t0 + TILE_WORDS, w_hi)
         tw = words[t0:t1]
+        to = _tile(out, t0, t1)
         for j in range(tw.shape[0]):
             w = tw[j]
+            _store(to, j, w)
             s_sum += w
             s_pos += w * (((t0 + j) >> shift) + 1)
         e1 = e_hi if t1 == w_hi else t1 * per_word  # the last tile takes the partial word's
@@ -146,22 +187,52 @@ TILE_WORDS = 2048
 _chunk_jit: Any = None  # the compiled ``_chunk``, which the compiled ``_whole`` calls
 
 
-def _whole(vals, lut, kc, shift):  # pragma: no cover
+def _words_of(dst, k):  # pragma: no cover
+    """``dst[:k]`` as int64 words; replaced in compiled code by ``_words_of_impl``."""
+    return None if dst is None else dst[:k].view(np.int64)
+
+
+def _words_of_impl(dst, k):
+    from numba import types
+
+    if isinstance(dst, types.NoneType):
+        return lambda dst, k: None
+    return lambda dst, k: dst[:k].view(np.int64)
+
+
+def _bytes_of(dst):  # pragma: no cover
+    """``dst`` as bytes; replaced in compiled code by ``_bytes_of_impl``."""
+    return None if dst is None else dst.view(np.uint8)
+
+
+def _bytes_of_impl(dst):
+    from numba import types
+
+    if isinstance(dst, types.NoneType):
+        return lambda dst: None
+    return lambda dst: dst.view(np.uint8)
+
+
+def _whole(vals, lut, kc, shift, dst):  # pragma: no cover
     """A whole 1-D contiguous array in one compiled call: its word and key views, the kernel,
     and the zero-padded partial last word (weighted like the words of its block), so that a
     small tensor costs one dispatch. Returns ``_chunk``'s tuple with the tail included and
-    min/max decoded to float64 values."""
+    min/max decoded to float64 values. ``dst``: None, or an array of the same dtype and size
+    that receives a copy of ``vals`` in the same pass."""
     nbytes = vals.size * vals.itemsize
     n_words = nbytes >> 3
-    words = vals[: n_words * 8 // vals.itemsize].view(np.int64)
+    k = n_words * 8 // vals.itemsize
+    words = vals[:k].view(np.int64)
     keys = vals.view(kc.dtype)
     s_sum, s_pos, fs, fss, kmin, kmax, bad = _chunk_jit(
-        words, keys, vals, lut, kc, shift, 0, n_words, vals.size
+        words, keys, vals, lut, kc, shift, 0, n_words, vals.size, _words_of(dst, k)
     )
     if nbytes & 7:
         b = vals.view(np.uint8)
+        ob = _bytes_of(dst)
         last = np.int64(0)
         for i in range(n_words * 8, nbytes):
+            _store(ob, i, b[i])
             last |= np.int64(b[i]) << (8 * (i - n_words * 8))
         s_sum += last
         s_pos += ((n_words >> shift) + 1) * last
@@ -176,7 +247,18 @@ def _whole_at(addr, n, proto, lut, kc, shift):  # pragma: no cover
     """``_whole`` of the ``n`` elements at address ``addr`` (dtype of the empty array
     ``proto``): no numpy array is made for the tensor (``Tensor.numpy()`` and ``reshape`` cost
     more than the kernel on a small tensor). The caller keeps the memory alive and aligned."""
-    return _whole_jit(_carray(_typed_pointer(addr, proto), n), lut, kc, shift)
+    return _whole_jit(_carray(_typed_pointer(addr, proto), n), lut, kc, shift, None)
+
+
+def _whole_copy_at(addr, dst_addr, n, proto, lut, kc, shift):  # pragma: no cover
+    """``_whole_at`` that also copies the ``n`` elements to address ``dst_addr``."""
+    return _whole_jit(
+        _carray(_typed_pointer(addr, proto), n),
+        lut,
+        kc,
+        shift,
+        _carray(_typed_pointer(dst_addr, proto), n),
+    )
 
 
 _carray: Any = None  # numba.carray, bound at build time (numba is imported lazily)
@@ -200,6 +282,10 @@ def _build() -> dict[str, Any]:
 
     overload(_value)(_value_impl)
     overload(_decoded)(_decoded_impl)
+    overload(_tile)(_tile_impl)
+    overload(_store)(_store_impl)
+    overload(_words_of)(_words_of_impl)
+    overload(_bytes_of)(_bytes_of_impl)
 
     global _typed_pointer, _carray
     _typed_pointer = intrinsic(_typed_pointer_impl)
@@ -214,7 +300,12 @@ def _compile(jit: Any) -> dict[str, Any]:
     global _chunk_jit, _whole_jit
     _chunk_jit = jit(_chunk)
     _whole_jit = jit(_whole)
-    return {"chunk": _chunk_jit, "whole": _whole_jit, "whole_at": jit(_whole_at)}
+    return {
+        "chunk": _chunk_jit,
+        "whole": _whole_jit,
+        "whole_at": jit(_whole_at),
+        "whole_copy_at": jit(_whole_copy_at),
+    }
 
 
 def available() -> bool:
@@ -272,7 +363,12 @@ def _executor(threads: int) -> ThreadPoolExecutor:
 
 
 def summarise(
-    arr: np.ndarray, block_shift: int, threads: int, *, bfloat16: bool = False
+    arr: np.ndarray,
+    block_shift: int,
+    threads: int,
+    *,
+    bfloat16: bool = False,
+    out: Optional[np.ndarray] = None,
 ) -> Optional[tuple[int, int, float, float, float, float, int]]:
     """(s_sum, s_pos, sum, sumsq, min, max, non_finite) of a 1-D contiguous array.
 
@@ -281,7 +377,9 @@ def summarise(
     None when the kernel is unavailable or the dtype is not one it takes (unsigned, bool,
     complex: the reference path). Arrays of ``SPLIT_BYTES`` or more are split into one chunk
     per thread (``threads``), combined in a fixed order. ``bfloat16``: ``arr`` (uint16) holds
-    bfloat16 bits; a float16 array is read as its bits too.
+    bfloat16 bits; a float16 array is read as its bits too. ``out``: a contiguous array of
+    ``arr``'s dtype and size that receives a copy of ``arr`` in the same pass (each byte read
+    once); the result is the same, bit for bit, as without it.
     """
     kernels = _kernels if _kernels is not None else _get()
     spec = _BF16_SPEC if bfloat16 and arr.dtype == np.uint16 else _SPECS.get(arr.dtype)
@@ -290,13 +388,15 @@ def summarise(
     key_dtype, kc, decode, lut = spec
     if lut.shape[0]:
         arr = arr.view(np.uint16)
+        if out is not None:
+            out = out.view(np.uint16)
     nbytes = arr.nbytes
     try:
         if nbytes < 2 * SPLIT_BYTES or threads < 2:  # min/max decoded in the kernel
-            s_sum, s_pos, fs, fss, lo, hi, bad = kernels["whole"](arr, lut, kc, block_shift)
+            s_sum, s_pos, fs, fss, lo, hi, bad = kernels["whole"](arr, lut, kc, block_shift, out)
         else:
             s_sum, s_pos, fs, fss, kmin, kmax, bad = _split(
-                kernels["chunk"], arr, key_dtype, lut, kc, block_shift, threads
+                kernels["chunk"], arr, key_dtype, lut, kc, block_shift, threads, out
             )
             lo, hi = decode(kmin), decode(kmax)
     except Exception as exc:  # numba compiles per dtype on first use: a failure is not fatal
@@ -308,34 +408,45 @@ def summarise(
 
 
 def summarise_at(
-    addr: int, numel: int, dtype: str, block_shift: int
+    addr: int, numel: int, dtype: str, block_shift: int, dst: int = 0
 ) -> Optional[tuple[int, int, float, float, float, float, int]]:
     """:func:`summarise` of ``numel`` (> 0) contiguous elements of torch dtype ``dtype`` at
     the 8-byte-aligned address ``addr``, in one compiled call (the caller keeps the memory
     alive, and sends arrays of ``2 * SPLIT_BYTES`` or more, which may be split, to
-    :func:`summarise`). None when the kernel is unavailable or the dtype not one it takes."""
+    :func:`summarise`). None when the kernel is unavailable or the dtype not one it takes.
+    ``dst``: the 8-byte-aligned address of as many bytes, which receive a copy in the same
+    pass (0: no copy)."""
     kernels = _kernels if _kernels is not None else _get()
     spec = _AT_SPECS.get(dtype)
     if kernels is None or spec is None:
         return None
     try:
+        if dst:
+            return kernels["whole_copy_at"](
+                addr, dst, numel, spec[0], spec[1], spec[2], block_shift
+            )
         return kernels["whole_at"](addr, numel, spec[0], spec[1], spec[2], block_shift)
     except Exception as exc:  # numba compiles per dtype on first use: a failure is not fatal
         _disable(exc)
         return None
 
 
-def _split(chunk, arr, key_dtype, lut, kc, block_shift, threads) -> tuple:
-    """A large array in ``threads`` (at most one per MiB) chunks, combined in a fixed order."""
+def _split(chunk, arr, key_dtype, lut, kc, block_shift, threads, out=None) -> tuple:
+    """A large array in ``threads`` (at most one per MiB) chunks, combined in a fixed order
+    (``out``: copied into as well)."""
     keys = arr.view(key_dtype) if key_dtype is not None else arr
     nbytes = arr.nbytes
     n_words = nbytes >> 3
-    words = (arr[: n_words * 8 // arr.itemsize] if nbytes & 7 else arr).view(np.int64)
+    k = n_words * 8 // arr.itemsize
+    words = (arr[:k] if nbytes & 7 else arr).view(np.int64)
+    out_words = None if out is None else (out[:k] if nbytes & 7 else out).view(np.int64)
     parts = min(threads, nbytes // SPLIT_BYTES)
     s_sum, s_pos, fs, fss, kmin, kmax, bad = _run(
-        chunk, words, keys, arr, lut, kc, block_shift, n_words, arr.shape[0], parts
+        chunk, words, keys, arr, lut, kc, block_shift, n_words, arr.shape[0], parts, out_words
     )
     if nbytes & 7:  # the zero-padded partial last word, weighted like the words of its block
+        if out is not None:
+            out.view(np.uint8)[n_words * 8 :] = arr.view(np.uint8)[n_words * 8 :]
         tail = arr.view(np.uint8)[n_words * 8 :].tobytes()
         last = int.from_bytes(tail + bytes(8 - len(tail)), "little", signed=True)
         s_sum = int(s_sum) + last
@@ -343,21 +454,22 @@ def _split(chunk, arr, key_dtype, lut, kc, block_shift, threads) -> tuple:
     return s_sum, s_pos, fs, fss, kmin, kmax, bad
 
 
-def _run(chunk, words, keys, arr, lut, kc, block_shift, n_words, n, parts) -> tuple:
-    """The kernel over the whole array: one call, or ``parts`` chunks combined in order."""
+def _run(chunk, words, keys, arr, lut, kc, block_shift, n_words, n, parts, out=None) -> tuple:
+    """The kernel over the whole array: one call, or ``parts`` chunks combined in order
+    (``out``: the destination's words, for the copying pass)."""
     if parts <= 1:
-        return chunk(words, keys, arr, lut, kc, block_shift, 0, n_words, n)
+        return chunk(words, keys, arr, lut, kc, block_shift, 0, n_words, n, out)
     bounds = [n_words * i // parts for i in range(parts)] + [n_words]
     per_word = 8 // arr.itemsize
     ends = [bounds[i + 1] * per_word for i in range(parts - 1)] + [n]
     pool = _executor(parts)
     futs = [
         pool.submit(
-            chunk, words, keys, arr, lut, kc, block_shift, bounds[i], bounds[i + 1], ends[i]
+            chunk, words, keys, arr, lut, kc, block_shift, bounds[i], bounds[i + 1], ends[i], out
         )
         for i in range(1, parts)
     ]
-    res = [chunk(words, keys, arr, lut, kc, block_shift, 0, bounds[1], ends[0])]
+    res = [chunk(words, keys, arr, lut, kc, block_shift, 0, bounds[1], ends[0], out)]
     res += [f.result() for f in futs]
     s_sum = sum(r[0] for r in res)
     s_pos = sum(r[1] for r in res)

@@ -210,13 +210,7 @@ def stats_on_cpu(
     size = x.numel()
     n = size * x.element_size()
     r = None
-    if (
-        0 < n < _SPLIT_AT
-        and type(x) is torch.Tensor
-        and x.is_contiguous()
-        and not x.is_neg()
-        and not x.data_ptr() & 7
-    ):
+    if 0 < n < _SPLIT_AT and _plain(x):
         name = _AT_NAMES.get(x.dtype)
         if name is not None:
             r = fused.summarise_at(
@@ -231,6 +225,55 @@ def stats_on_cpu(
         r = fused.summarise(arr, shift, _threads(), bfloat16=x.dtype == torch.bfloat16)
         if r is None:
             return stats_on_cpu_reference(x)
+    return _finish(x, r, n, size)
+
+
+def _plain(x: torch.Tensor) -> bool:
+    """A plain, contiguous, 8-byte-aligned tensor whose bytes are its values: the kernel can
+    read it by its address."""
+    return (
+        type(x) is torch.Tensor
+        and x.is_contiguous()
+        and not x.is_neg()
+        and not x.is_conj()
+        and not x.data_ptr() & 7
+    )
+
+
+def copy_and_stats(
+    x: torch.Tensor, dst: torch.Tensor, dst_addr: int
+) -> Optional[tuple[tuple[float, float, float, float, int, int], tuple[int, int]]]:
+    """Copy CPU tensor ``x`` into ``dst`` (contiguous, same dtype and shape, 8-byte-aligned
+    at ``dst_addr``) and return its stats and fingerprint, in one fused pass that reads each
+    byte of ``x`` once. Bit for bit what :func:`stats_on_cpu` gives for ``x`` (the same
+    kernel, in the same order). None, with nothing copied, where the kernel does not apply
+    (numba absent, a dtype or a tensor it does not read): the caller copies and summarises
+    on its own."""
+    name = _AT_NAMES.get(x.dtype)
+    if name is None or not _plain(x) or not fused.available():
+        return None
+    size = x.numel()
+    n = size * x.element_size()
+    if not n:
+        return None
+    shift = 0 if n <= FP_SMALL_BYTES else _BLOCK_SHIFT
+    if n < _SPLIT_AT:
+        r = fused.summarise_at(x.data_ptr(), size, name, shift, dst_addr)
+    else:
+        src, out = _fused_array(x), _fused_array(dst)
+        if src is None or out is None:
+            return None
+        r = fused.summarise(src, shift, _threads(), bfloat16=x.dtype == torch.bfloat16, out=out)
+    if r is None:
+        return None
+    return _finish(dst, r, n, size)
+
+
+def _finish(
+    x: torch.Tensor, r: tuple, n: int, size: int
+) -> tuple[tuple[float, float, float, float, int, int], tuple[int, int]]:
+    """Stats and fingerprint from the fused kernel's sums ``r`` over ``x`` (``n`` bytes,
+    ``size`` elements): NaN/Inf and sums out of range go to the reference, as it reports them."""
     s, pos, total, squares, lo, hi, bad = r
     fp = (s & _MASK64, pos & _MASK64)
     if not n:
@@ -310,13 +353,14 @@ class PendingEntry(EntryData):
     _source: Optional[torch.Tensor] = None
     _stats_host: Optional[torch.Tensor] = None
     _event: Optional[object] = None
+    _summarised: bool = False  # stats and fingerprint already taken (the fused copy)
 
     def resolve(self) -> EntryData:
         if self._event is not None:
             self._event.synchronize()  # type: ignore[attr-defined]
         if self._stats_host is not None:
             self.stats, self.fingerprint = _unpack_device_stats(self._stats_host)
-        elif self._source is not None:
+        elif self._source is not None and not self._summarised:
             self.stats, self.fingerprint = stats_on_cpu(self._source)
         if self._source is not None and self.values is None and self._keep_values:
             self.values = _to_numpy_bytes(self._source)
@@ -405,7 +449,7 @@ def capture(
         if keep_values:
             entry = PendingEntry(kind, name, call, dtype, tuple(x.shape), _ZERO_STATS, (0, 0))
             entry.flags, entry.seq = flags, seq
-            copy = _into_arena(x, arena) if arena is not None else None
+            copy = _into_arena(x, arena, entry) if arena is not None else None
             if copy is None:
                 copy = x.clone(memory_format=torch.contiguous_format)
             entry._source = copy
@@ -422,9 +466,13 @@ def capture(
 _ZERO_STATS = (0.0, 0.0, 0.0, 0.0, 0, 0)
 
 
-def _into_arena(x: torch.Tensor, arena: Arena) -> Optional[torch.Tensor]:
+def _into_arena(x: torch.Tensor, arena: Arena, entry: PendingEntry) -> Optional[torch.Tensor]:
     """A copy of CPU tensor ``x`` in a slot of ``arena`` (contiguous, x's dtype and shape), or
-    None when it does not fit or cannot be viewed there (the caller clones it)."""
+    None when it does not fit or cannot be viewed there (the caller clones it).
+
+    Where the fused kernel applies, the copy and ``entry``'s stats and fingerprint are one
+    pass over ``x`` (:func:`copy_and_stats`); otherwise torch copies and the writer thread
+    summarises the copy."""
     nbytes = x.numel() * x.element_size()
     off = arena.slot(nbytes)
     if off is None:
@@ -441,7 +489,12 @@ def _into_arena(x: torch.Tensor, arena: Arena) -> Optional[torch.Tensor]:
             if len(views) >= _MAX_VIEWS:
                 views.clear()
             views[key] = dst
-        dst.copy_(x)
+        done = copy_and_stats(x, dst, arena.base + off)
+        if done is None:
+            dst.copy_(x)
+        else:
+            entry.stats, entry.fingerprint = done
+            entry._summarised = True
     except (RuntimeError, TypeError):  # tensor subclasses, exotic views: clone instead
         return None
     return dst

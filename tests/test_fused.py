@@ -293,3 +293,107 @@ def test_address_path_equals_array_path(name, monkeypatch):
         assert calls, "the address path was not taken"
     monkeypatch.setattr(snapshot, "_SPLIT_AT", 0)  # the address path off
     assert repr(stats_on_cpu(x)) == repr(by_address)
+
+
+# -- the fused copy of full values: copy + statistics in one pass ---------------------------
+def _slot(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A contiguous destination for ``x`` at a 64-byte-aligned address (as an arena slot)."""
+    nbytes = x.numel() * x.element_size()
+    buf = torch.full((nbytes + 128,), 0xA5, dtype=torch.uint8)
+    skip = -buf.data_ptr() % 64
+    dst = buf[skip : skip + nbytes].view(x.dtype).view(x.shape)
+    return dst, dst.data_ptr()
+
+
+@pytest.mark.parametrize("name", list(CASES), ids=list(CASES))
+def test_copy_and_stats_equals_the_statistics_pass(name):
+    """One read of the source copies it and summarises it: the same stats and fingerprint,
+    bit for bit, as the statistics pass over the same tensor (and so as the reference to its
+    tolerance), and the destination holds the tensor's bytes. Where it does not apply (no
+    numba, a dtype or a view the kernel does not read) it copies nothing."""
+    x = CASES[name]
+    dst, addr = _slot(x)
+    got = snapshot.copy_and_stats(x, dst, addr)
+    applies = (
+        fused.available()
+        and x.dtype in FUSED
+        and x.numel() > 0
+        and x.is_contiguous()
+        and x.data_ptr() % 8 == 0
+    )
+    if not applies:
+        assert got is None
+        assert (dst.reshape(-1).view(torch.uint8) == 0xA5).all(), "copied although declined"
+        return
+    assert got is not None
+    assert repr(got) == repr(stats_on_cpu(x))
+    assert_stats_agree(got, stats_on_cpu_reference(x), x)
+    assert np.array_equal(_bytes(dst), _bytes(x))
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("name", ["split", "split_odd", "half_split", "large_tail"])
+def test_copy_and_stats_split_across_threads(name, threads, monkeypatch):
+    monkeypatch.setattr(snapshot, "_threads", lambda: threads)
+    x = CASES[name]
+    dst, addr = _slot(x)
+    got = snapshot.copy_and_stats(x, dst, addr)
+    assert repr(got) == repr(stats_on_cpu(x))
+    assert got[1] == fingerprint_bytes(_bytes(x))
+    assert np.array_equal(_bytes(dst), _bytes(x))
+
+
+@needs_numba
+@settings(max_examples=40, deadline=None)
+@given(
+    raw=st.binary(min_size=1, max_size=20_000),
+    dtype=st.sampled_from(list(FUSED)),
+)
+def test_copy_and_stats_any_bit_pattern(raw, dtype):
+    size = torch.empty(0, dtype=dtype).element_size()
+    raw = raw[: len(raw) // size * size]
+    if not raw:
+        return
+    x = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).view(dtype)
+    dst, addr = _slot(x)
+    got = snapshot.copy_and_stats(x, dst, addr)
+    assert repr(got) == repr(stats_on_cpu(x))
+    assert_stats_agree(got, stats_on_cpu_reference(x), x)
+    assert bytes(_bytes(dst)) == raw
+
+
+@pytest.mark.parametrize("no_numba", [False, True], ids=["fused", "GRADDIFF_NO_NUMBA"])
+def test_full_values_capture_into_an_arena(no_numba, monkeypatch):
+    """Full-values capture through an arena: every case's values are its bytes, and its stats
+    and fingerprint those of the statistics pass (fused where it applies, taken at capture;
+    else summarised by the writer), with numba and without."""
+    from graddiff.arena import ArenaPool
+
+    if no_numba:
+        _fresh_state(monkeypatch)
+        monkeypatch.setenv("GRADDIFF_NO_NUMBA", "1")
+    pool = ArenaPool()
+    pool._fit(sum(-(-max(x.nbytes, 1) // 64) * 64 for x in CASES.values()))
+    arena = pool.acquire()
+    for name, x in CASES.items():
+        entry = capture("param", name, x, call=0, seq=0, flags=0, keep_values=True, arena=arena)
+        summarised = entry._summarised
+        got = entry.resolve()
+        stored = x
+        if x.is_complex():
+            stored = torch.view_as_real(x)
+        assert np.array_equal(got.values.reshape(-1).view(np.uint8), _bytes(stored)), name
+        # the writer summarises the contiguous copy: a view's float sums may round
+        # differently from its source's (as without an arena, or with a clone)
+        assert repr((got.stats, got.fingerprint)) == repr(stats_on_cpu(x.contiguous())), name
+        assert summarised == (
+            fused.available()
+            and x.dtype in FUSED
+            and x.numel() > 0
+            and x.is_contiguous()
+            and x.data_ptr() % 8 == 0
+        ), name
+        if no_numba:
+            assert not summarised
+    arena.release()

@@ -106,8 +106,8 @@ def test_traced_values_come_from_the_arena_and_read_back_exactly(tmp_path, monke
     copied = []  # (arena capacity, copied into it)
     into = snapshot._into_arena
 
-    def counted(x, arena):
-        out = into(x, arena)
+    def counted(x, arena, entry):
+        out = into(x, arena, entry)
         copied.append((arena.capacity, out is not None))
         return out
 
