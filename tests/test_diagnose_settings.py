@@ -49,6 +49,7 @@ def _loop(
     restart_sched_at: Optional[int] = None,
     fresh_opt_at: Optional[int] = None,
     clear_state_at: Optional[int] = None,
+    drop_state: Optional[tuple[int, str]] = None,
     manual_shrink: bool = False,
     dropout_seed: Optional[int] = None,
     start: int = 0,
@@ -58,6 +59,7 @@ def _loop(
     """A plain training loop. ``restart_sched_at``: a resumed run builds a fresh scheduler
     there (state not loaded); ``fresh_opt_at``: a fresh optimizer (state not loaded);
     ``clear_state_at``: the same optimizer, its state dropped (``optimizer.state.clear()``);
+    ``drop_state``: (step, parameter name) whose state alone is dropped there;
     ``manual_shrink``: B-style bug outside the optimizer (the weights scaled after step());
     ``start``: the first batch (a run resumed from a checkpoint at that step)."""
     net = net if net is not None else _net(dropout=0.5 if dropout_seed is not None else 0.0)
@@ -79,6 +81,8 @@ def _loop(
                 sch = sched(opt)
             if step == clear_state_at:
                 opt.state.clear()
+            if drop_state is not None and step == drop_state[0]:
+                del opt.state[dict(net.named_parameters())[drop_state[1]]]
             x, y = batches[step]
             opt.zero_grad()
             F.cross_entropy(net(x), y).backward()
@@ -288,6 +292,15 @@ CASES = [
         ["optimizer_state"],
         "optimizer state reset in B at step 4",
         "state step count 4 in A vs 0 in B",
+    ),
+    (
+        "Adam state of one parameter dropped in B: its own count (not the group's first) shows",
+        dict(make_opt=_adam()),
+        dict(make_opt=_adam(), drop_state=(3, "2.weight")),
+        4,
+        ["optimizer_state"],
+        "optimizer state differs at step 3: it holds state for 4 parameter(s) in A vs 3 in B",
+        "state step count 3 in A vs 0 in B for 1 of 4 parameters: 2.weight (Linear)",
     ),
     (
         "a parameter in another param group (same group sizes, the groups' settings agree)",

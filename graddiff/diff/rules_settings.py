@@ -484,7 +484,12 @@ def _entries_cause(t: int, d: Difference, head: str) -> Cause:
         "optimizer_state",
         f"optimizer state differs at step {t}: it holds state for {d.a} parameter(s) in A vs "
         f"{d.b} in B (state restored or cleared for some parameters only?)",
-        [ev],
+        [
+            ev,
+            "a parameter without a gradient gets state in one run only when its gradient is "
+            "zeros there and None in the other (zero_grad(set_to_none=False) vs True), or when "
+            "the optimizers hold different parameters",
+        ],
         fix,
     )
 
