@@ -39,6 +39,17 @@ def _groups(net: nn.Module, wd: float, bias_decay: bool = True) -> list:
     ]
 
 
+class _Spare(nn.Module):
+    """A network with a layer it never uses."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body, self.spare = body, nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.body(x)
+
+
 def _loop(
     path,
     make_opt: Callable[[nn.Module], torch.optim.Optimizer],
@@ -50,6 +61,8 @@ def _loop(
     fresh_opt_at: Optional[int] = None,
     clear_state_at: Optional[int] = None,
     drop_state: Optional[tuple[int, str]] = None,
+    spare: bool = False,
+    set_to_none: bool = True,
     manual_shrink: bool = False,
     dropout_seed: Optional[int] = None,
     start: int = 0,
@@ -59,10 +72,14 @@ def _loop(
     """A plain training loop. ``restart_sched_at``: a resumed run builds a fresh scheduler
     there (state not loaded); ``fresh_opt_at``: a fresh optimizer (state not loaded);
     ``clear_state_at``: the same optimizer, its state dropped (``optimizer.state.clear()``);
-    ``drop_state``: (step, parameter name) whose state alone is dropped there;
+    ``drop_state``: (step, parameter name) whose state alone is dropped there; ``spare``: the
+    model holds a layer it never uses (no gradient); ``set_to_none=False``: every ``.grad``
+    starts as zeros and is zeroed in place (an unused layer's gradient stays zeros, not None);
     ``manual_shrink``: B-style bug outside the optimizer (the weights scaled after step());
     ``start``: the first batch (a run resumed from a checkpoint at that step)."""
     net = net if net is not None else _net(dropout=0.5 if dropout_seed is not None else 0.0)
+    if spare:
+        net = _Spare(net)
     opt = make_opt(net)
     sch = sched(opt) if sched else None
     g = torch.Generator().manual_seed(0)
@@ -71,6 +88,9 @@ def _loop(
         batches.append((torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)))
     if dropout_seed is not None:
         torch.manual_seed(dropout_seed)
+    if not set_to_none:
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
     with graddiff.trace(net, path, **{"values": "full", **trace_options}):
         for step in range(start, start + steps):
             if step == fresh_opt_at:
@@ -84,7 +104,7 @@ def _loop(
             if drop_state is not None and step == drop_state[0]:
                 del opt.state[dict(net.named_parameters())[drop_state[1]]]
             x, y = batches[step]
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=set_to_none)
             F.cross_entropy(net(x), y).backward()
             opt.step()
             if manual_shrink:
@@ -133,6 +153,10 @@ def _lr_groups(first: tuple, second: tuple):
 
 def _sgd(lr=0.1, **kw):
     return lambda net: torch.optim.SGD(net.parameters(), lr=lr, **kw)
+
+
+def _step_lr(gamma: float):
+    return lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=gamma)
 
 
 # (id, A's loop, B's loop, first step, cause ids in rank order (a prefix), title text, text)
@@ -299,8 +323,27 @@ CASES = [
         dict(make_opt=_adam(), drop_state=(3, "2.weight")),
         4,
         ["optimizer_state"],
-        "optimizer state differs at step 3: it holds state for 4 parameter(s) in A vs 3 in B",
+        "optimizer state reset in B at step 3: its state step count is 0 where the other "
+        "run's is 3",
         "state step count 3 in A vs 0 in B for 1 of 4 parameters: 2.weight (Linear)",
+    ),
+    (
+        "SGD momentum buffer of one parameter dropped in B: the state size alone says it",
+        dict(make_opt=_sgd(momentum=0.9)),
+        dict(make_opt=_sgd(momentum=0.9), drop_state=(3, "2.weight")),
+        4,
+        ["optimizer_state"],
+        "optimizer state differs at step 3: it holds state for 4 parameter(s) in A vs 3 in B",
+        "zero_grad(set_to_none=False) vs True",
+    ),
+    (
+        "a state size parted by an unused layer (zeros vs None) is not the cause of an lr change",
+        dict(make_opt=_sgd(momentum=0.9), spare=True, sched=_step_lr(0.5)),
+        dict(make_opt=_sgd(momentum=0.9), spare=True, sched=_step_lr(0.1), set_to_none=False),
+        3,
+        ["learning_rate"],
+        "learning rate differs: 0.05 in A vs 0.01 in B at step 2",
+        "also differs: the optimizer holds state for 4 parameter(s) in A vs 6 in B",
     ),
     (
         "a parameter in another param group (same group sizes, the groups' settings agree)",
@@ -441,10 +484,6 @@ def test_settings_and_value_fit_that_disagree_are_both_said():
         "the values agree: learning rate differs",
         "values: A's update is B's x 2",
     ]
-
-
-def _step_lr(gamma: float):
-    return lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=gamma)
 
 
 @pytest.mark.parametrize(

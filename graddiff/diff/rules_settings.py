@@ -272,7 +272,14 @@ def settings_causes(x: Context, t: int, diffs: list[Difference], total: int) -> 
     """One cause per kind of difference at the update of step ``t``, most explanatory first."""
     head = f"recorded optimizer settings at the update of step {t}"
     by_cause: dict[str, Cause] = {}
+    # a state size that differs without being empty in one run says nothing about which
+    # parameters (an unused parameter with a zero gradient gets state in one run only): a
+    # cause only when nothing else differs, otherwise said next to the cause
+    partial = [d for d in diffs if d.what == "state_entries" and 0 not in (d.a, d.b)]
+    aside = partial if len(partial) < len(diffs) else []
     for d in sorted(diffs, key=lambda d: (d.what != "class", d.what)):
+        if d in aside:
+            continue
         who = _who(x, d, total)
         if d.what == "class":
             ca, cb = _classes(d.a, d.b)
@@ -343,7 +350,12 @@ def settings_causes(x: Context, t: int, diffs: list[Difference], total: int) -> 
         else:
             by_cause[c.cause] = c
     rank = {cid: i for i, cid in enumerate(PRIORITY)}
-    return sorted(by_cause.values(), key=lambda c: rank.get(c.cause, len(PRIORITY)))
+    out = sorted(by_cause.values(), key=lambda c: rank.get(c.cause, len(PRIORITY)))
+    for d in aside:
+        out[0].evidence.append(
+            f"also differs: the optimizer holds state for {d.a} parameter(s) in A vs {d.b} in B"
+        )
+    return out
 
 
 #: Optimizer classes whose weight_decay is decoupled (when the group does not say).
