@@ -70,6 +70,13 @@ Additive extensions (optional: older files lack them, readers tolerate that):
   buffers agree here (graddiff/launch.py, ``graddiff ranks``).
 - environment keys ``local_rank`` and ``node`` next to ``rank`` and ``world_size``, and
   ``run_id``: one id shared by the ranks of one distributed launch (None otherwise).
+- environment keys for the float32 matmul/convolution precision next to the legacy
+  ``tf32_matmul``/``tf32_cudnn`` (which are None where torch refuses to read them after the
+  new API was used): ``float32_matmul_precision`` (``torch.get_float32_matmul_precision()``,
+  None where torch refuses) and, on torch >= 2.9, ``fp32_precision`` (the generic default),
+  ``fp32_precision_cudnn``, ``fp32_precision_mkldnn`` and ``fp32_precision_<backend>_<op>``
+  for cuda_matmul, cudnn_conv, cudnn_rnn, mkldnn_matmul, mkldnn_conv, mkldnn_rnn ("ieee",
+  "tf32", "bf16" or "none": inherit).
 - root attribute ``shards`` (JSON): for each sharded parameter name (and its grad), where this
   rank's piece sits: ``global_shape`` plus ``offset``/``local_shape`` (FSDP2, DTensor: the
   records hold the local shard) or ``flat_range`` [start, stop) of the flattened tensor (FSDP1),

@@ -11,6 +11,7 @@ from torch import nn
 
 import graddiff
 import graddiff.cli
+from graddiff.diff.precision import computing_dtype
 
 
 class _Tfm(nn.Module):
@@ -56,7 +57,11 @@ MODELS = {
 }
 
 
-def _train(path, name: str, steps: int = 6, lr: float = 0.05, opt: str = "sgd") -> str:
+def _train(
+    path, name: str, steps: int = 6, lr: float = 0.05, opt: str = "sgd", amp: str = ""
+) -> str:
+    """amp: "" (float32), "bf16" (bfloat16 autocast) or "fp16" (float16 autocast with a
+    GradScaler, the AMP recipe)."""
     build, batch = MODELS[name]
     torch.manual_seed(0)
     net = build()
@@ -65,13 +70,22 @@ def _train(path, name: str, steps: int = 6, lr: float = 0.05, opt: str = "sgd") 
         if opt == "sgd"
         else torch.optim.AdamW(net.parameters(), lr=lr)
     )
+    scaler = torch.amp.GradScaler("cpu") if amp == "fp16" else None
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     g = torch.Generator().manual_seed(0)
     with graddiff.trace(net, path):
         for _ in range(steps):
             x, y = batch(g), torch.randint(0, 4, (16,), generator=g)
             o.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            o.step()
+            with torch.autocast("cpu", dtype=dtype, enabled=bool(amp)):
+                loss = F.cross_entropy(net(x), y)
+            if scaler is None:
+                loss.backward()
+                o.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(o)
+                scaler.update()
     return str(path)
 
 
@@ -84,6 +98,28 @@ def test_healthy_run_is_clean(tmp_path, name, opt):
     assert report.exit_code == 0, [str(f) for f in report]
     out = CliRunner().invoke(graddiff.cli.main, ["check", path])
     assert out.exit_code == 0, out.output
+
+
+AMP_CASES = [(amp, name) for amp in ("bf16", "fp16") for name in MODELS]
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+@pytest.mark.parametrize(("amp", "name"), AMP_CASES)
+def test_healthy_mixed_precision_run_is_clean(tmp_path, amp, name, opt):
+    """bfloat16 autocast, and float16 autocast with a GradScaler (scaled gradients, the scale
+    changing over steps): the same healthy training, no finding."""
+    try:
+        path = _train(
+            tmp_path / f"{name}.h5", name, 4, 0.05 if opt == "sgd" else 1e-3, opt=opt, amp=amp
+        )
+    except RuntimeError as exc:  # torch's own: oneDNN has no float16 LSTM on some CPUs
+        if (amp, name) == ("fp16", "lstm") and "primitive" in str(exc):
+            pytest.skip(f"torch cannot run a float16 LSTM on this CPU: {exc}")
+        raise
+    with graddiff.open(path) as run:
+        assert computing_dtype(run) == {"bf16": "bfloat16", "fp16": "float16"}[amp]
+        report = run.check()
+    assert report.exit_code == 0, [str(f) for f in report]
 
 
 def test_bias_before_batchnorm_is_not_frozen(tmp_path):

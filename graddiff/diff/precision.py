@@ -5,7 +5,9 @@ the walk (first.py) instead of the flat ``rtol`` when a run computes in bfloat16
 
 The computing precision of a run is the lowest precision among the dtypes of its parameters and
 module outputs (an autocast region records bfloat16/float16 activations; ``model.half()``
-records float16 parameters; float32 on CUDA with TF32 allowed counts as TF32). The tolerance of a record grows with its depth ``d`` in the step's
+records float16 parameters; float32 with a reduced matmul/convolution precision allowed
+counts as that precision: TF32 on CUDA, oneDNN's bf16/tf32 on CPU, from the recorded
+environment's legacy flags and ``fp32_precision`` settings). The tolerance of a record grows with its depth ``d`` in the step's
 causal chain (the number of module outputs and output gradients computed before it):
 ``tol = max(rtol, 8 x u x (1 + d) x sqrt(1 + n))``, ``u`` the unit roundoff of the lower
 computing precision and ``n`` the optimizer steps since the first recorded step: each update
@@ -83,12 +85,41 @@ def computing_dtype(run: Run) -> Optional[str]:
     return best
 
 
+def fp32_setting(env: dict, backend: str, op: str) -> Optional[str]:
+    """The effective ``fp32_precision`` of one backend's op in a recorded environment
+    (environment.py): the op's own setting, else (``"none"``) its backend's, else the
+    generic default; None when not recorded (torch < 2.9, or older traces)."""
+    for key in (f"fp32_precision_{backend}_{op}", f"fp32_precision_{backend}", "fp32_precision"):
+        value = env.get(key)
+        if value not in (None, "none"):
+            return str(value)
+    return None
+
+
 def _tf32(run: Run, dtype: str) -> str:
-    """float32 parameters on CUDA with TF32 allowed compute their matmuls in TF32."""
+    """The precision float32 matmuls and convolutions are allowed to compute in: TF32 on CUDA
+    (legacy ``allow_tf32`` flags, ``fp32_precision="tf32"`` of cuBLAS or cuDNN, or
+    ``set_float32_matmul_precision("high"/"medium")``); on CPU, oneDNN's
+    ``fp32_precision="bf16"``/``"tf32"``. Allowed, not proven: a backend may keep float32
+    (measured on an avx512_bf16 CPU without AMX: oneDNN's "bf16" kept float32 accuracy)."""
+    if dtype != "float32":
+        return dtype
     env = run.environment or {}
-    on_cuda = str(env.get("device", "")).startswith("cuda")
-    if dtype == "float32" and on_cuda and (env.get("tf32_matmul") or env.get("tf32_cudnn")):
-        return "tfloat32"
+    device = str(env.get("device", ""))
+    if device.startswith("cuda"):
+        tf32 = (
+            env.get("tf32_matmul")
+            or env.get("tf32_cudnn")
+            or env.get("float32_matmul_precision") in ("high", "medium")
+            or "tf32" in (fp32_setting(env, "cuda", "matmul"), fp32_setting(env, "cudnn", "conv"))
+        )
+        return "tfloat32" if tf32 else dtype
+    if device.startswith("cpu"):
+        cpu = {fp32_setting(env, "mkldnn", op) for op in ("matmul", "conv")}
+        if "bf16" in cpu:
+            return "bfloat16"
+        if "tf32" in cpu:
+            return "tfloat32"
     return dtype
 
 
