@@ -29,7 +29,7 @@ from ..optimizer_settings import IMPLEMENTATION_KEYS
 from ..reader import Run
 from .align import Alignment, align, check_related
 from .compare_records import DIFF, EQUAL, STATS
-from .noise import ROUNDING_ULPS, eps_of
+from .noise import ROUNDING_ULPS, eps_of, floor_factor
 from .pair import RunPair
 from .precision import UNIT_ROUNDOFF, Precision, computing_dtype, precision_of, slot_rounding
 
@@ -103,7 +103,8 @@ def twin_drift(
 ) -> dict[tuple, dict[int, float]]:
     """(kind, name, call) -> {step: the largest relative difference between the twin and its
     origin ``a`` at this or any earlier step}. Refuses (NotATwinError) a twin that is not a
-    perturbed copy of ``a`` (``check_twin``)."""
+    perturbed copy of ``a`` (its records, optimizer settings, inputs, initial parameters and
+    first step: the ``_check_*`` functions below)."""
     check_related(a, twin)
     al = align(a, twin, kinds)
     common = np.intersect1d(a.steps, twin.steps)
@@ -111,11 +112,33 @@ def twin_drift(
         raise GraddiffError(f"--noise {twin.path}: no step in common with {a.path}")
     _check_structure(a, twin)
     _check_settings(a, twin, common)
-    pair = RunPair(a, twin, al, common)
     out: dict[tuple, dict[int, float]] = {}
+    for step, rels in _rels(a, twin, al, common).items():
+        for label, rel in rels.items():
+            out.setdefault(label, {})[step] = rel
+    _check_copy(a, twin, out, int(common[0]))
+    _check_first_step(a, twin, out, int(common[0]), al, rtol)
+    for series in out.values():  # the envelope: noise, once there, is not taken back
+        top = 0.0
+        for step in sorted(series):
+            top = series[step] = max(top, series[step])
+    return out
+
+
+def _rels(
+    a: Run, twin: Run, al: Alignment, steps: np.ndarray, floor: float = 0.0
+) -> dict[int, dict[tuple, float]]:
+    """step -> (kind, name, call) -> relative difference between the twin and ``a`` (records
+    missing, reshaped or non-finite in either are left out: no reference there). ``floor``:
+    a noise floor factor to judge at, when above the records' own (a reduced precision)."""
+    pair = RunPair(a, twin, al, steps)
+    if floor:
+        pair.dtypes.floor = np.maximum(pair.dtypes.floor, floor)
+    out: dict[int, dict[tuple, float]] = {}
     try:
-        for step in common.tolist():
+        for step in steps.tolist():
             c = pair.cells(step)
+            row = out.setdefault(int(step), {})
             for i in range(len(c)):
                 slot = al.slots[int(c.slot[i])]
                 code = int(c.code[i])
@@ -130,17 +153,11 @@ def twin_drift(
                     )
                 elif code == STATS:
                     rel = float(c.rel_lb[i])
-                else:  # missing, reshaped or NaN/Inf in the twin: no reference here
+                else:
                     continue
-                out.setdefault((slot.kind, slot.name, max(slot.call, 0)), {})[step] = rel
+                row[(slot.kind, slot.name, max(slot.call, 0))] = rel
     finally:
         pair.close()
-    _check_copy(a, twin, out, int(common[0]))
-    _check_first_step(a, twin, out, int(common[0]), al, rtol)
-    for series in out.values():  # the envelope: noise, once there, is not taken back
-        top = 0.0
-        for step in sorted(series):
-            top = series[step] = max(top, series[step])
     return out
 
 
@@ -282,19 +299,24 @@ def _check_first_step(
         (computing_dtype(origin) or "float32", nudge), key=lambda d: UNIT_ROUNDOFF.get(d, 0.0)
     )
     u = UNIT_ROUNDOFF.get(low, UNIT_ROUNDOFF["float32"])
-    rounding = slot_rounding(al, Precision(low, u, low, low))
+    prec = Precision(low, u, low, low)
+    rounding = slot_rounding(al, prec)
+    if prec.reduced:  # rounding residue at the reduced precision's noise floor, as compare
+        rels = _rels(origin, twin, al, np.array([first]), floor_factor(low))[first]
+    else:
+        rels = {label: series[first] for label, series in drift.items() if first in series}
     by_label = {(s.kind, s.name, max(s.call, 0)): s for s in al.slots}
-    for label, series in drift.items():
+    for label, rel in rels.items():
         slot = by_label.get(label)
-        if slot is None or label[0] in ("input", "param") or first not in series:
+        if slot is None or label[0] in ("input", "param"):
             continue
         tol = max(rtol, float(rounding[slot.index]) if rounding is not None else 0.0)
-        if series[first] > NOISE_FACTOR * tol:
+        if rel > NOISE_FACTOR * tol:
             raise _not_a_copy(
                 origin,
                 twin,
                 f"at step {first}, before any update, {slot.label} differs by rel "
-                f"{series[first]:.3g}, more than a one-ulp nudge explains ({NOISE_FACTOR:g} x "
+                f"{rel:.3g}, more than a one-ulp nudge explains ({NOISE_FACTOR:g} x "
                 f"{tol:.3g}): another computation",
             )
 
