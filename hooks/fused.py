@@ -1,8 +1,7 @@
 """One pass per tensor: fingerprint + sum + sum of squares + min/max + non-finite count (numba).
 
 Data flow: snapshot --(a contiguous CPU tensor of a supported dtype)--> fused --> snapshot.
-This module owns only the kernels and how a tensor is split across threads; which dtypes go
-through it (and which take the pure-torch reference path) is decided in ``snapshot``.
+This module owns only the kernels; which dtypes go through it (and which take the pure-torch reference path) is decided in ``snapshot``.
 
 Why numba: it ships as binary wheels with its own LLVM (no compiler on the user's machine), it
 compiles the loop below once per dtype and caches the machine code on disk, and the result
@@ -23,23 +22,16 @@ any value is NaN or infinite the caller recomputes the statistics with the refer
 from __future__ import annotations
 
 import os
-import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
 
 from .._warn import warn_user
 
-#: Tensors at least this large are split across the torch thread count (one chunk per thread).
-SPLIT_BYTES = 1 << 20
-
 _lock = threading.Lock()
 _kernels: Optional[dict[str, Any]] = None
 _failed: Optional[str] = None
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_size = 0
 
 
 def _value(vals, j, lut):  # pragma: no cover
@@ -301,7 +293,6 @@ def _compile(jit: Any) -> dict[str, Any]:
     _chunk_jit = jit(_chunk)
     _whole_jit = jit(_whole)
     return {
-        "chunk": _chunk_jit,
         "whole": _whole_jit,
         "whole_at": jit(_whole_at),
         "whole_copy_at": jit(_whole_copy_at),
@@ -351,58 +342,36 @@ def _disable(exc: BaseException) -> None:
         )
 
 
-def _executor(threads: int) -> ThreadPoolExecutor:
-    """A pool with at least ``threads - 1`` workers. It only grows, and a replaced pool is never
-    shut down, so a thread holding the old one can still submit to it."""
-    global _pool, _pool_size
-    with _lock:
-        if _pool is None or _pool_size < threads - 1:
-            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="graddiff-fused")
-            _pool_size = threads - 1
-        return _pool
-
-
 def summarise(
     arr: np.ndarray,
     block_shift: int,
-    threads: int,
     *,
     bfloat16: bool = False,
-    out: Optional[np.ndarray] = None,
 ) -> Optional[tuple[int, int, float, float, float, float, int]]:
-    """(s_sum, s_pos, sum, sumsq, min, max, non_finite) of a 1-D contiguous array.
+    """(s_sum, s_pos, sum, sumsq, min, max, non_finite) of a 1-D contiguous array, in one
+    compiled call on the calling thread.
 
     ``s_sum``/``s_pos`` are the fingerprint's two sums, the zero-padded partial last word
     included (weight ``(n_words >> block_shift) + 1``), as integers to be taken mod 2**64.
     None when the kernel is unavailable or the dtype is not one it takes (unsigned, bool,
-    complex: the reference path). Arrays of ``SPLIT_BYTES`` or more are split into one chunk
-    per thread (``threads``), combined in a fixed order. ``bfloat16``: ``arr`` (uint16) holds
-    bfloat16 bits; a float16 array is read as its bits too. ``out``: a contiguous array of
-    ``arr``'s dtype and size that receives a copy of ``arr`` in the same pass (each byte read
-    once); the result is the same, bit for bit, as without it.
+    complex: the reference path). ``bfloat16``: ``arr`` (uint16) holds bfloat16 bits; a
+    float16 array is read as its bits too. Large arrays are not split across threads: the pass
+    is memory-bound and torch's OpenMP workers spin on the other cores between ops, so a
+    helper thread made it slower (docs/performance.md, "The 2-thread gap").
     """
     kernels = _kernels if _kernels is not None else _get()
     spec = _BF16_SPEC if bfloat16 and arr.dtype == np.uint16 else _SPECS.get(arr.dtype)
     if kernels is None or spec is None:
         return None
-    key_dtype, kc, decode, lut = spec
+    kc, lut = spec
     if lut.shape[0]:
         arr = arr.view(np.uint16)
-        if out is not None:
-            out = out.view(np.uint16)
-    nbytes = arr.nbytes
-    try:
-        if nbytes < 2 * SPLIT_BYTES or threads < 2:  # min/max decoded in the kernel
-            s_sum, s_pos, fs, fss, lo, hi, bad = kernels["whole"](arr, lut, kc, block_shift, out)
-        else:
-            s_sum, s_pos, fs, fss, kmin, kmax, bad = _split(
-                kernels["chunk"], arr, key_dtype, lut, kc, block_shift, threads, out
-            )
-            lo, hi = decode(kmin), decode(kmax)
+    try:  # min/max decoded in the kernel
+        s_sum, s_pos, fs, fss, lo, hi, bad = kernels["whole"](arr, lut, kc, block_shift, None)
     except Exception as exc:  # numba compiles per dtype on first use: a failure is not fatal
         _disable(exc)
         return None
-    if not nbytes:
+    if not arr.nbytes:
         return s_sum, s_pos, 0.0, 0.0, 0.0, 0.0, 0
     return s_sum, s_pos, fs, fss, lo, hi, bad
 
@@ -412,8 +381,7 @@ def summarise_at(
 ) -> Optional[tuple[int, int, float, float, float, float, int]]:
     """:func:`summarise` of ``numel`` (> 0) contiguous elements of torch dtype ``dtype`` at
     the 8-byte-aligned address ``addr``, in one compiled call (the caller keeps the memory
-    alive, and sends arrays of ``2 * SPLIT_BYTES`` or more, which may be split, to
-    :func:`summarise`). None when the kernel is unavailable or the dtype not one it takes.
+    alive). None when the kernel is unavailable or the dtype not one it takes.
     ``dst``: the 8-byte-aligned address of as many bytes, which receive a copy in the same
     pass (0: no copy)."""
     kernels = _kernels if _kernels is not None else _get()
@@ -429,78 +397,6 @@ def summarise_at(
     except Exception as exc:  # numba compiles per dtype on first use: a failure is not fatal
         _disable(exc)
         return None
-
-
-def _split(chunk, arr, key_dtype, lut, kc, block_shift, threads, out=None) -> tuple:
-    """A large array in ``threads`` (at most one per MiB) chunks, combined in a fixed order
-    (``out``: copied into as well)."""
-    keys = arr.view(key_dtype) if key_dtype is not None else arr
-    nbytes = arr.nbytes
-    n_words = nbytes >> 3
-    k = n_words * 8 // arr.itemsize
-    words = (arr[:k] if nbytes & 7 else arr).view(np.int64)
-    out_words = None if out is None else (out[:k] if nbytes & 7 else out).view(np.int64)
-    parts = min(threads, nbytes // SPLIT_BYTES)
-    s_sum, s_pos, fs, fss, kmin, kmax, bad = _run(
-        chunk, words, keys, arr, lut, kc, block_shift, n_words, arr.shape[0], parts, out_words
-    )
-    if nbytes & 7:  # the zero-padded partial last word, weighted like the words of its block
-        if out is not None:
-            out.view(np.uint8)[n_words * 8 :] = arr.view(np.uint8)[n_words * 8 :]
-        tail = arr.view(np.uint8)[n_words * 8 :].tobytes()
-        last = int.from_bytes(tail + bytes(8 - len(tail)), "little", signed=True)
-        s_sum = int(s_sum) + last
-        s_pos = int(s_pos) + ((n_words >> block_shift) + 1) * last
-    return s_sum, s_pos, fs, fss, kmin, kmax, bad
-
-
-def _run(chunk, words, keys, arr, lut, kc, block_shift, n_words, n, parts, out=None) -> tuple:
-    """The kernel over the whole array: one call, or ``parts`` chunks combined in order
-    (``out``: the destination's words, for the copying pass)."""
-    if parts <= 1:
-        return chunk(words, keys, arr, lut, kc, block_shift, 0, n_words, n, out)
-    bounds = [n_words * i // parts for i in range(parts)] + [n_words]
-    per_word = 8 // arr.itemsize
-    ends = [bounds[i + 1] * per_word for i in range(parts - 1)] + [n]
-    pool = _executor(parts)
-    futs = [
-        pool.submit(
-            chunk, words, keys, arr, lut, kc, block_shift, bounds[i], bounds[i + 1], ends[i], out
-        )
-        for i in range(1, parts)
-    ]
-    res = [chunk(words, keys, arr, lut, kc, block_shift, 0, bounds[1], ends[0], out)]
-    res += [f.result() for f in futs]
-    s_sum = sum(r[0] for r in res)
-    s_pos = sum(r[1] for r in res)
-    fs = sum(r[2] for r in res)
-    fss = sum(r[3] for r in res)
-    kmin = min(r[4] for r in res)
-    kmax = max(r[5] for r in res)
-    bad = sum(r[6] for r in res)
-    return s_sum, s_pos, fs, fss, kmin, kmax, bad
-
-
-_I16, _F16, _I32, _U32, _F32, _I64, _F64 = (
-    struct.Struct(f) for f in ("<h", "<e", "<i", "<I", "<f", "<q", "<d")
-)
-
-
-def _decode_f16(key: int) -> float:
-    return _F16.unpack(_I16.pack(key ^ ((key >> 15) & 0x7FFF)))[0]
-
-
-def _decode_bf16(key: int) -> float:
-    bits = (key ^ ((key >> 15) & 0x7FFF)) & 0xFFFF
-    return _F32.unpack(_U32.pack(bits << 16))[0]
-
-
-def _decode_f32(key: int) -> float:
-    return _F32.unpack(_I32.pack(key ^ ((key >> 31) & 0x7FFFFFFF)))[0]
-
-
-def _decode_f64(key: int) -> float:
-    return _F64.unpack(_I64.pack(key ^ ((key >> 63) & 0x7FFFFFFFFFFFFFFF)))[0]
 
 
 def _key_consts(t: type, inf: Optional[int]) -> np.ndarray:
@@ -521,32 +417,26 @@ with np.errstate(invalid="ignore"):  # NaN patterns (their values are never summ
 del _BITS16
 
 
-#: Per value dtype: (key dtype or None for the values themselves, kernel constants (see
-#: ``_chunk``), key -> value, bits -> float64 table or empty). Dtypes not listed take the
-#: reference path.
+#: Per value dtype: (kernel constants (see ``_chunk``), bits -> float64 table or empty).
+#: Dtypes not listed take the reference path.
 _SPECS = {
-    np.dtype(np.float16): (np.int16, _key_consts(np.int16, 0x7C00), _decode_f16, _LUT_F16),
-    np.dtype(np.float32): (np.int32, _key_consts(np.int32, 0x7F800000), _decode_f32, _NO_LUT),
-    np.dtype(np.float64): (
-        np.int64,
-        _key_consts(np.int64, 0x7FF0000000000000),
-        _decode_f64,
-        _NO_LUT,
-    ),
+    np.dtype(np.float16): (_key_consts(np.int16, 0x7C00), _LUT_F16),
+    np.dtype(np.float32): (_key_consts(np.int32, 0x7F800000), _NO_LUT),
+    np.dtype(np.float64): (_key_consts(np.int64, 0x7FF0000000000000), _NO_LUT),
     **{
-        np.dtype(t): (None, _key_consts(t, None), float, _NO_LUT)
+        np.dtype(t): (_key_consts(t, None), _NO_LUT)
         for t in (np.int8, np.int16, np.int32, np.int64)
     },
 }
-_BF16_SPEC = (np.int16, _key_consts(np.int16, 0x7F80), _decode_bf16, _LUT_BF16)
+_BF16_SPEC = (_key_consts(np.int16, 0x7F80), _LUT_BF16)
 
 #: Per torch dtype name (``summarise_at``): (an empty array of the dtype the kernel reads,
 #: bits -> float64 table or empty, kernel constants). 16-bit floats are read as their bits.
 _AT_SPECS = {
-    "float16": (np.empty(0, np.uint16), _LUT_F16, _SPECS[np.dtype(np.float16)][1]),
-    "bfloat16": (np.empty(0, np.uint16), _LUT_BF16, _BF16_SPEC[1]),
+    "float16": (np.empty(0, np.uint16), _LUT_F16, _SPECS[np.dtype(np.float16)][0]),
+    "bfloat16": (np.empty(0, np.uint16), _LUT_BF16, _BF16_SPEC[0]),
     **{
-        name: (np.empty(0, name), _NO_LUT, _SPECS[np.dtype(name)][1])
+        name: (np.empty(0, name), _NO_LUT, _SPECS[np.dtype(name)][0])
         for name in ("float32", "float64", "int8", "int16", "int32", "int64")
     },
 }

@@ -203,14 +203,16 @@ def stats_on_cpu(
     """Stats and fingerprint of a CPU tensor: one fused pass where it applies, else the
     reference (:func:`stats_on_cpu_reference`). Same fingerprint bit for bit either way.
 
-    A plain, contiguous, 8-byte-aligned tensor below the split size (most of a step's
-    tensors) goes to the kernel by its address, with no numpy view (``fused.summarise_at``);
-    the same kernel, so the same results as through :func:`fused.summarise`.
+    A plain, contiguous, 8-byte-aligned tensor (nearly every tensor of a step) goes to the
+    kernel by its address, with no numpy view (``fused.summarise_at``); the same kernel, so
+    the same results as through :func:`fused.summarise`. Either way one call on this thread
+    (no split across threads: docs/performance.md, "The 2-thread gap"), so the statistics do
+    not depend on the torch thread count.
     """
     size = x.numel()
     n = size * x.element_size()
     r = None
-    if 0 < n < _SPLIT_AT and _plain(x):
+    if n and _plain(x):
         name = _AT_NAMES.get(x.dtype)
         if name is not None:
             r = fused.summarise_at(
@@ -222,7 +224,7 @@ def stats_on_cpu(
             return stats_on_cpu_reference(x)
         n, size = arr.nbytes, arr.size
         shift = 0 if n <= FP_SMALL_BYTES else _BLOCK_SHIFT
-        r = fused.summarise(arr, shift, _threads(), bfloat16=x.dtype == torch.bfloat16)
+        r = fused.summarise(arr, shift, bfloat16=x.dtype == torch.bfloat16)
         if r is None:
             return stats_on_cpu_reference(x)
     return _finish(x, r, n, size)
@@ -257,13 +259,7 @@ def copy_and_stats(
     if not n:
         return None
     shift = 0 if n <= FP_SMALL_BYTES else _BLOCK_SHIFT
-    if n < _SPLIT_AT:
-        r = fused.summarise_at(x.data_ptr(), size, name, shift, dst_addr)
-    else:
-        src, out = _fused_array(x), _fused_array(dst)
-        if src is None or out is None:
-            return None
-        r = fused.summarise(src, shift, _threads(), bfloat16=x.dtype == torch.bfloat16, out=out)
+    r = fused.summarise_at(x.data_ptr(), size, name, shift, dst_addr)
     if r is None:
         return None
     return _finish(dst, r, n, size)
@@ -297,14 +293,11 @@ def _finish(
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-#: Below this many bytes a tensor is never split across threads (``fused.summarise``).
-_SPLIT_AT = 2 * fused.SPLIT_BYTES
 
 
 _MASK64 = 2**64 - 1
 _BLOCK_SHIFT = FP_BLOCK_WORDS.bit_length() - 1  # 64 words: weight (word index >> 6) + 1
 assert 1 << _BLOCK_SHIFT == FP_BLOCK_WORDS
-_threads = torch.get_num_threads
 
 
 def stats_on_cpu_reference(
