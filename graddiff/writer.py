@@ -55,6 +55,15 @@ BALLAST_BYTES = 4 * 2**20
 #: cost 16.8 ms of CPU in 2 MiB pieces and 15.9 in 4 MiB (stable over rounds), 19.3 in 1 MiB,
 #: 29 in 256 KiB (per-call overhead), and 46 ms (18-54 over rounds) as one write per step.
 WRITE_BYTES = 2 * 2**20
+#: Free space and the file-size limit are checked again before a step once the bytes written
+#: since the last check could exceed what that check left spare, and at least every this
+#: many bytes (others may fill the disk too). A check costs two system calls that each release
+#: and retake the GIL, which the training thread pays for; a statistics-only step adds a few
+#: KB, so checking before every step was nearly all waste.
+RECHECK_BYTES = 8 * 2**20
+#: What a step may add to the file besides its values and rows, counted against the spare
+#: bytes: a new chunk of the entries and steps tables, and object headers and links.
+_STEP_SLACK = TABLE_CHUNK_ROWS * (ENTRY_DTYPE.itemsize + STEP_DTYPE.itemsize) + 64 * 2**10
 #: Segments smaller than this are gathered into the staging buffer and written together.
 STAGE_BYTES = 256 * 2**10
 _U8 = h5t.NATIVE_UINT8
@@ -63,6 +72,16 @@ _U8 = h5t.NATIVE_UINT8
 #: Cached row layouts per (record, shape) at most (see ``TraceWriter._layout``).
 _MAX_LAYOUTS = 65536
 _SHAPE_PAD = [(0,) * (MAX_NDIM - k) for k in range(MAX_NDIM + 1)]
+#: What a row takes from its record and shape alone, one row per cached layout.
+_LAYOUT_DTYPE = np.dtype(
+    [
+        ("record", ENTRY_DTYPE["record"]),
+        ("ndim", ENTRY_DTYPE["ndim"]),
+        ("flags", ENTRY_DTYPE["flags"]),
+        ("shape", ENTRY_DTYPE["shape"]),
+        ("numel", ENTRY_DTYPE["numel"]),
+    ]
+)
 
 
 # HDF5 memory types of the two per-step tables, built once (h5py's ``ds[a:b] = rows`` builds
@@ -170,13 +189,15 @@ class TraceWriter:
     ) -> None:
         self.path = str(path)
         self._record_ids: dict[tuple[str, str, int, str], int] = {}
-        self._layouts: dict[tuple, tuple[int, int, tuple, int, int]] = {}
+        self._layouts: dict[tuple, int] = {}  # (record, shape) -> row of self._layout_rows
+        self._layout_rows = np.zeros(64, dtype=_LAYOUT_DTYPE)
         self._n_entries = 0
         self._n_steps = 0
         self._optimizer: Optional[h5py.Dataset] = None  # /optimizer, made at its first row
         self._step_row = np.zeros(1, dtype=STEP_DTYPE)
         self._stage = np.zeros(WRITE_BYTES, dtype=np.uint8)  # small values, gathered
         self._last_step_bytes = 0
+        self._spare = 0  # bytes that may be written before free space is checked again
         self._ballast_path: Optional[str] = None
         # The lock comes first: HDF5 truncates before it locks (graddiff/filelock.py).
         self._lock: Optional[WriterLock] = WriterLock(self.path)
@@ -240,7 +261,10 @@ class TraceWriter:
         """
         entries = sorted(entries, key=lambda e: (CAUSAL_RANK.get(e.kind, 99), e.seq))
         rows, new_records, segments, offset = self._rows(step, entries, arena)
-        self._check_space(offset)
+        grow = offset + rows.nbytes + _STEP_SLACK
+        if grow > self._spare:
+            self._spare = self._check_space(offset)
+        self._spare -= grow
         if new_records:
             recs = np.zeros(len(new_records), dtype=RECORD_DTYPE)
             for i, (kind, name, call, dtype) in enumerate(new_records):
@@ -286,9 +310,9 @@ class TraceWriter:
         their total size.
 
         What a row takes from its record and shape (record id, ndim, padded shape, numel, the
-        clipped flag) is looked up once per distinct (record, shape) and cached: a training
-        loop repeats the same records step after step, so a step costs one dict lookup per
-        entry plus the column assignments.
+        clipped flag) is computed once per distinct (record, shape) into a row of a table: a
+        training loop repeats the same records step after step, so a step costs one dict
+        lookup per entry, one gather from that table and the column assignments.
         """
         n = len(entries)
         rows = np.zeros(n, dtype=ENTRY_DTYPE)
@@ -296,49 +320,48 @@ class TraceWriter:
         if not n:
             return rows, new_records, None, 0
         layouts = self._layouts
-        lays = []
+        if len(layouts) + n > _MAX_LAYOUTS:  # shapes that change every step: stay bounded
+            layouts.clear()  # (never within a step: ``index`` points into the table)
+        index = []
         for e in entries:
-            lay = layouts.get((e.kind, e.name, e.call, e.dtype, e.shape))
-            if lay is None:
-                lay = self._layout(e, new_records)
-            lays.append(lay)
-        flags_col = [e.flags | lay[4] for e, lay in zip(entries, lays)]
+            key = (e.kind, e.name, e.call, e.dtype, e.shape)
+            i = layouts.get(key)
+            if i is None:
+                i = self._layout(e, key, new_records)
+            index.append(i)
+        lay = self._layout_rows[index]
+        flags = lay["flags"] | np.array([e.flags for e in entries], dtype=np.uint8)
         placement = _place_values(entries, arena)
         segments, offset = (None, 0) if placement is None else placement[2:]
-        if placement is not None:
-            off_col, nbytes_col = placement[0], placement[1]
-            for i, o in enumerate(off_col):
-                if o >= 0:
-                    flags_col[i] |= FLAG_VALUES
-        else:
-            off_col = None
         rows["step"] = step
-        rows["record"] = [lay[0] for lay in lays]
+        rows["record"] = lay["record"]
         rows["seq"] = [e.seq for e in entries]
-        rows["ndim"] = [lay[1] for lay in lays]
-        rows["shape"] = [lay[2] for lay in lays]
-        rows["flags"] = flags_col
-        rows["numel"] = [lay[3] for lay in lays]
+        rows["ndim"] = lay["ndim"]
+        rows["shape"] = lay["shape"]
+        rows["numel"] = lay["numel"]
         fps = np.array([e.fingerprint for e in entries], dtype=np.uint64)
         rows["fp_sum"], rows["fp_pos"] = fps[:, 0], fps[:, 1]
         stats = np.array([e.stats for e in entries], dtype=np.float64)
         rows["norm"], rows["mean"], rows["min"], rows["max"] = stats[:, :4].T
         rows["nan"], rows["inf"] = stats[:, 4], stats[:, 5]  # counts: exact in float64
-        if off_col is None:
+        if placement is None:
             rows["offset"] = -1
         else:
-            rows["offset"] = off_col
-            rows["nbytes"] = nbytes_col
+            rows["offset"] = placement[0]
+            rows["nbytes"] = placement[1]
+            flags[rows["offset"] >= 0] |= FLAG_VALUES
+        rows["flags"] = flags
         return rows, new_records, segments, offset
 
-    def _layout(self, e: EntryData, new_records: list) -> tuple[int, int, tuple, int, int]:
-        """(record id, ndim, shape padded to MAX_NDIM, numel, extra flags) of an entry; a new
-        record is appended to ``new_records``. Cached per (record, shape), bounded."""
-        key = (e.kind, e.name, int(e.call), e.dtype)
-        rid = self._record_ids.get(key)
+    def _layout(self, e: EntryData, key: tuple, new_records: list) -> int:
+        """The row of ``self._layout_rows`` holding (record id, ndim, shape padded to
+        MAX_NDIM, numel, extra flags) of an entry, cached under ``key`` (its record and shape);
+        a new record is appended to ``new_records``."""
+        rkey = (e.kind, e.name, int(e.call), e.dtype)
+        rid = self._record_ids.get(rkey)
         if rid is None:
-            rid = self._record_ids[key] = len(self._record_ids)
-            new_records.append(key)
+            rid = self._record_ids[rkey] = len(self._record_ids)
+            new_records.append(rkey)
         shape = tuple(int(d) for d in e.shape)
         numel = 1
         for d in shape:
@@ -346,11 +369,12 @@ class TraceWriter:
         clipped = 0
         if len(shape) > MAX_NDIM:
             shape, clipped = (numel,), FLAG_NDIM_CLIPPED
-        lay = (rid, len(shape), shape + _SHAPE_PAD[len(shape)], numel, clipped)
-        if len(self._layouts) >= _MAX_LAYOUTS:  # shapes that change every step: stay bounded
-            self._layouts.clear()
-        self._layouts[(e.kind, e.name, e.call, e.dtype, e.shape)] = lay
-        return lay
+        i = len(self._layouts)
+        if i == len(self._layout_rows):
+            self._layout_rows = np.resize(self._layout_rows, 2 * i)
+        self._layout_rows[i] = (rid, len(shape), clipped, shape + _SHAPE_PAD[len(shape)], numel)
+        self._layouts[key] = i
+        return i
 
     def _write_values(self, name: str, segments: list[tuple[int, np.ndarray]], total: int) -> None:
         """One contiguous dataset per step (the cheapest HDF5 layout, FIELD-NOTES 8), written
@@ -385,30 +409,37 @@ class TraceWriter:
         if staged:
             put(staged_from, stage[:staged])
 
-    def _check_space(self, value_bytes: int) -> None:
+    def _check_space(self, value_bytes: int) -> int:
+        """Raise WriteFailed when a step of ``value_bytes`` would leave too little room (free
+        space, ``ulimit -f``); else return the bytes that can be written before the next
+        check (at most ``RECHECK_BYTES``)."""
         need = value_bytes + 2 * self._last_step_bytes + MIN_FREE_BYTES
         try:
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
         except OSError:
-            return
+            return RECHECK_BYTES
         if free < need:
             raise WriteFailed(
                 f"only {free / 2**20:.0f} MiB free on the disk of {self.path}; "
                 f"recording stopped to keep the file readable"
             )
+        spare = min(free - need, RECHECK_BYTES)
         try:
             import resource
 
             soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
         except (ImportError, ValueError, OSError):
-            return
+            return spare
         if soft != resource.RLIM_INFINITY:
             size = os.path.getsize(self.path)
-            if size + value_bytes + 2 * self._last_step_bytes + 2**20 > soft:
+            need = size + value_bytes + 2 * self._last_step_bytes + 2**20
+            if need > soft:
                 raise WriteFailed(
                     f"{self.path} would exceed the process file-size limit "
                     f"(ulimit -f, {soft} bytes); recording stopped"
                 )
+            spare = min(spare, soft - need)
+        return spare
 
     # -- metadata and closing -------------------------------------------------------------
     def set_attr(self, key: str, value: str) -> None:

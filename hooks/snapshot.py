@@ -207,7 +207,8 @@ def stats_on_cpu(
     kernel by its address, with no numpy view (``fused.summarise_at``); the same kernel, so
     the same results as through :func:`fused.summarise`. Either way one call on this thread
     (no split across threads: docs/performance.md, "The 2-thread gap"), so the statistics do
-    not depend on the torch thread count.
+    not depend on the torch thread count. ``x`` need not be detached: only its memory is read
+    there, and it is detached before any torch op.
     """
     size = x.numel()
     n = size * x.element_size()
@@ -219,6 +220,7 @@ def stats_on_cpu(
                 x.data_ptr(), size, name, 0 if n <= FP_SMALL_BYTES else _BLOCK_SHIFT
             )
     if r is None:
+        x = x.detach()  # for numpy and torch ops (the kernel reads only the memory)
         arr = _fused_array(x) if fused.available() else None
         if arr is None:
             return stats_on_cpu_reference(x)
@@ -234,7 +236,7 @@ def _plain(x: torch.Tensor) -> bool:
     """A plain, contiguous, 8-byte-aligned tensor whose bytes are its values: the kernel can
     read it by its address."""
     return (
-        type(x) is torch.Tensor
+        type(x) in _PLAIN
         and x.is_contiguous()
         and not x.is_neg()
         and not x.is_conj()
@@ -275,10 +277,10 @@ def _finish(
     if not n:
         return (0.0, 0.0, 0.0, 0.0, 0, 0), fp
     if bad or not math.isfinite(total):
-        return _reference_stats(x, fp)  # NaN/Inf (counted there) or a float64 sum overflow
+        return _reference_stats(x.detach(), fp)  # NaN/Inf (counted there), a float64 overflow
     if squares < 1e-290 and (lo or hi) or squares > 1e300:
         # float64 squares under/overflow (only float64 tensors get here): torch's scaled norm
-        norm = float(torch.linalg.vector_norm(x.to(torch.float64)))
+        norm = float(torch.linalg.vector_norm(x.detach().to(torch.float64)))
     else:
         norm = math.sqrt(squares)
     mean = total / size
@@ -293,6 +295,9 @@ def _finish(
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: Tensor types whose memory the kernel reads by address (``nn.Parameter`` adds no storage
+#: behaviour; other subclasses may, and take the checked paths).
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 _MASK64 = 2**64 - 1
@@ -434,12 +439,14 @@ def capture(
     ``arena``: the step's staging buffer; a CPU tensor whose values are kept is copied into a
     slot of it (one copy, no allocation), or cloned when it does not fit.
     """
-    x = tensor.detach()
-    dtype = _DTYPE_NAMES.get(x.dtype)
-    if dtype is None or x.layout != torch.strided:  # rare: sparse, quantized, exotic dtypes
-        x, dtype = storable(kind, name, x)
+    dtype = _DTYPE_NAMES.get(tensor.dtype)
+    if dtype is None or tensor.layout != torch.strided:  # rare: sparse, quantized, exotic dtypes
+        x, dtype = storable(kind, name, tensor.detach())
+    else:
+        x = tensor  # detached where torch ops or numpy read it; the kernel needs no detach
     if x.is_cpu:
         if keep_values:
+            x = x.detach()
             entry = PendingEntry(kind, name, call, dtype, tuple(x.shape), _ZERO_STATS, (0, 0))
             entry.flags, entry.seq = flags, seq
             copy = _into_arena(x, arena, entry) if arena is not None else None
@@ -450,6 +457,7 @@ def capture(
             return entry
         stats, fp = stats_on_cpu(x)
         return EntryData(kind, name, call, dtype, tuple(x.shape), stats, fp, None, flags, seq)
+    x = x.detach()
     entry = PendingEntry(kind, name, call, dtype, tuple(x.shape), _ZERO_STATS, (0, 0))
     entry.flags, entry.seq = flags, seq
     capture_on_device(entry, x, keep_values, batch)
