@@ -11,8 +11,9 @@ dumps. Used to check that a change to the recording path changed nothing that is
     python benchmarks/trace_rows.py dump /tmp/after.npz
     python benchmarks/trace_rows.py compare /tmp/before.npz /tmp/after.npz
 
-Run with one torch thread (the default here): the fused kernel splits large tensors across
-threads, and the float sums' rounding depends on the split.
+Run with one torch thread (the default here): training itself (torch's parallel reductions)
+rounds differently with more threads, so the recorded values would differ between runs of
+one version. The statistics pass no longer depends on the thread count.
 """
 
 from __future__ import annotations
