@@ -4,8 +4,9 @@ Runs untraced training and ``trace(values="stats")`` variants in interleaved rou
 process (same model, weights and batches), at each torch thread count of ``--threads``, and
 reports per step: wall time, process CPU, the CPU of each thread (main, torch's OpenMP
 workers, graddiff's writer and fused-pass helper) read from ``/proc/self/task/*/schedstat``
-(nanoseconds), the main thread's involuntary context switches, and the wall time the
-training thread spends inside the statistics pass (``stats_on_cpu``). Variants:
+(nanoseconds), the main thread's voluntary context switches (it blocked: on the GIL, a lock,
+I/O) and involuntary ones (preempted), and the wall time the training thread spends inside
+the statistics pass (``stats_on_cpu``). Variants:
 
     untraced     plain training
     stats        graddiff.trace(values="stats"), as shipped
@@ -104,7 +105,7 @@ def run(variant: str, wl: br.Workload, steps: int, tmp: str) -> dict[str, Any]:
     main_ident = threading.main_thread().ident
     skip = max(1, steps // 5)
     acc: dict[str, list[float]] = {}
-    inv = [0]
+    inv = [0, 0]
 
     def loop() -> None:
         t_before: dict = {}
@@ -124,6 +125,7 @@ def run(variant: str, wl: br.Workload, steps: int, tmp: str) -> dict[str, Any]:
             acc.setdefault(r, []).append((ns - b[0]) / 1e9 / n)
             if r == "main":
                 inv[0] = (ic - b[2]) / n
+                inv[1] = (after[tid][1] - b[1]) / n
 
     saved_write = gwriter.TraceWriter.write_step
     if variant == "untraced":
@@ -148,6 +150,7 @@ def run(variant: str, wl: br.Workload, steps: int, tmp: str) -> dict[str, Any]:
         "cpu": sum(cpu[skip:]) / n,
         "threads": {k: sum(v) for k, v in acc.items()},
         "inv": inv[0],
+        "vol": inv[1],
         "stats_s": in_stats[0] / n,
         "state": br.final_state(model),
     }
@@ -256,7 +259,8 @@ def main() -> int:
                 f"  CPU {statistics.median(x['cpu'] for x in rs) * 1e3:7.1f} ms"
                 f" x{statistics.median(cr):.3f}"
                 f"  pass {statistics.median(x['stats_s'] for x in rs) * 1e3:5.1f} ms"
-                f"  inv.cs(main) {statistics.median(x['inv'] for x in rs):5.1f}"
+                f"  main switches: waits {statistics.median(x['vol'] for x in rs):5.1f},"
+                f" preempted {statistics.median(x['inv'] for x in rs):5.1f}"
                 f"  thread CPU ms: {per}  bitwise {'OK' if ok else 'MISMATCH'}"
             )
     return 0
