@@ -10,6 +10,8 @@ times, interleaved round-robin in one process (the order rotates), per step:
                       the arena and takes its statistics and fingerprint (what it does now)
     write (graddiff)  ``TraceWriter.write_step`` of those entries from the arena: rows, one
                       values dataset written in ``WRITE_BYTES`` pieces, flush (page cache)
+    write, no reserve the same with the file range not reserved first (``graddiff.falloc``
+                      switched off: what the writer did before)
     raw pwrite        the same bytes with ``os.pwrite`` in the same pieces (no HDF5: the floor
                       of any writer into the page cache)
     torch.save        ``torch.save`` of the same tensors to a new file (CRC32 on, the default)
@@ -115,11 +117,20 @@ def main() -> int:
     prepared = fill(True)
     writer_state: dict[str, object] = {}
 
-    def write_graddiff(i: int) -> None:
-        w = writer_state.get("w")
-        if w is None:
-            w = writer_state["w"] = TraceWriter(os.path.join(scratch, "g.h5"), ballast=False)
-        w.write_step(i, prepared[1], arena=prepared[0])  # type: ignore[union-attr]
+    def write_graddiff(reserve: bool) -> Callable[[int], None]:
+        key = f"w{int(reserve)}"
+
+        def run(i: int) -> None:
+            w = writer_state.get(key)
+            if w is None:
+                w = writer_state[key] = TraceWriter(
+                    os.path.join(scratch, f"{key}.h5"), ballast=False
+                )
+                if not reserve:
+                    w._reserver.fd = None  # type: ignore[attr-defined]
+            w.write_step(i, prepared[1], arena=prepared[0])  # type: ignore[union-attr]
+
+        return run
 
     def write_raw(i: int) -> None:
         fd = writer_state.get("fd")
@@ -148,7 +159,8 @@ def main() -> int:
     variants: dict[str, Callable[[int], None]] = {
         "copy, then stats": capture(False),
         "fused copy+stats": capture(True),
-        "write (graddiff)": write_graddiff,
+        "write (graddiff)": write_graddiff(True),
+        "write, no reserve": write_graddiff(False),
         "raw pwrite": write_raw,
         "torch.save": lambda i: save(i, True),
         "torch.save, no CRC": lambda i: save(i, False),
@@ -165,9 +177,10 @@ def main() -> int:
                     cpu.append(time.process_time() - c0)
                     wall.append(time.perf_counter() - w0)
                 res[name].append((statistics.median(cpu), statistics.median(wall)))
-            w = writer_state.pop("w", None)
-            if w is not None:
-                w.close()  # type: ignore[attr-defined]
+            for key in ("w0", "w1"):
+                w = writer_state.pop(key, None)
+                if w is not None:
+                    w.close()  # type: ignore[attr-defined]
             fd = writer_state.pop("fd", None)
             if fd is not None:
                 os.close(fd)  # type: ignore[arg-type]

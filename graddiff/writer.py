@@ -26,12 +26,13 @@ from typing import Any, Optional
 
 import h5py
 import numpy as np
-from h5py import h5s, h5t
+from h5py import h5d, h5p, h5s, h5t
 
 from ._version import __version__
 from ._warn import warn_user
 from .arena import ALIGN, Arena
 from .entries import EntryData
+from .falloc import Reserver
 from .filelock import WriterLock
 from .format import (
     ENTRY_DTYPE,
@@ -66,7 +67,24 @@ RECHECK_BYTES = 8 * 2**20
 _STEP_SLACK = TABLE_CHUNK_ROWS * (ENTRY_DTYPE.itemsize + STEP_DTYPE.itemsize) + 64 * 2**10
 #: Segments smaller than this are gathered into the staging buffer and written together.
 STAGE_BYTES = 256 * 2**10
+#: A step's values of at least this many bytes get their file range reserved before they are
+#: written (``graddiff.falloc``: about a third less CPU for the write, measured from 3.8 MB).
+RESERVE_BYTES = 64 * 2**10
 _U8 = h5t.NATIVE_UINT8
+
+
+def _values_dcpl() -> h5p.PropDCID:
+    """Creation properties of a step's values dataset: contiguous (HDF5's default), its space
+    allocated when it is created (so its file range is known before the write, to reserve it)
+    and never filled (every byte is written right after); no timestamps, as h5py's default."""
+    dcpl = h5p.create(h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
+    dcpl.set_obj_track_times(False)
+    return dcpl
+
+
+_VALUES_DCPL = _values_dcpl()
 
 
 #: Cached row layouts per (record, shape) at most (see ``TraceWriter._layout``).
@@ -263,6 +281,21 @@ class TraceWriter:
         self._append_entries = _Appender(self._entries, _ENTRY_MTYPE)
         self._append_step = _Appender(self._steps, _STEP_MTYPE)
         f.flush()
+        self._reserver = Reserver(self._vfd())
+
+    def _vfd(self) -> Optional[int]:
+        """HDF5's own descriptor of the file (its default ``sec2`` driver), if it is this
+        file's and file offsets are HDF5's addresses (no user block); else None."""
+        try:
+            if self._file.userblock_size:
+                return None
+            fd = self._file.id.get_vfd_handle()
+            if not isinstance(fd, int):
+                return None
+            a, b = os.fstat(fd), os.stat(self.path)
+            return fd if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) else None
+        except Exception:  # another driver, or no handle: no reservation
+            return None
 
     # -- one step -----------------------------------------------------------------------
     def write_step(
@@ -398,9 +431,16 @@ class TraceWriter:
     def _write_values(self, name: str, segments: list[tuple[int, np.ndarray]], total: int) -> None:
         """One contiguous dataset per step (the cheapest HDF5 layout, FIELD-NOTES 8), written
         in pieces of at most ``WRITE_BYTES`` straight from the values' memory; runs of small
-        segments are gathered into one reused staging buffer first."""
-        ds = self._values.create_dataset(name, (total,), dtype=np.uint8)
-        dsid = ds.id
+        segments are gathered into one reused staging buffer first. The dataset's space is
+        allocated at its creation and, from ``RESERVE_BYTES`` up, reserved in the file system
+        in one call before the writes (``graddiff.falloc``)."""
+        dsid = h5d.create(
+            self._values.id, name.encode(), _U8, h5s.create_simple((total,)), dcpl=_VALUES_DCPL
+        )
+        if total >= RESERVE_BYTES:
+            offset = dsid.get_offset()
+            if offset is not None:
+                self._reserver.reserve(offset, total)
         fspace = dsid.get_space()
         stage = self._stage
         staged_from = staged = 0

@@ -238,3 +238,82 @@ def test_an_alias_sharing_its_range_is_accepted(tmp_path):
     _edit_rows(path, alias)
     with graddiff.open(path) as run:
         np.testing.assert_array_equal(run.get("grad", "w", 0), run.get("param", "w", 0))
+
+
+# -- the values' file range reserved before the write (graddiff/falloc.py) -------------------
+def _big_steps(path, reserve: bool, steps: int = 3) -> tuple[TraceWriter, list[np.ndarray]]:
+    rng = np.random.default_rng(1)
+    w = TraceWriter(str(path), options={"values": "full"}, ballast=False)
+    if not reserve:
+        w._reserver.fd = None
+    arrays = []
+    for step in range(steps):
+        a = rng.standard_normal(40_003).astype(np.float32)  # 160 KB: above RESERVE_BYTES
+        b = rng.standard_normal(7).astype(np.float64)  # a small one in the same step
+        arrays.append((a, b))
+        w.write_step(
+            step, [entry_from_array("param", "a", a), entry_from_array("param", "b", b, seq=1)]
+        )
+    return w, arrays
+
+
+def test_reserved_values_read_back_and_the_file_is_the_same_size(tmp_path):
+    """Reserving each step's range changes no byte that readers see: the values read back
+    exactly, and the file has the size it has without reservation (KEEP_SIZE)."""
+    from graddiff import falloc
+
+    sizes = {}
+    for reserve in (True, False):
+        path = tmp_path / f"r{int(reserve)}.h5"
+        w, arrays = _big_steps(path, reserve)
+        reserved = w._reserver.reserved
+        w.close()
+        sizes[reserve] = path.stat().st_size
+        if reserve and falloc._FALLOCATE is not None and w._reserver.refused is None:
+            with h5py.File(path, "r") as f:  # every step's whole values dataset
+                assert reserved == sum(f["values"][k].shape[0] for k in f["values"]) > 0
+        with graddiff.open(path) as run:
+            for step, (a, b) in enumerate(arrays):
+                np.testing.assert_array_equal(run.get("param", "a", step), a)
+                np.testing.assert_array_equal(run.get("param", "b", step), b)
+    assert sizes[True] == sizes[False]
+
+
+def test_a_refused_reservation_switches_it_off_and_the_writes_go_on(tmp_path, monkeypatch):
+    from graddiff import falloc
+
+    calls = []
+
+    def refuse(fd, mode, offset, nbytes):
+        calls.append((mode, offset, nbytes))
+        return -1
+
+    monkeypatch.setattr(falloc, "_FALLOCATE", refuse)
+    w, arrays = _big_steps(tmp_path / "t.h5", reserve=True)
+    assert len(calls) == 1 and calls[0][0] == falloc.FALLOC_FL_KEEP_SIZE  # then off
+    assert w._reserver.refused is not None and w._reserver.reserved == 0
+    w.close()
+    with graddiff.open(tmp_path / "t.h5") as run:
+        for step, (a, _) in enumerate(arrays):
+            np.testing.assert_array_equal(run.get("param", "a", step), a)
+
+
+def test_the_reserved_range_is_the_values_dataset(tmp_path, monkeypatch):
+    """What is reserved is exactly each step's values dataset (its HDF5 file range)."""
+    from graddiff import falloc
+
+    seen = []
+    real = falloc._FALLOCATE
+    monkeypatch.setattr(
+        falloc,
+        "_FALLOCATE",
+        lambda fd, mode, off, n: seen.append((off, n)) or (real(fd, mode, off, n) if real else 0),
+    )
+    w, _ = _big_steps(tmp_path / "t.h5", reserve=True)
+    if w._reserver.fd is None and not seen:
+        w.close()
+        pytest.skip("no HDF5 file descriptor to reserve through on this platform")
+    w.close()
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        ranges = [(f["values"][k].id.get_offset(), f["values"][k].shape[0]) for k in f["values"]]
+    assert seen == ranges
