@@ -45,7 +45,9 @@ A trace is an HDF5 file in HDF5's default (oldest compatible) format, flushed af
                             lie between two (the recorder's per-step arena: slots 64-byte
                             aligned, written in capture order; values from elsewhere follow
                             back to back, as in older files). Readers refuse a row whose
-                            range overlaps another's or leaves the dataset.
+                            range overlaps another's or leaves the dataset. Since 2026-12-01
+                            created with early allocation and no fill (HDF5 properties only:
+                            the same contiguous dataset to readers).
     /steps                  1-D table, one row per COMPLETE step: step index, its entries rows
                             [start, stop), whether full values were stored, wall time. Written
                             last and flushed: this is the commit marker. Readers ignore any
