@@ -10,6 +10,10 @@ to this repository)::
     python benchmarks/bench_write_sizes.py --mb 72.8 --steps 10 --rounds 7
     python benchmarks/bench_write_sizes.py --mb 3 --steps 100 --rounds 7 --pieces-kib 256,1024,2048
     python benchmarks/bench_write_sizes.py --mb 72.8 --layouts
+    python benchmarks/bench_write_sizes.py --mb 72.8 --reserve --pieces-kib 1024,2048,4096,8192
+
+``--reserve`` creates each step's dataset as the writer does since 2026-12-01 (allocated at
+creation, its file range reserved with ``fallocate`` first: ``graddiff.falloc``).
 """
 
 from __future__ import annotations
@@ -23,19 +27,34 @@ import time
 
 import h5py
 import numpy as np
-from h5py import h5s
+from h5py import h5d, h5s
+
+from graddiff.falloc import Reserver
+from graddiff.writer import _U8, _VALUES_DCPL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _pieces(path: str, bufs: list, n: int, steps: int, piece: int) -> float:
+def _pieces(path: str, bufs: list, n: int, steps: int, piece: int, reserve: bool = False) -> float:
     f = h5py.File(path, "w", locking=False)
+    reserver = Reserver(f.id.get_vfd_handle()) if reserve else None
     c0 = time.thread_time()
     for i in range(steps):
         b = bufs[i % len(bufs)]
-        ds = f.create_dataset(f"{i:08d}", (n,), dtype=np.uint8)
-        for k in range(0, n, piece):
-            ds.write_direct(b, np.s_[k : k + piece], np.s_[k : k + piece])
+        if reserver is None:
+            ds = f.create_dataset(f"{i:08d}", (n,), dtype=np.uint8)
+            for k in range(0, n, piece):
+                ds.write_direct(b, np.s_[k : k + piece], np.s_[k : k + piece])
+        else:  # as graddiff.writer does it
+            dsid = h5d.create(
+                f.id, f"{i:08d}".encode(), _U8, h5s.create_simple((n,)), dcpl=_VALUES_DCPL
+            )
+            reserver.reserve(dsid.get_offset(), n)
+            fspace = dsid.get_space()
+            for k in range(0, n, piece):
+                m = min(piece, n - k)
+                fspace.select_hyperslab((k,), (m,))
+                dsid.write(h5s.create_simple((m,)), fspace, b[k : k + m], _U8)
         f.flush()
     out = (time.thread_time() - c0) / steps
     f.close()
@@ -77,14 +96,21 @@ def main() -> None:
     p.add_argument(
         "--layouts", action="store_true", help="also one chunked dataset and raw os.pwrite"
     )
+    p.add_argument(
+        "--reserve", action="store_true", help="also every size with the file range reserved"
+    )
     args = p.parse_args()
     n = int(args.mb * 1e6)
     bufs = [np.full(n, i, dtype=np.uint8) for i in range(3)]
-    variants: dict[str, object] = {
-        f"pieces of {k} KiB": (lambda path, k=k: _pieces(path, bufs, n, args.steps, k << 10))
-        for k in (int(x) for x in args.pieces_kib.split(","))
-    }
-    variants["one write per step"] = lambda path: _pieces(path, bufs, n, args.steps, n)
+    sizes = [int(x) << 10 for x in args.pieces_kib.split(",")] + [n]
+    variants: dict[str, object] = {}
+    for reserve in (False, True) if args.reserve else (False,):
+        for size in sizes:
+            label = "one write per step" if size == n else f"pieces of {size >> 10} KiB"
+            label += ", reserved" if reserve else ""
+            variants[label] = lambda path, s=size, r=reserve: _pieces(
+                path, bufs, n, args.steps, s, r
+            )
     if args.layouts:
         variants["one chunked dataset, 1 MiB chunks"] = lambda path: _chunked(
             path, bufs, n, args.steps

@@ -55,6 +55,8 @@ BALLAST_BYTES = 4 * 2**20
 #: Measured (docs/performance.md, "Full mode"): writing 72.8 MB per step into a growing file
 #: cost 16.8 ms of CPU in 2 MiB pieces and 15.9 in 4 MiB (stable over rounds), 19.3 in 1 MiB,
 #: 29 in 256 KiB (per-call overhead), and 46 ms (18-54 over rounds) as one write per step.
+#: With the range reserved first (2026-12-01): 10.8 ms in 2 MiB pieces, 10.9 in 4 or 8 MiB
+#: (with rounds 4-7x slower), 11.6 in 1 MiB.
 WRITE_BYTES = 2 * 2**20
 #: Free space and the file-size limit are checked again before a step once the bytes written
 #: since the last check could exceed what that check left spare, and at least every this

@@ -4,8 +4,10 @@ Data flow: hooks --tensor--> snapshot --EntryData / PendingEntry--> recorder -->
 The fingerprint here must equal ``graddiff.format.fingerprint_bytes`` of the same bytes, bit for
 bit: the reader recomputes it to verify stored values, and the differ trusts it for equality.
 
-CPU tensors that keep full values are copied on the hot path (one memcpy) and summarised on the
-writer thread; stats-only CPU tensors are summarised in place (no copy). On CPU the summary is
+CPU tensors that keep full values are copied into the step's arena on the hot path, by the
+fused kernel that summarises them in the same pass (``copy_and_stats``); those it does not read
+(views, other dtypes, no numba) are copied by torch and summarised on the writer thread.
+Stats-only CPU tensors are summarised in place (no copy). On CPU the summary is
 one fused pass (``hooks/fused.py``, numba) for the dtypes in ``_FUSED_DTYPES``; every other
 dtype, and every tensor when numba is absent, takes the pure-torch reference path
 (``stats_on_cpu_reference``), which gives the same fingerprint bit for bit. CUDA tensors are
