@@ -166,3 +166,31 @@ def test_file_size_limit_hit_by_hdf5_needs_padding(tmp_path):
     assert os.path.getsize(path) < claimed
     os.truncate(path, claimed)
     _check_trace(path, r"File too large \(errno 27\)")
+
+
+def test_space_is_checked_again_only_when_the_spare_bytes_may_run_out(tmp_path, monkeypatch):
+    """Free space and ``ulimit -f`` are not checked before every step (two system calls that
+    release the GIL), only when the bytes written since the last check could exceed what it
+    left spare: small steps share one check, and a step larger than the spare gets its own."""
+    import numpy as np
+
+    from graddiff.entries import entry_from_array
+    from graddiff.writer import RECHECK_BYTES, TraceWriter
+
+    calls: list[int] = []
+    check = TraceWriter._check_space
+    monkeypatch.setattr(
+        TraceWriter, "_check_space", lambda self, v: calls.append(v) or check(self, v)
+    )
+    w = TraceWriter(str(tmp_path / "t.h5"), ballast=False)
+    small = [entry_from_array("param", "w", np.arange(16, dtype=np.float32), store_values=False)]
+    for step in range(100):
+        w.write_step(step, small)
+    assert calls[0] == 0 and 1 < len(calls) < 10, calls  # the first step, then now and then
+    big = np.ones(RECHECK_BYTES // 4 + 1, dtype=np.float32)  # more than any check leaves
+    calls.clear()
+    w.write_step(100, [entry_from_array("param", "w", big)])
+    assert calls == [big.nbytes]
+    w.close()
+    with graddiff.open(str(tmp_path / "t.h5")) as run:
+        assert [int(s) for s in run.steps] == list(range(101))
