@@ -148,3 +148,43 @@ def test_bf16_parameters_vs_float32_stay_within_precision(runs, model, opt):
     flips sign where rounding flips a near-zero gradient): within the update's allowance."""
     r = graddiff.compare(runs(model, opt, "float32"), runs(model, opt, "params"))
     assert r.verdict != "diverged" and r.exit_code == 0, r.headline()
+
+
+def _amp(path, *, fp16: bool, lr_factor: float = 1.0) -> str:
+    """A BatchNorm MLP under AdamW: float32, or float16 autocast with a GradScaler."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32), nn.BatchNorm1d(32),
+        nn.ReLU(), nn.Linear(32, 4),
+    )  # fmt: skip
+    o = torch.optim.AdamW(net.parameters(), lr=1e-3 * lr_factor)
+    scaler = torch.amp.GradScaler("cpu", enabled=fp16)
+    g = torch.Generator().manual_seed(0)
+    with graddiff.trace(net, path, values="full"):
+        for _ in range(4):
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+            o.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+                loss = F.cross_entropy(net(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(o)
+            scaler.update()
+    return str(path)
+
+
+def test_float16_with_a_grad_scaler_vs_float32_is_the_same_training(tmp_path):
+    """The AMP recipe: B's loss and output gradients are 2^16 x A's within float16 precision
+    (not exactly: B also rounds in float16), everything else within it: loss_scaling, exit 0.
+    The oracle: the recorded losses' ratio, read back here, is 2^16 to float16 precision."""
+    a, b = _amp(tmp_path / "a.h5", fp16=False), _amp(tmp_path / "b.h5", fp16=True)
+    r = graddiff.compare(a, b)
+    assert r.verdict == "within_tolerance" and r.exit_code == 0, r.headline()
+    assert r.loss_scale == {"run": "B", "log2": [16], "within": "float16"}
+    assert "the loss within float16 precision" in r.headline()
+    assert r.cause.cause == "loss_scaling", r.diagnosis[:1]
+    with graddiff.open(a) as ra, graddiff.open(b) as rb:
+        la, lb = float(ra.get("loss", "loss", 0)), float(rb.get("loss", "loss", 0))
+    assert lb != la * 2.0**16 and lb == pytest.approx(la * 2.0**16, rel=2.0**-10)
+    bug = _amp(tmp_path / "bug.h5", fp16=True, lr_factor=2.0)  # the same, twice the lr
+    r = graddiff.compare(a, bug)
+    assert r.verdict == "diverged" and r.exit_code == 1, r.headline()  # not the same training

@@ -231,7 +231,8 @@ def _up_to_loss_scale(report: Report, ra, rb, rtol, exact, window, kinds_t, kind
     steps = np.intersect1d(ra.steps, rb.steps)
     if window is not None:
         steps = steps_within(steps, window)
-    found = loss_scale(ra, rb, steps)
+    within = _scale_tolerance(ra, rb, kinds_t, rtol, exact)
+    found = loss_scale(ra, rb, steps, within)
     if found is None:
         return report
     others = tuple(k for k in kinds_t if k not in SCALED_KINDS)
@@ -246,7 +247,10 @@ def _up_to_loss_scale(report: Report, ra, rb, rtol, exact, window, kinds_t, kind
     run, powers = found
     scale = describe_powers(powers)
     n_go = sum(1 for k in ra.keys if k.kind == "grad_output")
+    low = precision_of(ra, rb).dtype if within is not None else None
     rest.loss_scale = {"run": run, "log2": sorted(set(powers.values()))}
+    if low:
+        rest.loss_scale["within"] = low
     rest.compared_kinds = [k for k in ALL_KINDS if k in rest.compared_kinds or k in SCALED_KINDS]
     rest.kinds = list(kinds_t)
     rest.diagnosis.insert(
@@ -256,10 +260,15 @@ def _up_to_loss_scale(report: Report, ra, rb, rtol, exact, window, kinds_t, kind
             f"{run} scales its loss by {scale} (a GradScaler) and unscales its gradients before "
             "the update: the same training",
             [
-                f"every loss of {run} is exactly {scale} x the other run's at each of the "
-                f"{len(steps)} compared steps",
+                f"every loss of {run} is "
+                + (
+                    f"{scale} x the other run's within {low} precision"
+                    if low
+                    else f"exactly {scale} x the other run's"
+                )
+                + f" at each of the {len(steps)} compared steps",
                 f"the norms of the {n_go} output gradient record(s) are scaled by the same "
-                "factor at every step",
+                "factor at every step" + (f" (within {low} precision)" if low else ""),
                 "everything else compared agrees as the headline says, gradients included: "
                 "they are unscaled before the optimizer uses them",
             ],
@@ -268,6 +277,27 @@ def _up_to_loss_scale(report: Report, ra, rb, rtol, exact, window, kinds_t, kind
         ),
     )
     return rest
+
+
+def _scale_tolerance(ra: Run, rb: Run, kinds_t, rtol: float, exact: bool):
+    """For a reduced-precision pair (not --exact): (step, kind, name, call) -> the record's
+    precision tolerance at that step, as the walk judges it; None otherwise (exact multiples)."""
+    prec = precision_of(ra, rb)
+    if exact or not prec.reduced:
+        return None
+    al = align(ra, rb, kinds_t)
+    pair = RunPair(ra, rb, al, np.intersect1d(ra.steps, rb.steps))
+    pair.tol = slot_tolerance(al, rtol, prec)
+    pair.rounding = slot_rounding(al, prec)
+    pair.first_step = int(ra.steps[0]) if len(ra.steps) else pair.first_step
+    pair.close()
+
+    def tol(key: tuple) -> float:
+        step, kind, name, call = key
+        slot = pair.slot(kind, name, call)
+        return float(rtol) if slot is None else pair.tolerance(slot.index, step)
+
+    return tol
 
 
 def _compare_mapped(

@@ -6,13 +6,15 @@ underflow), and every backward op is linear in the gradient flowing into it. Whe
 unscales the gradients before the update, everything the update uses (``.grad``, parameters,
 buffers) and the forward pass agree. Input: two runs and their compared steps; output: the
 power of two per step, or None when the losses are not exactly such multiples or an output
-gradient's norm is not scaled by the same factor. api.py then judges the loss and output
+gradient's norm is not scaled by the same factor. When the pair computes in reduced
+precision (float16 autocast with a GradScaler vs float32), the scaled run also rounds
+differently: the multiples then hold within each record's precision tolerance. api.py then judges the loss and output
 gradients up to that factor and every other kind as usual.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -41,10 +43,14 @@ def _by_key(run: Run, steps: np.ndarray) -> dict[tuple[int, str, str, int], np.v
     return out
 
 
-def loss_scale(a: Run, b: Run, steps: np.ndarray) -> Optional[tuple[str, dict[int, int]]]:
+def loss_scale(
+    a: Run, b: Run, steps: np.ndarray, tol: Optional[Callable[[tuple], float]] = None
+) -> Optional[tuple[str, dict[int, int]]]:
     """("A" or "B", {step: n}) when at every compared step every loss of that run is exactly
     2^n times the other's (one n per step, n >= 1) and every output gradient's norm is 2^n times
-    the other's; else None."""
+    the other's; else None. ``tol``: for a pair that computes in reduced precision, (step,
+    kind, name, call) -> the record's precision tolerance: the scaled run also rounds
+    differently (float16 autocast with a GradScaler vs float32), so 2^n holds within it."""
     if not len(steps):
         return None
     ea, eb = _by_key(a, steps), _by_key(b, steps)
@@ -60,7 +66,7 @@ def loss_scale(a: Run, b: Run, steps: np.ndarray) -> Optional[tuple[str, dict[in
         if int(x["numel"]) != 1 or not (np.isfinite(va) and np.isfinite(vb)) or va == 0 or vb == 0:
             return None
         n = int(round(float(np.log2(abs(vb / va)))))
-        if n == 0 or vb != va * 2.0**n:
+        if n == 0 or not _scaled(va, vb, n, 0.0 if tol is None else tol(key)):
             return None
         if powers.setdefault(step, n) != n:
             return None
@@ -76,12 +82,20 @@ def loss_scale(a: Run, b: Run, steps: np.ndarray) -> Optional[tuple[str, dict[in
         y = eb[key]
         if int(x["nan"]) or int(x["inf"]) or int(y["nan"]) or int(y["inf"]):
             return None
-        want = float(x["norm"]) * 2.0 ** powers[step]
-        if abs(float(y["norm"]) - want) > _NORM_RTOL * max(abs(want), 1e-300):
+        limit = _NORM_RTOL if tol is None else max(_NORM_RTOL, tol(key))
+        if not _scaled(float(x["norm"]), float(y["norm"]), powers[step], limit):
             return None
     if signs == {True}:
         return "B", powers
     return "A", {s: -n for s, n in powers.items()}
+
+
+def _scaled(va: float, vb: float, n: int, tol: float) -> bool:
+    """``vb`` is ``va x 2^n``: exactly (tol 0), or within ``tol`` relative to the larger."""
+    want = va * 2.0**n
+    if not tol:
+        return vb == want
+    return abs(vb - want) <= tol * max(abs(want), abs(vb), 1e-300)
 
 
 def describe_powers(powers: dict[int, int]) -> str:

@@ -172,8 +172,13 @@ class Report:
             scale = f"2^{p[0]}" if len(p) == 1 else f"2^{p[0]} to 2^{p[-1]}"
             run = self.loss_scale["run"]
             kinds += (
-                f" (loss, grad_output: {run}'s are {scale} x the other's, the loss exactly, "
-                "output gradients by norm)"
+                f" (loss, grad_output: {run}'s are {scale} x the other's, the loss "
+                + (
+                    f"within {self.loss_scale['within']} precision"
+                    if self.loss_scale.get("within")
+                    else "exactly"
+                )
+                + ", output gradients by norm)"
             )
         return f"{n} step{'s' if n != 1 else ''}{span} of {kinds}" + (
             " (--kinds)" if self.kinds_filtered else ""
