@@ -36,6 +36,7 @@ from .rules_forward import (
 )
 from .rules_gradterm import rule_l2_in_gradients
 from .rules_graph import rule_extra_grad_path, rule_tied_weights
+from .rules_lossfn import rule_loss_function
 from .rules_micro import rule_accumulation_steps
 from .rules_nonfinite import rule_nonfinite
 from .rules_path import rule_grad_path, rule_zero_vs_none
@@ -153,9 +154,56 @@ SUPPRESSED_BY: dict[Callable[[Context], Any], frozenset] = {
 #: Generic rules: used only when no specific rule matched and rounding does not explain it.
 LATE_RULES: tuple[Callable[[Context], Any], ...] = (
     rule_update_rule,
+    rule_loss_function,
     rule_module_output,
     rule_generic,
 )
+
+
+#: Causes about the update (value fits and recorded settings) that an origin below the
+#: tolerance can name for a divergence found later in the data flow.
+ORIGIN_UPDATE_CAUSES = frozenset(
+    {
+        "learning_rate",
+        "weight_decay",
+        "optimizer_state",
+        "optimizer_class",
+        "optimizer_settings",
+    }
+)
+
+
+def _origin_update(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> list[Cause]:
+    """The update causes of a divergence that shows first in a later kind of record.
+
+    A small change to the update (a weight decay of 1e-4, a slightly different rate) moves the
+    parameters by less than the tolerance, and the first record beyond it is a gradient or an
+    activation of the same or a later step, computed from those parameters. The first bitwise
+    difference is then a parameter, not at rounding level: the update that made it is the
+    origin, and the update rules read it there. Empty when the origin is not such a parameter
+    or the update rules name nothing there.
+    """
+    hit, o = walk.first, walk.first_bitwise
+    if hit is None or o is None or o.step > hit.step:
+        return []
+    so, sh = pair.al.slots[o.slot], pair.al.slots[hit.slot]
+    if so.kind != "param" or sh.kind == "param" or o.status not in ("values", "stats"):
+        return []
+    dtype = (o.facts.get("a") or o.facts.get("b") or {}).get("dtype", "")
+    if rounding_level(o.rel, dtype):
+        return []
+    xo = Context(pair, walk, o, rtol, env_rows)
+    causes = apply_settings(xo, list(rule_update_specific(xo)))
+    if not causes or causes[0].cause not in ORIGIN_UPDATE_CAUSES:
+        return []
+    x = Context(pair, walk, hit, rtol, env_rows)
+    causes[0].evidence.insert(
+        1,
+        f"this update's difference is below the tolerance ({xo.label(so)}: {xo.hit_text()} at "
+        f"step {o.step}, the first bitwise difference) and grows to {x.hit_text()} in "
+        f"{x.label(sh)} at step {hit.step}, computed from these parameters",
+    )
+    return causes
 
 
 def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> list[Cause]:
@@ -167,6 +215,9 @@ def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> li
     hit = walk.first or walk.first_bitwise
     if hit is None:
         return []
+    origin = _origin_update(pair, walk, rtol, env_rows)
+    if origin:
+        return origin
     x = Context(pair, walk, hit, rtol, env_rows)
     dtype = (hit.facts.get("a") or hit.facts.get("b") or {}).get("dtype", "")
     tiny = hit.status in ("values", "stats") and rounding_level(hit.rel, dtype)

@@ -129,11 +129,13 @@ def _step_list(steps: list[int]) -> str:
 
 def _elsewhere(x: Context, rows_a: list[bytes], rows_b: list[bytes]):
     """(samples of one run's batch found in the other run at other steps, those steps, steps
-    searched, the run searched): A's batch in B's steps and B's batch in A's, the larger count;
-    None when no other step has values to search."""
+    searched, the run searched, samples of a batch found nowhere): A's batch in B's steps and
+    B's batch in A's, the larger count found; the samples not found are counted over both
+    directions (a sample one run has and the other never shows is no reordering). None when
+    no other step has values to search."""
     near = x.pair.steps[x.pair.steps != x.step]
     near = near[np.argsort(np.abs(near - x.step), kind="stable")][:ORDER_SEARCH_STEPS]
-    best, searched = None, 0
+    best, searched, nowhere = None, 0, 0
     for mine, side in ((set(rows_a) - set(rows_b), "b"), (set(rows_b) - set(rows_a), "a")):
         # side: the run searched for the other run's samples
         found: set = set()
@@ -149,9 +151,19 @@ def _elsewhere(x: Context, rows_a: list[bytes], rows_b: list[bytes]):
                 steps.append(int(t))
             found |= hit
         searched = max(searched, n)
+        if n:
+            nowhere = max(nowhere, len(mine - found))
         if n and (best is None or len(found) > best[0]):
             best = (len(found), steps, side)
-    return None if best is None else (best[0], best[1], searched, best[2])
+    return None if best is None else (best[0], best[1], searched, best[2], nowhere)
+
+
+def _in_place(rows_a: list[bytes], rows_b: list[bytes]) -> int:
+    """How many of the samples both batches hold sit at the same position in each (0 when
+    any shared sample moved): the batch was drawn in the same order."""
+    shared = set(rows_a) & set(rows_b)
+    same = sum(1 for ra, rb in zip(rows_a, rows_b) if ra == rb)
+    return same if shared and same == len(shared) else 0
 
 
 def rule_inputs(x: Context) -> Optional[Cause]:
@@ -173,30 +185,66 @@ def rule_inputs(x: Context) -> Optional[Cause]:
             ev.append(f"{shared} of {len(a)} samples of the batch occur in both runs")
             title = "different inputs: different samples (data order) or augmentation"
             moved = _elsewhere(x, rows_a, rows_b)
+            same_place = _in_place(rows_a, rows_b)
             if moved is not None:
-                found, steps, searched, side = moved
+                found, steps, searched, side, nowhere = moved
+                mine = "A" if side == "b" else "B"
                 if found:
-                    title = "different data order: the same samples at other steps"
-                    mine = "A" if side == "b" else "B"
                     ev.append(
                         f"{found} of the {len(a)} samples of {mine}'s batch at step {x.step} "
-                        f"occur in {side.upper()} at other steps ({_step_list(steps)}): one "
-                        "dataset, drawn in a different order (sampler, shuffle seed)"
+                        f"occur in {side.upper()} at other steps ({_step_list(steps)})"
                     )
-                else:
+                if found and not nowhere:
+                    title = "different data order: the same samples at other steps"
+                    ev[-1] += ": one dataset, drawn in a different order (sampler, shuffle seed)"
+                elif nowhere and same_place:
+                    title = (
+                        "different inputs: augmentation or data (the same order, some samples "
+                        "changed in place)"
+                    )
+                    ev.append(
+                        f"the {same_place} shared sample(s) sit at the same positions in both "
+                        f"batches (the same draw order), and {nowhere} sample(s) of a batch "
+                        f"occur nowhere in the other run's {searched} recorded steps searched: "
+                        "random transforms drawn differently (augmentation RNG), or different "
+                        "preprocessing or data"
+                    )
+                elif not found:
                     title = "different inputs: not the same samples (augmentation or data)"
                     ev.append(
                         f"none of the batch's samples occurs in the other run at any of the "
                         f"{searched} recorded steps searched: different data, preprocessing "
                         "or augmentation (or an order the recorded steps do not reach)"
                     )
-    return Cause(
-        "different_inputs",
-        title,
-        ev,
+                else:
+                    ev.append(
+                        f"{nowhere} sample(s) of a batch occur nowhere in the other run's "
+                        f"{searched} recorded steps searched: not only the order differs "
+                        "(augmentation or data), or the order reaches beyond the recorded steps"
+                    )
+    fix = (
         "seed the data pipeline identically: DataLoader(generator=torch.Generator().manual_seed(0)), "
-        "the same sampler, augmentation seeded the same way",
+        "the same sampler, augmentation seeded the same way"
     )
+    same = [sl for sl, code in x.slots_of(x.step, ("input",)) if code == EQUAL and sl != x.slot]
+    if same:
+        labels = ", ".join(x.label(sl) for sl in same[:4]) + (
+            f" and {len(same) - 4} more" if len(same) > 4 else ""
+        )
+        title = (
+            f"different inputs: {x.label(x.slot)} differs while the model's other inputs at this "
+            "step agree (an input computed upstream, e.g. another model's output)"
+        )
+        ev.append(
+            f"{labels} agree at step {x.step}: the data those calls read is the same, so "
+            f"{x.label(x.slot)} comes from elsewhere: another model's output (a GAN "
+            "generator's), or a view transformed separately"
+        )
+        fix = (
+            "compare the traces of the model that computes this input (graddiff record writes "
+            "one per model); seed a separately transformed view the same way in both runs"
+        )
+    return Cause("different_inputs", title, ev, fix)
 
 
 def rule_mode(x: Context) -> Optional[Cause]:

@@ -27,15 +27,37 @@ def _first_value(x: Context, side: str, kind: str, name: str) -> Optional[np.nda
     return None if slot is None else x.v(side, slot, int(x.pair.steps[0]))
 
 
+def _recorded_tie(x: Context) -> Optional[tuple[str, str, str]]:
+    """(alias, run lacking it, run having it) for a parameter missing in one run at the hit's
+    step that this run's trace records as tied to another parameter: the divergence found
+    first (the shared tensor's value, which keeps the last initialisation written to it) is
+    the tie's consequence."""
+    for slot, code in x.slots_of(x.step, ("param",)):
+        if code not in (MISSING_A, MISSING_B):
+            continue
+        lacks, has = ("a", "b") if code == MISSING_A else ("b", "a")
+        if slot.name in (x.pair.run(lacks).tied_parameters or {}):
+            return slot.name, lacks, has
+    return None
+
+
 def rule_tied_weights(x: Context) -> Optional[Cause]:
     """A parameter one run records and the other does not, because there it is the same tensor
     as another parameter (tied weights). Evidence: the aliasing recorded at trace time, the
-    initial values, and the shared tensor's gradient = the sum of the two separate gradients."""
+    initial values, and the shared tensor's gradient = the sum of the two separate gradients.
+    The first divergence may be the shared tensor itself (its value is the alias's
+    initialisation): the recorded aliasing of a parameter missing at that step decides."""
     s = x.slot
-    if s.kind not in ("param", *_GRADS) or x.hit.code not in (MISSING_A, MISSING_B):
-        return None
-    lacks, has = ("a", "b") if x.hit.code == MISSING_A else ("b", "a")
-    alias = s.name
+    first: list[str] = []
+    if s.kind in ("param", *_GRADS) and x.hit.code in (MISSING_A, MISSING_B):
+        lacks, has = ("a", "b") if x.hit.code == MISSING_A else ("b", "a")
+        alias = s.name
+    else:
+        found = _recorded_tie(x) if s.kind in ("param", *_GRADS) else None
+        if found is None:
+            return None
+        alias, lacks, has = found
+        first.append(f"first divergence: {x.label(s)} at step {x.step} ({x.hit_text()})")
     tied = x.pair.run(lacks).tied_parameters
     target = (tied or {}).get(alias)
     recorded = target is not None
@@ -61,6 +83,18 @@ def rule_tied_weights(x: Context) -> Optional[Cause]:
             + ("bitwise equal to" if r == 0 else f"at rel {fmt(r)} from")
             + f" its {target_c} (step {int(x.pair.steps[0])})"
         )
+    shared = _first_value(x, lacks, "param", target)
+    if (
+        pa is not None
+        and shared is not None
+        and pa.shape == shared.shape
+        and np.array_equal(pa, shared)
+        and not (pt is not None and np.array_equal(pa, pt))
+    ):
+        ev.append(
+            f"{L}'s shared {target_c} starts bitwise equal to {H}'s {alias_c}: the tied "
+            "tensor keeps the initialisation written last (through the alias)"
+        )
     sums = _grad_sum(x, has, lacks, alias, target)
     if sums is not None:
         r, plain = sums
@@ -74,7 +108,7 @@ def rule_tied_weights(x: Context) -> Optional[Cause]:
     return Cause(
         "tied_weights",
         f"tied vs untied weights: {alias_c} shares {target_c} in {L}, has its own copy in {H}",
-        ev,
+        first + ev,
         f"tie the weights in both runs (model.{alias.rsplit('.', 1)[0]}.weight = "
         f"model.{target.rsplit('.', 1)[0]}.weight after building the model, or the library's "
         "tie_word_embeddings / tie_weights()), or untie them in both",

@@ -1,0 +1,222 @@
+"""Pairs of runs shaped after third-party training code (pytorch/examples' imagenet,
+word_language_model, dcgan; docs/diagnoses.md, "Checked on third-party code"), shrunk to a
+tiny model and a few steps, each with one realistic change. The oracle is the test: it knows
+the change, the step where it first acts, and the cause the differ must name.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graddiff
+
+
+def _first(report):
+    return report.first or report.first_bitwise
+
+
+def _causes(report) -> list[str]:
+    return [c.cause for c in report.diagnosis]
+
+
+# -- a small weight decay: the parameters part below the tolerance, a later record diverges --
+
+
+def _near_fit_run(path, wd: float) -> None:
+    """SGD on targets the initial model almost fits: the gradient is the small residual, so a
+    parameter change far below the tolerance (lr x wd = 1e-5) moves it by more than 1e-3."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        y = net(x) + 1e-3 * torch.randn(32, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=wd)
+    with graddiff.trace(net, path, values="full"):
+        for _ in range(3):
+            opt.zero_grad()
+            F.mse_loss(net(x), y).backward()
+            opt.step()
+
+
+def test_small_weight_decay_named_when_a_later_record_diverges_first(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _near_fit_run(a, 0.0)
+    _near_fit_run(b, 1e-4)
+    r = graddiff.compare(a, b)
+    assert r.diverged and r.first.step == 1
+    assert r.first.kind != "param"  # the parameters differ by 1e-5 only: below the tolerance
+    assert r.first_bitwise.kind == "param" and r.first_bitwise.step == 1
+    assert r.diagnosis[0].cause == "weight_decay", _causes(r)
+    text = " ".join(r.diagnosis[0].evidence)
+    assert "below the tolerance" in text and "update of step 0" in text
+
+
+# -- tied vs untied embeddings (word_language_model --tied) -----------------------------------
+
+
+class _TinyLM(nn.Module):
+    """word_language_model's RNNModel, shrunk: the tie and its initialisation order."""
+
+    def __init__(self, tie: bool, ntoken: int = 30, nhid: int = 8) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(ntoken, nhid)
+        self.rnn = nn.LSTM(nhid, nhid)
+        self.decoder = nn.Linear(nhid, ntoken)
+        if tie:
+            self.decoder.weight = self.encoder.weight
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.encoder(tokens))
+        return F.log_softmax(self.decoder(out), dim=-1)
+
+
+def _lm_run(path, tie: bool) -> None:
+    torch.manual_seed(0)
+    model = _TinyLM(tie)
+    data = torch.randint(0, 30, (6, 2), generator=torch.Generator().manual_seed(1))
+    with graddiff.trace(model, path, values="full"):
+        for _ in range(2):
+            model.zero_grad()
+            out = model(data[:-1])
+            F.nll_loss(out.reshape(-1, 30), data[1:].reshape(-1)).backward()
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-1.0)
+
+
+def test_tied_weights_named_when_the_shared_tensor_diverges_first(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _lm_run(a, tie=False)
+    _lm_run(b, tie=True)
+    r = graddiff.compare(a, b)
+    # the tied tensor holds the decoder's initialisation: encoder.weight differs at step 0
+    assert r.first.step == 0 and (r.first.kind, r.first.name) == ("param", "encoder.weight")
+    c = r.diagnosis[0]
+    assert c.cause == "tied_weights", _causes(r)
+    assert "decoder.weight" in c.title and "in B" in c.title
+    assert any("keeps the initialisation written last" in e for e in c.evidence)
+
+
+# -- label smoothing (imagenet/main.py's CrossEntropyLoss) ---------------------------------------
+
+
+def _cls_run(path, smoothing: float, weight=None) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
+    crit = nn.CrossEntropyLoss(label_smoothing=smoothing, weight=weight)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with graddiff.trace(net, path, values="full"):
+        for _ in range(2):
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
+            opt.zero_grad()
+            crit(net(x), y).backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("change", ["smoothing", "class_weight"])
+def test_loss_function_named_from_the_output_gradient(tmp_path, change):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _cls_run(a, 0.0)
+    if change == "smoothing":
+        _cls_run(b, 0.1)
+    else:
+        _cls_run(b, 0.0, weight=torch.tensor([1.0, 1.0, 1.0, 1.0, 1.01]))
+    r = graddiff.compare(a, b)
+    f = _first(r)
+    assert f.step == 0 and f.kind == "grad_output" and f.name == "2", (f.kind, f.name)
+    assert r.diagnosis[0].cause == "loss_function", _causes(r)
+    assert "2 (Linear)" in r.diagnosis[0].title
+
+
+# -- data order vs augmentation (imagenet/main.py's DataLoader and transforms) -------------------
+
+
+class _Images(torch.utils.data.Dataset):
+    """Eight fixed images; ``flip``: a RandomHorizontalFlip drawn from torch's global RNG."""
+
+    def __init__(self, flip: bool) -> None:
+        self.x = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i):
+        img = self.x[i]
+        if self.flip and torch.rand(()) < 0.5:
+            img = img.flip(-1)
+        return img, i % 3
+
+
+def _data_run(path, *, flip: bool = False, shuffle_seed: int = 0) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(
+        _Images(flip),
+        batch_size=4,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(shuffle_seed),
+    )
+    with graddiff.trace(net, path, values="full"):
+        for _ in range(2):  # two epochs: every sample recurs once
+            for x, y in loader:
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+
+
+def test_augmentation_is_not_called_data_order(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _data_run(a)
+    _data_run(b, flip=True)
+    r = graddiff.compare(a, b)
+    f = _first(r)
+    assert f.kind == "input" and r.diagnosis[0].cause == "different_inputs"
+    title = r.diagnosis[0].title
+    assert "augmentation" in title and "data order" not in title, title
+
+
+def test_shuffle_seed_is_data_order(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _data_run(a)
+    _data_run(b, shuffle_seed=7)
+    r = graddiff.compare(a, b)
+    assert r.first.kind == "input" and r.first.step == 0
+    assert r.diagnosis[0].cause == "different_inputs"
+    assert "data order" in r.diagnosis[0].title, r.diagnosis[0].title
+
+
+def _gan_like_run(path, g_seed: int) -> None:
+    """A discriminator fed real data (call 0) and a generator's output (call 1); only the
+    discriminator is traced, and the generator differs between the runs."""
+    torch.manual_seed(g_seed)
+    gen = nn.Linear(4, 6)
+    torch.manual_seed(0)
+    disc = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(disc.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with graddiff.trace(disc, path, values="full"):
+        for _ in range(2):
+            real, z = torch.randn(4, 6, generator=g), torch.randn(4, 4, generator=g)
+            opt.zero_grad()
+            loss = disc(real).mean() - disc(gen(z).detach()).mean()
+            loss.backward()
+            opt.step()
+
+
+def test_input_from_another_model_is_named_upstream(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _gan_like_run(a, 1)
+    _gan_like_run(b, 2)
+    r = graddiff.compare(a, b)
+    assert r.first.kind == "input" and r.first.step == 0 and r.first.call == 1
+    c = r.diagnosis[0]
+    assert c.cause == "different_inputs"
+    assert "other inputs at this step agree" in c.title, c.title
