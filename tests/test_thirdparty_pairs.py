@@ -220,3 +220,32 @@ def test_input_from_another_model_is_named_upstream(tmp_path):
     c = r.diagnosis[0]
     assert c.cause == "different_inputs"
     assert "other inputs at this step agree" in c.title, c.title
+
+
+# -- clipping in a loop that updates by hand (word_language_model's train()) ---------------------
+
+
+def _manual_clip_run(path, clip) -> None:
+    torch.manual_seed(0)
+    model = _TinyLM(tie=False)
+    data = torch.randint(0, 30, (21, 2), generator=torch.Generator().manual_seed(1))
+    with graddiff.trace(model, path, values="full"):
+        for i in range(0, 20, 5):
+            model.zero_grad()
+            out = model(data[i : i + 5])
+            F.nll_loss(out.reshape(-1, 30), data[i + 1 : i + 6].reshape(-1)).backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-2.0)
+
+
+def test_clipping_after_the_recorded_gradients_is_not_a_schedule(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _manual_clip_run(a, 0.05)
+    _manual_clip_run(b, None)
+    r = graddiff.compare(a, b)
+    assert r.first.kind == "param" and r.first.step == 1
+    c = r.diagnosis[0]
+    assert c.cause == "grad_clipping", _causes(r)
+    assert "in A" in c.title and "max_norm 0.05" in c.title, c.title

@@ -13,6 +13,7 @@ from .compare_records import EQUAL
 from .context import Cause, Context, fmt
 from .noise import ROUNDING_ULPS, eps_of
 from .pooled import MAX_SOURCES, decay_only, fresh_given, fresh_pooled, predicted, sgd_residual
+from .rules_clipafter import clip_after_record
 from .rules_schedule import schedule_cause
 from .update_fit import (
     FIT_TOL,
@@ -462,6 +463,10 @@ def _cause(
         ]
         if title is not None:
             return Cause("learning_rate", title, ev + sched_ev, fix)
+        clip = clip_after_record(x, prev)
+        if clip is not None:
+            clip.evidence.insert(0, head)
+            return clip
         return Cause(
             "learning_rate",
             f"learning rate differs: {fmt(f[1])} in A vs {fmt(f[2])} in B"
