@@ -249,3 +249,61 @@ def test_clipping_after_the_recorded_gradients_is_not_a_schedule(tmp_path):
     c = r.diagnosis[0]
     assert c.cause == "grad_clipping", _causes(r)
     assert "in A" in c.title and "max_norm 0.05" in c.title, c.title
+
+
+# -- a swapped layer type (word_language_model --model GRU; an activation changed) ---------------
+
+
+class _RNNLM(nn.Module):
+    def __init__(self, rnn: str) -> None:
+        super().__init__()
+        self.rnn = getattr(nn, rnn)(8, 8)  # built first: its random draws shift later layers
+        self.encoder = nn.Embedding(30, 8)
+        self.decoder = nn.Linear(8, 30)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.encoder(tokens))
+        return self.decoder(out)
+
+
+def _swap_run(path, *, rnn: str = "LSTM", act: str = "ReLU") -> None:
+    torch.manual_seed(0)
+    if act == "none":
+        model = _RNNLM(rnn)
+        data = torch.randint(0, 30, (6, 2), generator=torch.Generator().manual_seed(1))
+        batch = lambda: (data[:-1], data[1:])  # noqa: E731
+    else:
+        model = nn.Sequential(nn.Linear(8, 16), getattr(nn, act)(), nn.Linear(16, 4))
+        xs = torch.randn(8, 8, generator=torch.Generator().manual_seed(1))
+        ys = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(2))
+        batch = lambda: (xs, ys)  # noqa: E731
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with graddiff.trace(model, path, values="full"):
+        for _ in range(2):
+            x, y = batch()
+            opt.zero_grad()
+            out = model(x)
+            F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+            opt.step()
+
+
+def test_lstm_vs_gru_is_a_module_swap_not_an_init(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _swap_run(a, rnn="LSTM", act="none")
+    _swap_run(b, rnn="GRU", act="none")
+    r = graddiff.compare(a, b)
+    assert r.first.step == 0 and r.first.kind == "param"
+    c = r.diagnosis[0]
+    assert c.cause == "module_swap", _causes(r)
+    assert c.title == "a different module: rnn is LSTM in A and GRU in B"
+
+
+def test_relu_vs_gelu_is_a_module_swap(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _swap_run(a, act="ReLU")
+    _swap_run(b, act="GELU")
+    r = graddiff.compare(a, b)
+    assert (r.first.step, r.first.kind, r.first.name) == (0, "activation", "1")
+    c = r.diagnosis[0]
+    assert c.cause == "module_swap", _causes(r)
+    assert "1 is ReLU in A and GELU in B" in c.title

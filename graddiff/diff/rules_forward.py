@@ -10,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..modclass import owner
 from .compare_records import EQUAL, MISSING_A, MISSING_B, SHAPE
 from .context import Cause, Context, fmt
 from .exact import rel_diff
@@ -20,6 +21,15 @@ def rule_structure(x: Context) -> Optional[Cause]:
     """A record missing or reshaped in one run (a frozen layer has no gradient)."""
     h, s = x.hit, x.slot
     if h.code == SHAPE:
+        if _swapped_modules(x, [s]):
+            params = x.slots_of(h.step, ("param",))
+            big = [
+                (p, x.rel(p, h.step))
+                for p, code in params
+                if code not in (EQUAL, MISSING_A, MISSING_B)
+            ]
+            big = [(p, r) for p, r in big if r is None or r > x.rtol]
+            return _module_swap(x, _swapped_modules(x, [s] + [p for p, _ in big]), big, len(params))
         fa, fb = h.facts["a"], h.facts["b"]
         return Cause(
             "structure",
@@ -97,6 +107,9 @@ def rule_init(x: Context) -> Optional[Cause]:
     big = [(s, r) for s, r in differ if r is None or r > x.rtol]
     if not big:
         return None
+    swapped = _swapped_modules(x, [s for s, _ in differ])
+    if swapped:
+        return _module_swap(x, swapped, big, len(params))
     return Cause(
         "different_init",
         f"different initial weights: {len(big)} of {len(params)} parameters differ at step {x.step}",
@@ -107,6 +120,49 @@ def rule_init(x: Context) -> Optional[Cause]:
         + ([f"and {len(big) - 5} more"] if len(big) > 5 else []),
         "start both runs from the same weights: copy.deepcopy(model), "
         "model_b.load_state_dict(model_a.state_dict()), or torch.manual_seed(...) before building",
+    )
+
+
+def _swapped_modules(x: Context, slots: list) -> dict[str, tuple[str, str]]:
+    """module -> (class in A, class in B) for the owners of these parameters whose recorded
+    module class differs between the runs (another layer type at the same name)."""
+    out: dict[str, tuple[str, str]] = {}
+    for s in slots:
+        ca, cb = x.pair.a.module_class(s.kind, s.name), x.pair.b.module_class(s.kind, s.name)
+        mod = owner(s.kind, s.name)
+        if ca and cb and ca != cb and mod is not None:
+            out[mod] = (ca, cb)
+    return out
+
+
+def _module_swap(x: Context, swapped: dict, big: list, total: int) -> Cause:
+    """A module of another class at the same name: the parameters differ at the first step
+    because the models differ, not their seeds."""
+    first = next(iter(swapped))
+    listed = "; ".join(
+        f"{m or '(root)'}: {a} in A, {b} in B" for m, (a, b) in list(swapped.items())[:4]
+    )
+    shapes = [s for s, r in big if r is None]
+    ev = [f"module classes differ at the same names: {listed}"]
+    if shapes:
+        ev.append(
+            f"{x.names(shapes)}: shapes differ (not comparable by value): the layers hold "
+            "other parameters"
+        )
+    rest = [s for s, r in big if owner(s.kind, s.name) not in swapped]
+    if rest:
+        ev.append(
+            f"{len(rest)} other parameter(s) of {total} differ at step {x.step} too "
+            f"({x.names(rest, 2)}): building another layer draws other random numbers, so "
+            "layers initialised after it start from other weights (or the seed differs too)"
+        )
+    a, b = swapped[first]
+    return Cause(
+        "module_swap",
+        f"a different module: {first or '(root)'} is {a} in A and {b} in B",
+        ev,
+        "build the same layer types in both runs (a model flag or config such as --model "
+        "LSTM vs GRU, or an activation or norm swapped)",
     )
 
 
@@ -349,6 +405,20 @@ def rule_module_output(x: Context) -> Optional[Cause]:
     """Generic: a module's output differs while everything before it agrees."""
     if x.slot.kind != "activation":
         return None
+    ca = x.pair.a.module_class("activation", x.slot.name)
+    cb = x.pair.b.module_class("activation", x.slot.name)
+    if ca and cb and ca != cb:
+        return Cause(
+            "module_swap",
+            f"a different module: {x.slot.name or '(root)'} is {ca} in A and {cb} in B",
+            [
+                f"{x.label(x.slot)} differs at step {x.step} ({x.hit_text()}) while every earlier "
+                "module's output agrees; " + x.agree(("param", "input")),
+                f"the recorded module classes differ at this name: {ca} in A, {cb} in B",
+            ],
+            "build the same layer types in both runs (an activation, norm or layer swapped, "
+            "or a config flag that selects it)",
+        )
     return Cause(
         "module_output",
         f"module {x.module(x.slot.name)} gives a different output from the same input",
