@@ -219,7 +219,7 @@ def test_input_from_another_model_is_named_upstream(tmp_path):
     assert r.first.kind == "input" and r.first.step == 0 and r.first.call == 1
     c = r.diagnosis[0]
     assert c.cause == "different_inputs"
-    assert "other inputs at this step agree" in c.title, c.title
+    assert "other calls at this step agrees" in c.title, c.title
 
 
 # -- clipping in a loop that updates by hand (word_language_model's train()) ---------------------

@@ -250,9 +250,15 @@ def rule_inputs(x: Context) -> Optional[Cause]:
                         f"{found} of the {len(a)} samples of {mine}'s batch at step {x.step} "
                         f"occur in {side.upper()} at other steps ({_step_list(steps)})"
                     )
-                if found and not nowhere:
+                if found and not same_place:
                     title = "different data order: the same samples at other steps"
                     ev[-1] += ": one dataset, drawn in a different order (sampler, shuffle seed)"
+                    if nowhere:
+                        ev.append(
+                            f"{nowhere} sample(s) of a batch occur nowhere in the other run's "
+                            f"{searched} recorded steps searched (drawn at steps not recorded, "
+                            "or changed by augmentation)"
+                        )
                 elif nowhere and same_place:
                     title = (
                         "different inputs: augmentation or data (the same order, some samples "
@@ -272,24 +278,28 @@ def rule_inputs(x: Context) -> Optional[Cause]:
                         f"{searched} recorded steps searched: different data, preprocessing "
                         "or augmentation (or an order the recorded steps do not reach)"
                     )
-                else:
-                    ev.append(
-                        f"{nowhere} sample(s) of a batch occur nowhere in the other run's "
-                        f"{searched} recorded steps searched: not only the order differs "
-                        "(augmentation or data), or the order reaches beyond the recorded steps"
-                    )
+                elif found and not nowhere:  # shared in place, the rest found elsewhere
+                    title = "different data order: the same samples at other steps"
     fix = (
         "seed the data pipeline identically: DataLoader(generator=torch.Generator().manual_seed(0)), "
         "the same sampler, augmentation seeded the same way"
     )
-    same = [sl for sl, code in x.slots_of(x.step, ("input",)) if code == EQUAL and sl != x.slot]
+    # another call's input at the same argument agrees: that call reads the same data, so
+    # this one comes from elsewhere (inputs of other names prove nothing: an attention mask
+    # of ones agrees whatever the order)
+    same = [
+        sl
+        for sl, code in x.slots_of(x.step, ("input",))
+        if code == EQUAL and sl.name == x.slot.name and sl.call != x.slot.call
+    ]
     if same:
         labels = ", ".join(x.label(sl) for sl in same[:4]) + (
             f" and {len(same) - 4} more" if len(same) > 4 else ""
         )
         title = (
-            f"different inputs: {x.label(x.slot)} differs while the model's other inputs at this "
-            "step agree (an input computed upstream, e.g. another model's output)"
+            f"different inputs: {x.label(x.slot)} differs while the same input of the model's "
+            "other calls at this step agrees (an input computed upstream, e.g. another model's "
+            "output)"
         )
         ev.append(
             f"{labels} agree at step {x.step}: the data those calls read is the same, so "
@@ -381,13 +391,29 @@ def _dropout_rate(x: Context, a, b, za, zb, both) -> Optional[Cause]:
         f"A's x {fmt(c)} exactly (one constant: (1 - p_A) / (1 - p_B) with inverted dropout)",
     ]
     b_in_a, a_in_b = not (zb & ~za).any(), not (za & ~zb).any()
-    if b_in_a != a_in_b:  # one run zeroes only what the other does too: its input's own zeros
-        side, p = ("B", 1 - c) if b_in_a else ("A", 1 - 1 / c)
+    if b_in_a != a_in_b:  # one run zeroes only what the other does too
+        side, p, f_side = ("B", 1 - c, fb) if b_in_a else ("A", 1 - 1 / c, fa)
         other = "A" if side == "B" else "B"
-        ev.append(
-            f"every element {side} zeroes is zero in {other} too (the input's own zeros): p = 0 "
-            f"in {side}, p = {fmt(p)} in {other} (the kept elements' factor)"
-        )
+        before = _output_before(x, side.lower(), b if side == "B" else a)
+        if before is not None:  # its output is its input, unchanged: no dropout there
+            ev.append(
+                f"{side}'s output is bitwise the output recorded just before it "
+                f"({x.label(before)}), its input: p = 0 in {side}, p = {fmt(p)} in {other} (the "
+                "kept elements' factor)"
+            )
+        elif f_side == 0:  # no element zeroed at all: that run does not drop here
+            ev.append(
+                f"{side} zeroes no element: p = 0 in {side}, p = {fmt(p)} in {other} (the kept "
+                "elements' factor)"
+            )
+        else:  # its input's own zeros (p = 0), or masks drawn from the same random numbers
+            ev.append(
+                f"every element {side} zeroes is zero in {other} too: either p = 0 in {side} "
+                f"(its zeros are the input's own) and p = {fmt(p)} in {other}, or both runs draw "
+                "their masks from the same random numbers (masks nested: u < p_A inside "
+                f"u < p_B), with p near the zero fractions ({fa:.1%} in A, {fb:.1%} in B, when "
+                "the input has no zeros of its own)"
+            )
     return Cause(
         "dropout_rate",
         f"dropout probability differs in {x.module(x.slot.name)}: its kept elements are "
@@ -399,6 +425,27 @@ def _dropout_rate(x: Context, a, b, za, zb, both) -> Optional[Cause]:
         "use the same dropout probability in both runs (nn.Dropout(p), a config's "
         "*_pdrop / hidden_dropout_prob)",
     )
+
+
+def _output_before(x: Context, side: str, out: np.ndarray):
+    """The activation recorded just before the hit in this run's step (the module's input,
+    in a sequential model) when the hit's output equals it bitwise, else None."""
+    rows = x.pair.rows(side, x.step)
+    run = x.pair.run(side)
+    prev, mine = None, None
+    for i in np.argsort(rows["seq"], kind="stable").tolist():
+        k = run.record_key(int(rows["record"][i]))
+        if k.kind != "activation":
+            continue
+        if (k.name, k.call) == (x.slot.name, x.slot.call):
+            mine = prev
+            break
+        prev = k
+    if mine is None:
+        return None
+    slot = x.pair.slot("activation", mine.name, mine.call)
+    v = None if slot is None else x.v(side, slot, x.step)
+    return slot if v is not None and v.shape == out.shape and np.array_equal(v, out) else None
 
 
 def rule_module_output(x: Context) -> Optional[Cause]:
