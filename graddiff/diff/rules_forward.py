@@ -468,13 +468,18 @@ def rule_module_output(x: Context) -> Optional[Cause]:
         )
     return Cause(
         "module_output",
-        f"module {x.module(x.slot.name)} gives a different output from the same input",
+        f"module {x.module(x.slot.name)} gives a different output while every earlier "
+        "recorded output agrees",
         [
             f"{x.label(x.slot)} differs at step {x.step} ({x.hit_text()}) while every earlier "
-            "module's output agrees; " + x.agree(("param", "input"))
+            "module's output agrees; " + x.agree(("param", "input")),
+            "its own input is not recorded: code between the recorded modules may compute it "
+            "(a functional op, or random numbers such as torch.randn_like in a VAE's "
+            "reparameterisation), or the module computes differently",
         ],
         "a different op or module here (e.g. a swapped activation), different module settings, "
-        "or random numbers (dropout)",
+        "random numbers (dropout, torch.randn_like: seed and draw them alike), or different "
+        "code between the previous module and this one",
     )
 
 
