@@ -95,7 +95,7 @@ CASES = [
     ("missing zero_grad", {"zero_grad": False}, "grad_accumulation"),
     ("clipped gradients", {"clip": 0.05}, "grad_clipping"),
     ("batchnorm momentum", {"momentum": 0.3}, "batchnorm_stats"),
-    ("swapped activation", {"act": nn.GELU}, "module_output"),
+    ("swapped activation", {"act": nn.GELU}, "module_swap"),
     ("learning rate groups", {"opt": "adamw", "wd": 0.5, "no_decay": True}, "weight_decay"),
 ]
 

@@ -86,7 +86,15 @@ CASES = [
         "train_eval_mode",
         "model.train()",
     ),
-    ("other op", {}, {"act": "tanh"}, 0, "activation", "module_output", "same input"),
+    (
+        "other op",
+        {},
+        {"act": "tanh"},
+        0,
+        "activation",
+        "module_output",
+        "earlier recorded output agrees",
+    ),
     ("frozen", {}, {"frozen": True}, 0, "grad", "frozen_parameter", "fc1.weight"),
     ("nan", {}, {"nan_at": 1}, 1, "activation", "nonfinite", "NaN"),
     (

@@ -42,7 +42,7 @@ BUGS = [
     ("weight decay", {}, {"weight_decay": 0.1}, 1, "param", "weight_decay"),
     ("gradient clipping", {}, {"clip": 0.05}, 0, "grad", "grad_clipping"),
     ("lr schedule", {}, {"schedule": (1, 0.5)}, 2, "param", "learning_rate"),
-    ("swapped activation", {}, {"act": nn.Tanh}, 0, "activation", "module_output"),
+    ("swapped activation", {}, {"act": nn.Tanh}, 0, "activation", "module_swap"),
     ("frozen layer", {}, {"freeze": "0."}, 0, "grad_output", "frozen_parameter"),
     (
         "frozen layer, autograd.grad assigned to .grad",

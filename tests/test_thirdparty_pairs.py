@@ -295,7 +295,7 @@ def test_lstm_vs_gru_is_a_module_swap_not_an_init(tmp_path):
     assert r.first.step == 0 and r.first.kind == "param"
     c = r.diagnosis[0]
     assert c.cause == "module_swap", _causes(r)
-    assert c.title == "a different module: rnn is LSTM in A and GRU in B"
+    assert c.title == "a different module: rnn (LSTM / GRU) is LSTM in A and GRU in B"
 
 
 def test_relu_vs_gelu_is_a_module_swap(tmp_path):
@@ -306,4 +306,4 @@ def test_relu_vs_gelu_is_a_module_swap(tmp_path):
     assert (r.first.step, r.first.kind, r.first.name) == (0, "activation", "1")
     c = r.diagnosis[0]
     assert c.cause == "module_swap", _causes(r)
-    assert "1 is ReLU in A and GELU in B" in c.title
+    assert "1 (ReLU / GELU) is ReLU in A and GELU in B" in c.title

@@ -140,7 +140,7 @@ def _module_swap(x: Context, swapped: dict, big: list, total: int) -> Cause:
     because the models differ, not their seeds."""
     first = next(iter(swapped))
     listed = "; ".join(
-        f"{m or '(root)'}: {a} in A, {b} in B" for m, (a, b) in list(swapped.items())[:4]
+        f"{x.module(m)}: {a} in A, {b} in B" for m, (a, b) in list(swapped.items())[:4]
     )
     shapes = [s for s, r in big if r is None]
     ev = [f"module classes differ at the same names: {listed}"]
@@ -159,7 +159,7 @@ def _module_swap(x: Context, swapped: dict, big: list, total: int) -> Cause:
     a, b = swapped[first]
     return Cause(
         "module_swap",
-        f"a different module: {first or '(root)'} is {a} in A and {b} in B",
+        f"a different module: {x.module(first)} is {a} in A and {b} in B",
         ev,
         "build the same layer types in both runs (a model flag or config such as --model "
         "LSTM vs GRU, or an activation or norm swapped)",
@@ -457,7 +457,7 @@ def rule_module_output(x: Context) -> Optional[Cause]:
     if ca and cb and ca != cb:
         return Cause(
             "module_swap",
-            f"a different module: {x.slot.name or '(root)'} is {ca} in A and {cb} in B",
+            f"a different module: {x.module(x.slot.name)} is {ca} in A and {cb} in B",
             [
                 f"{x.label(x.slot)} differs at step {x.step} ({x.hit_text()}) while every earlier "
                 "module's output agrees; " + x.agree(("param", "input")),
