@@ -307,3 +307,33 @@ def test_relu_vs_gelu_is_a_module_swap(tmp_path):
     c = r.diagnosis[0]
     assert c.cause == "module_swap", _causes(r)
     assert "1 (ReLU / GELU) is ReLU in A and GELU in B" in c.title
+
+
+# -- accumulation read from the loss calls when no input is recorded (graddiff record on a
+# -- LightningModule whose training_step calls self.net(x): no inputs, no activations) ----------
+
+
+def _accum_run(path, accumulate: int) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with graddiff.trace(net, path, values="full", kinds="param,grad,loss"):
+        for _ in range(3):
+            opt.zero_grad()
+            for _ in range(accumulate):
+                x, y = torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+                (F.cross_entropy(net(x), y) / accumulate).backward()
+            opt.step()
+
+
+def test_accumulation_named_from_loss_calls_without_inputs(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _accum_run(a, 1)
+    _accum_run(b, 2)
+    r = graddiff.compare(a, b)
+    assert r.diverged and r.first.step == 0
+    c = r.diagnosis[0]
+    assert c.cause == "accumulation_steps", _causes(r)
+    assert c.title.startswith("B makes 2 loss calls per optimizer step, A 1"), c.title
+    assert "inputs not compared" in c.title

@@ -37,7 +37,7 @@ from .rules_forward import (
 from .rules_gradterm import rule_l2_in_gradients
 from .rules_graph import rule_extra_grad_path, rule_tied_weights
 from .rules_lossfn import rule_loss_function
-from .rules_micro import rule_accumulation_steps
+from .rules_micro import rule_accumulation_steps, rule_loss_calls
 from .rules_nonfinite import rule_nonfinite
 from .rules_path import rule_grad_path, rule_zero_vs_none
 from .rules_ranks import rule_rank_local_batchnorm
@@ -127,6 +127,7 @@ RULES: tuple[Callable[[Context], Any], ...] = (
     rule_zero_vs_none,
     rule_structure,
     rule_accumulation_steps,
+    rule_loss_calls,
     rule_init,
     rule_inputs,
     rule_accumulation,

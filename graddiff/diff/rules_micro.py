@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Optional
 
+from ..errors import GraddiffError
 from .context import Cause, Context
 
 
@@ -87,3 +88,79 @@ def rule_accumulation_steps(x: Context) -> Optional[Cause]:
         "is equivalent, give both runs the same samples per optimizer step (batch x "
         "micro-batches)",
     )
+
+
+#: Steps whose loss calls per step must repeat the divergence step's counts.
+LOSS_CALL_STEPS = 3
+
+
+def rule_loss_calls(x: Context) -> Optional[Cause]:
+    """Without recorded inputs: the runs make different numbers of loss calls (backward
+    passes) per optimizer step, the same counts at every step compared from here (at least
+    two), one count a multiple of the other, and the summed losses not in that ratio (that is
+    unscaled_micro_batches): micro-batches accumulated differently. Like
+    rule_accumulation_steps, it comes before the loss readings (a ratio of losses over
+    different samples is no loss weight). Asked as
+    a question: an extra backward pass per step (a second loss) gives the same counts, and
+    without inputs the samples per step are not known."""
+    if "input" in x.compared:
+        return None  # with inputs, rule_accumulation_steps reads the samples per step
+    step = x.step
+    steps = [int(t) for t in x.pair.steps[x.pair.steps >= step][: LOSS_CALL_STEPS + 1]]
+    counts = {(x.loss_calls("a", t), x.loss_calls("b", t)) for t in steps}
+    if len(steps) < 2 or len(counts) != 1:
+        return None
+    la, lb = counts.pop()
+    lo, hi = min(la, lb), max(la, lb)
+    if lo < 1 or la == lb or hi % lo:
+        return None
+    more, fewer = ("A", "B") if la > lb else ("B", "A")
+    sums = _loss_sums(x, step)
+    if sums is not None and sums[1 if la < lb else 0] != 0:
+        k = sums[0 if la > lb else 1] / sums[1 if la > lb else 0]
+        if abs(k - hi / lo) <= 1e-3 * hi / lo:
+            return None  # micro-batch losses summed, not divided: unscaled_micro_batches
+    ev = [
+        f"loss calls (backward passes) per optimizer step: {la} in A, {lb} in B, at each of "
+        f"steps {', '.join(map(str, steps))}",
+        "the model's inputs were not recorded (or not compared): the samples per step are "
+        "not known",
+    ]
+    na, nb = len(x.pair.run("a").steps), len(x.pair.run("b").steps)
+    if na != nb:
+        ev.append(f"A records {na} optimizer steps, B {nb}")
+    ev.append(
+        f"{more}'s extra loss calls are micro-batches accumulated before each update, or a "
+        "second loss backpropagated at every step (then an extra gradient path)"
+    )
+    return Cause(
+        "accumulation_steps",
+        f"{more} makes {hi} loss calls per optimizer step, {fewer} {lo}: a different gradient "
+        "accumulation setting? (inputs not compared)",
+        ev,
+        "use the same gradient accumulation (Lightning accumulate_grad_batches, HF "
+        "gradient_accumulation_steps) and batch size in both runs; record the inputs "
+        "(kinds including input) to see the samples per step",
+    )
+
+
+def _loss_sums(x: Context, step: int) -> Optional[tuple[float, float]]:
+    """Each run's sum of its scalar losses at the step (None when any is not a stored
+    scalar)."""
+    out = []
+    for side in ("a", "b"):
+        run = x.pair.run(side)
+        total = 0.0
+        for rec in x.pair.rows(side, step)["record"]:
+            k = run.record_key(int(rec))
+            if k.kind != "loss":
+                continue
+            try:
+                v = run.get(k.kind, k.name, step, k.call)
+            except GraddiffError:  # statistics only: no value to add
+                return None
+            if v.size != 1:
+                return None
+            total += float(v.ravel()[0])
+        out.append(total)
+    return out[0], out[1]
