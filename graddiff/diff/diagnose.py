@@ -149,6 +149,7 @@ RULES: tuple[Callable[[Context], Any], ...] = (
 SUPPRESSED_BY: dict[Callable[[Context], Any], frozenset] = {
     rule_structure: GRAPH_CAUSES,
     rule_grad_path: GRAPH_CAUSES,
+    rule_loss_calls: GRAPH_CAUSES,  # a path through another gradient call explains the calls
     rule_scaled_grads: CLIP_CAUSES,
     **{rule: frozenset({"accumulation_steps"}) for rule in BATCH_RULES},
 }
