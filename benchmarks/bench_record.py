@@ -30,7 +30,9 @@ the process's resident memory (flat = no per-step leak).
 
 Each round runs every variant once (the start rotates between rounds), each run does --steps
 steps; per-step times are medians, ratios are medians over rounds of (variant median /
-untraced median of the same round). After each run the final parameters and buffers are
+untraced median of the same round). Each run starts after ``os.sync()``, so that no variant
+pays for the page-cache writeback of the one before it (on the 2-core VM, writes past a few
+hundred MB slow to the disk's speed for any writer). After each run the final parameters and buffers are
 compared bitwise with the same round's untraced run (OK / MISMATCH).
 
 Models: ``mlp`` is the seed MLP of the forum question (fc1..fc4 = Sequential(Linear(bias=False),
@@ -320,6 +322,8 @@ def run_variant(
     variant: str, wl: Workload, steps: int, out_dir: str, raw_bytes: int
 ) -> dict[str, Any]:
     torch.manual_seed(0)  # every variant starts from the same RNG state too
+    if hasattr(os, "sync"):
+        os.sync()  # and with no other variant's writes still pending in the page cache
     model, opt = wl.fresh()
     times: list[float] = []
     cpu: list[float] = []  # process CPU time (all threads, the writer's included)
