@@ -337,3 +337,61 @@ def test_accumulation_named_from_loss_calls_without_inputs(tmp_path):
     assert c.cause == "accumulation_steps", _causes(r)
     assert c.title.startswith("B makes 2 loss calls per optimizer step, A 1"), c.title
     assert "inputs not compared" in c.title
+
+
+# -- a loss term read from intermediate outputs (vae: the KL term on mu and logvar) -----------
+
+
+class _TinyVAE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(196, 16)
+        self.mu = nn.Linear(16, 4)
+        self.logvar = nn.Linear(16, 4)
+        self.dec = nn.Linear(4, 196)
+
+    def forward(self, x):
+        h = F.relu(self.enc(x))
+        mu, logvar = self.mu(h), self.logvar(h)
+        z = mu + torch.randn_like(logvar) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.dec(z)), mu, logvar
+
+
+def _vae_run(path, term: str) -> None:
+    """BCE summed over pixels (as pytorch/examples' vae), plus a term on the encoder's outputs:
+    the KL term, none, or an auxiliary penalty on mu only."""
+    torch.manual_seed(0)
+    net = _TinyVAE()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    data = torch.rand(3, 64, 196, generator=torch.Generator().manual_seed(1))
+    with graddiff.trace(net, path, values="full"):
+        for x in data:
+            opt.zero_grad()
+            recon, mu, logvar = net(x)
+            loss = F.binary_cross_entropy(recon, x, reduction="sum")
+            if term == "kl":
+                loss = loss - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+            elif term == "mu":
+                loss = loss + 0.1 * mu.pow(2).sum()
+            loss.backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("term", ["kl", "mu"])
+def test_a_loss_term_on_intermediate_outputs_is_a_loss_term_not_a_path(tmp_path, term):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _vae_run(a, term)
+    _vae_run(b, "none")
+    with graddiff.open(a) as ra, graddiff.open(b) as rb:
+        # oracle: the forward pass of step 0 is bitwise equal, the loss is not
+        for name in ("enc", "mu", "logvar", "dec"):
+            assert (ra.get("activation", name, step=0) == rb.get("activation", name, step=0)).all()
+        assert ra.get("loss", "loss", step=0) != rb.get("loss", "loss", step=0)
+    r = graddiff.compare(a, b)
+    assert r.diverged and _first(r).step == 0 and _first(r).kind == "grad_output"
+    assert r.diagnosis[0].cause == "loss_function", _causes(r)
+    assert "loss term" in r.diagnosis[0].title
+    assert "extra_grad_path" not in _causes(r)
+    # the records the term reads are named; the decoder's output gradient agrees
+    text = " ".join(r.diagnosis[0].evidence)
+    assert "mu (Linear)" in text and "dec" not in r.diagnosis[0].title

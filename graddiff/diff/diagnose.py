@@ -36,7 +36,7 @@ from .rules_forward import (
 )
 from .rules_gradterm import rule_l2_in_gradients
 from .rules_graph import rule_extra_grad_path, rule_tied_weights
-from .rules_lossfn import rule_loss_function
+from .rules_lossfn import rule_loss_function, rule_loss_term
 from .rules_micro import rule_accumulation_steps, rule_loss_calls
 from .rules_nonfinite import rule_nonfinite
 from .rules_path import rule_grad_path, rule_zero_vs_none
@@ -123,6 +123,7 @@ RULES: tuple[Callable[[Context], Any], ...] = (
     rule_nonfinite,
     rule_tied_weights,
     rule_extra_grad_path,
+    rule_loss_term,
     rule_grad_path,
     rule_zero_vs_none,
     rule_structure,
@@ -148,7 +149,7 @@ RULES: tuple[Callable[[Context], Any], ...] = (
 #: reading of the same evidence).
 SUPPRESSED_BY: dict[Callable[[Context], Any], frozenset] = {
     rule_structure: GRAPH_CAUSES,
-    rule_grad_path: GRAPH_CAUSES,
+    rule_grad_path: GRAPH_CAUSES | {"loss_function"},  # a loss term explains the gradients
     rule_loss_calls: GRAPH_CAUSES,  # a path through another gradient call explains the calls
     rule_scaled_grads: CLIP_CAUSES,
     **{rule: frozenset({"accumulation_steps"}) for rule in BATCH_RULES},

@@ -7,6 +7,10 @@ run's loss times one constant (a loss weight or scale: rules_backward), the loss
 differs: another criterion or criterion setting (label smoothing, class weights,
 ``ignore_index``, an extra term) or other targets. The loss values may still agree (label
 smoothing near uniform predictions changes the value by little and the gradient by much).
+
+``rule_loss_term``: the losses differ at all while the forward pass is bitwise equal, the
+gradient into the model's output agrees and earlier output gradients differ: the loss reads
+those outputs through a term the other run lacks (a VAE's KL term, an auxiliary loss).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from .compare_records import EQUAL
 from .context import Cause, Context, cosine, fmt
 from .exact import rel_diff
 
@@ -91,4 +96,60 @@ def rule_loss_function(x: Context) -> Optional[Cause]:
         ev,
         "use the same criterion and settings in both runs (label_smoothing, class weight, "
         "ignore_index, an extra loss term) and the same targets",
+    )
+
+
+def rule_loss_term(x: Context) -> Optional[Cause]:
+    """The losses differ while every forward record is bitwise equal, and the gradient the loss
+    feeds the model's output agrees while gradients into earlier outputs differ: a term of the
+    loss computed from those outputs (a KL term on an encoder's outputs, an auxiliary loss on a
+    hidden layer) is in one run only, or differs.
+
+    The same code on bitwise-equal tensors gives a bitwise-equal loss, so a loss that differs
+    at all (even below the tolerance) is computed differently; a forgotten ``.detach()`` adds a
+    gradient path without changing any value, and a loss weight also scales the gradient into
+    the model's output (rules_backward), so neither fits.
+    """
+    s = x.slot
+    if s.kind not in ("grad_output", "grad", "autograd_grad"):
+        return None
+    if not {"loss", "activation", "grad_output"} <= x.compared:
+        return None
+    step = x.step
+    if any(code != EQUAL for _, code in x.slots_of(step, ("param", "input", "activation"))):
+        return None
+    losses = [(t, x.rel(t, step)) for t, code in x.slots_of(step, ("loss",)) if code != EQUAL]
+    losses = [(t, r) for t, r in losses if r is not None and r > 0]
+    if not losses:
+        return None
+    first = _first_after_loss(x, "a", step) & _first_after_loss(x, "b", step)
+    outs = x.slots_of(step, ("grad_output",))
+    head = [t for t, _ in outs if (t.name, t.call) in first]
+    if not head or any((x.rel(t, step) or 0.0) > x.rtol for t in head):
+        return None
+    inner = [
+        t
+        for t, code in outs
+        if code != EQUAL and (t.name, t.call) not in first and (x.rel(t, step) or 0.0) > x.rtol
+    ]
+    if not inner:
+        return None
+    worst = max(r for _, r in losses)
+    ev = [
+        f"at step {step} the loss differs (rel {fmt(worst)}"
+        + (", below the tolerance" if worst <= x.rtol else "")
+        + f") while {x.agree(('param', 'input', 'activation'), 'are bitwise equal')}: the same "
+        "code on the same tensors gives the same loss, so the loss is computed differently",
+        f"the gradient the loss feeds the model's output agrees ({x.names(head)}), but the "
+        f"output gradients of {len(inner)} earlier record(s) differ ({x.names(inner)}): "
+        "the loss also reads those outputs, differently in the two runs",
+        "not a forgotten .detach() (a path changes gradients, not the loss value) and not a "
+        "loss weight (it would scale the gradient into the model's output too)",
+    ]
+    return Cause(
+        "loss_function",
+        f"a loss term differs: a term computed from the outputs of {x.names(inner, limit=2)} "
+        "is in one run only or differs (a regulariser such as a KL term, an auxiliary loss)",
+        ev,
+        "compare the terms of the two runs' losses (which terms, their weights, their inputs)",
     )
