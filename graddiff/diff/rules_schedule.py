@@ -73,32 +73,32 @@ def _listing(lr: dict) -> str:
     return f"{shown} (updates from step {ts[0]} to {ts[-1]})" if ts else "not known"
 
 
-def schedule_cause(x: Context, prev: int) -> tuple[Optional[str], list[str], Optional[str]]:
-    """(title, evidence, fix) when the rates part at update ``prev`` by a schedule relation;
-    else (None, the fitted rates as evidence when any are known, None)."""
-    la, lb = rates(x, "a", prev + AFTER), rates(x, "b", prev + AFTER)
-    if not la and not lb:
-        return None, [], None
-    ev = [f"learning rate per update, fitted: A {_listing(la)}; B {_listing(lb)}"]
+def schedule_relation(
+    la: dict, lb: dict, t: int, noun: str, var: str
+) -> Optional[tuple[str, list[str], str]]:
+    """(title, evidence, fix) when the two runs' rates per update (``noun``: "rate" fitted,
+    "recorded rate" from the settings) part at update ``t`` by a schedule relation: restarted
+    or set back (a shift), or stepped every E updates in one run (a stride)."""
     shift = find_shift(la, lb)
-    if shift is not None and shift.start == prev:
+    if shift is not None and shift.start == t:
         late, early = shift.late, "B" if shift.late == "A" else "A"
-        k = prev if prev in shift.ks else shift.ks[0]
-        ev.append(
-            f"from the update at step {prev} on, {late}'s rate at step t is {early}'s at step "
-            f"t - {k} ({shift.checked} updates compared"
+        k = t if t in shift.ks else shift.ks[0]
+        ev = [
+            f"from the update at step {t} on, {late}'s {noun} at step {var} is {early}'s at step "
+            f"{var} - {k} ({shift.checked} updates compared"
             + (f"; offsets {', '.join(map(str, shift.ks))} fit alike" if len(shift.ks) > 1 else "")
             + ")"
-        )
-        if k == prev:
+        ]
+        if k == t:
             title = (
-                f"learning-rate schedule restarted in {late} at step {prev}: from there its "
-                f"rates repeat the schedule from step 0 (resumed without restoring the scheduler?)"
+                f"learning-rate schedule restarted in {late} at step {t}: from there its "
+                f"{noun}s repeat the schedule from step 0 (resumed without restoring the "
+                "scheduler?)"
             )
         else:
             title = (
                 f"learning-rate schedule set back by {k} step{'s' if k > 1 else ''} in {late} at "
-                f"step {prev} (its step count reset: resumed without restoring the scheduler?)"
+                f"step {t} (its step count reset: resumed without restoring the scheduler?)"
             )
         return (
             title,
@@ -109,11 +109,11 @@ def schedule_cause(x: Context, prev: int) -> tuple[Optional[str], list[str], Opt
     stride = find_stride(la, lb)
     if stride is not None:
         fast = "B" if stride.slow == "A" else "A"
-        ev.append(
-            f"{stride.slow}'s rate at step t is {fast}'s at step t // {stride.every} "
+        ev = [
+            f"{stride.slow}'s {noun} at step {var} is {fast}'s at step {var} // {stride.every} "
             f"({stride.checked} updates compared): {fast}'s schedule advances at every update, "
             f"{stride.slow}'s once every {stride.every}"
-        )
+        ]
         return (
             f"learning-rate schedule stepped once every {stride.every} steps in {stride.slow} "
             f"and at every step in {fast} (per epoch vs per step?)",
@@ -121,4 +121,18 @@ def schedule_cause(x: Context, prev: int) -> tuple[Optional[str], list[str], Opt
             "call scheduler.step() at the same place in both runs (once per optimizer step, or "
             "once per epoch, as the schedule's step counts assume)",
         )
+    return None
+
+
+def schedule_cause(x: Context, prev: int) -> tuple[Optional[str], list[str], Optional[str]]:
+    """(title, evidence, fix) when the rates part at update ``prev`` by a schedule relation;
+    else (None, the fitted rates as evidence when any are known, None)."""
+    la, lb = rates(x, "a", prev + AFTER), rates(x, "b", prev + AFTER)
+    if not la and not lb:
+        return None, [], None
+    ev = [f"learning rate per update, fitted: A {_listing(la)}; B {_listing(lb)}"]
+    found = schedule_relation(la, lb, prev, "rate", "t")
+    if found is not None:
+        title, more, fix = found
+        return title, ev + more, fix
     return None, ev, None

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from ..errors import GraddiffError
 from ..optimizer_settings import IMPLEMENTATION_KEYS, OptimizerSettings, fmt_value
 from .context import Cause, Context
-from .schedule import find_shift, find_stride
+from .rules_schedule import schedule_relation
 
 #: Entries a learning-rate scheduler keeps in the group for itself (not settings of the update).
 SCHEDULER_KEYS = frozenset(
@@ -210,45 +210,10 @@ def _schedule(x: Context, d: Difference, t: int) -> tuple[Optional[str], list[st
     ev = [
         f"recorded learning rate of {x.record('param', name)}: A {_listing(la)}; B {_listing(lb)}"
     ]
-    fix = (
-        "save scheduler.state_dict() in the checkpoint with the model and optimizer, and call "
-        "scheduler.load_state_dict() after creating the scheduler when resuming"
-    )
-    shift = find_shift(la, lb)
-    if shift is not None and shift.start == t:
-        late, early = shift.late, "B" if shift.late == "A" else "A"
-        k = t if t in shift.ks else shift.ks[0]
-        ev.append(
-            f"from the update at step {t} on, {late}'s recorded rate at step s is {early}'s at "
-            f"step s - {k} ({shift.checked} updates compared)"
-        )
-        if k == t:
-            return (
-                f"learning-rate schedule restarted in {late} at step {t}: its recorded rates "
-                "repeat the schedule from step 0 (resumed without restoring the scheduler)",
-                ev,
-                fix,
-            )
-        return (
-            f"learning-rate schedule set back by {k} step{'s' if k > 1 else ''} in {late} at step "
-            f"{t} (its step count reset: resumed without restoring the scheduler?)",
-            ev,
-            fix,
-        )
-    stride = find_stride(la, lb)
-    if stride is not None:
-        fast = "B" if stride.slow == "A" else "A"
-        ev.append(
-            f"{stride.slow}'s recorded rate at step s is {fast}'s at step s // {stride.every} "
-            f"({stride.checked} updates compared)"
-        )
-        return (
-            f"learning-rate schedule stepped once every {stride.every} steps in {stride.slow} and "
-            f"at every step in {fast} (per epoch vs per step)",
-            ev,
-            "call scheduler.step() at the same place in both runs (once per optimizer step, or "
-            "once per epoch, as the schedule's step counts assume)",
-        )
+    found = schedule_relation(la, lb, t, "recorded rate", "s")
+    if found is not None:
+        title, more, fix = found
+        return title, ev + more, fix
     return None, ev, ""
 
 
