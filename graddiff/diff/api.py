@@ -32,7 +32,7 @@ from .namemap import load_map
 from .noise import floor_factor, rounding_level
 from .noiseref import NoiseTolerance, twin_drift, twin_origin
 from .pair import RunPair
-from .precision import precision_of, slot_rounding, slot_tolerance
+from .precision import pair_chain, precision_of, slot_rounding, slot_tolerance
 from .report import Difference, Report
 from .stepalign import offset_note, resolve_offset
 
@@ -286,9 +286,11 @@ def _scale_tolerance(ra: Run, rb: Run, kinds_t, rtol: float, exact: bool):
     if exact or not prec.reduced:
         return None
     al = align(ra, rb, kinds_t)
-    pair = RunPair(ra, rb, al, np.intersect1d(ra.steps, rb.steps))
-    pair.tol = slot_tolerance(al, rtol, prec)
-    pair.rounding = slot_rounding(al, prec)
+    common = np.intersect1d(ra.steps, rb.steps)
+    pair = RunPair(ra, rb, al, common)
+    chain = pair_chain(ra, rb, int(common[0])) if len(common) else None
+    pair.tol = slot_tolerance(al, rtol, prec, chain)
+    pair.rounding = slot_rounding(al, prec, chain)
     pair.first_step = int(ra.steps[0]) if len(ra.steps) else pair.first_step
     pair.close()
 
@@ -448,8 +450,9 @@ def _compare(
     pair = RunPair(ra, rb, al, common)
     prec = precision_of(ra, rb)
     pair.precision = prec
-    pair.tol = slot_tolerance(al, rtol, prec)
-    pair.rounding = slot_rounding(al, prec)  # grows with the steps since A's first
+    chain = pair_chain(ra, rb, int(common[0])) if prec.reduced else None
+    pair.tol = slot_tolerance(al, rtol, prec, chain)
+    pair.rounding = slot_rounding(al, prec, chain)  # grows with the steps since A's first
     pair.first_step = int(ra.steps[0]) if len(ra.steps) else pair.first_step
     if drift is not None:
         pair.noise = NoiseTolerance(al, drift, _dtype_lookup(ra, rb))

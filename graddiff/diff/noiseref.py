@@ -31,7 +31,14 @@ from .align import Alignment, align, check_related
 from .compare_records import DIFF, EQUAL, STATS
 from .noise import ROUNDING_ULPS, eps_of, floor_factor
 from .pair import RunPair
-from .precision import UNIT_ROUNDOFF, Precision, computing_dtype, precision_of, slot_rounding
+from .precision import (
+    UNIT_ROUNDOFF,
+    Precision,
+    computing_dtype,
+    pair_chain,
+    precision_of,
+    slot_rounding,
+)
 
 #: A difference up to this many times the twin's drift at that record and step is amplified
 #: rounding (docs/tolerance.md, "--noise": measured ratios and why 10).
@@ -300,7 +307,7 @@ def _check_first_step(
     )
     u = UNIT_ROUNDOFF.get(low, UNIT_ROUNDOFF["float32"])
     prec = Precision(low, u, low, low)
-    rounding = slot_rounding(al, prec)
+    rounding = slot_rounding(al, prec, pair_chain(origin, twin, first) if prec.reduced else None)
     if prec.reduced:  # rounding residue at the reduced precision's noise floor, as compare
         rels = _rels(origin, twin, al, np.array([first]), floor_factor(low))[first]
     else:

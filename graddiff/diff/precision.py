@@ -130,46 +130,95 @@ def precision_of(a: Run, b: Run) -> Precision:
     return Precision(low, UNIT_ROUNDOFF.get(low, UNIT_ROUNDOFF["float32"]), da, db)
 
 
-def slot_depths(al: Alignment) -> np.ndarray:
-    """Per slot, the number of module outputs and output gradients computed before it.
+def chain_depths(run: Run, step: int) -> dict[tuple[str, str], int]:
+    """(kind, name) -> the number of computing module outputs and output gradients up to and
+    including this record at ``step``, in firing order.
 
-    Slots are in causal order (params, inputs, activations in call order, losses, output
-    gradients in firing order, gradients, buffers). A parameter's gradient (and the parameter,
-    which the update moves by it) sits just after its module's output gradient; a buffer just
-    after its module's output.
+    Only records that compute count: a record bitwise equal to the previous record of its kind
+    (same fingerprint, size and dtype) rounds nothing. That leaves out what only passes a
+    tensor on: a container whose output is its last child's (``nn.Sequential``, the model
+    itself), ``nn.Identity``, ``nn.Flatten`` (a view), a Dropout in eval mode or with p = 0,
+    and their output gradients. Every kind counts, whatever ``--kinds`` compares.
+    """
+    rows = run.entries(int(step), int(step))
+    rows = rows[np.argsort(rows["seq"], kind="stable")]
+    out: dict[tuple[str, str], int] = {}
+    prev: dict[str, tuple] = {}
+    n = 0
+    for e in rows:
+        rid = int(e["record"])
+        key = run.record_key(rid)
+        if key.kind not in ("activation", "grad_output"):
+            continue
+        sig = (int(e["fp_sum"]), int(e["fp_pos"]), int(e["numel"]), run.record_dtype(rid))
+        if sig[:2] == (0, 0) or prev.get(key.kind) != sig:  # no fingerprint: counted
+            n += 1
+        prev[key.kind] = sig
+        out.setdefault((key.kind, key.name), n)
+    return out
+
+
+def slot_depths(al: Alignment, chain: Optional[dict[tuple[str, str], int]] = None) -> np.ndarray:
+    """Per slot, the number of computing module outputs and output gradients before it.
+
+    ``chain``: the depths of the runs' module outputs and output gradients
+    (``pair_chain``); without it, every activation and output-gradient slot of the alignment
+    counts, in slot order. Slots are in causal order (params, inputs, activations in call
+    order, losses, output gradients in firing order, gradients, buffers). A parameter's
+    gradient (and the parameter, which the update moves by it) sits just after its module's
+    output gradient; a buffer at its module's output; a loss after the last module output.
     """
     depth = np.zeros(len(al.slots), np.int64)
-    n = 0
-    act_depth: dict[str, int] = {}
-    gout_depth: dict[str, int] = {}
-    for s in al.slots:
-        if s.kind in ("activation", "grad_output"):
-            n += 1
-            (act_depth if s.kind == "activation" else gout_depth).setdefault(s.name, n)
-        depth[s.index] = n
-    deepest = n
+    if chain is None:
+        chain, n = {}, 0
+        for s in al.slots:
+            if s.kind in ("activation", "grad_output"):
+                n += 1
+                chain.setdefault((s.kind, s.name), n)
+    act = {name: d for (kind, name), d in chain.items() if kind == "activation"}
+    gout = {name: d for (kind, name), d in chain.items() if kind == "grad_output"}
+    deepest = max(chain.values(), default=0)
+    last_act = max(act.values(), default=0)
     for s in al.slots:
         owner = s.name.rsplit(".", 1)[0] if "." in s.name else ""
-        if s.kind in ("grad", "autograd_grad", "param"):
-            depth[s.index] = gout_depth.get(owner, deepest) + (1 if owner in gout_depth else 0)
+        if s.kind in ("activation", "grad_output"):
+            d = chain.get((s.kind, s.name), deepest if s.kind == "grad_output" else last_act)
+        elif s.kind in ("grad", "autograd_grad", "param"):
+            d = gout[owner] + 1 if owner in gout else deepest
         elif s.kind in ("buffer", "buffer_start"):
-            depth[s.index] = act_depth.get(owner, depth[s.index])
-        elif s.kind == "input":
-            depth[s.index] = 0
+            d = act.get(owner, deepest if s.kind == "buffer" else 0)
+        elif s.kind == "loss":
+            d = last_act
+        else:  # inputs
+            d = 0
+        depth[s.index] = d
     return depth
 
 
-def slot_tolerance(al: Alignment, rtol: float, p: Precision) -> np.ndarray:
+def pair_chain(a: Run, b: Run, step: int) -> dict[tuple[str, str], int]:
+    """The depths of both runs' records at ``step`` (chain_depths), the larger of the two
+    where they differ: a record that passes a tensor on in one run only still computes."""
+    out = chain_depths(a, step)
+    for key, d in chain_depths(b, step).items():
+        out[key] = max(out.get(key, 0), d)
+    return out
+
+
+def slot_tolerance(
+    al: Alignment, rtol: float, p: Precision, chain: Optional[dict] = None
+) -> np.ndarray:
     """Per slot, the relative difference rounding in precision ``p`` may produce in one step
     (>= rtol): the tolerance at the first recorded step."""
-    rounding = slot_rounding(al, p)
+    rounding = slot_rounding(al, p, chain)
     tol = np.full(len(al.slots), float(rtol))
     return tol if rounding is None else np.maximum(tol, rounding)
 
 
-def slot_rounding(al: Alignment, p: Precision) -> Optional[np.ndarray]:
+def slot_rounding(
+    al: Alignment, p: Precision, chain: Optional[dict] = None
+) -> Optional[np.ndarray]:
     """Per slot, ``8 x u x (1 + depth)`` for a reduced precision; None otherwise."""
-    return ULPS_PER_DEPTH * p.u * (1.0 + slot_depths(al)) if p.reduced else None
+    return ULPS_PER_DEPTH * p.u * (1.0 + slot_depths(al, chain)) if p.reduced else None
 
 
 def update_difference(
