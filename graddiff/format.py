@@ -113,6 +113,19 @@ Additive extensions (optional: older files lack them, readers tolerate that):
   e.g. a tensor on an accelerator).
   Group indices are JSON strings.
 
+- ``/reach`` (1-D table, same layout as ``/optimizer``: ``step`` int64, ``changes`` UTF-8
+  JSON): how many backward passes accumulated into each traced parameter's ``.grad`` during
+  the step (one post-accumulate-grad hook per trainable parameter, torch >= 2.1; recorded when
+  the ``grad`` kind is, not under ``forward_only``). A row only where the counts changed (the
+  first step always has one), holding the whole map ``{param name: count}``; a parameter not
+  listed had none. Rows after the last committed step are ignored. Absent: not recorded.
+- root attribute ``backward_hooks`` (JSON): the user's backward hooks on the traced modules
+  and parameters at trace entry and exit (graddiff's own are never present then), the union:
+  ``{"modules": {name: {"backward": [...], "backward_pre": [...]}}, "params": {name:
+  {"tensor": [...], "post_accumulate": [...]}}, "global": {"backward": [...],
+  "backward_pre": [...]}}``, each hook by its function's qualified name; only what has
+  hooks. Absent in older files (unknown).
+
 The fingerprint of a tensor is two unsigned 64-bit sums over its raw bytes read as
 little-endian int64 words (the last partial word zero-padded), both modulo 2**64:
 ``fp_sum`` = sum of all words; ``fp_pos`` = sum over blocks of (block index + 1) * (block

@@ -283,6 +283,11 @@ class Run:
             if "tied_parameters" in f.attrs
             else None
         )
+        #: the user's backward hooks on modules and parameters (hooks/reach.py); None: not
+        #: recorded (older file)
+        self.backward_hooks: Optional[dict[str, Any]] = (
+            _json_attr(f, "backward_hooks", p) if "backward_hooks" in f.attrs else None
+        )
         self.status: str = _str_attr(f, "status", "unknown")
         self.values_note: str = _str_attr(f, "values_note", "")
         self.graddiff_version: str = _str_attr(f, "graddiff_version", "?")
@@ -607,6 +612,43 @@ class Run:
             raise TraceFileError(p, f"corrupt graddiff file: optimizer settings: {exc}") from None
         self._optimizer_settings = settings
         return settings
+
+    def reach(self, step: int) -> Optional[dict[str, int]]:
+        """How many backward passes accumulated into each parameter's ``.grad`` at ``step``
+        (``/reach``; a parameter not listed: none). None when not recorded (older files,
+        torch without post-accumulate-grad hooks, gradients not recorded)."""
+        rows = getattr(self, "_reach_rows", None)
+        if rows is None:
+            rows = self._reach_rows = self._read_reach()
+        if not rows:
+            return None
+        at = [r for r in rows if r[0] <= step]
+        return at[-1][1] if at else None
+
+    def _read_reach(self) -> list[tuple[int, dict[str, int]]]:
+        p = self.path
+        if _local_object(self._file, "reach", p) is None:
+            return []
+        table = _read(
+            _check_table(self._file, "reach", OPTIMIZER_DTYPE, p), (), p, "the reach table"
+        )
+        last = int(self.steps[-1]) if len(self.steps) else -1
+        rows = []
+        for row in table:
+            step = int(row["step"])
+            if step > last:
+                continue  # written for a step a crash cut off
+            try:
+                counts = json.loads(_text(row["changes"]))
+            except (ValueError, RecursionError):
+                counts = None
+            if not isinstance(counts, dict) or not all(
+                isinstance(k, str) and type(v) is int and v >= 0 for k, v in counts.items()
+            ):
+                raise TraceFileError(p, f"corrupt graddiff file: reach row of step {step}")
+            rows.append((step, counts))
+        rows.sort(key=lambda r: r[0])
+        return rows
 
     # -- post-mortem (thin delegations to graddiff.postmortem) ------------------------------
     def check(self, **kw: Any) -> Any:

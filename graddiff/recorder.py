@@ -151,6 +151,10 @@ class Recorder:
         self._closure_steps: set[int] = set()  # optimizers inside a wrapped step(closure)
         # optimizer settings per step (changes only); None once it failed
         self._settings: Optional[SettingsWatch] = SettingsWatch(self._param_by_id)
+        # backward passes that accumulated into each parameter's .grad this step
+        # (hooks/reach.py); written when they change, once counting hooks are installed
+        self.counts_reach = False
+        self._reach_last: Optional[dict[str, int]] = None
         self._reset_step_state()
 
     # -- per-step state -----------------------------------------------------------------
@@ -168,6 +172,7 @@ class Recorder:
         self._batches: list[Any] = []  # offered by a framework callback (offer_batch)
         self._forward_ran = False  # the model's own forward ran with grad in this step
         self._arena = None  # taken at the step's first full-values capture
+        self._reach: dict[str, int] = {}
 
     def _next_call(self, kind: str, name: str) -> int:
         key = (kind, name)
@@ -288,6 +293,7 @@ class Recorder:
                         self._seq += 1
             step = self.clock.step
             arena = self._arena
+            reach = self._reach
             self._device_batch.flush()
             self._reset_step_state()
             self.clock.advance()
@@ -301,6 +307,8 @@ class Recorder:
             extra["optimizer"] = settings
         if arena is not None:
             extra["arena"] = arena
+        if self.counts_reach and reach != self._reach_last:
+            extra["reach"] = self._reach_last = reach
         self.writer.submit(step, entries, **extra)
         self.steps_submitted += 1
 
@@ -405,6 +413,13 @@ class Recorder:
         except Exception as exc:
             self.fail(f"internal error in on_grad_output: {type(exc).__name__}: {exc}")
         return None
+
+    def on_accumulate(self, name: str, param: Any = None) -> None:
+        """A backward pass accumulated into ``name``'s .grad (hooks/reach.py); reads nothing
+        of ``param``."""
+        if self.active:
+            reach = self._reach
+            reach[name] = reach.get(name, 0) + 1
 
     @_guarded
     def before_gradient(self, outputs: Any, accumulate: bool) -> None:

@@ -33,6 +33,7 @@ from .hooks.naming import (
     wrapped_module,
 )
 from .hooks.optimizer_hooks import add_step_hooks
+from .hooks.reach import backward_hook_inventory, install_reach_hooks, merge_inventories
 from .hooks.shards import flat_shards, full_parameter_counts, shard_layout
 from .kinds import parse_kinds, with_buffer_start
 from .launch import current_launch, resolve_path, shared_run_id
@@ -169,6 +170,8 @@ class Tracer:
         self._writer: Optional[BackgroundWriter] = None
         self._inner: Optional[nn.Module] = None
         self._compile_state: Optional[tuple[Any, bool]] = None
+        self._hook_scope: Optional[tuple[list, list]] = None
+        self._hooks_at_entry: dict[str, Any] = {}
 
     # -- public -------------------------------------------------------------------------
     def step(self) -> None:
@@ -266,6 +269,16 @@ class Tracer:
         self._writer.set_attr(
             "tied_parameters", json.dumps(tied_parameters(inner, dict(params)), sort_keys=True)
         )
+        # the user's backward hooks (before graddiff adds its own): evidence for backward_hook
+        display_modules = [(module_display_name(n), m) for n, m in modules]
+        self._hook_scope = (display_modules, params)
+        try:
+            self._hooks_at_entry = backward_hook_inventory(display_modules, params)
+            self._writer.set_attr(
+                "backward_hooks", json.dumps(self._hooks_at_entry, sort_keys=True)
+            )
+        except Exception:  # evidence only: never refuse a trace over it (absent: unknown)
+            self._hook_scope = None
         self._recorder = Recorder(
             writer=self._writer,
             params=params,
@@ -295,6 +308,9 @@ class Tracer:
             install_module_hooks(inner, modules, self._recorder, self._bag, compiled=compiled)
             add_step_hooks(self._recorder, self._bag)
             self._bag.add(add_listener(self._recorder))
+            if not self.forward_only and "grad" in self.kinds:
+                unflat = [(n, p) for n, p in params if id(p) not in flat_pieces]
+                self._recorder.counts_reach = install_reach_hooks(unflat, self._recorder, self._bag)
             if self.perturb is not None:  # a twin run: nudge last, once everything is in place
                 nudge_parameters(inner, self.perturb)
         except BaseException:
@@ -314,6 +330,7 @@ class Tracer:
         """Hooks off first, then the last step, then the file. Runs once."""
         try:
             self._bag.remove()
+            self._record_hooks_at_exit()
         finally:
             if self._compile_state is not None:
                 self._restore_compile()
@@ -328,6 +345,18 @@ class Tracer:
                     status = f"stopped: {recorder.failure}"
             if writer is not None:
                 writer.close(status)
+
+    def _record_hooks_at_exit(self) -> None:
+        """Add the user's backward hooks registered during the run (graddiff's are off)."""
+        if self._writer is None or self._hook_scope is None:
+            return
+        try:
+            now = backward_hook_inventory(*self._hook_scope)
+            if now != self._hooks_at_entry:
+                both = merge_inventories(self._hooks_at_entry, now)
+                self._writer.set_attr("backward_hooks", json.dumps(both, sort_keys=True))
+        except Exception:  # evidence only: never fail the user's run over it
+            pass
 
     # torch.compile: module hooks added after compilation are silently skipped unless Dynamo
     # guards on them and recompiles (FIELD-NOTES 6). This forces one recompile, on entry and exit.

@@ -230,7 +230,7 @@ class TraceWriter:
         self._layout_rows = np.zeros(64, dtype=_LAYOUT_DTYPE)
         self._n_entries = 0
         self._n_steps = 0
-        self._optimizer: Optional[h5py.Dataset] = None  # /optimizer, made at its first row
+        self._json_tables: dict[str, h5py.Dataset] = {}  # /optimizer, /reach: at their first row
         self._step_row = np.zeros(1, dtype=STEP_DTYPE)
         self._stage = np.zeros(WRITE_BYTES, dtype=np.uint8)  # small values, gathered
         self._last_step_bytes = 0
@@ -306,12 +306,14 @@ class TraceWriter:
         entries: Sequence[EntryData],
         optimizer: Optional[list] = None,
         arena: Optional[Arena] = None,
+        reach: Optional[dict] = None,
     ) -> int:
         """Append one complete step, flush, and mark it complete. Returns bytes of values.
 
         ``optimizer``: the changes of the optimizer settings at this step (``/optimizer``).
         ``arena``: the step's staging buffer, where the recorder copied the values it keeps;
         entries whose values lie in it are written from it in a few large pieces.
+        ``reach``: backward passes per parameter at this step, when they changed (``/reach``).
         """
         entries = sorted(entries, key=lambda e: (CAUSAL_RANK.get(e.kind, 99), e.seq))
         rows, new_records, segments, offset = self._rows(step, entries, arena)
@@ -333,6 +335,8 @@ class TraceWriter:
             self._write_values(f"{step:08d}", segments, offset)
         if optimizer:
             self._write_optimizer(step, optimizer)
+        if reach is not None:
+            self._write_json_row("reach", step, reach)
         self._n_entries = start + len(rows)
         row = self._step_row
         row[0] = (step, start, self._n_entries, 0 if segments is None else 1, time.time())
@@ -345,15 +349,20 @@ class TraceWriter:
     def _write_optimizer(self, step: int, changes: list) -> None:
         """One ``/optimizer`` row: the step and its settings changes as JSON (before the
         commit marker, so a row whose step is not committed is ignored by readers)."""
-        if self._optimizer is None:
-            self._optimizer = self._file.create_dataset(
-                "optimizer", (0,), dtype=OPTIMIZER_DTYPE, maxshape=(None,), chunks=(64,)
+        self._write_json_row("optimizer", step, changes)
+
+    def _write_json_row(self, table: str, step: int, payload: Any) -> None:
+        """One row (step, JSON) of a changes-only table (``/optimizer``, ``/reach``), made at
+        its first row."""
+        ds = self._json_tables.get(table)
+        if ds is None:
+            ds = self._json_tables[table] = self._file.create_dataset(
+                table, (0,), dtype=OPTIMIZER_DTYPE, maxshape=(None,), chunks=(64,)
             )
-        ds = self._optimizer
         n = ds.shape[0]
         ds.resize((n + 1,))
         row = np.zeros(1, dtype=OPTIMIZER_DTYPE)
-        row[0] = (step, json.dumps(changes, sort_keys=True, default=str))
+        row[0] = (step, json.dumps(payload, sort_keys=True, default=str))
         ds[n:] = row
 
     def _rows(
@@ -623,6 +632,7 @@ class BackgroundWriter:
         entries: list,
         optimizer: Optional[list] = None,
         arena: Optional[Arena] = None,
+        reach: Optional[dict] = None,
     ) -> None:
         """Queue a finished step (with its optimizer settings changes, if any, and the arena
         its kept values were copied into, if any). After a
@@ -636,6 +646,8 @@ class BackgroundWriter:
                 extra["optimizer"] = optimizer
             if arena is not None:
                 extra["arena"] = arena
+            if reach is not None:
+                extra["reach"] = reach
             self._queue.put(("step", step, entries, extra))
         elif arena is not None:
             arena.release()

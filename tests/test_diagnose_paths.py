@@ -158,9 +158,16 @@ def test_missing_detach_without_output_gradients(tmp_path, two_optimizers):
     if two_optimizers:  # D's step: G gets a gradient in B only, and has one in A at step 1
         assert "reaches G (Sequential) in B at step 0" in r.cause.title
         assert "A computes gradients for them at other steps (step 1)" in text
-    else:  # one step: G's gradients differ, D's agree
-        assert "gradient path into G (Sequential) differs" in r.cause.title
+    else:  # one step: G's gradients differ, D's agree; both runs call backward twice, and
+        # the discriminator loss's backward also reaches G in B (counted per parameter)
+        assert "an extra gradient path reaches G (Sequential) in B" in r.cause.title
         assert "the other 4 agree (D.0.weight, D.0.bias, D.2.weight (all Linear)" in text
+        assert "at step 0: 1 in A, 2 in B (counted by a post-accumulate-grad hook" in text
+        assert "a backward pass reaches them in B and not in A" in text
+        assert "the other 4 parameter(s) are reached by as many backward passes" in text
+        assert "both runs take 2 gradient(s)" in text
+        assert "side not known" not in r.cause.title
+        assert "detach the tensor that feeds the other loss in B" in r.cause.fix
     assert not diagnosis_unlabelled(r)
     # without the losses (or activations) compared the forward is unknown: no path is claimed
     r = graddiff.compare(a, b, kinds=["param", "grad"])

@@ -376,11 +376,79 @@ def _losses_equal(x: Context, step: int) -> bool:
     return bool(found) and all(code == EQUAL for code in found)
 
 
-def _no_side(x: Context, step: int, kinds: tuple[str, ...]) -> str:
+def _reach_counts(x: Context, step: int, names: list[str]) -> Optional[tuple[list, list]]:
+    """Per parameter, the backward passes that accumulated into its .grad at the step in A
+    and in B (``/reach``), or None where either run did not record them."""
+    ra, rb = x.pair.run("a").reach(step), x.pair.run("b").reach(step)
+    if ra is None or rb is None or not names:
+        return None
+    return [ra.get(n, 0) for n in names], [rb.get(n, 0) for n in names]
+
+
+def _reach_side(
+    x: Context, step: int, differ: list[Slot], agree: list[Slot]
+) -> tuple[Optional[str], list[str], Optional[str]]:
+    """The run in which more backward passes reach the parameters whose gradients differ:
+    (side or None, evidence, why no side or None). A path from another backward call shows
+    there; paths within one backward pass meet in one accumulation and count once."""
+    grads = [s for s in differ if s.kind == "grad"]
+    counts = _reach_counts(x, step, [s.name for s in grads])
+    if counts is None:
+        return None, [], None
+    ca, cb = counts
+    if all(a > b for a, b in zip(ca, cb)) or all(a < b for a, b in zip(ca, cb)):
+        side = "A" if ca[0] > cb[0] else "B"
+        other = "B" if side == "A" else "A"
+        ev = [
+            f"backward passes that accumulate into the .grad of {x.names(grads, 3)} at step "
+            f"{step}: {_counts_text(ca)} in A, {_counts_text(cb)} in B (counted by a "
+            "post-accumulate-grad hook per parameter): a backward pass reaches them in "
+            f"{side} and not in {other}"
+        ]
+        rest = [s for s in agree if s.kind == "grad"]
+        same = _reach_counts(x, step, [s.name for s in rest])
+        if same is not None and same[0] == same[1]:
+            ev.append(
+                f"the other {len(rest)} parameter(s) are reached by as many backward passes "
+                "in both runs"
+            )
+        ev.append(
+            f"so the extra path is in {side} (or {other} cuts a path that {side} keeps: a "
+            f".detach() or no_grad too many in {other})"
+        )
+        return side, ev, None
+    if ca == cb:
+        return (
+            None,
+            [],
+            (
+                f"as many backward passes accumulate into their .grad in both runs "
+                f"({_counts_text(ca)}): the paths part within one backward pass, where they meet "
+                "in one accumulation"
+            ),
+        )
+    return (
+        None,
+        [],
+        (
+            f"the backward passes that accumulate into them differ both ways ({_counts_text(ca)} "
+            f"in A, {_counts_text(cb)} in B)"
+        ),
+    )
+
+
+def _counts_text(counts: list[int]) -> str:
+    got = sorted(set(counts))
+    return str(got[0]) if len(got) == 1 else f"{got[0]}..{got[-1]}"
+
+
+def _no_side(x: Context, step: int, kinds: tuple[str, ...], reach: Optional[str] = None) -> str:
     """Why the run with the path is not named: the records are symmetric (the numbers of
     gradient calls are said next to it, by _calls_text)."""
     reasons = ["no torch.autograd.grad call leaves these parameters out in either run"]
     reasons.append("neither run's gradients of them are all zeros")
+    if reach is not None:
+        reasons.append(reach)
     if "grad_output" in x.compared:
         reasons.append(
             "the output gradients were compared and no module's output receives gradients "
@@ -481,20 +549,31 @@ def _differs_in_subnet(x: Context) -> Optional[Cause]:
             f"their {what} are all zeros in {'A' if side == 'B' else 'B'}: no backward pass "
             "reaches them there"
         )
-    pdiff = differ if kinds == _GRADS else _partition(x, step, _GRADS)[0]
+    pdiff, pagree = (differ, agree) if kinds == _GRADS else _partition(x, step, _GRADS)
     rside, rev = _routing(x, step, pdiff) if pdiff else (None, [])
     ev.extend(rev)
+    cside, cev, why_not = (None, [], None)
+    if side is None and rside is None:
+        cside, cev, why_not = _reach_side(x, step, pdiff, pagree)
+        ev.extend(cev)
     calls = _calls_text(x, step)
     if calls:
         ev.append(calls)
-    if side is None and rside is None:
-        ev.append(_no_side(x, step, kinds))
-    ev.append(
-        ("ranked second: " if every else "")
-        + "a backward hook or custom autograd.Function that changes these gradients alone "
-        + ("(or gradient noise) " if every else "")
-        + "would look the same"
-    )
+    if side is None and rside is None and cside is None:
+        ev.append(_no_side(x, step, kinds, why_not))
+    side = side or cside
+    if cside is not None:
+        ev.append(
+            "not a backward hook or custom autograd.Function alone: those change a gradient, "
+            "not how many backward passes reach it"
+        )
+    else:
+        ev.append(
+            ("ranked second: " if every else "")
+            + "a backward hook or custom autograd.Function that changes these gradients alone "
+            + ("(or gradient noise) " if every else "")
+            + "would look the same"
+        )
     if not stats_only:
         worst = max((x.rel(s, step) or 0.0) for s in differ)
         ev.append(f"largest relative difference among them: {fmt(worst)}")
