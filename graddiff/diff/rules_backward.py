@@ -281,6 +281,13 @@ def rule_loss_scale(x: Context):
             "rate)",
         )
     p2 = power_of_two(k)
+    if p2 is None:
+        # a loss weight only from corroborating evidence: one ratio of two different losses
+        # exists for any two losses (a dropped term, another loss function)
+        why = _weight_corroborated(x, c, len(ratios), gk, k)
+        if why is None:
+            return None
+        ev.append(why)
     weight = Cause(
         "loss_scale",
         f"{big}'s loss is {fmt(k)}x the other run's: a loss weight or normalisation differs "
@@ -322,6 +329,32 @@ def rule_loss_scale(x: Context):
             fix,
         )
     return Cause("loss_scaling", scaled, ev, fix)
+
+
+def _weight_corroborated(
+    x: Context, c: float, n_ratios: int, gk: Optional[float], k: float
+) -> Optional[str]:
+    """What besides one loss ratio shows a constant loss weight c (A's loss / B's), or None:
+    several loss calls of the step with the same ratio, the gradients scaled by the same
+    factor, or the same ratio at another step."""
+    if n_ratios >= 2:
+        return f"all {n_ratios} loss calls of step {x.step} have this ratio"
+    if gk is not None and abs(gk / k - 1) < 0.01:
+        return "the gradients are scaled by the same factor as the loss"
+    for t in x.pair.steps.tolist():
+        if t == x.step:
+            continue
+        got = []
+        for s, _ in x.slots_of(t, ("loss",)):
+            va, vb = x.v("a", s, t), x.v("b", s, t)
+            if va is None or vb is None or va.size != 1 or vb.size != 1:
+                continue
+            a, b = float(va.ravel()[0]), float(vb.ravel()[0])
+            if b != 0 and np.isfinite(a / b):
+                got.append(a / b)
+        if got and all(abs(r / c - 1) <= 1e-4 for r in got):
+            return f"the losses have the same ratio at step {t} (within 1e-4)"
+    return None
 
 
 def _grad_factor(x: Context, big: str) -> Optional[float]:

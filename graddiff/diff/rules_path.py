@@ -567,6 +567,16 @@ def _differs_in_subnet(x: Context) -> Optional[Cause]:
             "not a backward hook or custom autograd.Function alone: those change a gradient, "
             "not how many backward passes reach it"
         )
+    elif _same_hooks(x):
+        ev.append(
+            "the user's backward hooks on the traced modules and parameters are the same in "
+            "both runs (recorded at trace entry and exit), so not such a hook; "
+            + ("ranked second: " if every else "")
+            + "a custom autograd.Function or a hook on an intermediate tensor (registered in "
+            "forward, not recorded) that changes these gradients alone "
+            + ("(or gradient noise) " if every else "")
+            + "would look the same"
+        )
     else:
         ev.append(
             ("ranked second: " if every else "")
@@ -600,6 +610,16 @@ def _differs_in_subnet(x: Context) -> Optional[Cause]:
         title += " (from statistics)"
     fix = _fix(side) if side is not None or rside is None else _fix(None, rside)
     return Cause("extra_grad_path", title, ev, fix)
+
+
+def _same_hooks(x: Context) -> bool:
+    """Both runs recorded their backward hooks (``backward_hooks``) and they are the same."""
+    ha, hb = x.pair.run("a").backward_hooks, x.pair.run("b").backward_hooks
+    return ha is not None and hb is not None and _canon(ha) == _canon(hb)
+
+
+def _canon(hooks: dict) -> dict:
+    return {part: hooks.get(part) or {} for part in ("modules", "params", "global")}
 
 
 def _zero_none_slots(x: Context, step: int) -> tuple[list[Slot], Optional[str]]:
