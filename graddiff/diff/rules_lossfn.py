@@ -108,14 +108,50 @@ def rule_loss_term(x: Context) -> Optional[Cause]:
     The same code on bitwise-equal tensors gives a bitwise-equal loss, so a loss that differs
     at all (even below the tolerance) is computed differently; a forgotten ``.detach()`` adds a
     gradient path without changing any value, and a loss weight also scales the gradient into
-    the model's output (rules_backward), so neither fits.
+    the model's output (rules_backward), so neither fits. Where the gradient into the model's
+    output is bitwise equal, an earlier output gradient that differs at all (even below the
+    tolerance) received a different contribution from the loss directly: backpropagating equal
+    gradients through an equal forward gives equal results (a deterministic backward; not
+    claimed for CUDA runs without deterministic algorithms).
+
+    Read at the divergence's step, or else at the first bitwise difference, when that is an
+    earlier step whose forward pass was still bitwise equal (a small term: the runs part below
+    the tolerance there, and the divergence shows later, after updates made the forward differ).
     """
     s = x.slot
-    if s.kind not in ("grad_output", "grad", "autograd_grad"):
+    if s.kind not in ("grad_output", "grad", "autograd_grad", "param", "activation", "loss"):
         return None
     if not {"loss", "activation", "grad_output"} <= x.compared:
         return None
-    step = x.step
+    if s.kind in ("grad_output", "grad", "autograd_grad"):
+        cause = _loss_term_at(x, x.step)
+        if cause is not None:
+            return cause
+    o = x.walk.first_bitwise
+    if o is None or o.step >= x.step:
+        return None
+    cause = _loss_term_at(x, o.step)
+    if cause is not None:
+        cause.evidence.insert(
+            1,
+            f"this is the first step where the runs part (the first bitwise difference, step "
+            f"{o.step}); the divergence beyond the tolerance shows at step {x.step} "
+            f"({x.label(s)}: {x.hit_text()}), after updates from these gradients",
+        )
+    return cause
+
+
+def _deterministic_backward(x: Context) -> bool:
+    """Equal gradients through an equal forward give equal results: on the CPU, or with
+    deterministic algorithms on an accelerator (both runs)."""
+    for side in ("a", "b"):
+        env = x.pair.run(side).environment or {}
+        if env.get("device", "cpu") != "cpu" and not env.get("deterministic_algorithms"):
+            return False
+    return True
+
+
+def _loss_term_at(x: Context, step: int) -> Optional[Cause]:
     if any(code != EQUAL for _, code in x.slots_of(step, ("param", "input", "activation"))):
         return None
     losses = [(t, x.rel(t, step)) for t, code in x.slots_of(step, ("loss",)) if code != EQUAL]
@@ -127,10 +163,15 @@ def rule_loss_term(x: Context) -> Optional[Cause]:
     head = [t for t, _ in outs if (t.name, t.call) in first]
     if not head or any((x.rel(t, step) or 0.0) > x.rtol for t in head):
         return None
+    exact = _deterministic_backward(x) and all(
+        code == EQUAL for t, code in outs if (t.name, t.call) in first
+    )
     inner = [
         t
         for t, code in outs
-        if code != EQUAL and (t.name, t.call) not in first and (x.rel(t, step) or 0.0) > x.rtol
+        if code != EQUAL
+        and (t.name, t.call) not in first
+        and (exact or (x.rel(t, step) or 0.0) > x.rtol)
     ]
     if not inner:
         return None
@@ -140,9 +181,17 @@ def rule_loss_term(x: Context) -> Optional[Cause]:
         + (", below the tolerance" if worst <= x.rtol else "")
         + f") while {x.agree(('param', 'input', 'activation'), 'are bitwise equal')}: the same "
         "code on the same tensors gives the same loss, so the loss is computed differently",
-        f"the gradient the loss feeds the model's output agrees ({x.names(head)}), but the "
-        f"output gradients of {len(inner)} earlier record(s) differ ({x.names(inner)}): "
-        "the loss also reads those outputs, differently in the two runs",
+        (
+            f"the gradient the loss feeds the model's output is bitwise equal ({x.names(head)}), "
+            f"but the output gradients of {len(inner)} earlier record(s) differ "
+            f"({x.names(inner)}): backpropagating an equal gradient through an equal forward "
+            "gives equal results, so the loss reaches those outputs directly, differently in "
+            "the two runs"
+            if exact
+            else f"the gradient the loss feeds the model's output agrees ({x.names(head)}), "
+            f"but the output gradients of {len(inner)} earlier record(s) differ "
+            f"({x.names(inner)}): the loss also reads those outputs, differently in the two runs"
+        ),
         "not a forgotten .detach() (a path changes gradients, not the loss value) and not a "
         "loss weight (it would scale the gradient into the model's output too)",
     ]
