@@ -25,6 +25,11 @@ A trace is an HDF5 file in HDF5's default (oldest compatible) format, flushed af
                                                      (absent in older files: {}); used by
                                                      compare --map auto and shown with every
                                                      record name (graddiff.modclass)
+                                   module_settings = JSON {module name: its extra_repr() on
+                                                     one line, <= 400 characters}, written
+                                                     once; modules printing nothing are left
+                                                     out; optional (older files: {}); the
+                                                     evidence for compare's module_config
                                    tied_parameters = JSON {alias name: recorded name}: the
                                                      parameters registered under several
                                                      names (tied weights, found at trace

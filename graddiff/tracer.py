@@ -23,6 +23,7 @@ from .errors import TraceUsageError
 from .hooks.autograd_hooks import add_listener
 from .hooks.handles import HandleBag
 from .hooks.module_hooks import install_module_hooks
+from .hooks.module_settings import module_settings
 from .hooks.naming import (
     ROOT_NAME,
     clean_name,
@@ -265,6 +266,12 @@ class Tracer:
         # evidence for --map auto
         classes = {module_display_name(n): type(wrapped_module(m)).__name__ for n, m in modules}
         self._writer.set_attr("module_classes", json.dumps(classes))
+        # module settings (extra_repr: eps, momentum, p, approximate, ...): evidence for
+        # compare's module_config cause
+        self._writer.set_attr(
+            "module_settings",
+            json.dumps({module_display_name(n): t for n, t in module_settings(modules).items()}),
+        )
         # parameter aliasing (tied weights): evidence for compare's tied_weights cause
         self._writer.set_attr(
             "tied_parameters", json.dumps(tied_parameters(inner, dict(params)), sort_keys=True)

@@ -25,9 +25,7 @@ def unlabelled(text: str, names: dict[str, str]) -> list[str]:
         pat = rf"(?<![\w.]){re.escape(name)}(?!\w|\.\w|\()"  # "D(x)": code, a call
         for m in re.finditer(pat, text):
             tail = text[m.end() :]
-            group = (
-                rf"^(?:,\s+(?:[a-z_]+ )?{_NAME}(?=[,\s]))*\s+\((?:both\s+|all\s+)?{re.escape(cls)}\)"
-            )
+            group = rf"^(?:,\s+(?:[a-z_]+ )?{_NAME}(?=[,\s]))*\s+\((?:both\s+|all\s+)?{re.escape(cls)}\)"
             if not re.match(group, tail):
                 bad.append(f"{name} (expected {cls}): ...{text[m.start() : m.end() + 40]}...")
     return bad

@@ -24,6 +24,7 @@ from .rules_backward import (
     rule_unscaled_micro_batches,
 )
 from .rules_clip import rule_clip_by_value, rule_clip_while_scaled
+from .rules_config import rule_module_config
 from .rules_forward import (
     rule_dropout,
     rule_generic,
@@ -128,6 +129,7 @@ RULES: tuple[Callable[[Context], Any], ...] = (
     rule_loss_term,
     rule_grad_path,
     rule_zero_vs_none,
+    rule_module_config,
     rule_structure,
     rule_accumulation_steps,
     rule_loss_calls,
@@ -150,11 +152,16 @@ RULES: tuple[Callable[[Context], Any], ...] = (
 #: A rule is skipped when an earlier rule has named one of these causes (a more specific
 #: reading of the same evidence).
 SUPPRESSED_BY: dict[Callable[[Context], Any], frozenset] = {
-    rule_structure: GRAPH_CAUSES,
+    rule_structure: GRAPH_CAUSES | {"module_config"},  # the settings explain the shapes
     rule_grad_path: GRAPH_CAUSES | {"loss_function"},  # a loss term explains the gradients
     rule_loss_calls: GRAPH_CAUSES,  # a path through another gradient call explains the calls
     rule_scaled_grads: CLIP_CAUSES,
     **{rule: frozenset({"accumulation_steps"}) for rule in BATCH_RULES},
+}
+#: A cause is dropped when a later rule names one of these: a more specific reading of the
+#: same module (its recorded settings then stand in that cause's evidence).
+SUPERSEDED_BY: dict[str, frozenset] = {
+    "module_config": frozenset({"dropout_rate", "batchnorm_stats", "train_eval_mode"}),
 }
 #: Generic rules: used only when no specific rule matched and rounding does not explain it.
 LATE_RULES: tuple[Callable[[Context], Any], ...] = (
@@ -228,13 +235,19 @@ def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> li
     tiny = hit.status in ("values", "stats") and rounding_level(hit.rel, dtype)
     # rounding-level: no behavioural cause, except an update rule the series prove (a tiny
     # weight decay is rounding-sized per step, and the fit still sees it)
-    rules = (rule_nonfinite, rule_structure, rule_update_specific) if tiny else RULES
+    rules = (
+        (rule_nonfinite, rule_module_config, rule_structure, rule_update_specific)
+        if tiny
+        else RULES
+    )
     causes: list[Cause] = []
     for rule in rules:
         if any(c.cause in SUPPRESSED_BY.get(rule, ()) for c in causes):
             continue
         c = rule(x)
         causes.extend(c if isinstance(c, list) else ([c] if c is not None else []))
+    named = {c.cause for c in causes}
+    causes = [c for c in causes if not SUPERSEDED_BY.get(c.cause, frozenset()) & named]
     plausible = tiny or _amplification_plausible(x)
     rounding = _rounding(x, secondary=bool(causes) or not plausible)
     if not causes and (rounding is None or not plausible):

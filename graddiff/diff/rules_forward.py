@@ -15,6 +15,7 @@ from .compare_records import EQUAL, MISSING_A, MISSING_B, SHAPE
 from .context import Cause, Context, fmt
 from .exact import rel_diff
 from .noise import eps_of
+from .rules_config import settings_evidence
 
 
 def rule_structure(x: Context) -> Optional[Cause]:
@@ -421,7 +422,8 @@ def _dropout_rate(x: Context, a, b, za, zb, both) -> Optional[Cause]:
         ev
         + [
             "the module's input agrees (every earlier compared record is within tolerance)",
-        ],
+        ]
+        + [t for t in (settings_evidence(x, x.slot.name),) if t],
         "use the same dropout probability in both runs (nn.Dropout(p), a config's "
         "*_pdrop / hidden_dropout_prob)",
     )

@@ -27,6 +27,7 @@ from .update_fit import (
     fit_sgd,
     fresh_decay,
 )
+from .rules_config import settings_evidence
 from .update_series import series as _series
 
 
@@ -65,6 +66,9 @@ def rule_batchnorm(x: Context) -> Optional[Cause]:
                 f"running statistics move {fmt(ratio)}x as far per step in A as in B "
                 f"(momentum ratio A/B ~ {fmt(ratio)})"
             )
+    settings = settings_evidence(x, x.slot.name.rsplit(".", 1)[0])
+    if settings:
+        ev.append(settings)
     return Cause(
         "batchnorm_stats",
         title,

@@ -130,5 +130,5 @@ def same_run_note(a: Run, b: Run) -> str:
         f"A and B are ranks {ea.get('rank')} and {eb.get('rank')} of one distributed run: their "
         f"inputs, activations and losses differ by design; 'graddiff ranks' checks what must "
         f"agree (parameters, step-start buffers, all-reduced gradients), and 'graddiff compare "
-        f"\"run_*.h5\" single.h5' compares the merged ranks with a single process"
+        f'"run_*.h5" single.h5\' compares the merged ranks with a single process'
     )
