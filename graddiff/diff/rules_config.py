@@ -48,6 +48,7 @@ def settings_diff(a: str, b: str) -> list[tuple[str, str, str]]:
     Items ``key=value`` are matched by key, the others by position; a key present in one
     string only reads ``(absent)`` on the other side.
     """
+
     def keyed(text: str) -> dict[str, str]:
         out: dict[str, str] = {}
         for i, item in enumerate(split_settings(text)):
@@ -58,9 +59,7 @@ def settings_diff(a: str, b: str) -> list[tuple[str, str, str]]:
     ka, kb = keyed(a), keyed(b)
     keys = list(ka) + [k for k in kb if k not in ka]
     return [
-        (k, ka.get(k, "(absent)"), kb.get(k, "(absent)"))
-        for k in keys
-        if ka.get(k) != kb.get(k)
+        (k, ka.get(k, "(absent)"), kb.get(k, "(absent)")) for k in keys if ka.get(k) != kb.get(k)
     ]
 
 

@@ -14,6 +14,7 @@ from .context import Cause, Context, fmt
 from .noise import ROUNDING_ULPS, eps_of
 from .pooled import MAX_SOURCES, decay_only, fresh_given, fresh_pooled, predicted, sgd_residual
 from .rules_clipafter import clip_after_record
+from .rules_config import settings_evidence
 from .rules_schedule import schedule_cause
 from .update_fit import (
     FIT_TOL,
@@ -27,7 +28,6 @@ from .update_fit import (
     fit_sgd,
     fresh_decay,
 )
-from .rules_config import settings_evidence
 from .update_series import series as _series
 
 
