@@ -275,9 +275,7 @@ class Run:
         self.module_classes: dict[str, Any] = _json_attr(f, "module_classes", p)
         #: module name -> its settings as torch prints them (``extra_repr``; older files: empty)
         self.module_settings: dict[str, str] = {
-            str(k): v
-            for k, v in _json_attr(f, "module_settings", p).items()
-            if isinstance(v, str)
+            str(k): v for k, v in _json_attr(f, "module_settings", p).items() if isinstance(v, str)
         }
         #: alias name -> recorded parameter name (tied weights); None: not recorded (older file)
         self.tied_parameters: Optional[dict[str, str]] = (
