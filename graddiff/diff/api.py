@@ -493,6 +493,10 @@ def _compare(
         "zero_vs_none": [
             {"label": al.slots[slot].label, "steps": n} for slot, n in sorted(w.zero_none.items())
         ],
+        "extra_outputs": [
+            {"label": al.slots[slot].label, "steps": n, "in": _side_of(al.slots[slot])}
+            for slot, n in sorted(w.extra_outputs.items())
+        ],
         "steps_only_in_a": _span(only_a),
         "steps_only_in_b": _span(only_b),
     }
@@ -502,6 +506,14 @@ def _compare(
             f"{n} gradient record{'s are' if n != 1 else ' is'} None in one run and all zeros in "
             "the other at some steps (zero_grad(set_to_none=...) differs, or an unused "
             "parameter): compared as equal, a None gradient being zero (see structure)"
+        )
+    if w.extra_outputs:
+        n = len(w.extra_outputs)
+        notes.append(
+            f"{n} module output record{'s are' if n != 1 else ' is'} recorded in one run only, "
+            "while the same modules' other outputs are in both (one implementation returns an "
+            "extra value, such as attention weights, that the other returns as None): not "
+            "compared: what it feeds is recorded and compared (see structure)"
         )
     report = Report(
         run_a=ra.path,
@@ -585,6 +597,11 @@ def _steps_text(steps: np.ndarray) -> str:
     contiguous = int(steps[-1]) - int(steps[0]) + 1 == n
     span = f"{int(steps[0])}..{int(steps[-1])}" if n > 1 else f"{int(steps[0])}"
     return f"{n} step{'s' if n > 1 else ''} ({span}{'' if contiguous else ', with gaps'})"
+
+
+def _side_of(slot) -> str:
+    """ "A" or "B": the run that records a one-sided slot."""
+    return "A" if slot.keys_a else "B"
 
 
 def _step_mismatch(

@@ -309,6 +309,35 @@ def _all_zero(s: Side) -> np.ndarray:
     return s.present & (s.max == 0) & (s.min == 0) & (s.nan == 0) & (s.inf == 0)
 
 
+#: Kinds named after a module output (``module:path`` when the module returns several).
+OUTPUT_KINDS = ("activation", "grad_output")
+
+
+def extra_outputs(al: Alignment, c: Cells) -> np.ndarray:
+    """Cells of a module output recorded in one run only while another output of the same
+    module is recorded in both (at that step): one run's module returns an extra value
+    (eager attention's weights, a ``past_key_values`` entry) that the other returns as None.
+
+    Such a cell is an interface difference, not a computation one: every value that the extra
+    output feeds is itself recorded and compared.
+    """
+    if not len(c):
+        return np.zeros(0, bool)
+    groups: dict[str, int] = {}
+    group = np.full(max(len(al.slots), 1), -1, np.int64)
+    for s in al.slots:
+        if s.kind in OUTPUT_KINDS and ":" in s.name:
+            group[s.index] = groups.setdefault(s.name.split(":", 1)[0], len(groups))
+    g = group[c.slot]
+    one_sided = (g >= 0) & np.isin(c.code, (MISSING_A, MISSING_B))
+    if not one_sided.any():
+        return one_sided
+    is_act = np.array([s.kind == "activation" for s in al.slots] or [False])[c.slot]
+    both = (g >= 0) & is_act & c.a.present & c.b.present
+    key = c.step.astype(np.int64) * (len(groups) + 1) + g
+    return one_sided & np.isin(key, key[both])
+
+
 def none_vs_zero(al: Alignment, slot: np.ndarray, a: Side, b: Side) -> np.ndarray:
     """Cells of gradient kinds absent (None) in one run and all zeros in the other."""
     grads = np.array([s.kind in ZERO_WHEN_ABSENT for s in al.slots] or [False])[slot]

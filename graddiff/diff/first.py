@@ -26,6 +26,7 @@ from .compare_records import (
     STATS,
     Cells,
     classify,
+    extra_outputs,
 )
 from .exact import ValueDiff
 from .pair import RunPair
@@ -70,6 +71,9 @@ class WalkResult:
     #: slot -> steps where its gradient was None in one run and all zeros in the other
     #: (compared as equal: compare_records.none_vs_zero)
     zero_none: dict[int, int] = field(default_factory=dict)
+    #: slot -> steps where this module output was recorded in one run only while another
+    #: output of the module was in both (compare_records.extra_outputs): not compared
+    extra_outputs: dict[int, int] = field(default_factory=dict)
 
 
 def _facts(c: Cells, i: int, pair: RunPair) -> dict:
@@ -147,6 +151,7 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
     changes: dict[tuple[str, int], tuple[int, dict]] = {}
     unjudged: dict[int, int] = {}
     zero_none: dict[int, int] = {}
+    one_sided: dict[int, int] = {}
     kind_col = {k: j for j, k in enumerate(ALL_KINDS)}
     slot_col = np.array([kind_col.get(s.kind, 0) for s in pair.al.slots] or [0], np.int64)
     steps = pair.steps
@@ -164,6 +169,10 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         unsure = (c.code == STATS) & c.loose & ~different
         for slot, n in zip(*np.unique(c.slot[unsure], return_counts=True)):
             unjudged[int(slot)] = unjudged.get(int(slot), 0) + int(n)
+        extra = extra_outputs(pair.al, c)
+        different &= ~extra
+        for slot, n in zip(*np.unique(c.slot[extra], return_counts=True)):
+            one_sided[int(slot)] = one_sided.get(int(slot), 0) + int(n)
         zn = (c.code == EQUAL) & (c.a.present != c.b.present)
         for slot, n in zip(*np.unique(c.slot[zn], return_counts=True)):
             zero_none[int(slot)] = zero_none.get(int(slot), 0) + int(n)
@@ -264,4 +273,5 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         changes,
         unjudged,
         zero_none,
+        one_sided,
     )
