@@ -41,6 +41,7 @@ from .rules_hooks import rule_backward_hook
 from .rules_lossfn import rule_loss_function, rule_loss_term
 from .rules_micro import rule_accumulation_steps, rule_loss_calls
 from .rules_nonfinite import rule_nonfinite
+from .rules_noupdate import rule_no_update
 from .rules_path import rule_grad_path, rule_zero_vs_none
 from .rules_ranks import rule_rank_local_batchnorm
 from .rules_settings import apply_settings
@@ -144,6 +145,7 @@ RULES: tuple[Callable[[Context], Any], ...] = (
     rule_dropout,
     rule_rank_local_batchnorm,
     rule_batchnorm,
+    rule_no_update,
     rule_update_specific,
     rule_unscaled_micro_batches,
     rule_loss_scale,

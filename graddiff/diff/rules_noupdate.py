@@ -1,0 +1,79 @@
+"""Diagnosis rule: one run's optimizer step applied no gradient.
+
+The recorded ``.grad`` is the gradient backward produced. When a run clears it between
+``backward()`` and ``step()`` (``zero_grad()`` in the wrong place), or skips the step, its
+parameters stay bitwise unchanged across the update although their recorded gradients are
+not zero, while the other run's move. Bitwise unchanged is read from the fingerprints, so
+statistics-only traces show it too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .context import Cause, Context
+
+#: How many parameter names the evidence lists.
+SHOWN = 4
+
+
+def _fact(run: Any, kind: str, name: str, step: int) -> Optional[dict]:
+    try:
+        return run.stats(kind, name, step)
+    except Exception:  # not recorded at that step in this run
+        return None
+
+
+def _unchanged(x: Context, side: str, prev: int, step: int) -> tuple[list, list]:
+    """(parameters bitwise unchanged from prev to step although their gradient at prev is
+    non-zero, parameters that moved) in this run."""
+    run = x.pair.run(side)
+    still, moved = [], []
+    for s, _ in x.slots_of(step, ("param",)):
+        before, after = _fact(run, "param", s.name, prev), _fact(run, "param", s.name, step)
+        grad = _fact(run, "grad", s.name, prev)
+        if before is None or after is None or grad is None:
+            continue
+        if not grad["norm"] or grad["nan"] or grad["inf"]:
+            continue  # no usable gradient: not moving is expected (or a skipped inf step)
+        (still if before["fingerprint"] == after["fingerprint"] else moved).append(s)
+    return still, moved
+
+
+def rule_no_update(x: Context) -> Optional[Cause]:
+    """A parameter diverges after an update that left every parameter of one run unchanged
+    despite non-zero gradients, while the other run's parameters moved."""
+    if x.slot.kind != "param":
+        return None
+    prev = x.prev(x.step)
+    if prev is None or x.within(prev, ("param",)) is False:
+        return None
+    found = {side: _unchanged(x, side, prev, x.step) for side in ("a", "b")}
+    for side, other in (("a", "b"), ("b", "a")):
+        still, moved = found[side]
+        o_still, o_moved = found[other]
+        if not still or moved or not o_moved or o_still:
+            continue
+        S, T = side.upper(), other.upper()
+        grads = x.within(prev, ("grad", "autograd_grad"))
+        return Cause(
+            "no_update",
+            f"{S}'s optimizer step at step {prev} applied no gradient: its parameters stay "
+            "bitwise unchanged",
+            [
+                f"in {S}, {x.names(still, SHOWN)} are bitwise unchanged from step {prev} to "
+                f"{x.step} (fingerprints) although their recorded gradients at step {prev} are "
+                "non-zero and finite",
+                f"in {T}, {x.names(o_moved, SHOWN)} move at the same update",
+                (
+                    f"at step {prev} the compared parameters and gradients agree: the gradient "
+                    f"{S} computed never reached its update"
+                    if grads
+                    else f"at step {prev} the compared parameters agree"
+                ),
+            ],
+            "call optimizer.zero_grad() before backward() or after step(), never between "
+            "backward() and step(); check that step() runs at every update (a condition, or "
+            "a GradScaler skipping steps, also leaves the parameters unchanged)",
+        )
+    return None
