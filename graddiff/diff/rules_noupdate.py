@@ -40,9 +40,16 @@ def _unchanged(x: Context, side: str, prev: int, step: int) -> tuple[list, list]
     return still, moved
 
 
+def _moves(x: Context, side: str, prev: int, step: int) -> bool:
+    """Every parameter with a usable gradient moved at this update in this run."""
+    still, moved = _unchanged(x, side, prev, step)
+    return bool(moved) and not still
+
+
 def rule_no_update(x: Context) -> Optional[Cause]:
     """A parameter diverges after an update that left every parameter of one run unchanged
-    despite non-zero gradients, while the other run's parameters moved."""
+    despite non-zero gradients, while the other run's parameters moved (and moved at the
+    update before, when there is one: otherwise the other run's moving is the change)."""
     if x.slot.kind != "param":
         return None
     prev = x.prev(x.step)
@@ -54,6 +61,9 @@ def rule_no_update(x: Context) -> Optional[Cause]:
         o_still, o_moved = found[other]
         if not still or moved or not o_moved or o_still:
             continue
+        before = x.prev(prev)
+        if before is not None and not _moves(x, other, before, prev):
+            continue  # the other run stood still before too: not standing still is the change
         S, T = side.upper(), other.upper()
         grads = x.within(prev, ("grad", "autograd_grad"))
         return Cause(
