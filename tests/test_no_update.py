@@ -15,7 +15,7 @@ from torch import nn
 import graddiff
 
 
-def _run(path, *, opt="sgd", late_zero_grad=False, values="full", frozen=False):
+def _run(path, *, opt="sgd", late_zero_grad=False, values="full", frozen=False, warmup=False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     if frozen:
@@ -27,6 +27,7 @@ def _run(path, *, opt="sgd", late_zero_grad=False, values="full", frozen=False):
         if opt == "sgd"
         else torch.optim.Adam(params, lr=1e-2)
     )
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: min(i / 2, 1.0)) if warmup else None
     gen = torch.Generator().manual_seed(1)
     with graddiff.trace(model, path, values=values):
         for _ in range(3):
@@ -39,6 +40,8 @@ def _run(path, *, opt="sgd", late_zero_grad=False, values="full", frozen=False):
                 optim.zero_grad()
                 loss.backward()
             optim.step()
+            if sched is not None:
+                sched.step()
     return path
 
 
@@ -66,3 +69,11 @@ def test_parameters_that_move_in_both_runs_are_not_this(tmp_path):
     r = graddiff.compare(c, d)
     assert r.cause.cause == "no_update", [(x.cause, x.title) for x in r.diagnosis]
     assert "2.weight, 2.bias (both Linear) are bitwise unchanged" in r.cause.evidence[0]
+
+
+def test_a_learning_rate_of_zero_is_named_instead(tmp_path):
+    """A warmup's first update at rate 0 leaves B's parameters unchanged too: the recorded
+    rate explains it, so the gradients did reach the update."""
+    r = graddiff.compare(_run(tmp_path / "a.h5"), _run(tmp_path / "b.h5", warmup=True))
+    causes = [c.cause for c in r.diagnosis]
+    assert causes[0] == "learning_rate" and "no_update" not in causes, causes

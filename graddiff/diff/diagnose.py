@@ -248,8 +248,6 @@ def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> li
             continue
         c = rule(x)
         causes.extend(c if isinstance(c, list) else ([c] if c is not None else []))
-    named = {c.cause for c in causes}
-    causes = [c for c in causes if not SUPERSEDED_BY.get(c.cause, frozenset()) & named]
     plausible = tiny or _amplification_plausible(x)
     rounding = _rounding(x, secondary=bool(causes) or not plausible)
     if not causes and (rounding is None or not plausible):
@@ -261,4 +259,10 @@ def diagnose(pair: RunPair, walk: WalkResult, rtol: float, env_rows: list) -> li
     if rounding is not None:
         causes.append(rounding)
     # the recorded optimizer settings: causes at an update, evidence for or against the fits
-    return apply_settings(x, causes)
+    return _superseded(apply_settings(x, causes))
+
+
+def _superseded(causes: list[Cause]) -> list[Cause]:
+    """Drop the causes a more specific one explains (SUPERSEDED_BY)."""
+    named = {c.cause for c in causes}
+    return [c for c in causes if not SUPERSEDED_BY.get(c.cause, frozenset()) & named]

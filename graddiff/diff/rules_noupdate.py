@@ -29,7 +29,11 @@ def _unchanged(x: Context, side: str, prev: int, step: int) -> tuple[list, list]
     non-zero, parameters that moved) in this run."""
     run = x.pair.run(side)
     still, moved = [], []
+    settings = run.optimizer_settings
     for s, _ in x.slots_of(step, ("param",)):
+        held = settings.for_param(prev, s.name) if settings else None
+        if held is not None and held[1].get("lr") == 0:
+            continue  # a rate of 0 (a warmup's first step) moves nothing: recorded, not this
         before, after = _fact(run, "param", s.name, prev), _fact(run, "param", s.name, step)
         grad = _fact(run, "grad", s.name, prev)
         if before is None or after is None or grad is None:
