@@ -621,13 +621,18 @@ class Run:
         """How many backward passes accumulated into each parameter's ``.grad`` at ``step``
         (``/reach``; a parameter not listed: none). None when not recorded (older files,
         torch without post-accumulate-grad hooks, gradients not recorded)."""
-        rows = getattr(self, "_reach_rows", None)
-        if rows is None:
-            rows = self._reach_rows = self._read_reach()
+        rows = self.reach_rows()
         if not rows:
             return None
         at = [r for r in rows if r[0] <= step]
         return at[-1][1] if at else None
+
+    def reach_rows(self) -> list[tuple[int, dict[str, int]]]:
+        """The committed ``/reach`` rows, (step, counts) by step; empty when not recorded."""
+        rows = getattr(self, "_reach_rows", None)
+        if rows is None:
+            rows = self._reach_rows = self._read_reach()
+        return rows
 
     def _read_reach(self) -> list[tuple[int, dict[str, int]]]:
         p = self.path

@@ -29,11 +29,26 @@ class _GenDisc(nn.Module):
         return self.d(fake.detach() if detach else fake), fake
 
 
-def _train(path, detach_at=(), steps: int = 3, fail_at=None, trace: bool = True) -> nn.Module:
+class _Renamed(nn.Module):
+    """The same model with the generator registered as ``gen`` (for --map)."""
+
+    def __init__(self):
+        super().__init__()
+        inner = _GenDisc()
+        self.gen, self.d = inner.g, inner.d
+
+    def forward(self, z, detach: bool):
+        fake = self.gen(z)
+        return self.d(fake.detach() if detach else fake), fake
+
+
+def _train(
+    path, detach_at=(), steps: int = 3, fail_at=None, trace: bool = True, model=_GenDisc
+) -> nn.Module:
     """Two backward calls per step (the discriminator's loss, then the generator's): the
     first reaches g except at the steps in ``detach_at``."""
     torch.manual_seed(0)
-    m = _GenDisc()
+    m = model()
     o = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(0)
 
@@ -125,3 +140,15 @@ def test_side_of_a_path_from_another_backward_call(tmp_path):
         del f["reach"]
     r = graddiff.compare(a, b, kinds=lean)
     assert r.cause.cause == "extra_grad_path" and "side not known" in r.cause.title
+
+
+def test_side_named_through_a_name_map(tmp_path):
+    """compare --map writes B's copy under A's names: its counts follow (renamed)."""
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _train(a, detach_at=range(3))
+    _train(b, model=_Renamed)
+    lean = ["param", "input", "activation", "loss", "grad"]
+    r = graddiff.compare(a, b, kinds=lean, name_map=["gen -> g"])
+    assert r.exit_code == 1 and (r.first.step, r.first.kind) == (0, "grad"), r.headline()
+    assert "an extra gradient path reaches g (Linear) in B" in r.cause.title, r.cause.title
+    assert "at step 0: 1 in A, 2 in B" in " ".join(r.cause.evidence)

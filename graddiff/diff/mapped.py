@@ -21,6 +21,7 @@ from ..reader import RecordKey, Run
 from ..writer import TraceWriter
 from .namemap import OUTPUT_KINDS, MapError, Match, NameMap, Rule
 from .optcopy import copy_settings, param_renames
+from .reachcopy import copy_reach
 from .renamecopy import copy_renamed
 from .stepvalues import StepValues
 
@@ -383,6 +384,7 @@ def write_mapped(
     rename = param_renames(matches)
     with h5py.File(path, "r+") as f:
         copy_settings(b, f, offset, rename)
+        copy_reach(b, f, offset, rename)
     if dropped:
         res.notes.append(
             f"{dropped} step(s) of B not compared: {', '.join(sorted(mapper.stats_only_transforms))} "

@@ -19,6 +19,7 @@ import numpy as np
 from ..reader import RecordKey, Run
 from .namemap import Match
 from .optcopy import copy_settings, param_renames
+from .reachcopy import copy_reach
 
 
 def copy_renamed(
@@ -77,5 +78,6 @@ def copy_renamed(
         rename = param_renames(matches)
         if offset or rename:
             copy_settings(b, f, offset, rename)
+            copy_reach(b, f, offset, rename)
         f.attrs["options"] = json.dumps(options, sort_keys=True, default=str)
     return int(len(steps))

@@ -378,11 +378,14 @@ def _losses_equal(x: Context, step: int) -> bool:
 
 def _reach_counts(x: Context, step: int, names: list[str]) -> Optional[tuple[list, list]]:
     """Per parameter, the backward passes that accumulated into its .grad at the step in A
-    and in B (``/reach``), or None where either run did not record them."""
+    and in B (``/reach``), or None where either run did not record them, or where one has a
+    count of 0 for a gradient it recorded (left from an earlier step, or a name the map
+    changed): the counts then say nothing about this step's paths."""
     ra, rb = x.pair.run("a").reach(step), x.pair.run("b").reach(step)
     if ra is None or rb is None or not names:
         return None
-    return [ra.get(n, 0) for n in names], [rb.get(n, 0) for n in names]
+    ca, cb = [ra.get(n, 0) for n in names], [rb.get(n, 0) for n in names]
+    return (ca, cb) if min(ca + cb) >= 1 else None
 
 
 def _reach_side(
