@@ -91,3 +91,66 @@ def test_a_module_that_does_not_run_is_still_a_divergence(tmp_path):
     r = graddiff.compare(a, b)
     assert r.diverged and r.first.status.startswith("missing"), r.headline()
     assert not r.structure["extra_outputs"]
+
+
+class _Mlp(nn.Module):
+    """fc1 -> activation -> fc2: the activation a module (``module``), a function
+    (``function``), missing (``none``), or a BatchNorm without affine parameters (``norm``:
+    stateless in parameters but not in buffers)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.fc1, self.fc2, self.how = nn.Linear(4, 8), nn.Linear(8, 3), how
+        if how == "module":
+            self.act = nn.ReLU()
+        if how == "norm":
+            self.act = nn.BatchNorm1d(8, affine=False)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.how in ("module", "norm"):
+            h = self.act(h)
+        elif self.how == "function":
+            h = F.relu(h)
+        return self.fc2(h)
+
+
+def _mlp_run(path, how):
+    torch.manual_seed(0)
+    model = _Mlp(how)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    with graddiff.trace(model, path):
+        for _ in range(2):
+            x, y = torch.randn(6, 4, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    return path
+
+
+def test_an_op_written_as_a_module_or_a_function_is_the_same_training(tmp_path):
+    a, b = _mlp_run(tmp_path / "a.h5", "module"), _mlp_run(tmp_path / "b.h5", "function")
+    r = graddiff.compare(a, b)
+    assert not r.diverged and r.verdict == "identical", r.headline()
+    assert {e["label"] for e in r.structure["stateless_modules"]} == {
+        "activation act",
+        "grad_output act",
+    }
+    assert any("act (ReLU)" in n and "as a function" in n for n in r.notes), r.notes
+
+
+def test_an_op_left_out_is_named_where_its_output_is_used(tmp_path):
+    a, b = _mlp_run(tmp_path / "a.h5", "module"), _mlp_run(tmp_path / "b.h5", "none")
+    r = graddiff.compare(a, b)
+    assert r.diverged and (r.first.kind, r.first.name) == ("activation", "fc2"), r.headline()
+    assert r.cause.cause == "module_output"
+    assert r.cause.title == (
+        "module fc2 (Linear) gives a different output after act (ReLU), which runs in A only"
+    )
+
+
+def test_a_module_with_buffers_in_one_run_only_is_a_divergence(tmp_path):
+    a, b = _mlp_run(tmp_path / "a.h5", "norm"), _mlp_run(tmp_path / "b.h5", "function")
+    r = graddiff.compare(a, b)
+    assert r.diverged and not r.structure["stateless_modules"], r.headline()

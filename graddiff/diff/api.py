@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import GraddiffError
 from ..kinds import ALL_KINDS, parse_kinds
-from ..modclass import class_of, class_of_label
+from ..modclass import class_of, class_of_label, describe_list
 from ..modclass import merge as merge_classes
 from ..ranks.sides import is_several, open_pair, same_run_note
 from ..reader import Run, open_run
@@ -497,6 +497,10 @@ def _compare(
             {"label": al.slots[slot].label, "steps": n, "in": _side_of(al.slots[slot])}
             for slot, n in sorted(w.extra_outputs.items())
         ],
+        "stateless_modules": [
+            {"label": al.slots[slot].label, "steps": n, "in": _side_of(al.slots[slot])}
+            for slot, n in sorted(w.stateless_one_sided.items())
+        ],
         "steps_only_in_a": _span(only_a),
         "steps_only_in_b": _span(only_b),
     }
@@ -514,6 +518,16 @@ def _compare(
             "while the same modules' other outputs are in both (one implementation returns an "
             "extra value, such as attention weights, that the other returns as None): not "
             "compared: what it feeds is recorded and compared (see structure)"
+        )
+    if w.stateless_one_sided:
+        mods = sorted({al.slots[s].name.split(":", 1)[0] for s in w.stateless_one_sided})
+        shown = describe_list([(m, classes.get(m)) for m in mods], 4)
+        notes.append(
+            f"{len(mods)} module{'s' if len(mods) != 1 else ''} without parameters or buffers "
+            f"({shown}) record{'s' if len(mods) == 1 else ''} outputs in one run only: an op "
+            "written as a module in one run and as a function (F.relu) in the other, or "
+            "called a different number of times; not compared, since what they feed is "
+            "recorded and compared (see structure)"
         )
     report = Report(
         run_a=ra.path,

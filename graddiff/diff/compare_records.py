@@ -338,6 +338,38 @@ def extra_outputs(al: Alignment, c: Cells) -> np.ndarray:
     return one_sided & np.isin(key, key[both])
 
 
+#: Kinds that hold a module's state: a module owning none of them is stateless.
+STATE_KINDS = ("param", "buffer", "buffer_start", "grad", "autograd_grad")
+
+
+def stateless_modules(al: Alignment) -> set[str]:
+    """Modules named by output records that own no parameter or buffer record (nor do their
+    submodules), in either run: an activation, a dropout, a reshape written as a module."""
+    named = {s.name.split(":", 1)[0] for s in al.slots if s.kind in OUTPUT_KINDS}
+    owners = set()
+    for s in al.slots:
+        if s.kind in STATE_KINDS and "." in s.name:
+            parts = s.name.split(".")[:-1]
+            owners.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {m for m in named if m not in owners and m != "(root)"}
+
+
+def one_sided_stateless(al: Alignment, c: Cells) -> np.ndarray:
+    """Cells of a stateless module's output (or output gradient) recorded in one run only: an
+    op written as a module in one run and as a function (``F.relu``) in the other. Not a
+    difference in itself: a module holding no state changes training only through the values
+    it feeds, and those are recorded and compared downstream."""
+    if not len(c):
+        return np.zeros(0, bool)
+    free = stateless_modules(al)
+    if not free:
+        return np.zeros(len(c), bool)
+    hit = np.array(
+        [s.kind in OUTPUT_KINDS and s.name.split(":", 1)[0] in free for s in al.slots] or [False]
+    )
+    return hit[c.slot] & np.isin(c.code, (MISSING_A, MISSING_B))
+
+
 def none_vs_zero(al: Alignment, slot: np.ndarray, a: Side, b: Side) -> np.ndarray:
     """Cells of gradient kinds absent (None) in one run and all zeros in the other."""
     grads = np.array([s.kind in ZERO_WHEN_ABSENT for s in al.slots] or [False])[slot]

@@ -27,6 +27,7 @@ from .compare_records import (
     Cells,
     classify,
     extra_outputs,
+    one_sided_stateless,
 )
 from .exact import ValueDiff
 from .pair import RunPair
@@ -74,6 +75,9 @@ class WalkResult:
     #: slot -> steps where this module output was recorded in one run only while another
     #: output of the module was in both (compare_records.extra_outputs): not compared
     extra_outputs: dict[int, int] = field(default_factory=dict)
+    #: slot -> steps where a stateless module's output was recorded in one run only
+    #: (compare_records.one_sided_stateless): not compared
+    stateless_one_sided: dict[int, int] = field(default_factory=dict)
 
 
 def _facts(c: Cells, i: int, pair: RunPair) -> dict:
@@ -152,6 +156,7 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
     unjudged: dict[int, int] = {}
     zero_none: dict[int, int] = {}
     one_sided: dict[int, int] = {}
+    stateless: dict[int, int] = {}
     kind_col = {k: j for j, k in enumerate(ALL_KINDS)}
     slot_col = np.array([kind_col.get(s.kind, 0) for s in pair.al.slots] or [0], np.int64)
     steps = pair.steps
@@ -170,9 +175,12 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         for slot, n in zip(*np.unique(c.slot[unsure], return_counts=True)):
             unjudged[int(slot)] = unjudged.get(int(slot), 0) + int(n)
         extra = extra_outputs(pair.al, c)
-        different &= ~extra
+        free = one_sided_stateless(pair.al, c) & ~extra
+        different &= ~(extra | free)
         for slot, n in zip(*np.unique(c.slot[extra], return_counts=True)):
             one_sided[int(slot)] = one_sided.get(int(slot), 0) + int(n)
+        for slot, n in zip(*np.unique(c.slot[free], return_counts=True)):
+            stateless[int(slot)] = stateless.get(int(slot), 0) + int(n)
         zn = (c.code == EQUAL) & (c.a.present != c.b.present)
         for slot, n in zip(*np.unique(c.slot[zn], return_counts=True)):
             zero_none[int(slot)] = zero_none.get(int(slot), 0) + int(n)
@@ -274,4 +282,5 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         unjudged,
         zero_none,
         one_sided,
+        stateless,
     )

@@ -218,12 +218,14 @@ class Report:
                     f"{len(unsure)} summed or joined record(s) stored as statistics only, "
                     "which agree within rounding (not comparable bitwise)."
                 )
-            extra = self.structure.get("extra_outputs") or []
+            extra = (self.structure.get("extra_outputs") or []) + (
+                self.structure.get("stateless_modules") or []
+            )
             if extra:
                 return (
                     f"No difference: the runs are bitwise identical over {scope}, except "
-                    f"{len(extra)} module output record(s) that one run's modules return and "
-                    "the other's do not (not compared; see notes)."
+                    f"{len(extra)} module output record(s) that one run records and the other "
+                    "does not (not compared; see notes)."
                 )
             zn = self.structure.get("zero_vs_none") or []
             if zn:

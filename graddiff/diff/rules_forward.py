@@ -468,6 +468,24 @@ def rule_module_output(x: Context) -> Optional[Cause]:
             "build the same layer types in both runs (an activation, norm or layer swapped, "
             "or a config flag that selects it)",
         )
+    before = _stateless_before(x)
+    if before:
+        side, mods = before
+        other = "B" if side == "A" else "A"
+        return Cause(
+            "module_output",
+            f"module {x.module(x.slot.name)} gives a different output after {x.names(mods, 2)}, "
+            f"which run{'s' if len(mods) == 1 else ''} in {side} only",
+            [
+                f"{x.label(x.slot)} differs at step {x.step} ({x.hit_text()}) while every "
+                "earlier output both runs record agrees; " + x.agree(("param", "input")),
+                f"{side} records {x.names(mods)} (no parameters or buffers) before it at this "
+                f"step; {other} has no such module: an op missing in {other}, or written there "
+                "as a function that computes differently",
+            ],
+            f"check the forward pass between the previous module and this one in {other}: an "
+            "activation, dropout or reshape left out or replaced",
+        )
     return Cause(
         "module_output",
         f"module {x.module(x.slot.name)} gives a different output while every earlier "
@@ -483,6 +501,33 @@ def rule_module_output(x: Context) -> Optional[Cause]:
         "random numbers (dropout, torch.randn_like: seed and draw them alike), or different "
         "code between the previous module and this one",
     )
+
+
+def _stateless_before(x: Context) -> Optional[tuple[str, list]]:
+    """(side, output slots) of stateless modules one run records at this step, before the hit
+    and after the last output both runs record (compare_records.one_sided_stateless)."""
+    found: dict[str, list] = {"a": [], "b": []}
+    for index in x.walk.stateless_one_sided:
+        s = x.pair.al.slots[index]
+        if s.kind == "activation" and x.pair.cell(s, x.step) is not None:
+            found["a" if s.keys_a else "b"].append(s)
+    for side, slots in found.items():
+        if not slots:
+            continue
+        rows = x.pair.rows(side, x.step)
+        run = x.pair.run(side)
+        order = [run.record_key(int(r)) for r in rows["record"][np.argsort(rows["seq"])]]
+        names = [(k.kind, k.name) for k in order]
+        hit = ("activation", x.slot.name)
+        if hit not in names:
+            continue
+        at = names.index(hit)
+        shared = {("activation", s.name) for s in x.pair.al.slots if s.keys_a and s.keys_b}
+        start = max((i for i in range(at) if names[i] in shared), default=-1)
+        mine = [s for s in slots if ("activation", s.name) in names[start + 1 : at]]
+        if mine:
+            return side.upper(), mine
+    return None
 
 
 def rule_generic(x: Context) -> Optional[Cause]:
