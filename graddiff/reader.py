@@ -292,6 +292,11 @@ class Run:
         self.backward_hooks: Optional[dict[str, Any]] = (
             _json_attr(f, "backward_hooks", p) if "backward_hooks" in f.attrs else None
         )
+        #: the user's custom autograd Functions in the first step's graphs: {"names": [...],
+        #: "complete": whether every graph was walked whole}; None: not recorded (older file)
+        self.custom_functions: Optional[dict[str, Any]] = (
+            _json_attr(f, "custom_functions", p) if "custom_functions" in f.attrs else None
+        )
         self.status: str = _str_attr(f, "status", "unknown")
         self.values_note: str = _str_attr(f, "values_note", "")
         self.graddiff_version: str = _str_attr(f, "graddiff_version", "?")

@@ -16,6 +16,7 @@ reaches the user's training code.
 from __future__ import annotations
 
 import functools
+import json
 import threading
 import weakref
 from collections.abc import Iterable
@@ -32,6 +33,7 @@ from .hooks.device_stats import DeviceStatsBatch
 from .hooks.naming import flatten_tensors, record_name
 from .hooks.optim_settings import SettingsWatch
 from .hooks.optimizer_hooks import optimizer_params
+from .hooks.reach import custom_functions
 from .hooks.shards import FlatPieces, local_tensor
 from .hooks.snapshot import capture
 from .kinds import Kind
@@ -155,6 +157,8 @@ class Recorder:
         # (hooks/reach.py); written when they change, once counting hooks are installed
         self.counts_reach = False
         self._reach_last: Optional[dict[str, int]] = None
+        # custom autograd Functions in the first step's graphs (hooks/reach.py); None: done
+        self._functions: Optional[tuple[set[str], bool]] = (set(), True)
         self._reset_step_state()
 
     # -- per-step state -----------------------------------------------------------------
@@ -307,6 +311,12 @@ class Recorder:
             extra["optimizer"] = settings
         if arena is not None:
             extra["arena"] = arena
+        if self._functions is not None:  # the first step's graphs: written once
+            names, whole = self._functions
+            self._functions = None
+            self.writer.set_attr(
+                "custom_functions", json.dumps({"names": sorted(names), "complete": whole})
+            )
         if self.counts_reach and reach != self._reach_last:
             extra["reach"] = self._reach_last = reach
         self.writer.submit(step, entries, **extra)
@@ -426,6 +436,9 @@ class Recorder:
         if self.forward_only:
             return
         self._ensure_started()
+        if self._functions is not None:
+            names, whole = custom_functions(as_tensor_list(outputs))
+            self._functions = (self._functions[0] | names, self._functions[1] and whole)
         if _K_LOSS in self.kinds:
             tensors = as_tensor_list(outputs)
             for i, t in enumerate(tensors):

@@ -6,6 +6,11 @@ none), after the accumulation. The hook only counts: ``sink.on_accumulate(name, 
 no tensor and returns None, so the gradient is untouched. Measured: 0.1-0.2 us per parameter
 per backward (``benchmarks/reach_cost.py``).
 
+``custom_functions`` lists the user's custom ``torch.autograd.Function``s found in the graphs
+of the first step's gradient computations (one walk of each graph, from the outputs
+differentiated; Functions defined in torch itself, such as torch.compile's and checkpoint's,
+are left out).
+
 Also the inventory of the user's own backward hooks on the model (module backward and
 backward-pre hooks, tensor and post-accumulate-grad hooks on parameters, torch's global
 module backward hooks): taken before graddiff installs anything and after it removed
@@ -98,3 +103,32 @@ def merge_inventories(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             merged[name] = {k: sorted(set(ka.get(k, [])) | set(kb.get(k, []))) for k in {*ka, *kb}}
         out[part] = merged
     return out
+
+
+#: Nodes walked per graph at most (a bound on the one-time cost; larger graphs are cut).
+MAX_GRAPH_NODES = 200_000
+
+
+def custom_functions(outputs: list[torch.Tensor]) -> tuple[set[str], bool]:
+    """The qualified names of the user's custom autograd Functions in the graph behind
+    ``outputs`` (the forward class's module and name; torch's own left out), and whether the
+    whole graph was walked."""
+    backward_cfunction = torch.autograd.function.BackwardCFunction
+    seen: set[int] = set()
+    found: set[str] = set()
+    todo = [t.grad_fn for t in outputs if getattr(t, "grad_fn", None) is not None]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        if len(seen) >= MAX_GRAPH_NODES:
+            return found, False
+        seen.add(id(node))
+        if isinstance(node, backward_cfunction):
+            cls = getattr(node, "_forward_cls", None)
+            mod = getattr(cls, "__module__", "") or ""
+            if cls is not None and mod != "torch" and not mod.startswith("torch."):
+                name = getattr(cls, "__qualname__", type(node).__name__)
+                found.add(f"{mod}.{name}" if mod and mod != "__main__" else name)
+        todo.extend(fn for fn, _ in getattr(node, "next_functions", ()) if fn is not None)
+    return found, True

@@ -123,6 +123,75 @@ def test_a_path_with_the_same_hooks_in_both_runs_rules_hooks_out(tmp_path):
     r = graddiff.compare(a, b, kinds=LEAN)
     assert r.cause.cause == "extra_grad_path", [(c.cause, c.title) for c in r.diagnosis]
     text = " ".join(r.cause.evidence)
-    assert "backward hooks on the traced modules and parameters are the same in both runs" in text
-    assert "ranked second: a custom autograd.Function or a hook on an intermediate tensor" in text
+    assert "backward hooks on the traced modules and parameters and the custom" in text
+    assert "autograd.Functions in the first step's graphs are the same in both runs" in text
+    assert "ranked second: a hook on an intermediate tensor" in text
     assert "backward_hook" not in [c.cause for c in r.diagnosis]
+
+
+class _StraightThroughTanh(torch.autograd.Function):
+    """tanh forward (bitwise torch.tanh), identity backward: a straight-through estimator."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _Net(nn.Module):
+    def __init__(self, straight_through: bool, checkpointed: bool = False):
+        super().__init__()
+        self.enc, self.head = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.st, self.ck = straight_through, checkpointed
+
+    def forward(self, x):
+        h = self.enc(x)
+        if self.ck:
+            h = torch.utils.checkpoint.checkpoint(torch.tanh, h, use_reentrant=True)
+        else:
+            h = _StraightThroughTanh.apply(h) if self.st else torch.tanh(h)
+        return self.head(h)
+
+
+def _fn_run(path, straight_through: bool, checkpointed: bool = False) -> str:
+    torch.manual_seed(0)
+    m = _Net(straight_through, checkpointed)
+    o = torch.optim.SGD(m.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    with graddiff.trace(m, path, values="full"):
+        for _ in range(2):
+            x, y = torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g)
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    return str(path)
+
+
+def test_a_custom_function_in_one_run_is_named(tmp_path):
+    """B's tanh is a custom Function with a straight-through backward: the forward agrees
+    bitwise, the encoder's gradients differ (the head's agree)."""
+    a, b = _fn_run(tmp_path / "a.h5", False), _fn_run(tmp_path / "b.h5", True)
+    fa, fb = graddiff.open(a).custom_functions, graddiff.open(b).custom_functions
+    assert fa == {"names": [], "complete": True}
+    assert fb == {"names": ["test_backward_hooks._StraightThroughTanh"], "complete": True}
+    r = graddiff.compare(a, b, kinds=LEAN)
+    assert (r.first.step, r.first.kind) == (0, "grad") and r.first.name.startswith("enc."), (
+        r.headline()
+    )
+    assert r.cause.cause == "custom_function", [(c.cause, c.title) for c in r.diagnosis]
+    assert "test_backward_hooks._StraightThroughTanh" in r.cause.title
+    assert "in B's graph only" in r.cause.title
+    assert "extra_grad_path" in [c.cause for c in r.diagnosis]  # ranked after it
+    assert not diagnosis_unlabelled(r)
+
+
+def test_torch_own_functions_are_not_custom(tmp_path):
+    """torch.utils.checkpoint's Function is torch's own: not listed, and the same training."""
+    a = _fn_run(tmp_path / "a.h5", False)
+    b = _fn_run(tmp_path / "b.h5", False, checkpointed=True)
+    assert graddiff.open(b).custom_functions == {"names": [], "complete": True}
+    r = graddiff.compare(a, b)
+    assert "custom_function" not in [c.cause for c in r.diagnosis]

@@ -37,7 +37,7 @@ from .rules_forward import (
 )
 from .rules_gradterm import rule_l2_in_gradients
 from .rules_graph import rule_extra_grad_path, rule_tied_weights
-from .rules_hooks import rule_backward_hook
+from .rules_hooks import rule_backward_hook, rule_custom_function
 from .rules_lossfn import rule_loss_function, rule_loss_term
 from .rules_micro import rule_accumulation_steps, rule_loss_calls
 from .rules_nonfinite import rule_nonfinite
@@ -126,6 +126,7 @@ RULES: tuple[Callable[[Context], Any], ...] = (
     rule_nonfinite,
     rule_tied_weights,
     rule_backward_hook,
+    rule_custom_function,
     rule_extra_grad_path,
     rule_loss_term,
     rule_grad_path,

@@ -178,3 +178,66 @@ def rule_backward_hook(x: Context) -> Optional[Cause]:
         "changes it in place (post-accumulate-grad hook)"
     )
     return Cause("backward_hook", title, ev, fix)
+
+
+def function_sets(x: Context) -> Optional[tuple[set, set, bool]]:
+    """(A's custom autograd Functions, B's, both graphs walked whole) from ``custom_functions``
+    (the first step's graphs), or None when either run did not record them."""
+    fa, fb = x.pair.run("a").custom_functions, x.pair.run("b").custom_functions
+    if fa is None or fb is None:
+        return None
+    names_a = {str(n) for n in fa.get("names") or []}
+    names_b = {str(n) for n in fb.get("names") or []}
+    return names_a, names_b, bool(fa.get("complete")) and bool(fb.get("complete"))
+
+
+def rule_custom_function(x: Context) -> Optional[Cause]:
+    """A custom autograd.Function in one run's graph only, while the forward agrees and the
+    gradients differ: its forward matches what the other run computes, its backward does not
+    (a gradient reversal, a straight-through estimator, a hand-written backward)."""
+    if x.slot.kind not in (*_GRADS, "grad_output"):
+        return None
+    sets = function_sets(x)
+    if sets is None:
+        return None
+    fa, fb, whole = sets
+    only_a, only_b = sorted(fa - fb), sorted(fb - fa)
+    if not only_a and not only_b:
+        return None
+    step = x.step
+    if not _forward_agrees(x, step):
+        return None
+    differ = [
+        s
+        for s, code in x.slots_of(step, _GRADS)
+        if code in (MISSING_A, MISSING_B) or not x.agrees(s, code, step)
+    ]
+    if not differ:
+        return None
+    side = "A" if only_a and not only_b else "B" if only_b and not only_a else None
+    names = only_a if side == "A" else only_b if side == "B" else only_a + only_b
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    title = (
+        f"a custom autograd.Function ({listed}) in {side}'s graph only changes the gradients "
+        "behind it"
+        if side is not None
+        else f"the custom autograd.Functions differ ({listed}) and change the gradients behind them"
+    )
+    ev = [
+        "the user's custom autograd.Functions found in the graphs of the first step's "
+        f"gradient computations: {', '.join(sorted(fa)) or 'none'} in A, "
+        f"{', '.join(sorted(fb)) or 'none'} in B"
+        + ("" if whole else " (a graph was too large to walk whole)"),
+        f"at step {step} {x.agree(_FORWARD)}; the gradients of {len(differ)} parameter(s) "
+        f"differ ({x.names(differ, 3)}): the Function's forward matches what the other run "
+        "computes there, its backward does not",
+        "where in the model the Function sits is not recorded: every parameter whose "
+        "gradient flows through it may differ",
+    ]
+    return Cause(
+        "custom_function",
+        title,
+        ev,
+        "check the Function's backward against the derivative of its forward "
+        "(torch.autograd.gradcheck), or use the same op in both runs",
+    )

@@ -570,6 +570,17 @@ def _differs_in_subnet(x: Context) -> Optional[Cause]:
             "not a backward hook or custom autograd.Function alone: those change a gradient, "
             "not how many backward passes reach it"
         )
+    elif _same_hooks(x) and _same_functions(x):
+        ev.append(
+            "the user's backward hooks on the traced modules and parameters and the custom "
+            "autograd.Functions in the first step's graphs are the same in both runs "
+            "(recorded), so neither; "
+            + ("ranked second: " if every else "")
+            + "a hook on an intermediate tensor (registered in forward, not recorded) that "
+            "changes these gradients alone "
+            + ("(or gradient noise) " if every else "")
+            + "would look the same"
+        )
     elif _same_hooks(x):
         ev.append(
             "the user's backward hooks on the traced modules and parameters are the same in "
@@ -619,6 +630,15 @@ def _same_hooks(x: Context) -> bool:
     """Both runs recorded their backward hooks (``backward_hooks``) and they are the same."""
     ha, hb = x.pair.run("a").backward_hooks, x.pair.run("b").backward_hooks
     return ha is not None and hb is not None and _canon(ha) == _canon(hb)
+
+
+def _same_functions(x: Context) -> bool:
+    """Both runs recorded the custom autograd Functions of their first step's graphs (walked
+    whole) and they are the same."""
+    fa, fb = x.pair.run("a").custom_functions, x.pair.run("b").custom_functions
+    if fa is None or fb is None or not (fa.get("complete") and fb.get("complete")):
+        return False
+    return sorted(fa.get("names") or []) == sorted(fb.get("names") or [])
 
 
 def _canon(hooks: dict) -> dict:
