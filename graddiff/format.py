@@ -130,6 +130,10 @@ Additive extensions (optional: older files lack them, readers tolerate that):
   {"tensor": [...], "post_accumulate": [...]}}, "global": {"backward": [...],
   "backward_pre": [...]}}``, each hook by its function's qualified name; only what has
   hooks. Absent in older files (unknown).
+- root attribute ``custom_functions`` (JSON): ``{"names": [...], "complete": bool}``, the
+  user's custom autograd Functions (forward class module + qualified name; torch's own left
+  out) in the graphs of the first step's gradient computations, written when that step
+  ends; ``complete`` false when a graph was cut at 200,000 nodes. Absent: not recorded.
 
 The fingerprint of a tensor is two unsigned 64-bit sums over its raw bytes read as
 little-endian int64 words (the last partial word zero-padded), both modulo 2**64:

@@ -1,4 +1,5 @@
-"""B's backward passes per parameter (``/reach``) and backward hooks (``backward_hooks``) in
+"""B's backward passes per parameter (``/reach``), backward hooks (``backward_hooks``) and
+custom autograd Functions (``custom_functions``) in
 the copies written by ``compare --map/--offset``: steps shifted like B's steps, parameter
 names mapped like B's records."""
 
@@ -14,8 +15,8 @@ from ..reader import Run
 
 
 def copy_reach(b: Run, f: h5py.File, offset: int, rename: dict[str, str]) -> None:
-    """Write B's ``/reach`` rows and ``backward_hooks`` into the open copy ``f`` (replacing
-    any there; absent in B: absent in the copy)."""
+    """Write B's ``/reach`` rows, ``backward_hooks`` and ``custom_functions`` into the open
+    copy ``f`` (replacing any there; absent in B: absent in the copy)."""
     if "reach" in f:
         del f["reach"]
     rows = b.reach_rows()
@@ -32,3 +33,7 @@ def copy_reach(b: Run, f: h5py.File, offset: int, rename: dict[str, str]) -> Non
         hooks = dict(hooks)
         hooks["params"] = {rename.get(n, n): v for n, v in (hooks.get("params") or {}).items()}
         f.attrs["backward_hooks"] = json.dumps(hooks, sort_keys=True)
+    if "custom_functions" in f.attrs:
+        del f.attrs["custom_functions"]
+    if b.custom_functions is not None:
+        f.attrs["custom_functions"] = json.dumps(b.custom_functions, sort_keys=True)
