@@ -56,7 +56,11 @@ A trace is an HDF5 file in HDF5's default (oldest compatible) format, flushed af
     /steps                  1-D table, one row per COMPLETE step: step index, its entries rows
                             [start, stop), whether full values were stored, wall time. Written
                             last and flushed: this is the commit marker. Readers ignore any
-                            entries row or values dataset that no /steps row covers.
+                            entries row or values dataset that no /steps row covers. Since
+                            2026-12-01 the writer extends /entries up to TABLE_CHUNK_ROWS rows
+                            ahead and cuts it to the written rows at close: a file cut off by a
+                            crash may end with unwritten rows, whose step, record and offset
+                            are -1 (the dataset's fill value).
 
 Why this layout: per-call overhead dominates HDF5 writes of many small tensors (~150 us per
 dataset write vs ~6 ms for the same bytes in one row; FIELD-NOTES 8), so a step costs a handful

@@ -22,6 +22,7 @@ import shutil
 import threading
 import time
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any, Optional
 
 import h5py
@@ -92,16 +93,38 @@ _VALUES_DCPL = _values_dcpl()
 #: Cached row layouts per (record, shape) at most (see ``TraceWriter._layout``).
 _MAX_LAYOUTS = 65536
 _SHAPE_PAD = [(0,) * (MAX_NDIM - k) for k in range(MAX_NDIM + 1)]
-#: What a row takes from its record and shape alone, one row per cached layout.
-_LAYOUT_DTYPE = np.dtype(
-    [
-        ("record", ENTRY_DTYPE["record"]),
-        ("ndim", ENTRY_DTYPE["ndim"]),
-        ("flags", ENTRY_DTYPE["flags"]),
-        ("shape", ENTRY_DTYPE["shape"]),
-        ("numel", ENTRY_DTYPE["numel"]),
-    ]
-)
+
+
+def _hot_dtype() -> np.dtype:
+    """A view of an entries row with the columns that change every step grouped by type:
+    ``seq_flags`` (a record: seq int32 and flags uint8, at their places), ``fp`` (fp_sum,
+    fp_pos), ``f`` (norm, mean, min, max) and ``counts`` (nan, inf), each assigned at once."""
+    f = ENTRY_DTYPE.fields
+    for a, b in (("fp_sum", "fp_pos"), ("norm", "max"), ("nan", "inf")):
+        assert f[b][1] > f[a][1]
+    return np.dtype(
+        {
+            "names": ["seq_flags", "fp", "f", "counts"],
+            "formats": [
+                np.dtype(
+                    {
+                        "names": ["seq", "flags"],
+                        "formats": ["<i4", "u1"],
+                        "offsets": [0, f["flags"][1] - f["seq"][1]],
+                        "itemsize": f["flags"][1] - f["seq"][1] + 1,
+                    }
+                ),
+                ("<u8", (2,)),
+                ("<f8", (4,)),
+                ("<i8", (2,)),
+            ],
+            "offsets": [f["seq"][1], f["fp_sum"][1], f["norm"][1], f["nan"][1]],
+            "itemsize": ENTRY_DTYPE.itemsize,
+        }
+    )
+
+
+_HOT_DTYPE = _hot_dtype()
 
 
 # HDF5 memory types of the two per-step tables, built once (h5py's ``ds[a:b] = rows`` builds
@@ -110,32 +133,109 @@ _ENTRY_MTYPE = h5t.py_create(ENTRY_DTYPE)
 _STEP_MTYPE = h5t.py_create(STEP_DTYPE)
 
 
+def _unwritten_row() -> np.ndarray:
+    """The fill value of ``/entries``: rows extended ahead and not yet written (seen only in a
+    file cut off by a crash) have step, record and offset -1, so no step's filter matches them."""
+    row = np.zeros((), dtype=ENTRY_DTYPE)
+    row["step"] = row["record"] = row["offset"] = -1
+    return row
+
+
+_UNWRITTEN_ROW = _unwritten_row()
+
+
+def _c_h5dwrite() -> Any:
+    """HDF5's own ``H5Dwrite`` through ctypes (the library h5py loaded) and h5py's lock, or
+    None.
+
+    h5py's ``DatasetID.write`` of a compound type builds a reduced copy of the dataset's type
+    and walks both types' members (names, sizes, classes) on every call, about 25 us of CPU
+    for the 17-member entries row whatever the row count; HDF5's own write of the same rows
+    takes about 4 us (measured, docs/performance.md "Per-record cost"). The call is made
+    holding h5py's library lock (``phil``), as h5py's own calls are, so no other thread's
+    h5py call overlaps it; ctypes releases the GIL during it. Found by looking the symbol up
+    through h5py's extension module (its dependencies include the HDF5 library); None where
+    that fails (a platform whose loader does not search dependencies, an HDF5 whose ``hid_t``
+    is not 64-bit) or with ``GRADDIFF_NO_CWRITE=1``: h5py's write is used, same bytes."""
+    if os.environ.get("GRADDIFF_NO_CWRITE", "") not in ("", "0"):
+        return None
+    try:
+        import ctypes
+
+        import h5py.defs
+
+        if h5py.version.hdf5_version_tuple < (1, 10, 0):  # hid_t became 64-bit in 1.10
+            return None
+        from h5py._objects import phil
+
+        fn = ctypes.CDLL(h5py.defs.__file__).H5Dwrite
+        fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        return fn, phil
+    except Exception:  # no such symbol there, no ctypes, no h5py lock, ...
+        return None
+
+
+_H5DWRITE = _c_h5dwrite()
+_H5P_DEFAULT = 0
+
+
 class _Appender:
     """Appends rows to a 1-D resizable table (h5py's low-level API: the same HDF5 calls as
     ``ds.resize`` + ``ds[n:] = rows``, without their Python layers). It keeps its own file
     dataspace, resized with the table, and a memory dataspace per row count: no
     ``H5Dget_space`` per append, which releases and retakes the GIL (a hand-off the training
-    thread pays for) and cost about 5 us."""
+    thread pays for) and cost about 5 us. The rows are written by HDF5's ``H5Dwrite``
+    directly where it is reachable (``_c_h5dwrite``), else by h5py."""
 
-    def __init__(self, ds: h5py.Dataset, mtype: h5t.TypeID) -> None:
+    def __init__(self, ds: h5py.Dataset, mtype: h5t.TypeID, ahead: int = 0) -> None:
         self._dsid = ds.id
         self._mtype = mtype
         self._space = ds.id.get_space()
+        self._extent = ds.shape[0]
+        self._ahead = ahead
         self._mem: dict[int, h5s.SpaceID] = {}
+        self._c_write = _H5DWRITE
 
     def __call__(self, rows: np.ndarray, n: int) -> None:
-        """Append ``rows`` to the table, which holds ``n`` rows."""
+        """Append ``rows`` (C-contiguous, of the table's dtype) to the table, which holds
+        ``n`` rows. With ``ahead``, the table is extended ``ahead`` rows beyond what it needs
+        when it must grow (one ``H5Dset_extent`` per ``ahead`` rows, not one per call); the
+        rows past ``n`` are unwritten (no chunk allocated) until ``trim``."""
         k = rows.shape[0]
-        self._dsid.set_extent((n + k,))
         space = self._space
-        space.set_extent_simple((n + k,), (h5s.UNLIMITED,))
+        if n + k > self._extent or not self._ahead:
+            self._extent = n + k + self._ahead
+            self._dsid.set_extent((self._extent,))
+            space.set_extent_simple((self._extent,), (h5s.UNLIMITED,))
         space.select_hyperslab((n,), (k,))
         mem = self._mem.get(k)
         if mem is None:
             if len(self._mem) >= 64:  # row counts that change every step: stay bounded
                 self._mem.clear()
             mem = self._mem[k] = h5s.create_simple((k,))
+        c_write = self._c_write
+        if c_write is not None and rows.flags.c_contiguous:
+            with c_write[1]:
+                done = c_write[0](
+                    self._dsid.id,
+                    self._mtype.id,
+                    mem.id,
+                    space.id,
+                    _H5P_DEFAULT,
+                    rows.__array_interface__["data"][0],
+                )
+            if done >= 0:
+                return
+            # HDF5 refused (its errors are silenced by h5py): h5py's write raises the reason
         self._dsid.write(mem, space, rows, self._mtype)
+
+    def trim(self, n: int) -> None:
+        """Cut the table to its ``n`` written rows (at close)."""
+        if self._extent != n:
+            self._dsid.set_extent((n,))
+            self._extent = n
+            self._space = self._dsid.get_space()
 
 
 def _place_values(
@@ -227,7 +327,10 @@ class TraceWriter:
         self.path = str(path)
         self._record_ids: dict[tuple[str, str, int, str], int] = {}
         self._layouts: dict[tuple, int] = {}  # (record, shape) -> row of self._layout_rows
-        self._layout_rows = np.zeros(64, dtype=_LAYOUT_DTYPE)
+        self._layout_rows = np.zeros(64, dtype=ENTRY_DTYPE)  # template rows
+        self._clipped = False  # some template row has FLAG_NDIM_CLIPPED
+        self._last_index: list[int] = []  # the last step's template rows, and their bytes
+        self._last_raw = np.zeros((0, ENTRY_DTYPE.itemsize), dtype=np.uint8)
         self._n_entries = 0
         self._n_steps = 0
         self._json_tables: dict[str, h5py.Dataset] = {}  # /optimizer, /reach: at their first row
@@ -274,13 +377,18 @@ class TraceWriter:
             "records", (0,), dtype=RECORD_DTYPE, maxshape=(None,), chunks=(256,)
         )
         self._entries = f.create_dataset(
-            "entries", (0,), dtype=ENTRY_DTYPE, maxshape=(None,), chunks=(TABLE_CHUNK_ROWS,)
+            "entries",
+            (0,),
+            dtype=ENTRY_DTYPE,
+            maxshape=(None,),
+            chunks=(TABLE_CHUNK_ROWS,),
+            fillvalue=_UNWRITTEN_ROW,
         )
         self._steps = f.create_dataset(
             "steps", (0,), dtype=STEP_DTYPE, maxshape=(None,), chunks=(TABLE_CHUNK_ROWS,)
         )
         self._values = f.create_group("values")
-        self._append_entries = _Appender(self._entries, _ENTRY_MTYPE)
+        self._append_entries = _Appender(self._entries, _ENTRY_MTYPE, ahead=TABLE_CHUNK_ROWS)
         self._append_step = _Appender(self._steps, _STEP_MTYPE)
         f.flush()
         self._reserver = Reserver(self._vfd())
@@ -368,58 +476,68 @@ class TraceWriter:
     def _rows(
         self, step: int, entries: Sequence[EntryData], arena: Optional[Arena] = None
     ) -> tuple[np.ndarray, list, Optional[list], int]:
-        """The step's entry rows, built column-wise (one numpy assignment per column), the
-        step's values as (file offset, bytes) segments back to back (None: no values), and
-        their total size.
+        """The step's entry rows, built column-wise, the step's values as (file offset, bytes)
+        segments back to back (None: no values), and their total size.
 
         What a row takes from its record and shape (record id, ndim, padded shape, numel, the
-        clipped flag) is computed once per distinct (record, shape) into a row of a table: a
-        training loop repeats the same records step after step, so a step costs one dict
-        lookup per entry, one gather from that table and the column assignments.
+        clipped flag) is computed once per distinct (record, shape) into a template row of
+        ``self._layout_rows``: a training loop repeats the same records step after step, so a
+        step costs one dict lookup per entry, a copy of the last step's rows' bytes where the
+        records are the same (else a gather of the template rows) and six column assignments (through ``_HOT_DTYPE``: the fingerprints, the four float statistics and
+        the two counts each in one assignment).
         """
         n = len(entries)
-        rows = np.zeros(n, dtype=ENTRY_DTYPE)
         new_records: list[tuple[str, str, int, str]] = []
         if not n:
-            return rows, new_records, None, 0
+            return np.zeros(0, dtype=ENTRY_DTYPE), new_records, None, 0
         layouts = self._layouts
         if len(layouts) + n > _MAX_LAYOUTS:  # shapes that change every step: stay bounded
             layouts.clear()  # (never within a step: ``index`` points into the table)
+            self._last_index = []
         index = []
+        get = layouts.get
         for e in entries:
             key = (e.kind, e.name, e.call, e.dtype, e.shape)
-            i = layouts.get(key)
+            i = get(key)
             if i is None:
                 i = self._layout(e, key, new_records)
             index.append(i)
-        lay = self._layout_rows[index]
-        flags = lay["flags"] | np.array([e.flags for e in entries], dtype=np.uint8)
+        if index == self._last_index:  # the same records as the step before: its template
+            raw = self._last_raw.copy()
+        else:  # a gather of template rows (as bytes: numpy copies records field by field)
+            raw = self._layout_rows.view(np.uint8).reshape(-1, ENTRY_DTYPE.itemsize).take(
+                index, axis=0
+            )
+            self._last_index, self._last_raw = index, raw.copy()
+        rows = raw.view(ENTRY_DTYPE).reshape(n)  # record, ndim, shape, numel, flags set
+        hot = rows.view(_HOT_DTYPE)
+        rows["step"] = step
+        hot["seq_flags"] = [(e.seq, e.flags) for e in entries]
+        if self._clipped:  # shapes of more than MAX_NDIM dimensions: their template's flag
+            rows["flags"] |= self._layout_rows["flags"][index]
+        hot["fp"] = np.fromiter(
+            chain.from_iterable([e.fingerprint for e in entries]), np.uint64, 2 * n
+        ).reshape(n, 2)
+        stats = np.fromiter(
+            chain.from_iterable([e.stats for e in entries]), np.float64, 6 * n
+        ).reshape(n, 6)
+        hot["f"] = stats[:, :4]
+        hot["counts"] = stats[:, 4:]  # counts: exact in float64
         placement = _place_values(entries, arena)
         segments, offset = (None, 0) if placement is None else placement[2:]
-        rows["step"] = step
-        rows["record"] = lay["record"]
-        rows["seq"] = [e.seq for e in entries]
-        rows["ndim"] = lay["ndim"]
-        rows["shape"] = lay["shape"]
-        rows["numel"] = lay["numel"]
-        fps = np.array([e.fingerprint for e in entries], dtype=np.uint64)
-        rows["fp_sum"], rows["fp_pos"] = fps[:, 0], fps[:, 1]
-        stats = np.array([e.stats for e in entries], dtype=np.float64)
-        rows["norm"], rows["mean"], rows["min"], rows["max"] = stats[:, :4].T
-        rows["nan"], rows["inf"] = stats[:, 4], stats[:, 5]  # counts: exact in float64
         if placement is None:
             rows["offset"] = -1
         else:
             rows["offset"] = placement[0]
             rows["nbytes"] = placement[1]
+            flags = rows["flags"]
             flags[rows["offset"] >= 0] |= FLAG_VALUES
-        rows["flags"] = flags
         return rows, new_records, segments, offset
 
     def _layout(self, e: EntryData, key: tuple, new_records: list) -> int:
-        """The row of ``self._layout_rows`` holding (record id, ndim, shape padded to
-        MAX_NDIM, numel, extra flags) of an entry, cached under ``key`` (its record and shape);
-        a new record is appended to ``new_records``."""
+        """The row of ``self._layout_rows`` holding an entry's template row (record id, ndim,
+        shape padded to MAX_NDIM, numel, the clipped flag; every other column zero), cached
+        under ``key`` (its record and shape); a new record is appended to ``new_records``."""
         rkey = (e.kind, e.name, int(e.call), e.dtype)
         rid = self._record_ids.get(rkey)
         if rid is None:
@@ -432,10 +550,16 @@ class TraceWriter:
         clipped = 0
         if len(shape) > MAX_NDIM:
             shape, clipped = (numel,), FLAG_NDIM_CLIPPED
+            self._clipped = True
         i = len(self._layouts)
         if i == len(self._layout_rows):
-            self._layout_rows = np.resize(self._layout_rows, 2 * i)
-        self._layout_rows[i] = (rid, len(shape), clipped, shape + _SHAPE_PAD[len(shape)], numel)
+            grown = np.zeros(2 * i, dtype=ENTRY_DTYPE)
+            grown[:i] = self._layout_rows
+            self._layout_rows = grown
+        row = self._layout_rows[i : i + 1]
+        row["record"], row["ndim"], row["flags"] = rid, len(shape), clipped
+        row["shape"] = [shape + _SHAPE_PAD[len(shape)]]
+        row["numel"] = numel
         self._layouts[key] = i
         return i
 
@@ -520,6 +644,10 @@ class TraceWriter:
         if self._file is None:
             return
         f, self._file = self._file, None
+        try:
+            self._append_entries.trim(self._n_entries)  # the rows extended ahead, unwritten
+        except Exception:  # a table that cannot shrink now is still read up to its steps
+            pass
         try:
             f.attrs["status"] = status
             f.flush()
