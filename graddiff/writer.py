@@ -505,8 +505,10 @@ class TraceWriter:
         if index == self._last_index:  # the same records as the step before: its template
             raw = self._last_raw.copy()
         else:  # a gather of template rows (as bytes: numpy copies records field by field)
-            raw = self._layout_rows.view(np.uint8).reshape(-1, ENTRY_DTYPE.itemsize).take(
-                index, axis=0
+            raw = (
+                self._layout_rows.view(np.uint8)
+                .reshape(-1, ENTRY_DTYPE.itemsize)
+                .take(index, axis=0)
             )
             self._last_index, self._last_raw = index, raw.copy()
         rows = raw.view(ENTRY_DTYPE).reshape(n)  # record, ndim, shape, numel, flags set

@@ -85,7 +85,7 @@ def _store_impl(to, j, w):
     return store
 
 
-def _chunk(words, keys, vals, lut, kc, shift, w_lo, w_hi, e_hi, out):  # pragma: no cover
+def _chunk(words, keys, vals, lut, kc, shift, w_lo, w_hi, e_hi, out, src):  # pragma: no cover
     """Words [w_lo, w_hi) and their elements, then elements [w_hi * per_word, e_hi) (the
     partial last word's, for the last chunk). Compiled by numba; returns one chunk's sums.
     ``out``: None (statistics only), or the int64 words of a destination: each word read is
@@ -101,6 +101,9 @@ def _chunk(words, keys, vals, lut, kc, shift, w_lo, w_hi, e_hi, out):  # pragma:
     infinity bits] in the key dtype; integers pass mask 0 and infinity 1, so the float-only
     terms vanish without a branch. float16/bfloat16 values come as raw uint16 bits with
     ``lut`` (bits -> float64); every other dtype passes an empty ``lut``.
+    ``src``: None, or a strided source (see ``_fill``) whose elements are copied into ``vals``
+    (the destination) one tile at a time just before the tile is summarised: a view is read
+    once, and its tile summarised from the cache, by the same loops as a contiguous tensor.
     """
     sign, mask, inf_bits = kc[2], kc[3], kc[4]
     per_word = 8 // vals.itemsize
@@ -115,6 +118,8 @@ def _chunk(words, keys, vals, lut, kc, shift, w_lo, w_hi, e_hi, out):  # pragma:
     # loops vectorise (a loop from a computed start ran 6x slower).
     for t0 in range(w_lo, w_hi + 1, TILE_WORDS):
         t1 = min(t0 + TILE_WORDS, w_hi)
+        e1 = e_hi if t1 == w_hi else t1 * per_word  # the last tile takes the partial word's
+        _fill(src, vals, t0 * per_word, e1)
         tw = words[t0:t1]
         to = _tile(out, t0, t1)
         for j in range(tw.shape[0]):
@@ -122,7 +127,6 @@ def _chunk(words, keys, vals, lut, kc, shift, w_lo, w_hi, e_hi, out):  # pragma:
             _store(to, j, w)
             s_sum += w
             s_pos += w * (((t0 + j) >> shift) + 1)
-        e1 = e_hi if t1 == w_hi else t1 * per_word  # the last tile takes the partial word's
         tv = vals[t0 * per_word : e1]
         tk = keys[t0 * per_word : e1]
         for j in range(tv.shape[0]):
@@ -137,6 +141,57 @@ def _chunk(words, keys, vals, lut, kc, shift, w_lo, w_hi, e_hi, out):  # pragma:
         if t1 == w_hi:
             break
     return s_sum, s_pos, fs, fss, np.int64(kmin), np.int64(kmax), bad
+
+
+def _fill(src, dst, e0, e1):  # pragma: no cover
+    """Copy elements [e0, e1) (C order) of a strided source into ``dst[e0:e1]``; replaced in
+    compiled code by ``_fill_impl`` (nothing when ``src`` is None)."""
+    raise NotImplementedError
+
+
+def _fill_impl(src, dst, e0, e1):
+    """numba overload of ``_fill``. ``src`` = (base, shape, strides, state): ``base`` the
+    source's memory from its first element as a 1-D array, ``shape`` and ``strides`` (in
+    elements, never negative in torch) as int64 arrays (a 0-d tensor: shape (1,)), ``state``
+    int64[ndim + 1], zero at the start: the multi-index of element e0 and, last, its offset
+    in ``base``. Runs along the innermost dimension and carries into the outer ones."""
+    from numba import types
+
+    if isinstance(src, types.NoneType):
+        return lambda src, dst, e0, e1: None
+
+    def fill(src, dst, e0, e1):
+        base, shape, strides, st = src
+        nd = shape.shape[0]
+        inner_n = shape[nd - 1]
+        inner_s = strides[nd - 1]
+        off = st[nd]
+        e = e0
+        while e < e1:
+            k = min(inner_n - st[nd - 1], e1 - e)
+            if inner_s == 1:
+                dst[e : e + k] = base[off : off + k]
+            else:
+                for j in range(k):
+                    dst[e + j] = base[off + j * inner_s]
+            e += k
+            off += k * inner_s
+            st[nd - 1] += k
+            if st[nd - 1] == inner_n:  # carry into the outer dimensions
+                off -= inner_n * inner_s
+                st[nd - 1] = 0
+                d = nd - 2
+                while d >= 0:
+                    st[d] += 1
+                    off += strides[d]
+                    if st[d] < shape[d]:
+                        break
+                    off -= shape[d] * strides[d]
+                    st[d] = 0
+                    d -= 1
+        st[nd] = off
+
+    return fill
 
 
 def _decoded(k, vals, lut):  # pragma: no cover
@@ -205,19 +260,20 @@ def _bytes_of_impl(dst):
     return lambda dst: dst.view(np.uint8)
 
 
-def _whole(vals, lut, kc, shift, dst):  # pragma: no cover
+def _whole(vals, lut, kc, shift, dst, src):  # pragma: no cover
     """A whole 1-D contiguous array in one compiled call: its word and key views, the kernel,
     and the zero-padded partial last word (weighted like the words of its block), so that a
     small tensor costs one dispatch. Returns ``_chunk``'s tuple with the tail included and
     min/max decoded to float64 values. ``dst``: None, or an array of the same dtype and size
-    that receives a copy of ``vals`` in the same pass."""
+    that receives a copy of ``vals`` in the same pass. ``src``: None, or a strided source
+    that ``vals`` (then the destination) is filled from tile by tile (``_fill``)."""
     nbytes = vals.size * vals.itemsize
     n_words = nbytes >> 3
     k = n_words * 8 // vals.itemsize
     words = vals[:k].view(np.int64)
     keys = vals.view(kc.dtype)
     s_sum, s_pos, fs, fss, kmin, kmax, bad = _chunk_jit(
-        words, keys, vals, lut, kc, shift, 0, n_words, vals.size, _words_of(dst, k)
+        words, keys, vals, lut, kc, shift, 0, n_words, vals.size, _words_of(dst, k), src
     )
     if nbytes & 7:
         b = vals.view(np.uint8)
@@ -239,7 +295,7 @@ def _whole_at(addr, n, proto, lut, kc, shift):  # pragma: no cover
     """``_whole`` of the ``n`` elements at address ``addr`` (dtype of the empty array
     ``proto``): no numpy array is made for the tensor (``Tensor.numpy()`` and ``reshape`` cost
     more than the kernel on a small tensor). The caller keeps the memory alive and aligned."""
-    return _whole_jit(_carray(_typed_pointer(addr, proto), n), lut, kc, shift, None)
+    return _whole_jit(_carray(_typed_pointer(addr, proto), n), lut, kc, shift, None, None)
 
 
 def _whole_copy_at(addr, dst_addr, n, proto, lut, kc, shift):  # pragma: no cover
@@ -250,7 +306,21 @@ def _whole_copy_at(addr, dst_addr, n, proto, lut, kc, shift):  # pragma: no cove
         kc,
         shift,
         _carray(_typed_pointer(dst_addr, proto), n),
+        None,
     )
+
+
+def _whole_strided_at(
+    addr, span, shape, strides, dst_addr, n, proto, lut, kc, shift
+):  # pragma: no cover
+    """``_whole_copy_at`` of a strided source: the ``n`` elements of the view whose first
+    element is at ``addr`` (``span`` elements of memory from there), with ``shape`` and
+    ``strides`` (int64 arrays, strides in elements), copied in C order to the contiguous
+    ``dst_addr`` and summarised in the same pass, tile by tile: each source byte is read once,
+    and the results are those of ``_whole`` over the contiguous copy (the same loops)."""
+    st = np.zeros(shape.shape[0] + 1, np.int64)
+    src = (_carray(_typed_pointer(addr, proto), span), shape, strides, st)
+    return _whole_jit(_carray(_typed_pointer(dst_addr, proto), n), lut, kc, shift, None, src)
 
 
 _carray: Any = None  # numba.carray, bound at build time (numba is imported lazily)
@@ -278,6 +348,7 @@ def _build() -> dict[str, Any]:
     overload(_store)(_store_impl)
     overload(_words_of)(_words_of_impl)
     overload(_bytes_of)(_bytes_of_impl)
+    overload(_fill)(_fill_impl)
 
     global _typed_pointer, _carray
     _typed_pointer = intrinsic(_typed_pointer_impl)
@@ -296,6 +367,7 @@ def _compile(jit: Any) -> dict[str, Any]:
         "whole": _whole_jit,
         "whole_at": jit(_whole_at),
         "whole_copy_at": jit(_whole_copy_at),
+        "whole_strided_at": jit(_whole_strided_at),
     }
 
 
@@ -367,7 +439,7 @@ def summarise(
     if lut.shape[0]:
         arr = arr.view(np.uint16)
     try:  # min/max decoded in the kernel
-        s_sum, s_pos, fs, fss, lo, hi, bad = kernels["whole"](arr, lut, kc, block_shift, None)
+        s_sum, s_pos, fs, fss, lo, hi, bad = kernels["whole"](arr, lut, kc, block_shift, None, None)
     except Exception as exc:  # numba compiles per dtype on first use: a failure is not fatal
         _disable(exc)
         return None
@@ -394,6 +466,51 @@ def summarise_at(
                 addr, dst, numel, spec[0], spec[1], spec[2], block_shift
             )
         return kernels["whole_at"](addr, numel, spec[0], spec[1], spec[2], block_shift)
+    except Exception as exc:  # numba compiles per dtype on first use: a failure is not fatal
+        _disable(exc)
+        return None
+
+
+def summarise_strided_at(
+    addr: int,
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    dtype: str,
+    block_shift: int,
+    dst: int,
+) -> Optional[tuple[int, int, float, float, float, float, int]]:
+    """:func:`summarise_at` of a strided view (first element at ``addr``, ``shape``,
+    ``strides`` in elements, none negative) whose elements are copied in C order to the
+    contiguous, 8-byte-aligned address ``dst`` in the same pass: one read of the view, and
+    the results of :func:`summarise_at` over the copy, bit for bit (the same loops run over
+    each tile of the copy just after it is filled). None when the kernel is unavailable or
+    the dtype not one it takes."""
+    kernels = _kernels if _kernels is not None else _get()
+    spec = _AT_SPECS.get(dtype)
+    if kernels is None or spec is None:
+        return None
+    if not shape:  # a 0-d tensor: one element
+        shape, strides = (1,), (1,)
+    n = 1
+    span = 1
+    for size, stride in zip(shape, strides):
+        n *= size
+        span += (size - 1) * stride
+    if n == 0:
+        return None
+    try:
+        return kernels["whole_strided_at"](
+            addr,
+            span,
+            np.array(shape, np.int64),
+            np.array(strides, np.int64),
+            dst,
+            n,
+            spec[0],
+            spec[1],
+            spec[2],
+            block_shift,
+        )
     except Exception as exc:  # numba compiles per dtype on first use: a failure is not fatal
         _disable(exc)
         return None

@@ -302,6 +302,15 @@ def test_address_path_equals_array_path(name, monkeypatch):
 
 
 # -- the fused copy of full values: copy + statistics in one pass ---------------------------
+def _fused_copy_applies(x: torch.Tensor) -> bool:
+    """Does the fused pass copy ``x`` (by address, or gathered by strides)?"""
+    if not (fused.available() and x.dtype in FUSED and x.numel() > 0):
+        return False
+    if x.is_contiguous() and x.data_ptr() % 8 == 0:
+        return True
+    return snapshot._runs(x) is not None
+
+
 def _slot(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """A contiguous destination for ``x`` at a 64-byte-aligned address (as an arena slot)."""
     nbytes = x.numel() * x.element_size()
@@ -320,19 +329,12 @@ def test_copy_and_stats_equals_the_statistics_pass(name):
     x = CASES[name]
     dst, addr = _slot(x)
     got = snapshot.copy_and_stats(x, dst, addr)
-    applies = (
-        fused.available()
-        and x.dtype in FUSED
-        and x.numel() > 0
-        and x.is_contiguous()
-        and x.data_ptr() % 8 == 0
-    )
-    if not applies:
+    if not _fused_copy_applies(x):
         assert got is None
         assert (dst.reshape(-1).view(torch.uint8) == 0xA5).all(), "copied although declined"
         return
     assert got is not None
-    assert repr(got) == repr(stats_on_cpu(x))
+    assert repr(got) == repr(stats_on_cpu(x.contiguous()))
     assert_stats_agree(got, stats_on_cpu_reference(x), x)
     assert np.array_equal(_bytes(dst), _bytes(x))
 
@@ -397,13 +399,123 @@ def test_full_values_capture_into_an_arena(no_numba, monkeypatch):
         # the writer summarises the contiguous copy: a view's float sums may round
         # differently from its source's (as without an arena, or with a clone)
         assert repr((got.stats, got.fingerprint)) == repr(stats_on_cpu(x.contiguous())), name
-        assert summarised == (
-            fused.available()
-            and x.dtype in FUSED
-            and x.numel() > 0
-            and x.is_contiguous()
-            and x.data_ptr() % 8 == 0
-        ), name
+        assert summarised == _fused_copy_applies(x), name
         if no_numba:
             assert not summarised
     arena.release()
+
+
+# -- views: gathered by shape and strides in the same pass (one read of the source) ---------
+def _views():
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    return {
+        "row_slice": r(300, 130)[:, 5:125],
+        "row_slice_large": r(1100, 1030)[:, 3:1003],  # several fingerprint blocks and tiles
+        "strided_slice": r(200, 300)[::3, ::2],
+        "offset_view": r(50, 50)[1:, 3:],
+        "expand": r(7, 1).expand(7, 1000),
+        "expand_inner": r(5, 1, 9).expand(5, 4, 9),
+        "channels_last": r(2, 3, 17, 19).to(memory_format=torch.channels_last),
+        "scalar_of_view": r(5)[2],
+        "size_one_dims": r(4, 1, 6, 1, 8)[:, :, 1:5],
+        "half_rows": r(90, 31, dtype=torch.float16)[:, 1:30],
+        "half_odd": r(33, 3, dtype=torch.float16)[:, :1],  # 66 bytes: a partial last word
+        "bfloat16_rows": r(64, 65, dtype=torch.bfloat16)[1:, 1:],
+        "float64_every_other": r(333, 31, dtype=torch.float64)[:, ::2],
+        "int8_rows": torch.randint(-128, 127, (301, 77), generator=g, dtype=torch.int8)[:, 3:],
+        "int64_steps": torch.randint(-(2**62), 2**62, (40, 60), generator=g)[::2, 1::3],
+        "nan_inf_rows": torch.tensor([[1.0, float("nan"), 3.0, float("inf")]] * 9)[:, 1:],
+        "transposed": r(300, 70).t(),  # declined: torch copies, the pass reads the copy
+        "permuted": r(4, 5, 6, 7).permute(2, 0, 3, 1),  # declined
+    }
+
+
+VIEWS = _views()
+
+
+def _copy_bytes(t: torch.Tensor) -> np.ndarray:
+    """The C-order bytes of any tensor (a one-element view may be "contiguous" with any
+    stride, which ``view(torch.uint8)`` refuses)."""
+    return _bytes(torch.empty(t.shape, dtype=t.dtype).copy_(t))
+
+
+@needs_numba
+@pytest.mark.parametrize("name", list(VIEWS), ids=list(VIEWS))
+def test_views_are_gathered_in_one_pass(name):
+    """A view whose innermost dimension steps at most a cache line is gathered in C order by
+    the fused pass itself: the copy holds the view's bytes, and the stats and fingerprint are
+    those of the statistics pass over the contiguous copy, bit for bit (and the fingerprint
+    the format's); a statistics-only capture of the view gives the same. Transposed views are
+    declined (torch copies them)."""
+    x = VIEWS[name]
+    c = x.contiguous()
+    dst, addr = _slot(x)
+    got = snapshot.copy_and_stats(x, dst, addr)
+    assert repr(stats_on_cpu(x)) == repr(stats_on_cpu(c))
+    if name in ("transposed", "permuted"):
+        assert got is None and snapshot._runs(x) is None
+        return
+    assert not x.is_contiguous() or x.data_ptr() % 8 or x.dim() == 0
+    assert got is not None
+    assert repr(got) == repr(stats_on_cpu(c))
+    assert got[1] == fingerprint_bytes(_copy_bytes(x))
+    assert np.array_equal(_copy_bytes(dst), _copy_bytes(x))
+    assert_stats_agree(got, stats_on_cpu_reference(c), c)
+
+
+@needs_numba
+def test_a_gathered_view_is_not_copied_by_torch(monkeypatch):
+    """Full values of a row slice: one read (the fused gather), no torch copy first."""
+    from graddiff.arena import ArenaPool
+
+    x = VIEWS["row_slice_large"]
+    pool = ArenaPool()
+    pool._fit(x.nbytes + 64)
+    arena = pool.acquire()
+    copies = []
+    for method in ("copy_", "contiguous", "clone"):
+        orig = getattr(torch.Tensor, method)
+        monkeypatch.setattr(
+            torch.Tensor,
+            method,
+            lambda self, *a, _o=orig, _m=method, **k: copies.append(_m) or _o(self, *a, **k),
+        )
+    entry = capture("param", "w", x, call=0, seq=0, flags=0, keep_values=True, arena=arena)
+    monkeypatch.undo()
+    assert entry._summarised and not copies
+    got = entry.resolve()
+    assert np.array_equal(got.values.reshape(-1).view(np.uint8), _copy_bytes(x))
+    assert repr((got.stats, got.fingerprint)) == repr(stats_on_cpu(x.contiguous()))
+    arena.release()
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    data=st.data(),
+    dtype=st.sampled_from(list(FUSED)),
+)
+def test_any_sliced_view_gathers_like_its_copy(shape, data, dtype):
+    """Random slices (start, stop, step per dimension) and expansions of random tensors: the
+    gather's carry through the dimensions gives the copy's bytes and statistics exactly."""
+    base = torch.randint(-100, 100, [s + 3 for s in shape]).to(dtype)
+    index = []
+    for s in shape:
+        start = data.draw(st.integers(0, 2))
+        step = data.draw(st.integers(1, 3))
+        index.append(slice(start, start + s * step, step))
+    x = base[tuple(index)]
+    if data.draw(st.booleans()):
+        x = x.unsqueeze(0).expand(3, *x.shape)
+    dst, addr = _slot(x)
+    got = snapshot.copy_and_stats(x, dst, addr)
+    if got is None:
+        assert snapshot._runs(x) is None
+        return
+    assert np.array_equal(_copy_bytes(dst), _copy_bytes(x))
+    assert repr(got) == repr(stats_on_cpu(x.contiguous()))
