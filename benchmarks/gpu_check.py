@@ -15,11 +15,16 @@ It checks, on real CUDA tensors, each printed as PASS/FAIL:
    the same rows bitwise in a second run (determinism); sizes up to 2**24 + 3 elements;
 3. no host sync: captures and the step's flush run under ``torch.cuda.set_sync_debug_mode
    ("error")`` (after the one-time self-check);
-4. traced training: the seed MLP (and resnet18 when torchvision imports) on the GPU, traced
+4. deferral (``DeviceStatsBatch.add_tensor``): a model of 12 Linear+ReLU and 4 residual
+   blocks (in-place adds), stats mode: from the second step the activations and output
+   gradients cost a few group launches per step (at most 12 graddiff launches in all), and
+   every activation's and output gradient's fingerprint equals that of a host copy taken by a
+   hook right after graddiff's (the tensor as captured);
+5. traced training: the seed MLP (and resnet18 when torchvision imports) on the GPU, traced
    with ``values="full"``: parameters bitwise equal to the untraced run's, and every stored
    value of every entry read back through ``graddiff.open(...).get`` (which checks the Triton
    fingerprint against the stored bytes) with norm/min/max checked against the values;
-5. timing (interleaved rounds, medians, ``torch.cuda.synchronize`` after each step): untraced,
+6. timing (interleaved rounds, medians, ``torch.cuda.synchronize`` after each step): untraced,
    stats mode on the Triton path, stats mode on the torch-op path (``GRADDIFF_NO_TRITON=1``),
    and the CUDA kernels per step of each (torch.profiler), for the seed MLP and resnet18.
 
@@ -167,6 +172,94 @@ def check_no_sync(device: torch.device) -> str:
         e.resolve()
         assert e.fingerprint == fingerprint_bytes(host_raw(x)), str(x.dtype)
     return f"{len(xs)} captures + flush with sync debug mode 'error'"
+
+
+# -- hook captures deferred into a few launches per step ----------------------------------
+class _Residual(nn.Module):
+    """A block whose BatchNorm output is changed in place after its hook (ResNet's
+    ``out += identity``): graddiff must learn to summarise it at capture."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.bn = nn.BatchNorm1d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn(self.fc(x))
+        out += x
+        return torch.relu(out)
+
+
+def check_deferred(device: torch.device) -> str:
+    """Stats mode on 12 Linear+ReLU and 4 residual blocks: from the second step the
+    activations and output gradients cost a few group launches per step (StepRows.launches),
+    not one each, and every activation's and output gradient's fingerprint equals that of a
+    host copy taken by a hook that runs right after graddiff's (the tensor as captured), the
+    in-place changed BatchNorm outputs included."""
+    from graddiff.hooks.naming import module_display_name
+
+    torch.manual_seed(0)
+    width = 64 if DRY else 512
+    layers: list[nn.Module] = []
+    for _ in range(12):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers += [_Residual(width) for _ in range(4)]
+    model = nn.Sequential(*layers, nn.Linear(width, 10)).to(device)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(32, width, generator=g).to(device),
+                torch.randint(0, 10, (32,), generator=g).to(device)) for _ in range(2)]  # fmt: skip
+    seen: dict[tuple[int, str, str], tuple[int, int]] = {}
+    step = [0]
+
+    def fp(t: torch.Tensor) -> tuple[int, int]:
+        return fingerprint_bytes(host_raw(t.detach()))
+
+    def watch(name: str):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                seen[(step[0], "activation", name)] = fp(out)
+                if out.requires_grad:
+                    out.register_hook(
+                        lambda gr, k=(step[0], "grad_output", name): seen.__setitem__(k, fp(gr))
+                    )
+
+        return hook
+
+    launches: list[int] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "deferred.h5")
+        with graddiff.trace(model, path, values="stats") as tr:
+            # registered after graddiff's hooks: each sees the tensor as graddiff captured it
+            handles = [
+                m.register_forward_hook(watch(module_display_name(n)))
+                for n, m in model.named_modules()
+            ]  # fmt: skip
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            for i in range(4):
+                step[0] = i
+                rows = tr._recorder._device_batch._steps
+                before = sum(r.launches for r in rows.values())
+                x, y = batches[i % 2]
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                rows = tr._recorder._device_batch._steps
+                launches.append(sum(r.launches for r in rows.values()) - before)
+            for h in handles:
+                h.remove()
+        checked = 0
+        with graddiff.open(path) as run:
+            for e in run.entries():
+                key = run._keys[int(e["record"])]
+                want = seen.get((int(e["step"]), key.kind, key.name))
+                if want is None or key.call:
+                    continue
+                got = (int(e["fp_sum"]), int(e["fp_pos"]))
+                assert got == want, f"{key} at step {int(e['step'])}: not the captured tensor"
+                checked += 1
+    assert checked >= 4 * 40, f"only {checked} records checked"
+    assert max(launches[1:]) <= 12, f"launches per step {launches}"
+    return f"{checked} records checked; graddiff launches per step {launches} (first: learning)"
 
 
 # -- traced training ------------------------------------------------------------------------
@@ -346,6 +439,7 @@ def main() -> int:
     check("kernels vs CPU definition and torch-op path", lambda: check_kernels(device))
     if not DRY:
         check("no host sync in capture and flush", lambda: check_no_sync(device))
+    check("hook captures deferred into a few launches", lambda: check_deferred(device))
     with tempfile.TemporaryDirectory() as tmp:
         check("traced seed MLP (full values verified)", lambda: check_traced("mlp", device, tmp))
         try:

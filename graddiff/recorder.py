@@ -71,6 +71,11 @@ class AliasEntry(EntryData):
         )
         self._source = source
 
+    @property
+    def dropped(self) -> bool:
+        """Dropped with its source (``DeviceStatsBatch.settle``)."""
+        return getattr(self._source, "dropped", False)
+
     def resolve(self) -> EntryData:
         src = self._source.resolve()
         self.stats, self.fingerprint, self.values = src.stats, src.fingerprint, src.values
@@ -299,6 +304,8 @@ class Recorder:
             arena = self._arena
             reach = self._reach
             self._device_batch.flush()
+            if self._device_batch.take_dropped():  # changed in place before their launch
+                entries = [e for e in entries if not getattr(e, "dropped", False)]
             self._reset_step_state()
             self.clock.advance()
             # Output-gradient hooks of the step before last can no longer fire usefully.
@@ -362,6 +369,14 @@ class Recorder:
     def on_model_forward_end(self) -> None:
         if self._forward_depth:
             self._forward_depth.pop()
+            if not self._forward_depth:  # the forward's deferred device statistics: now
+                self._settle_device()
+
+    def _settle_device(self) -> None:
+        """Launch the accelerator statistics deferred since the last pass ended (nothing to
+        do on CPU: ``DeviceStatsBatch.settle``)."""
+        with self._lock:
+            self._device_batch.settle()
 
     # The two handlers below run once per module output and once per output gradient, the
     # bulk of a step's records: guarded inline (no wrapper frame), a plain tensor output
@@ -449,6 +464,7 @@ class Recorder:
     def after_gradient(self, outputs: Any, accumulate: bool, inputs: Any, result: Any) -> None:
         if self.forward_only:
             return
+        self._settle_device()  # the output gradients' deferred device statistics
         self.clock.gradient()
         if not accumulate:
             if _K_AUTOGRAD_GRAD not in self.kinds or result is None:

@@ -44,6 +44,10 @@ from .._warn import warn_user
 
 #: Host buffers per device in the reuse ring (steps alive at once: filling, queued, writing).
 RING = 4
+#: Bytes of deferred (and watched) tensors held before they are settled early: the memory that
+#: deferral may keep alive past a tensor's last use (activations are mostly alive until the
+#: backward pass anyway; output gradients are not).
+DEFER_BYTES = 256 * 2**20
 
 _TRITON: dict[str, Any] = {"module": None, "failed": None}
 _CHECKED: dict[tuple[torch.device, torch.dtype], bool] = {}
@@ -94,6 +98,13 @@ class DeviceStatsBatch:
         self._ring: dict[Any, list[Any]] = {}
         self._turn: dict[Any, int] = {}
         self.flushes = 0
+        # deferral (see ``add_tensor``): (entry, tensor, version, record, stream key)
+        self._deferred: list[tuple[Any, torch.Tensor, int, tuple, Any]] = []
+        self._watched: list[tuple[torch.Tensor, int, tuple]] = []  # (tensor, version, record)
+        self._held = 0
+        self._safe: set[tuple] = set()  # records seen unchanged from capture to their settle
+        self._unsafe: set[tuple] = set()  # records seen changed in place after capture
+        self.dropped: list[Any] = []  # entries whose tensor changed before its deferred launch
 
     # -- adding ------------------------------------------------------------------------------
     def add(self, entry: Any, stats: torch.Tensor) -> None:
@@ -101,14 +112,91 @@ class DeviceStatsBatch:
         self._pending.setdefault(_key(stats.device), []).append((entry, stats))
 
     def add_tensor(self, entry: Any, x: torch.Tensor) -> bool:
-        """Queue ``x``'s statistics on the Triton path (now, or at the end of the open
-        ``group``); False when that path does not take it (the caller uses ``add``)."""
+        """Queue ``x``'s statistics on the Triton path; False when that path does not take it
+        (the caller uses ``add``).
+
+        Inside a ``group`` they start at its end. Outside (activations, output gradients,
+        inputs, losses: one tensor per hook), a record (kind, name, call) whose tensor was
+        seen unchanged from its capture to the next ``settle`` is *deferred*: its tensor is
+        held, with its version counter, and launched at the next ``settle`` together with the
+        others (one launch per device, stream and dtype), so a step's activations cost one
+        launch at the forward's end and its output gradients one at the backward's end. A
+        record seen for the first time is launched now and watched: held until the next
+        ``settle``, which learns whether its tensor was changed in place meanwhile (ResNet's
+        ``out += identity`` changes a BatchNorm output right after its hook); a record whose
+        tensor was changed is launched at capture from then on. A deferred tensor found
+        changed at its ``settle`` (the loop took another path) cannot be summarised as
+        captured: its entry is dropped, with one warning, and the record launched at capture
+        from then on. Tensors without a version counter (inference mode) launch now."""
         if not self._takes(x):
             return False
         if self._group is not None and self._group_thread == threading.get_ident():
             self._group.append((entry, x))
             return True
-        return self._launch([(entry, x)])
+        try:
+            version = x._version
+        except RuntimeError:  # an inference tensor: no version counter, nothing to learn
+            return self._launch([(entry, x)])
+        record = (entry.kind, entry.name, entry.call)
+        if record in self._safe:
+            self._deferred.append((entry, x, version, record, _key(x.device)))
+            self._hold(x)
+            return True
+        if not self._launch([(entry, x)]):
+            return False
+        if record not in self._unsafe:
+            self._watched.append((x, version, record))
+            self._hold(x)
+        return True
+
+    def _hold(self, x: torch.Tensor) -> None:
+        self._held += x.numel() * x.element_size()
+        if self._held > DEFER_BYTES:
+            self.settle()
+
+    def settle(self) -> None:
+        """Launch the deferred statistics (one launch per device, stream and dtype) and learn
+        from the watched tensors. The recorder calls it where a pass ends (the model's
+        forward, a backward or ``autograd.grad``) and ``flush`` calls it first; the captured
+        tensors are released here."""
+        if not self._deferred and not self._watched:
+            return
+        deferred, self._deferred = self._deferred, []
+        watched, self._watched = self._watched, []
+        self._held = 0
+        for x, version, record in watched:
+            if x._version != version:
+                self._unsafe.add(record)
+            elif record not in self._unsafe:
+                self._safe.add(record)
+        by: dict[tuple[Any, torch.dtype], list[tuple[Any, torch.Tensor]]] = {}
+        for entry, x, version, record, key in deferred:
+            if x._version == version:
+                by.setdefault((key, x.dtype), []).append((entry, x))
+                continue
+            self._safe.discard(record)
+            self._unsafe.add(record)
+            entry.dropped = True
+            self.dropped.append(entry)
+            warn_user(
+                f"graddiff: {record[0]} {record[1]!r} (call {record[2]}) was changed in place "
+                f"after its capture, before its deferred statistics were taken on the device; "
+                f"it is not recorded at this step and is summarised at capture from now on"
+            )
+        for (key, _), items in by.items():
+            with _on_stream(key):
+                launched = self._launch(items, key)
+            if not launched:
+                from .snapshot import stats_on_device
+
+                with _on_stream(key):
+                    for entry, x in items:
+                        self.add(entry, stats_on_device(x))
+
+    def take_dropped(self) -> list[Any]:
+        """The entries dropped since the last call (see ``add_tensor``)."""
+        dropped, self.dropped = self.dropped, []
+        return dropped
 
     @contextlib.contextmanager
     def group(self) -> Iterator[None]:
@@ -160,8 +248,11 @@ class DeviceStatsBatch:
             return False
         return True
 
-    def _launch(self, items: list[tuple[Any, torch.Tensor]]) -> bool:
-        key = _key(items[0][1].device)
+    def _launch(self, items: list[tuple[Any, torch.Tensor]], key: Any = None) -> bool:
+        """Partials of ``items`` (one device and dtype) in one launch, on the stream of
+        ``key`` (default: the current one), recorded as rows of that stream's step."""
+        if key is None:
+            key = _key(items[0][1].device)
         rows = self._steps.get(key)
         if rows is None:
             rows = self._steps[key] = _TRITON["module"].StepRows(items[0][1].device)
@@ -174,14 +265,18 @@ class DeviceStatsBatch:
         return True
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._pending.values()) + sum(
-            len(v) for v in self._rows.values()
+        return (
+            sum(len(v) for v in self._pending.values())
+            + sum(len(v) for v in self._rows.values())
+            + len(self._deferred)
         )
 
     # -- the step's end --------------------------------------------------------------------------
     def flush(self) -> None:
-        """Per device: one reduction launch for the Triton rows, one stack of the reference
-        rows, non-blocking copies into one pinned buffer, one event; no host sync for CUDA."""
+        """Settle the deferred statistics; then per device: one reduction launch for the Triton
+        rows, one stack of the reference rows, non-blocking copies into one pinned buffer, one
+        event; no host sync for CUDA."""
+        self.settle()
         pending, self._pending = self._pending, {}
         triton_rows, self._rows = self._rows, {}
         for key in list(dict.fromkeys([*triton_rows, *pending])):

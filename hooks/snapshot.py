@@ -413,6 +413,7 @@ class PendingEntry(EntryData):
     _stats_host: Optional[torch.Tensor] = None
     _event: Optional[object] = None
     _summarised: bool = False  # stats and fingerprint already taken (the fused copy)
+    dropped: bool = False  # changed in place before its deferred device statistics
 
     def resolve(self) -> EntryData:
         if self._event is not None:

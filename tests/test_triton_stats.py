@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("triton")
 
@@ -334,3 +335,223 @@ def test_disabled_by_environment_and_cpu_tensors_by_default(monkeypatch):
     monkeypatch.setenv("GRADDIFF_NO_TRITON", "1")
     assert not DeviceStatsBatch(triton=True).add_tensor(_entry(x), x)
     assert device_stats.triton_unavailable_reason(x.device) == "disabled by GRADDIFF_NO_TRITON"
+
+
+# -- deferral: a step's hook captures in a few launches (DeviceStatsBatch.add_tensor) -------
+def _hook_entry(name: str, x: torch.Tensor, kind: str = "activation") -> PendingEntry:
+    return PendingEntry(kind, name, 0, str(x.dtype), tuple(x.shape), (0.0,) * 6, (0, 0))
+
+
+def _launches(batch: DeviceStatsBatch) -> int:
+    rows = batch._steps.get((torch.device("cpu"), None))
+    return 0 if rows is None else rows.launches
+
+
+def _results(entries: list[PendingEntry]) -> list[str]:
+    return [repr((e.resolve().stats, e.fingerprint)) for e in entries]
+
+
+def test_deferred_captures_launch_once_per_dtype_with_the_per_tensor_results():
+    """The first step launches each hook capture at once and watches it; from the second,
+    records seen unchanged until their settle are deferred and launched together at the
+    settle (one launch per dtype), with the same results, bit for bit, as one launch each,
+    and the statistics of the tensors as captured."""
+    g = torch.Generator().manual_seed(1)
+    batch = DeviceStatsBatch(triton=True)
+    single = DeviceStatsBatch(triton=True)
+    per_step = []
+    for _step in range(3):
+        xs = [torch.randn(40 + 7 * i, generator=g) for i in range(5)]
+        xs.append(torch.randn(9, 30, generator=g).to(torch.bfloat16))
+        entries = [_hook_entry(f"m{i}", x) for i, x in enumerate(xs)]
+        alone = [_hook_entry(f"m{i}", x) for i, x in enumerate(xs)]
+        before = _launches(batch)
+        for e, x in zip(entries, xs):
+            capture_on_device(e, x, False, batch)
+        batch.settle()  # the forward's end
+        per_step.append(_launches(batch) - before)
+        for e, x in zip(alone, xs):
+            single._launch([(e, x)])
+        originals = [x.clone() for x in xs]
+        for x in xs:
+            x.mul_(3)  # after the settle: the statistics are those at capture
+        batch.flush()
+        single.flush()
+        assert _results(entries) == _results(alone)
+        for x, e in zip(originals, entries):
+            assert e.fingerprint == stats_on_cpu_reference(x)[1]
+    assert per_step == [6, 2, 2]  # six tensors at once, then one launch per dtype
+
+
+def test_a_tensor_changed_after_its_capture_is_learned_and_summarised_at_capture():
+    """ResNet's ``out += identity`` changes a captured BatchNorm output before the forward
+    ends: that record is never deferred, and its statistics are those at capture."""
+    batch = DeviceStatsBatch(triton=True)
+    for step in range(3):
+        a, b = torch.arange(50.0) + step, torch.arange(30.0) - step
+        ea, eb = _hook_entry("bn", a), _hook_entry("fc", b)
+        capture_on_device(ea, a, False, batch)
+        want = stats_on_cpu_reference(a.clone())
+        a.add_(1)  # in place, before the forward's end
+        capture_on_device(eb, b, False, batch)
+        assert [x is a for _, x, *_ in batch._deferred] == ([False] if step else [])
+        batch.settle()
+        batch.flush()
+        ea.resolve()
+        assert ea.fingerprint == want[1] and ea.stats[2:] == want[0][2:]
+        assert eb.resolve().fingerprint == stats_on_cpu_reference(b)[1]
+    assert ("activation", "bn", 0) in batch._unsafe
+    assert ("activation", "fc", 0) in batch._safe
+
+
+def test_a_deferred_tensor_changed_before_its_launch_is_dropped_with_a_warning():
+    """A record learned safe whose tensor is changed in place before its deferred launch (the
+    loop took another path) cannot be summarised as captured: dropped, with a warning, and
+    summarised at capture from then on."""
+    batch = DeviceStatsBatch(triton=True)
+    x = torch.arange(20.0)
+    capture_on_device(_hook_entry("m", x), x, False, batch)
+    batch.flush()  # learned: unchanged until its settle
+    y = torch.arange(20.0)
+    e = _hook_entry("m", y)
+    capture_on_device(e, y, False, batch)
+    assert batch._deferred
+    y.add_(1)
+    with pytest.warns(RuntimeWarning, match="changed in place after its capture"):
+        batch.flush()
+    assert e.dropped and batch.take_dropped() == [e] and not batch.take_dropped()
+    z = torch.arange(20.0)
+    e2 = _hook_entry("m", z)
+    capture_on_device(e2, z, False, batch)
+    z.add_(1)
+    batch.flush()
+    assert e2.resolve().fingerprint == stats_on_cpu_reference(torch.arange(20.0))[1]
+
+
+def test_deferred_bytes_are_capped(monkeypatch):
+    """Past ``DEFER_BYTES`` of held tensors the batch settles early (the memory deferral may
+    keep alive stays bounded)."""
+    monkeypatch.setattr(device_stats, "DEFER_BYTES", 1000)
+    batch = DeviceStatsBatch(triton=True)
+    for _step in range(2):
+        xs = [torch.randn(100) for _ in range(6)]  # 400 bytes each
+        entries = [_hook_entry(f"m{i}", x) for i, x in enumerate(xs)]
+        for e, x in zip(entries, xs):
+            capture_on_device(e, x, False, batch)
+            assert batch._held <= 1000
+        batch.flush()
+        for x, e in zip(xs, entries):
+            assert e.resolve().fingerprint == stats_on_cpu_reference(x)[1]
+
+
+class _Block(nn.Module):
+    """Linear + BatchNorm whose output is changed in place after its hook (``out += x``),
+    every step or from ``late`` on."""
+
+    def __init__(self, width: int, late: int = 0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.bn = nn.BatchNorm1d(width)
+        self.late = late
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn(self.fc(x))
+        if self.calls >= self.late:
+            out += x
+        self.calls += 1
+        return torch.relu(out)
+
+
+def _traced_on_the_device_path(model, batches, path, monkeypatch):
+    """Train ``model`` traced in stats mode with its activations and output gradients sent
+    down the accelerator path (Triton kernels under the interpreter, deferral included),
+    everything else on the CPU path."""
+    import graddiff
+    from graddiff import recorder as recorder_module
+
+    cpu_capture = recorder_module.capture
+
+    def capture(kind, name, x, *, call, seq, flags, keep_values, batch, arena):
+        if kind not in ("activation", "grad_output") or keep_values:
+            return cpu_capture(kind, name, x, call=call, seq=seq, flags=flags,
+                               keep_values=keep_values, batch=batch, arena=arena)  # fmt: skip
+        e = PendingEntry(kind, name, call, "float32", tuple(x.shape), (0.0,) * 6, (0, 0))
+        e.flags, e.seq = flags, seq
+        capture_on_device(e, x.detach(), False, batch)
+        return e
+
+    monkeypatch.setattr(recorder_module, "capture", capture)
+    with graddiff.trace(model, path, values="stats") as tr:
+        tr_batch = DeviceStatsBatch(triton=True)
+        _train(model, batches[:1])  # step 0 on the CPU path: the recorder exists now
+        tr._recorder._device_batch = tr_batch
+        _train(model, batches[1:])
+    monkeypatch.undo()
+    return tr_batch
+
+
+def _train(model, batches):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _model(late: int = 0):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), _Block(16, late), nn.Linear(16, 4))
+
+
+def _fingerprints(path):
+    import graddiff
+
+    with graddiff.open(path) as run:
+        return {
+            (int(e["step"]), run._keys[int(e["record"])]): (int(e["fp_sum"]), int(e["fp_pos"]))
+            for e in run.entries()
+        }
+
+
+def test_the_recorder_settles_deferred_captures_at_each_pass_end(tmp_path, monkeypatch):
+    """End to end through the recorder: activations and output gradients deferred to the
+    forward's and the backward's end give the fingerprints of the CPU path's trace of the same
+    training, the in-place changed BatchNorm output included, and training is unchanged."""
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g))
+               for _ in range(5)]  # fmt: skip
+    plain = _model()
+    _train(plain, batches)
+    reference = _model()
+    import graddiff
+
+    with graddiff.trace(reference, tmp_path / "cpu.h5", values="stats"):
+        _train(reference, batches)
+    device = _model()
+    batch = _traced_on_the_device_path(device, batches, tmp_path / "dev.h5", monkeypatch)
+    for a, b in zip(plain.state_dict().values(), device.state_dict().values()):
+        assert torch.equal(a, b)
+    assert _fingerprints(tmp_path / "dev.h5") == _fingerprints(tmp_path / "cpu.h5")
+    assert ("activation", "2.bn", 0) in batch._unsafe  # changed by ``out += x``
+    assert ("activation", "0", 0) in batch._safe and ("grad_output", "0", 0) in batch._safe
+
+
+def test_a_record_changed_before_its_deferred_launch_is_left_out_of_its_step(tmp_path, monkeypatch):
+    """A BatchNorm output first changed in place at step 3, after it was learned safe, is not
+    recorded at step 3 (a warning says so), recorded again from step 4, and every other record
+    is unaffected."""
+    g = torch.Generator().manual_seed(6)
+    batches = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g))
+               for _ in range(5)]  # fmt: skip
+    reference = _model(late=3)
+    import graddiff
+
+    with graddiff.trace(reference, tmp_path / "cpu.h5", values="stats"):
+        _train(reference, batches)
+    with pytest.warns(RuntimeWarning, match="'2.bn' .* changed in place after its capture"):
+        _traced_on_the_device_path(_model(late=3), batches, tmp_path / "dev.h5", monkeypatch)
+    want, got = _fingerprints(tmp_path / "cpu.h5"), _fingerprints(tmp_path / "dev.h5")
+    missing = set(want) - set(got)
+    assert {(s, k.kind, k.name) for s, k in missing} == {(3, "activation", "2.bn")}
+    assert got == {k: v for k, v in want.items() if k not in missing}
