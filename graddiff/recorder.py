@@ -303,7 +303,10 @@ class Recorder:
             step = self.clock.step
             arena = self._arena
             reach = self._reach
+            flushes = self._device_batch.flushes
             self._device_batch.flush()
+            # statistics only, nothing waiting on a device: the writer may take it at once
+            ready = arena is None and self._device_batch.flushes == flushes
             if self._device_batch.take_dropped():  # changed in place before their launch
                 entries = [e for e in entries if not getattr(e, "dropped", False)]
             self._reset_step_state()
@@ -326,6 +329,8 @@ class Recorder:
             )
         if self.counts_reach and reach != self._reach_last:
             extra["reach"] = self._reach_last = reach
+        if ready:
+            extra["inline"] = True
         self.writer.submit(step, entries, **extra)
         self.steps_submitted += 1
 

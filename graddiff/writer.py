@@ -708,6 +708,10 @@ class BackgroundWriter:
         self.write_seconds = 0.0
         self._ready = threading.Event()
         self._init_error: Optional[BaseException] = None
+        # Held while a step is written, by the writer thread or (``submit(inline=True)``) by
+        # the caller: one writer of the file at a time, steps in order.
+        self._writing = threading.Lock()
+        self.steps_inline = 0
         self._thread = threading.Thread(target=self._run, name="graddiff-writer", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -732,29 +736,40 @@ class BackgroundWriter:
                 break
             what, step, payload, extra = item
             arena = extra.get("arena") if what == "step" and extra else None
-            if self._failure is not None:
-                if arena is not None:
-                    arena.release()
-                continue
-            t0 = time.perf_counter()
-            try:
-                if what == "attr":
-                    self._writer.set_attr(*payload)
-                    continue
-                resolved = [e.resolve() for e in payload]
+            with self._writing:
+                if self._failure is not None:
+                    if arena is not None:
+                        arena.release()
+                elif what == "attr":
+                    self._set_attr(*payload)
+                else:
+                    self._write(step, payload, extra, arena)
+                self._queue.task_done()  # under the lock: see ``submit``
+
+    def _write(self, step: int, entries: list, extra: Optional[dict], arena: Any) -> None:
+        """Write one step (holding ``_writing``); a failure stops recording, never raises."""
+        t0 = time.perf_counter()
+        try:
+            if self._failure is None:
+                resolved = [e.resolve() for e in entries]
                 # keywords only when given: wrappers of write_step keep working
                 self.bytes_written += self._writer.write_step(step, resolved, **(extra or {}))
                 self.steps_written += 1
-            except WriteFailed as exc:
-                self._failure = str(exc)
-            except Exception as exc:  # any I/O error: stop recording, keep training
-                self._failure = (
-                    f"writing step {step} to {self._writer.path} failed: {_one_line(exc)}"
-                )
-            finally:
-                if arena is not None:  # its bytes are written (or dropped): reusable
-                    arena.release()
-                self.write_seconds += time.perf_counter() - t0
+        except WriteFailed as exc:
+            self._failure = str(exc)
+        except Exception as exc:  # any I/O error: stop recording, keep training
+            self._failure = f"writing step {step} to {self._writer.path} failed: {_one_line(exc)}"
+        finally:
+            if arena is not None:  # its bytes are written (or dropped): reusable
+                arena.release()
+            self.write_seconds += time.perf_counter() - t0
+
+    def _set_attr(self, key: str, value: str) -> None:
+        try:
+            if self._failure is None:
+                self._writer.set_attr(key, value)
+        except Exception as exc:
+            self._failure = f"writing to {self._writer.path} failed: {_one_line(exc)}"
 
     def submit(
         self,
@@ -763,10 +778,20 @@ class BackgroundWriter:
         optimizer: Optional[list] = None,
         arena: Optional[Arena] = None,
         reach: Optional[dict] = None,
+        inline: bool = False,
     ) -> None:
         """Queue a finished step (with its optimizer settings changes, if any, and the arena
         its kept values were copied into, if any). After a
-        failure, steps are dropped and one warning is given."""
+        failure, steps are dropped and one warning is given.
+
+        ``inline``: the caller says the step is ready to write as it is (statistics only, no
+        entry waiting on a device): when the writer thread is idle with nothing queued, the
+        step is written here, on the calling thread, instead of being handed over. A small
+        step costs less CPU written than handed over (the hand-off wakes the writer thread
+        and passes the GIL back and forth), and under load far less wall time, since the
+        training thread no longer waits for the writer thread to be scheduled
+        (docs/performance.md, "Per-record cost"). Steps stay in order and one thread writes
+        at a time (``_writing``); a failure is handled as on the writer thread."""
         self.warn_if_failed()
         if arena is not None:
             arena.seal()
@@ -778,6 +803,18 @@ class BackgroundWriter:
                 extra["arena"] = arena
             if reach is not None:
                 extra["reach"] = reach
+            idle = inline and arena is None and not self._queue.unfinished_tasks
+            if idle and self._writing.acquire(blocking=False):
+                try:
+                    # every step handed over before is written (the writer thread marks an
+                    # item done under the lock, so one taken but not yet written still
+                    # counts): this one may go next, from here
+                    if not self._queue.unfinished_tasks:
+                        self._write(step, entries, extra, None)
+                        self.steps_inline += 1
+                        return
+                finally:
+                    self._writing.release()
             self._queue.put(("step", step, entries, extra))
         elif arena is not None:
             arena.release()
