@@ -12,7 +12,7 @@ with the same model, weights and batches::
     python benchmarks/ab_record.py main HEAD --model mlp --values full --steps 20 --threads 2
 
 Reports per version: process CPU per step (all threads) and the main thread's, CPU ×
-untraced (median and range over rounds), wall × untraced, CPU µs per record, and minor page
+untraced (median and range over rounds), wall × untraced, CPU and wall µs per record, and minor page
 faults per step. With ``--values full`` the writer's work after the loop (its last steps, the
 close) is included: each run's CPU and wall are taken over the whole ``with trace`` block and
 divided by the steps.
@@ -143,6 +143,7 @@ def main() -> int:
         ratios = [x[0] / b for x, b in zip(res[v], base)]
         walls = [x[3] / b for x, b in zip(res[v], base_wall)]
         us = [(x[0] - b) / records * 1e6 for x, b in zip(res[v], base)]
+        us_wall = [(x[3] - b) / records * 1e6 for x, b in zip(res[v], base_wall)]
         label = v if v == "untraced" else f"{names[v]}"
         print(
             f"  {label:12s} CPU {statistics.median(x[0] for x in res[v]) * 1e3:8.3f} ms/step "
@@ -150,6 +151,7 @@ def main() -> int:
             f"x untraced {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}), "
             f"wall x {statistics.median(walls):.3f} ({min(walls):.3f}-{max(walls):.3f}), "
             f"CPU us/record {statistics.median(us):6.1f}, "
+            f"wall us/record {statistics.median(us_wall):6.1f}, "
             f"faults/step {statistics.median(x[2] for x in res[v]):.0f}"
         )
     return 0

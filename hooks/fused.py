@@ -169,8 +169,11 @@ def _fill_impl(src, dst, e0, e1):
         e = e0
         while e < e1:
             k = min(inner_n - st[nd - 1], e1 - e)
-            if inner_s == 1:
-                dst[e : e + k] = base[off : off + k]
+            if inner_s == 1:  # a contiguous run: a loop LLVM vectorises
+                d = dst[e : e + k]
+                b = base[off : off + k]
+                for j in range(k):
+                    d[j] = b[j]
             else:
                 for j in range(k):
                     dst[e + j] = base[off + j * inner_s]
