@@ -15,7 +15,8 @@ Reports per version: process CPU per step (all threads) and the main thread's, C
 untraced (median and range over rounds), wall × untraced, CPU and wall µs per record, and minor page
 faults per step. With ``--values full`` the writer's work after the loop (its last steps, the
 close) is included: each run's CPU and wall are taken over the whole ``with trace`` block and
-divided by the steps.
+divided by the steps; ``--totals`` does the same in stats mode (the honest figure under
+load, where a writer thread that falls behind works in bursts that a median of steps misses).
 Models: those of bench_record.py, and ``deep_tiny`` (30 blocks of Linear(16, 16) + ReLU at
 batch 8, 257 records per step: the per-record cost dominates).
 """
@@ -78,6 +79,13 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--values", default="stats", choices=("stats", "full"))
+    p.add_argument(
+        "--totals",
+        action="store_true",
+        help="CPU and wall over the whole run (trace entry to exit) per step, not medians of "
+        "steps: a writer thread that falls behind under load does its work in a few steps, "
+        "which a median of steps leaves out",
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     tmp = tempfile.mkdtemp(prefix="graddiff-ab-", dir=br.same_disk_tmp())
@@ -115,7 +123,7 @@ def main() -> int:
         c_all, w_all = time.process_time() - c_all, time.perf_counter() - w_all
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / a.steps
         skip = len(cpu) // 10  # warm-up steps
-        if a.values == "full":  # the writer's last steps and the close belong to the cost
+        if a.values == "full" or a.totals:  # the writer's last steps and the close included
             return c_all / a.steps, statistics.median(main_thread[skip:]), faults, w_all / a.steps
         return (
             statistics.median(cpu[skip:]),

@@ -378,6 +378,9 @@ def run_variant(
             fused._kernels, fused._failed = saved
         res["exit_s"] = time.perf_counter() - t_loop
         res["steps_written"] = bw.steps_written
+        # statistics-only steps written on the training thread (the writer idle): their write
+        # is then inside the timed submit() below, counted as queue wait
+        res["steps_inline"] = getattr(bw, "steps_inline", 0)
         res["writer_s_per_step"] = bw.write_seconds / max(bw.steps_written, 1)
         res["queue_wait_s_per_step"] = sum(waits) / max(len(waits), 1)
         res["steps_waited"] = sum(1 for w in waits if w > 1e-3)
@@ -584,6 +587,9 @@ def bench_model(
         waited = [res["steps_waited"] for res in per[v] if "steps_waited" in res]
         if waited:
             row["steps_waited"] = f"{sum(waited)}/{sum(res['steps_written'] for res in per[v])}"
+        inline = [res["steps_inline"] for res in per[v] if "steps_inline" in res]
+        if inline:
+            row["steps_inline"] = f"{sum(inline)}/{sum(res['steps_written'] for res in per[v])}"
         rows.append(row)
     by = {r["variant"]: r for r in rows}
     targets: dict[str, Any] = {}

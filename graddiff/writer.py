@@ -712,6 +712,7 @@ class BackgroundWriter:
         # the caller: one writer of the file at a time, steps in order.
         self._writing = threading.Lock()
         self.steps_inline = 0
+        self._inline = os.environ.get("GRADDIFF_NO_INLINE_WRITE", "") in ("", "0")
         self._thread = threading.Thread(target=self._run, name="graddiff-writer", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -791,7 +792,8 @@ class BackgroundWriter:
         and passes the GIL back and forth), and under load far less wall time, since the
         training thread no longer waits for the writer thread to be scheduled
         (docs/performance.md, "Per-record cost"). Steps stay in order and one thread writes
-        at a time (``_writing``); a failure is handled as on the writer thread."""
+        at a time (``_writing``); a failure is handled as on the writer thread.
+        ``GRADDIFF_NO_INLINE_WRITE=1`` hands every step over (for comparisons)."""
         self.warn_if_failed()
         if arena is not None:
             arena.seal()
@@ -803,7 +805,7 @@ class BackgroundWriter:
                 extra["arena"] = arena
             if reach is not None:
                 extra["reach"] = reach
-            idle = inline and arena is None and not self._queue.unfinished_tasks
+            idle = inline and self._inline and arena is None and not self._queue.unfinished_tasks
             if idle and self._writing.acquire(blocking=False):
                 try:
                     # every step handed over before is written (the writer thread marks an
