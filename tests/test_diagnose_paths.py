@@ -104,6 +104,8 @@ def test_detached_branch_under_backward(tmp_path):
     # why no side: the records are symmetric, and what was checked
     assert "which run has the path is not known from these records" in text
     assert "neither run's gradients of them are all zeros" in text
+    # one backward per step in each run: the paths part within it, counted once (/reach)
+    assert "as many backward passes accumulate into their .grad in both runs (1)" in text
     assert "output gradients were not compared" in text
     assert "the same records (g_A - g_B = d either way)" in text
     assert not diagnosis_unlabelled(r)
