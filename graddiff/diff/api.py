@@ -25,6 +25,7 @@ from .align import align, check_related
 from .diagnose import Cause, diagnose
 from .envdiff import environment_diff
 from .first import Hit, walk
+from .kinks import Kinks
 from .lossscale import SCALED_KINDS, describe_powers, loss_scale
 from .mapped import describe, drop_unpaired, write_mapped
 from .matrix import divergence_matrix
@@ -183,8 +184,9 @@ def compare(
             report = _compare(
                 ra, rb, rtol, exact, window, kinds_t, filtered=kinds is not None, drift=drift
             )
-            if noise is None:
-                report = _up_to_loss_scale(report, ra, rb, rtol, exact, window, kinds_t, kinds)
+            report = _up_to_loss_scale(
+                report, ra, rb, rtol, exact, window, kinds_t, kinds, drift=drift
+            )
             if noise is not None:
                 report.noise = str(noise.path if isinstance(noise, Run) else noise)
                 report.noise_of = origin[0]
@@ -221,10 +223,14 @@ def compare(
             rb.close()
 
 
-def _up_to_loss_scale(report: Report, ra, rb, rtol, exact, window, kinds_t, kinds) -> Report:
+def _up_to_loss_scale(
+    report: Report, ra, rb, rtol, exact, window, kinds_t, kinds, drift=None
+) -> Report:
     """A run that scales its loss by 2^n (a GradScaler) diverges at the loss and output
     gradients only by that exact factor (lossscale.py). When so, judge them up to it and every
-    other kind as usual: the report of the other kinds, with the scale in its scope."""
+    other kind as usual: the report of the other kinds, with the scale in its scope. With a
+    twin's ``drift`` (--noise), the other kinds are judged by the twin as the first report
+    was; the factor itself by the precision tolerance, as without a twin."""
     first = report.first
     if first is None or first.kind not in SCALED_KINDS:
         return report
@@ -233,17 +239,25 @@ def _up_to_loss_scale(report: Report, ra, rb, rtol, exact, window, kinds_t, kind
         steps = steps_within(steps, window)
     within = _scale_tolerance(ra, rb, kinds_t, rtol, exact)
     found = loss_scale(ra, rb, steps, within)
+    partial = found is None and len(steps) > 1
+    if partial:  # the scale at the first step only: a bug may change the later losses
+        found = loss_scale(ra, rb, steps[:1], within)
     if found is None:
         return report
     others = tuple(k for k in kinds_t if k not in SCALED_KINDS)
     if not others:
         return report
     try:
-        rest = _compare(ra, rb, rtol, exact, window, others, filtered=kinds is not None)
+        rest = _compare(
+            ra, rb, rtol, exact, window, others, filtered=kinds is not None, drift=drift
+        )
     except GraddiffError:
         return report
-    if rest.diverged:
-        return report  # the scale explains the loss, not what diverged elsewhere
+    first_step = int(steps[0])
+    if rest.diverged and (rest.first is None or rest.first.step <= first_step):
+        return report  # the factor reaches the gradients: a loss weight, not a GradScaler
+    if partial and not rest.diverged:
+        return report  # later losses are no such multiples, yet nothing else differs
     run, powers = found
     scale = describe_powers(powers)
     n_go = sum(1 for k in ra.keys if k.kind == "grad_output")
@@ -251,8 +265,20 @@ def _up_to_loss_scale(report: Report, ra, rb, rtol, exact, window, kinds_t, kind
     rest.loss_scale = {"run": run, "log2": sorted(set(powers.values()))}
     if low:
         rest.loss_scale["within"] = low
-    rest.compared_kinds = [k for k in ALL_KINDS if k in rest.compared_kinds or k in SCALED_KINDS]
     rest.kinds = list(kinds_t)
+    if rest.diverged:  # a GradScaler (step 0's gradients agree unscaled) and a bug elsewhere
+        rest.loss_scale = None
+        where = f"at step {first_step}" if partial else f"at each of the {len(steps)} steps"
+        rest.notes.insert(
+            0,
+            f"{run} scales its loss by {scale} (a GradScaler): {where} its loss and "
+            f"output-gradient norms are {scale} x the other run's"
+            + (f" within {low} precision" if low else "")
+            + f", and the gradients of step {first_step} agree unscaled; loss and grad_output "
+            "are left out of this comparison (compare --kinds loss,grad_output to see them)",
+        )
+        return rest
+    rest.compared_kinds = [k for k in ALL_KINDS if k in rest.compared_kinds or k in SCALED_KINDS]
     rest.diagnosis.insert(
         0,
         Cause(
@@ -458,6 +484,8 @@ def _compare(
         pair.noise = NoiseTolerance(al, drift, _dtype_lookup(ra, rb))
     if prec.reduced:  # rounding residue is judged at the computing precision's noise floor
         pair.dtypes.floor = np.maximum(pair.dtypes.floor, floor_factor(prec.dtype))
+        if drift is None and not exact:
+            pair.kinks = Kinks(ra, rb, common, chain)
     classes = merge_classes(ra.module_classes, rb.module_classes)
     try:
         w = walk(pair, rtol, exact)
@@ -472,6 +500,8 @@ def _compare(
                 d.tolerance = pair.tolerance(h.slot, h.step)
     finally:
         pair.close()
+        if pair.kinks is not None:
+            pair.kinks.close()
     steps_b = rb.steps if b_steps is None else b_steps
     only_a = np.setdiff1d(ra.steps, steps_b)
     only_b = np.setdiff1d(steps_b, ra.steps)
@@ -504,6 +534,8 @@ def _compare(
         "steps_only_in_a": _span(only_a),
         "steps_only_in_b": _span(only_b),
     }
+    if w.kinks is not None:
+        notes.append(_kinks_note(w.kinks, al, prec.dtype))
     if w.zero_none:
         n = len(w.zero_none)
         notes.append(
@@ -565,6 +597,19 @@ def _compare(
     )
     report._matrix = partial(divergence_matrix, ra.path, rb.path, al.kinds, common)
     return report
+
+
+def _kinks_note(k: dict, al, dtype: str) -> str:
+    """The note on the first record that tipped kinks explain."""
+    label = al.slots[k["slot"]].label
+    via = f" x gain {k['gain']:.2g} (kinks.py)" if k["gain"] > 1 else ""
+    return (
+        f"tipped kinks: at step {k['step']}, {k['flips']} output-gradient element(s) are zero "
+        f"in one run and not in the other ({k['at']}: a ReLU or max-pool input within "
+        f"{dtype} rounding of its kink); {label} differs by rel {k['rel']:.2g}, beyond the "
+        f"rounding bound {k['tolerance']:.2g} but within it plus their share "
+        f"{k['share']:.2g}{via}"
+    )
 
 
 def _drift(

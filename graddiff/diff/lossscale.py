@@ -27,19 +27,32 @@ SCALED_KINDS = ("loss", "grad_output")
 _NORM_RTOL = 1e-9
 
 
-def _by_key(run: Run, steps: np.ndarray) -> dict[tuple[int, str, str, int], np.void]:
+def _by_key(run: Run, steps: np.ndarray) -> dict[tuple[int, str, str, int], dict]:
     """The loss and output-gradient entries of ``steps``, read block by block as the walk does
-    (first.BLOCK_STEPS), so that only these kinds' rows are held at once."""
+    (first.BLOCK_STEPS), so that only these kinds' rows are held at once; the calls of one
+    name combined as the alignment joins micro-batches: losses summed, output-gradient norms
+    as the norm of the calls joined (an accumulating run has one call per micro-batch)."""
     scaled = np.array(
         [i for i in range(run.n_records) if run.record_key(i).kind in SCALED_KINDS], np.int64
     )
-    out = {}
+    out: dict[tuple[int, str, str, int], dict] = {}
     for lo in range(0, len(steps), BLOCK_STEPS):
         block = steps[lo : lo + BLOCK_STEPS]
         rows = run.entries(int(block[0]), int(block[-1]))
         for e in rows[np.isin(rows["step"], block) & np.isin(rows["record"], scaled)]:
             k = run.record_key(int(e["record"]))
-            out[(int(e["step"]), k.kind, k.name, int(k.call))] = e
+            got = out.setdefault(
+                (int(e["step"]), k.kind, k.name, 0),
+                {"mean": 0.0, "norm2": 0.0, "numel": 0, "nan": 0, "inf": 0, "calls": 0},
+            )
+            got["mean"] += float(e["mean"]) * int(e["numel"])  # a sum, for losses (numel 1)
+            got["norm2"] += float(e["norm"]) ** 2
+            got["numel"] = max(got["numel"], int(e["numel"]))
+            got["nan"] += int(e["nan"])
+            got["inf"] += int(e["inf"])
+            got["calls"] += 1
+    for got in out.values():
+        got["norm"] = float(np.sqrt(got["norm2"]))
     return out
 
 
@@ -63,7 +76,9 @@ def loss_scale(
             continue
         y = eb[key]
         va, vb = float(x["mean"]), float(y["mean"])
-        if int(x["numel"]) != 1 or not (np.isfinite(va) and np.isfinite(vb)) or va == 0 or vb == 0:
+        if x["numel"] != 1 or y["numel"] != 1 or not (np.isfinite(va) and np.isfinite(vb)):
+            return None
+        if va == 0 or vb == 0:
             return None
         n = int(round(float(np.log2(abs(vb / va)))))
         if n == 0 or not _scaled(va, vb, n, 0.0 if tol is None else tol(key)):
@@ -80,7 +95,7 @@ def loss_scale(
         if kind != "grad_output":
             continue
         y = eb[key]
-        if int(x["nan"]) or int(x["inf"]) or int(y["nan"]) or int(y["inf"]):
+        if x["nan"] or x["inf"] or y["nan"] or y["inf"]:
             return None
         limit = _NORM_RTOL if tol is None else max(_NORM_RTOL, tol(key))
         if not _scaled(float(x["norm"]), float(y["norm"]), powers[step], limit):

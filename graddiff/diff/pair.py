@@ -48,6 +48,9 @@ class RunPair:
         self.precision = None  # precision.Precision, set by compare
         #: per (slot, step) tolerance from a perturbed twin (noiseref.py), set by --noise
         self.noise = None
+        #: tipped kinks (kinks.Kinks): what they allow a backward record; set by compare for a
+        #: reduced-precision pair judged by its bound
+        self.kinks = None
 
     def tolerance(self, slot: int, step: int) -> float:
         """The tolerance of a slot at a step: the twin's (--noise), else per slot, else rtol."""
