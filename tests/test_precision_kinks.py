@@ -146,3 +146,56 @@ def test_noise_twin_judges_a_grad_scaler_pair(tmp_path):
     assert r.verdict == "diverged" and r.exit_code == 1, r.headline()
     assert r.first.step == 1 and r.first.kind in ("param", "activation"), r.headline()
     assert "B scales its loss by 2^16 (a GradScaler)" in r.notes[0]
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(self.layer(self.inp(x)).mean(1))
+
+
+def _enc(path, *, fp16: bool, lr_factor: float = 1.0) -> str:
+    torch.manual_seed(0)
+    net = _Encoder()
+    o = torch.optim.Adam(net.parameters(), lr=0.01 * lr_factor)
+    scaler = torch.amp.GradScaler("cpu", enabled=fp16)
+    g = torch.Generator().manual_seed(0)
+    with graddiff.trace(net, path, values="full"):
+        for _ in range(3):
+            x, y = torch.randn(16, 6, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+            o.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+                loss = F.cross_entropy(net(x).float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(o)
+            scaler.update()
+    return str(path)
+
+
+def test_adam_on_rounding_residue_is_within_precision(tmp_path):
+    """The key third of in_proj_bias has a gradient that is zero in exact arithmetic (softmax
+    ignores a key bias): rounding residue, which Adam turns into +-lr updates of either sign.
+    The oracle: the test reads both runs' gradients and parameters itself."""
+    a, b = _enc(tmp_path / "a.h5", fp16=False), _enc(tmp_path / "b.h5", fp16=True)
+    name = "layer.self_attn.in_proj_bias"
+    with graddiff.open(a) as ra, graddiff.open(b) as rb:
+        ga, gb = ra.get("grad", name, 0), rb.get("grad", name, 0)
+        pa, pb = ra.get("param", name, 1), rb.get("param", name, 1)
+    key = slice(16, 32)
+    assert np.abs(ga[key]).max() < 1e-5 * np.abs(ga).max()  # residue in float32 ...
+    assert np.abs(gb[key]).max() < 1e-3 * np.abs(gb).max()  # ... and in float16
+    assert _rel(pa, pb) > 0.2  # yet the parameter differs by far more than rounding
+    assert _rel(np.delete(pa, np.s_[16:32]), np.delete(pb, np.s_[16:32])) < 1e-3
+    r = graddiff.compare(a, b)
+    assert r.verdict == "within_tolerance" and r.exit_code == 0, r.headline()
+    note = next(n for n in r.notes if n.startswith("rounding-dominated"))
+    assert f"param {name}" in note and "at step 1" in note, note
+    bug = _enc(tmp_path / "bug.h5", fp16=True, lr_factor=2.0)
+    r = graddiff.compare(b, bug)
+    assert r.verdict == "diverged" and (r.first.step, r.first.kind) == (1, "param"), r.headline()
+    assert r.cause.cause == "learning_rate", r.diagnosis[:1]

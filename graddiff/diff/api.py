@@ -536,6 +536,16 @@ def _compare(
     }
     if w.kinks is not None:
         notes.append(_kinks_note(w.kinks, al, prec.dtype))
+    if w.residue is not None:
+        r = w.residue
+        notes.append(
+            f"rounding-dominated gradient elements: {al.slots[r['slot']].label} differs by rel "
+            f"{r['rel']:.2g} at step {r['step']}, beyond the rounding bound {r['tolerance']:.2g}: "
+            f"{r['share']:.2g} of it in {r['elements']} of its {r['size']} elements whose "
+            "gradient the runs did not agree on even in size or sign at an earlier step "
+            "(rounding residue, which Adam scales to full-sized updates of either sign); the "
+            f"other elements differ by {r['rel_rest']:.2g}"
+        )
     if w.zero_none:
         n = len(w.zero_none)
         notes.append(

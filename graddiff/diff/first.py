@@ -81,6 +81,9 @@ class WalkResult:
     #: the first record beyond its rounding bound that tipped kinks explain (kinks.py):
     #: {"step", "slot", "rel", "tolerance", **allowance}; None when none
     kinks: Optional[dict] = None
+    #: the first parameter beyond its bound that gradient elements rounding dominated explain
+    #: (pair.residue_explains): {"step", "slot", "rel", "tolerance", ...}; None when none
+    residue: Optional[dict] = None
 
 
 def _facts(c: Cells, i: int, pair: RunPair) -> dict:
@@ -161,6 +164,7 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
     one_sided: dict[int, int] = {}
     stateless: dict[int, int] = {}
     kinks: Optional[dict] = None
+    residue: Optional[dict] = None
     kind_col = {k: j for j, k in enumerate(ALL_KINDS)}
     slot_col = np.array([kind_col.get(s.kind, 0) for s in pair.al.slots] or [0], np.int64)
     steps = pair.steps
@@ -236,6 +240,13 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
                     if kinks is None:
                         kinks = {"step": step, "slot": slot, "rel": float(best[i]),
                                  "tolerance": float(limit), **k}  # fmt: skip
+            if diverged and not exact and code == DIFF and not nonfinite and pair.kinks:
+                res = pair.residue_explains(pair.al.slots[slot], step, limit)
+                if res is not None:
+                    diverged = False
+                    if residue is None:
+                        residue = {"step": step, "slot": slot, "rel": float(best[i]),
+                                   "tolerance": float(limit), **res}  # fmt: skip
             update = None
             if not diverged and vd is not None and pair.rounding is not None:
                 names = pair.dtypes.names
@@ -295,4 +306,5 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         one_sided,
         stateless,
         kinks,
+        residue,
     )

@@ -51,6 +51,8 @@ class RunPair:
         #: tipped kinks (kinks.Kinks): what they allow a backward record; set by compare for a
         #: reduced-precision pair judged by its bound
         self.kinks = None
+        #: parameter name -> (last step read, elements whose gradient rounding dominated)
+        self._taint: dict[str, tuple] = {}
 
     def tolerance(self, slot: int, step: int) -> float:
         """The tolerance of a slot at a step: the twin's (--noise), else per slot, else rtol."""
@@ -76,6 +78,11 @@ class RunPair:
         vals = [self.values(side, slot, s) for side in ("a", "b") for s in (prev, step)]
         if any(v is None for v in vals) or len({v.shape for v in vals}) != 1:
             return None
+        mask = self.tainted(slot.name, step, vals[0].size)
+        if mask is not None and mask.any():  # Adam's full-sized updates of rounding residue
+            if mask.all():
+                return None
+            vals = [v.ravel()[~mask] for v in vals]
         got = update_difference(
             *vals,
             self.tolerance(slot.index, prev),
@@ -85,6 +92,59 @@ class RunPair:
         if got is None or not got[0] > got[1]:
             return None
         return {"rel": got[0], "tolerance": got[1], "from_step": prev}
+
+    def residue_explains(self, slot: Slot, step: int, limit: float) -> Optional[dict]:
+        """A parameter beyond ``limit`` whose difference, apart from the elements whose
+        gradient rounding dominated at some earlier compared step (the runs' elements differ
+        by at least the smaller of the two: a sign or size that rounding decided, such as
+        residue that is zero in exact arithmetic), is within it: Adam scales such an element
+        to a full-sized update of either sign. {"rel_rest", "elements", "size", "share"};
+        None otherwise (or not a reduced-precision pair judged by its bound)."""
+        if slot.kind != "param" or self.rounding is None or self.noise is not None:
+            return None
+        pa, pb = self.values("a", slot, step), self.values("b", slot, step)
+        if pa is None or pb is None or pa.shape != pb.shape:
+            return None
+        mask = self.tainted(slot.name, step, pa.size)
+        if mask is None or not mask.any() or mask.all():
+            return None
+        d = pa.astype(np.float64).ravel() - pb.astype(np.float64).ravel()
+        scale = max(float(np.linalg.norm(pa.astype(np.float64))), float(np.linalg.norm(pb)))
+        if not scale:
+            return None
+        rest = float(np.linalg.norm(d[~mask])) / scale
+        if rest > limit:
+            return None
+        share = float(np.linalg.norm(d[mask])) / scale
+        return {
+            "rel_rest": rest,
+            "elements": int(mask.sum()),
+            "size": int(mask.size),
+            "share": share,
+        }
+
+    def tainted(self, name: str, step: int, size: int) -> Optional[np.ndarray]:
+        """Elements of parameter ``name`` whose gradient, at some compared step before
+        ``step``, the two runs do not agree on even in size or sign (``0 < |a - b| >=
+        min(|a|, |b|)``); None without a compared gradient. Kept per parameter, read on."""
+        g = self.slot("grad", name) or self.slot("autograd_grad", name)
+        if g is None:
+            return None
+        last, mask = self._taint.get(name, (None, np.zeros(size, bool)))
+        if mask.size != size:
+            return None
+        for k in self.steps[self.steps < step].tolist():
+            if last is not None and k <= last:
+                continue
+            ga, gb = self.values("a", g, k), self.values("b", g, k)
+            if ga is not None and gb is not None and ga.size == size == gb.size:
+                ga = ga.astype(np.float64).ravel()
+                gb = gb.astype(np.float64).ravel()
+                diff = np.abs(ga - gb)
+                mask = mask | ((diff > 0) & (diff >= np.minimum(np.abs(ga), np.abs(gb))))
+            last = k
+        self._taint[name] = (last, mask)
+        return mask
 
     def _grad_above_floor(self, name: str, step: int) -> bool:
         """The parameter's gradient at ``step`` is compared and, in both runs, above the noise

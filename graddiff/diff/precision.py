@@ -8,7 +8,8 @@ module outputs (an autocast region records bfloat16/float16 activations; ``model
 records float16 parameters; float32 with a reduced matmul/convolution precision allowed
 counts as that precision: TF32 on CUDA, oneDNN's bf16/tf32 on CPU, from the recorded
 environment's legacy flags and ``fp32_precision`` settings). The tolerance of a record grows with its depth ``d`` in the step's
-causal chain (the number of module outputs and output gradients computed before it):
+causal chain (the number of module outputs and output gradients computed before it that
+compute, chain_depths: a container, Identity, Flatten or inactive Dropout rounds nothing):
 ``tol = max(rtol, 8 x u x (1 + d) x sqrt(1 + n))``, ``u`` the unit roundoff of the lower
 computing precision and ``n`` the optimizer steps since the first recorded step: each update
 adds its own rounding to parameters that carry the earlier steps' rounding, and independent
@@ -25,6 +26,9 @@ SGD moves a parameter by ~1e-3 of its norm, far below the bound of a deep record
 not the elements: an Adam update normalises each element, so rounding that flips the sign of a
 near-zero gradient element flips a full-sized update element (measured: rel 1.0 on a
 convolution's bias between a bfloat16 and a float32 run, whose update norms agree to 1e-4).
+
+Backward records beyond this bound at a step where rounding tipped a ReLU or max-pool are
+judged with the share of the tipped elements as well (kinks.py).
 """
 
 from __future__ import annotations
