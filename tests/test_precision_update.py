@@ -107,6 +107,10 @@ LRX2 = [(m, o, "autocast") for m in SHAPE for o in LR] + [
     ("mlp", "sgd", "params"),
     ("mlp", "momentum", "params"),
     ("cnn", "sgd", "params"),
+    # bfloat16 parameters in the transformer layer: found at step 3 (SGD) and not at all
+    # (momentum) while the depth counted its Dropout(p=0), its container and the model
+    ("transformer", "sgd", "params"),
+    ("transformer", "momentum", "params"),
 ]
 
 
