@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_thirdparty_pairs import _TinyVAE
 from torch import nn
 
 import graddiff
@@ -71,3 +72,34 @@ def test_a_loss_weight_from_its_ratio_at_another_step(tmp_path):
     r = graddiff.compare(a, b, kinds=NO_GRADS)
     assert (r.first.step, r.first.kind) == (0, "loss")
     assert "loss_scale" not in [c.cause for c in r.diagnosis], r.cause.title
+
+
+def _vae(path, reduction: str) -> str:
+    """pytorch/examples' vae loss, shrunk: BCE (summed, or averaged) plus the KL term."""
+    torch.manual_seed(0)
+    net = _TinyVAE()
+    o = torch.optim.Adam(net.parameters(), lr=1e-3)
+    data = torch.rand(2, 8, 196, generator=torch.Generator().manual_seed(1))
+    with graddiff.trace(net, path, values="full"):
+        for x in data:
+            o.zero_grad()
+            recon, mu, logvar = net(x)
+            bce = F.binary_cross_entropy(recon, x, reduction=reduction)
+            (bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())).backward()
+            o.step()
+    return str(path)
+
+
+def test_a_reduction_beside_an_unscaled_term_is_named(tmp_path):
+    """BCE 'sum' vs 'mean' next to a KL term: the losses are in no constant ratio, the
+    gradient into the model's output is 8 x 196 = 1568 x the other's."""
+    a, b = _vae(tmp_path / "a.h5", "sum"), _vae(tmp_path / "b.h5", "mean")
+    r = graddiff.compare(a, b)
+    assert (r.first.step, r.first.kind) == (0, "loss"), r.headline()
+    assert "loss_scale" not in [c.cause for c in r.diagnosis]
+    c = r.cause
+    assert c.cause == "loss_function", [(c.cause, c.title) for c in r.diagnosis]
+    assert "A sums the term on the model's output where the other run averages it over 1568" in (
+        c.title
+    )
+    assert "the other's x 1568 (one constant" in " ".join(c.evidence)

@@ -38,7 +38,7 @@ from .rules_forward import (
 from .rules_gradterm import rule_l2_in_gradients
 from .rules_graph import rule_extra_grad_path, rule_tied_weights
 from .rules_hooks import rule_backward_hook, rule_custom_function
-from .rules_lossfn import rule_loss_function, rule_loss_term
+from .rules_lossfn import rule_loss_function, rule_loss_reduction, rule_loss_term
 from .rules_micro import rule_accumulation_steps, rule_loss_calls
 from .rules_nonfinite import rule_nonfinite
 from .rules_noupdate import rule_no_update
@@ -150,6 +150,7 @@ RULES: tuple[Callable[[Context], Any], ...] = (
     rule_update_specific,
     rule_unscaled_micro_batches,
     rule_loss_scale,
+    rule_loss_reduction,
     rule_precision,
 )
 #: A rule is skipped when an earlier rule has named one of these causes (a more specific

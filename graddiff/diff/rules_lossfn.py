@@ -202,3 +202,81 @@ def _loss_term_at(x: Context, step: int) -> Optional[Cause]:
         ev,
         "compare the terms of the two runs' losses (which terms, their weights, their inputs)",
     )
+
+
+def head_factor(x: Context, step: int) -> Optional[tuple[float, list]]:
+    """(c, head slots): the gradient the loss feeds the model's output is, in A, B's × one
+    constant c (rel residual below 1e-3 for every such record), or None."""
+    first = _first_after_loss(x, "a", step) & _first_after_loss(x, "b", step)
+    heads = [t for t, _ in x.slots_of(step, ("grad_output",)) if (t.name, t.call) in first]
+    factors = []
+    for t in heads:
+        a, b = x.v("a", t, step), x.v("b", t, step)
+        if a is None or b is None or a.shape != b.shape or not a.size:
+            return None
+        a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        bb = float(b64 @ b64)
+        if bb == 0:
+            return None
+        c = float(a64 @ b64) / bb
+        if c <= 0 or rel_diff(a64, c * b64) > 1e-3:
+            return None
+        factors.append(c)
+    if not factors or any(abs(f / factors[0] - 1) > 1e-3 for f in factors):
+        return None
+    return factors[0], heads
+
+
+def rule_loss_reduction(x: Context) -> Optional[Cause]:
+    """The losses differ while the forward pass is bitwise equal, and the gradient the loss
+    feeds the model's output is the other run's times one constant c, while the losses are not
+    in that ratio: the term that reads the model's output is weighted or reduced differently
+    (a sum vs a mean over c elements), and the loss has another term that c does not scale
+    (a VAE's KL term next to its reconstruction loss)."""
+    if x.slot.kind != "loss" or not {"loss", "grad_output"} <= x.compared:
+        return None
+    step = x.step
+    if any(code != EQUAL for _, code in x.slots_of(step, ("param", "input", "activation"))):
+        return None
+    ratios = []
+    for t, _ in x.slots_of(step, ("loss",)):
+        a, b = x.v("a", t, step), x.v("b", t, step)
+        if a is None or b is None or a.size != 1 or b.size != 1 or float(b.ravel()[0]) == 0:
+            return None
+        ratios.append(float(a.ravel()[0]) / float(b.ravel()[0]))
+    if len(ratios) != 1:
+        return None
+    found = head_factor(x, step)
+    if found is None:
+        return None
+    c, heads = found
+    k = ratios[0]
+    if abs(c - 1) < 1e-3 or abs(c / k - 1) < 0.01:
+        return None  # no factor, or the loss's own ratio (a loss weight: rules_backward)
+    big, f = ("A", c) if c > 1 else ("B", 1 / c)
+    n = round(f)
+    mean = n >= 2 and abs(f - n) <= 1e-3 * f
+    ev = [
+        f"at step {step} {x.agree(('param', 'input', 'activation'), 'are bitwise equal')}, "
+        f"and the losses differ (A's is {fmt(k)}x B's)",
+        f"the gradient the loss feeds the model's output ({x.names(heads)}) is {big}'s = "
+        f"the other's x {n if mean else fmt(f)} (one constant, residual below 1e-3)"
+        + (": a whole number, the elements a mean divides by" if mean else ""),
+        f"the losses are not in that ratio ({fmt(k)}): a part of the loss that does not read "
+        "the model's output (a term on intermediate outputs or on the weights, such as a KL "
+        "term or a penalty) is not scaled with it",
+    ]
+    title = (
+        f"the loss's reduction differs: {big} sums the term on the model's output where the "
+        f"other run averages it over {n} elements (reduction='sum' vs 'mean'), and another "
+        "term is not scaled alike"
+        if mean
+        else f"the weight of the loss term on the model's output differs ({big}'s is "
+        f"{fmt(f)}x the other's), and another term is not scaled alike"
+    )
+    return Cause(
+        "loss_function",
+        title,
+        ev,
+        "use the same reduction and weights for every loss term in both runs",
+    )
