@@ -215,6 +215,8 @@ def head_factor(x: Context, step: int) -> Optional[tuple[float, list]]:
         if a is None or b is None or a.shape != b.shape or not a.size:
             return None
         a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        if not (np.all(np.isfinite(a64)) and np.all(np.isfinite(b64))):
+            return None
         bb = float(b64 @ b64)
         if bb == 0:
             return None
@@ -251,6 +253,8 @@ def rule_loss_reduction(x: Context) -> Optional[Cause]:
         return None
     c, heads = found
     k = ratios[0]
+    if not (np.isfinite(k) and np.isfinite(c)) or k == 0:
+        return None
     if abs(c - 1) < 1e-3 or abs(c / k - 1) < 0.01:
         return None  # no factor, or the loss's own ratio (a loss weight: rules_backward)
     big, f = ("A", c) if c > 1 else ("B", 1 / c)
