@@ -149,6 +149,9 @@ class Recorder:
         self._budget_note: Optional[str] = None
         self._lock = threading.RLock()
         self._forward_depth: list[bool] = []
+        # the submodules' outermost-call hooks (module_hooks), until the root's forward runs
+        self.outer_hooks: Any = None
+        self._outer_depth = 0  # traced submodule calls running (while outer_hooks is set)
         self._tensor_handles: list[Any] = []
         self._old_tensor_handles: list[Any] = []
         self._optimizer_params: dict[int, list[tuple[str, torch.Tensor]]] = {}
@@ -180,6 +183,7 @@ class Recorder:
         self._step_full = False
         self._batches: list[Any] = []  # offered by a framework callback (offer_batch)
         self._forward_ran = False  # the model's own forward ran with grad in this step
+        self._outer_inputs: list[EntryData] = []  # inputs of outermost submodule calls
         self._arena = None  # taken at the step's first full-values capture
         self._reach: dict[str, int] = {}
 
@@ -338,6 +342,8 @@ class Recorder:
     @_guarded
     def on_model_forward(self, args: Any, kwargs: Any) -> None:
         grad = torch.is_grad_enabled() and not inside_backward()
+        if self.outer_hooks is not None and self.forward_only:
+            self._drop_outer_hooks()
         if self.forward_only:
             # A step ends when the next model call begins (or at trace exit), not at the end
             # of this one: the root module's own output hook fires after the forward-end hook.
@@ -353,8 +359,47 @@ class Recorder:
             return
         if self.clock.forward(True, self._params_changed):
             self._end_step()
+        if self.outer_hooks is not None:  # the model is called as a whole: its inputs
+            self._drop_outer_hooks()
         self._ensure_started()
         self._record_inputs(args, kwargs)
+
+    def _drop_outer_hooks(self) -> None:
+        """The model's own forward runs: remove the outermost-call hooks, and this step's
+        inputs taken from them (every step has the root's inputs from now on, so two runs of
+        one computation have the same records whichever module their code called first)."""
+        hooks, self.outer_hooks = self.outer_hooks, None
+        self._outer_depth = 0
+        hooks.remove()
+        if self._outer_inputs:
+            with self._lock:
+                drop = {id(e) for e in self._outer_inputs}
+                self._entries = [e for e in self._entries if id(e) not in drop]
+                self._outer_inputs = []
+
+    @_guarded
+    def on_outer_call(self, name: str, args: Any, kwargs: Any) -> None:
+        """A traced submodule is called while the model's own forward has not run with grad
+        yet: the arguments of an outermost call (no traced call around it) are the step's
+        inputs, ``<module>:<path>`` (the root's forward never runs when, e.g., a
+        LightningModule's ``training_step`` calls ``self.net(x)``)."""
+        depth = self._outer_depth
+        self._outer_depth = depth + 1
+        if depth or self.forward_only or not torch.is_grad_enabled() or inside_backward():
+            return
+        self._ensure_started()
+        if _K_INPUT in self.kinds:
+            for path, t in flatten_tensors(list(args)) + flatten_tensors(dict(kwargs or {})):
+                rname = record_name(name, path)
+                self._outer_inputs.append(
+                    self._record(
+                        _K_INPUT, rname, t, call=self._next_call("input", rname), alias=True
+                    )
+                )
+
+    def on_outer_call_end(self) -> None:
+        if self._outer_depth:
+            self._outer_depth -= 1
 
     def _record_inputs(self, args: Any, kwargs: Any) -> None:
         self._forward_ran = True

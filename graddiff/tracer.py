@@ -312,7 +312,9 @@ class Tracer:
             compiled = _uses_compile(self.model, inner)
             if compiled:
                 self._prepare_compile()
-            install_module_hooks(inner, modules, self._recorder, self._bag, compiled=compiled)
+            install_module_hooks(
+                inner, modules, self._recorder, self._bag, compiled=compiled, every=named_modules
+            )
             add_step_hooks(self._recorder, self._bag)
             self._bag.add(add_listener(self._recorder))
             if not self.forward_only and "grad" in self.kinds:

@@ -2,13 +2,19 @@
 (forward hooks), and the gradient w.r.t. each output (a tensor hook registered on the output
 from the forward hook; ``register_full_backward_hook`` breaks in-place models: FIELD-NOTES 5).
 
+Until the model's own forward first runs with grad, its submodules also carry a
+pre-hook and an end hook that find the outermost traced call (a LightningModule's
+``training_step`` calling ``self.net(x)``: the root's forward never runs, the submodule's
+arguments are the inputs). The recorder removes them at the root's first forward with grad,
+so a model called as a whole pays nothing for them after its first step starts.
+
 Each hook is a closure over explicit state, returns None (a forward hook's return value would
 replace the module's output) and, under ``torch.compile``, runs outside the compiled graph.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -29,8 +35,11 @@ def install_module_hooks(
     bag: HandleBag,
     *,
     compiled: bool,
+    every: Optional[list[tuple[str, nn.Module]]] = None,
 ) -> None:
-    """Register the root pre/post hooks and one forward hook per selected module."""
+    """Register the root pre/post hooks and one forward hook per selected module; the
+    outermost-call hooks go on ``every`` module of the tree (default: the selected ones), so
+    the inputs are the model's whatever ``modules=`` selects."""
 
     def root_pre(module: nn.Module, args: Any, kwargs: Any) -> None:
         sink.on_model_forward(args, kwargs)
@@ -56,3 +65,31 @@ def install_module_hooks(
             return None
 
         bag.add(module.register_forward_hook(_outside_compile(forward_hook, compiled)))
+
+    outer = HandleBag()
+    for name, module in every if every is not None else modules:
+        if module is root:
+            continue
+        display = module_display_name(name)
+
+        def outer_pre(mod: nn.Module, args: Any, kwargs: Any, _name: str = display) -> None:
+            sink.on_outer_call(_name, args, kwargs)
+            return None
+
+        def outer_end(mod: nn.Module, args: Any, output: Any) -> None:
+            sink.on_outer_call_end()
+            return None
+
+        outer.add(
+            module.register_forward_pre_hook(
+                _outside_compile(outer_pre, compiled), with_kwargs=True
+            )
+        )
+        end = _outside_compile(outer_end, compiled)
+        try:
+            outer.add(module.register_forward_hook(end, always_call=True))
+        except TypeError:  # torch < 2.2 has no always_call
+            outer.add(module.register_forward_hook(end))
+    if len(outer):
+        bag.add(outer)  # removed with the rest at trace exit (remove() is idempotent)
+        sink.outer_hooks = outer

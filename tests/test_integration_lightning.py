@@ -169,6 +169,7 @@ def test_fit_under_plain_trace_matches_the_hand_written_loop(tmp_path, case):
     for step in run.steps:  # every step has this step's gradients and inputs
         assert run.stats("grad", "net.0.weight", int(step))["numel"] == 48
         assert run.stats("input", "0", int(step))["numel"] == BATCH * 6
+    assert run.names("input") == ["0"]  # the model called as a whole: its own arguments only
 
 
 def test_callback_names_steps_by_global_step_and_matches_the_plain_loop(tmp_path):
@@ -192,8 +193,25 @@ def test_resumed_fit_steps_continue_from_the_checkpoints_global_step(tmp_path):
 def test_callback_records_the_batch_when_training_step_bypasses_forward(tmp_path):
     fit(Regressor(via="submodule"), callback=GraddiffCallback(tmp_path / "cb.h5"))
     run = graddiff.open(tmp_path / "cb.h5")
-    assert {n for n in run.names("input")} == {"batch:0", "batch:1"}
+    # the batch (inputs and targets) and the arguments of the outermost module called
+    assert {n for n in run.names("input")} == {"batch:0", "batch:1", "net:0"}
     assert run.stats("input", "batch:0", 5)["numel"] == BATCH * 6
+    assert (
+        run.stats("input", "net:0", 5)["fingerprint"]
+        == run.stats("input", "batch:0", 5)["fingerprint"]
+    )
+
+
+def test_plain_trace_records_the_submodules_inputs_when_training_step_bypasses_forward(tmp_path):
+    """training_step calls self.net(x): the LightningModule's forward never runs; the inputs
+    are self.net's arguments in every step, the same records as the hand-written loop's."""
+    a = fit(Regressor(via="submodule"), path=tmp_path / "fit.h5")
+    b = plain_loop(Regressor(via="submodule"), tmp_path / "loop.h5")
+    assert _same_weights(a, b)
+    run = graddiff.open(tmp_path / "fit.h5")
+    assert run.names("input") == ["net:0"] and list(run.steps) == list(range(6))
+    assert all(run.stats("input", "net:0", int(s))["numel"] == BATCH * 6 for s in run.steps)
+    assert graddiff.compare(tmp_path / "fit.h5", tmp_path / "loop.h5").verdict == "identical"
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

@@ -308,3 +308,49 @@ def test_output_folder_missing(tmp_path):
     assert (
         result.stderr == f"Error: -o nowhere/r.h5: the folder {tmp_path}/nowhere does not exist\n"
     )
+
+
+LIGHTNING_SUBMODULE = """
+import sys, warnings
+import torch
+import torch.nn.functional as F
+from torch import nn
+import lightning.pytorch as L
+
+class Model(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)  # the LightningModule's own forward never runs
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+g = torch.Generator().manual_seed(1)
+data = torch.utils.data.TensorDataset(torch.randn(32, 6, generator=g), torch.randn(32, 2, generator=g))
+loader = torch.utils.data.DataLoader(
+    data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(int(sys.argv[1]))
+)
+warnings.filterwarnings("ignore")
+trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(Model(), loader)
+"""
+
+
+def test_lightning_training_step_calling_a_submodule_records_its_inputs(tmp_path):
+    """The traced model is the LightningModule, the forward goes to ``self.net``: the inputs
+    are ``self.net``'s arguments, in every step, and a data-order bug is named from them."""
+    pytest.importorskip("lightning.pytorch")
+    train = script(tmp_path, LIGHTNING_SUBMODULE)
+    for name, seed in (("a.h5", "0"), ("b.h5", "1")):
+        result = record("-o", name, "--", "python", str(train), seed, cwd=tmp_path)
+        assert result.exit_code == 0, result.output
+    with graddiff.open(tmp_path / "a.h5") as run:
+        assert list(run.steps) == [0, 1, 2, 3] and run.names("input") == ["net:0"]
+        assert all(run.stats("input", "net:0", int(s))["numel"] == 8 * 6 for s in run.steps)
+    report = graddiff.compare(tmp_path / "a.h5", tmp_path / "b.h5")
+    assert report.first.step == 0 and report.first.kind == "input"
+    assert "different data order" in report.cause.title, report.cause
