@@ -118,8 +118,20 @@ Additive extensions (optional: older files lack them, readers tolerate that):
   they agree again) when the group's parameters' counts differ from one another and from what
   the last stored ones imply (+1 per step; a count of 0, no state yet, stays 0);
   ``state_entries`` (optional: ``len(optimizer.state)`` before the update, stored when it
-  changes; 0 after a state cleared or an optimizer re-created); ``notes`` (what was not read,
-  e.g. a tensor on an accelerator).
+  changes; 0 after a state cleared or an optimizer re-created); ``state_fp`` (optional, at an
+  optimizer's first row only, when its state is not empty there: it was loaded or filled
+  before its first update): the fingerprint of everything the state holds (32 hex digits:
+  BLAKE2b-128 over, per parameter in param-group order, each entry's name and, for a tensor,
+  dtype, shape and the fingerprint defined below, for a number its value);
+  ``loaded`` (optional: ``optimizer.load_state_dict`` ran since the previous row of this
+  optimizer): ``count`` (calls), ``fp`` (the state's fingerprint before this update, as
+  loaded; null: empty; absent when it could not be taken) and ``changed`` (whether the loads
+  changed the state: its fingerprint before the first of them differs; absent when not
+  known); ``notes`` (what was not read, e.g. a tensor on an accelerator). Added in 0.1 without
+  a version change: ``state_fp``, ``loaded`` (older files have neither: nothing is known
+  about the state's contents there). Per-parameter ``state_steps`` are also stored when a
+  count parts from what the stored ones imply in a way the per-update checks do not see (one
+  other parameter's count is read per update, in turn).
   Group indices are JSON strings.
 
 - ``/reach`` (1-D table, same layout as ``/optimizer``: ``step`` int64, ``changes`` UTF-8

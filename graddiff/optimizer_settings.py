@@ -41,6 +41,19 @@ class GroupSettings:
 
 
 @dataclass(frozen=True)
+class StateFingerprint:
+    """The optimizer state's fingerprint where it was last taken: at the optimizer's first
+    step (``how`` "first": the state it starts from, loaded before it when not empty) or at
+    the first step after ``load_state_dict`` ("load")."""
+
+    step: int
+    how: str  # "first" or "load"
+    fp: Optional[str]  # hex; None: the state was empty
+    changed: Optional[bool] = None  # "load": the loads changed the state (None: not known)
+    count: int = 0  # "load": load_state_dict calls since the step before
+
+
+@dataclass(frozen=True)
 class OptimizerAt:
     """One optimizer's settings at one step."""
 
@@ -50,6 +63,8 @@ class OptimizerAt:
     notes: tuple[str, ...] = ()
     since: int = 0  # the step of the last change applied
     state_entries: Optional[int] = None  # len(optimizer.state) (None: an older trace)
+    born: int = 0  # the step of its first row: the first update it made in the trace
+    state_fp: Optional[StateFingerprint] = None  # None: not recorded (older trace) or unread
 
     @property
     def short_class(self) -> str:
@@ -68,6 +83,14 @@ def _num(v: Any, what: str) -> Optional[int]:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise SettingsError(f"{what} is not a count")
     return int(v)
+
+
+def _hex(v: Any, what: str) -> Optional[str]:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v or len(v) > 128:
+        raise SettingsError(f"{what} is not a fingerprint")
+    return v
 
 
 def _gidx(k: Any, n: int, what: str) -> int:
@@ -94,6 +117,8 @@ class _Live:
         self.notes: tuple[str, ...] = ()
         self.since = 0
         self.entries: Optional[int] = None
+        self.born: Optional[int] = None
+        self.fp: Optional[StateFingerprint] = None
 
     def resize(self, n: int) -> None:
         self.hyper = [{} for _ in range(n)]
@@ -151,6 +176,26 @@ class _Live:
                     )
         if "state_entries" in ch:
             self.entries = _num(ch["state_entries"], "state_entries")
+        first = self.born is None
+        if first:
+            self.born = step
+        if "state_fp" in ch:
+            self.fp = StateFingerprint(step, "first", _hex(ch["state_fp"], "state_fp"))
+        elif first and self.entries == 0:
+            self.fp = StateFingerprint(step, "first", None)  # it starts from empty state
+        loaded = ch.get("loaded")
+        if loaded is not None:
+            if not isinstance(loaded, dict):
+                raise SettingsError("loaded is not an object")
+            changed = loaded.get("changed")
+            if changed is not None and not isinstance(changed, bool):
+                raise SettingsError("loaded.changed is not a boolean")
+            count = _num(loaded.get("count"), "loaded.count") or 1
+            self.fp = (
+                StateFingerprint(step, "load", _hex(loaded["fp"], "loaded.fp"), changed, count)
+                if "fp" in loaded
+                else None  # loaded, fingerprint not taken: nothing known about the state
+            )
         notes = ch.get("notes")
         if notes is not None:
             if not isinstance(notes, list):
@@ -174,7 +219,14 @@ class _Live:
                 )
             )
         return OptimizerAt(
-            self.index, self.class_name, tuple(groups), self.notes, self.since, self.entries
+            self.index,
+            self.class_name,
+            tuple(groups),
+            self.notes,
+            self.since,
+            self.entries,
+            self.born if self.born is not None else step,
+            self.fp,
         )
 
 
@@ -237,7 +289,16 @@ class OptimizerSettings:
                 for g in o.groups
             )
             out.append(
-                OptimizerAt(o.index, o.class_name, groups, o.notes, o.since, o.state_entries)
+                OptimizerAt(
+                    o.index,
+                    o.class_name,
+                    groups,
+                    o.notes,
+                    o.since,
+                    o.state_entries,
+                    o.born,
+                    o.state_fp,
+                )
             )
         return out
 
@@ -300,6 +361,20 @@ def optimizer_dict(o: OptimizerAt) -> dict[str, Any]:
             for g in o.groups
         ],
         **({"state_entries": o.state_entries} if o.state_entries is not None else {}),
+        "first_step": o.born,
+        **(
+            {
+                "state_fingerprint": {
+                    "step": o.state_fp.step,
+                    "how": o.state_fp.how,
+                    "fingerprint": o.state_fp.fp,
+                    **({"changed": o.state_fp.changed} if o.state_fp.changed is not None else {}),
+                    **({"loads": o.state_fp.count} if o.state_fp.how == "load" else {}),
+                }
+            }
+            if o.state_fp is not None
+            else {}
+        ),
         "notes": list(o.notes),
     }
 
@@ -332,6 +407,8 @@ def describe_change(old: Optional[OptimizerAt], new: OptimizerAt, gap: int = 0) 
                 + f",{same} {_hyper_text(own)}".rstrip()
                 + (f", state step {g.state_step}" if g.state_step is not None else "")
             )
+        if new.state_fp is not None and new.state_fp.fp is not None:
+            lines.append(f"  starts from a state it already holds ({_fp_text(new.state_fp)})")
         return lines + [f"  note: {n}" for n in new.notes]
     lines = []
     for go, gn in zip(old.groups, new.groups):
@@ -347,6 +424,16 @@ def describe_change(old: Optional[OptimizerAt], new: OptimizerAt, gap: int = 0) 
             diff.append(f"state step {gn.state_step} (not {expect})")
         if diff:
             lines.append(f"{head} group {gn.index}: " + ", ".join(diff))
+    f = new.state_fp
+    if (
+        f is not None
+        and f.how == "load"
+        and f.step != (old.state_fp.step if old.state_fp else None)
+    ):
+        what = {True: "changed the state", False: "restored the same state"}.get(
+            f.changed, "effect not known"
+        )
+        lines.append(f"{head}: state loaded (load_state_dict x{f.count}: {what}; {_fp_text(f)})")
     if (
         old.state_entries
         and new.state_entries is not None
@@ -359,8 +446,13 @@ def describe_change(old: Optional[OptimizerAt], new: OptimizerAt, gap: int = 0) 
     return lines
 
 
+def _fp_text(f: StateFingerprint) -> str:
+    return "empty" if f.fp is None else f"fingerprint {f.fp[:12]}"
+
+
 __all__ = [
     "IMPLEMENTATION_KEYS",
+    "StateFingerprint",
     "GroupSettings",
     "OptimizerAt",
     "OptimizerSettings",

@@ -161,6 +161,7 @@ class Recorder:
         self._closure_steps: set[int] = set()  # optimizers inside a wrapped step(closure)
         # optimizer settings per step (changes only); None once it failed
         self._settings: Optional[SettingsWatch] = SettingsWatch(self._param_by_id)
+        self._settings_hooks = self._settings  # its load hooks, removed at finish()
         # backward passes that accumulated into each parameter's .grad this step
         # (hooks/reach.py); written when they change, once counting hooks are installed
         self.counts_reach = False
@@ -586,7 +587,8 @@ class Recorder:
         if not owned:
             return  # an optimizer of another model
         self.optimizer_seen = True
-        self._watch_settings(optimizer)
+        if self._watch_settings(optimizer):
+            owned = self._refresh_owned(optimizer)
         if not self.clock.started:
             return  # nothing recorded since the last boundary (e.g. a GradScaler retry)
         if _K_GRAD in self.kinds:
@@ -598,18 +600,30 @@ class Recorder:
         if self.clock.optimizer_step():
             self._end_step()
 
-    def _watch_settings(self, optimizer: Any) -> None:
-        """The optimizer's settings for this step's update; a failure here stops only this."""
+    def _refresh_owned(self, optimizer: Any) -> list[tuple[str, torch.Tensor]]:
+        """A param group's membership changed (``add_param_group``, a parameter replaced in a
+        group): from this update on, the gradients of the parameters it holds now are recorded
+        too (those it held before stay recorded: a record does not vanish mid-run)."""
+        old = self._optimizer_params.pop(id(optimizer), None) or []
+        owned = self._owned(optimizer)
+        now = {id(p) for _, p in owned}
+        owned.extend(item for item in old if id(item[1]) not in now)
+        return owned
+
+    def _watch_settings(self, optimizer: Any) -> bool:
+        """The optimizer's settings for this step's update; a failure here stops only this.
+        True when a param group's membership changed since the last step."""
         if self._settings is None:
-            return
+            return False
         try:
-            self._settings.observe(optimizer, self.clock.step)
+            return self._settings.observe(optimizer, self.clock.step)
         except Exception as exc:
             self._settings = None
             warn_user(
                 f"graddiff: optimizer settings are not recorded from step {self.clock.step} "
                 f"({type(exc).__name__}: {exc}); the rest of the trace is unaffected"
             )
+            return False
 
     @_guarded
     def on_closure_step(self, optimizer: Any) -> bool:
@@ -617,7 +631,8 @@ class Recorder:
         if self.forward_only or not self._owned(optimizer):
             return False
         self.optimizer_seen = True
-        self._watch_settings(optimizer)
+        if self._watch_settings(optimizer):
+            self._refresh_owned(optimizer)
         self.clock.closure_step()
         self._closure_steps.add(id(optimizer))
         return True
@@ -676,6 +691,7 @@ class Recorder:
             except Exception as exc:
                 self.fail(f"internal error at trace exit: {exc}")
         self.active = False
+        self._settings_hooks.close()
         for handle in self._old_tensor_handles + self._tensor_handles:
             handle.remove()
         self._old_tensor_handles, self._tensor_handles = [], []

@@ -26,11 +26,16 @@ traced parameter without a gradient at the last update (the recorder's gradient 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import operator
 import weakref
 from typing import Any, Optional
 
 import torch
+
+from .shards import local_tensor
+from .snapshot import fingerprint_cpu, fingerprint_parts
 
 #: Group entries that are not hyperparameters.
 _SKIP = frozenset({"params", "param_names"})
@@ -86,6 +91,75 @@ def _on_device(state: Any, p: Any) -> bool:
     return isinstance(v, torch.Tensor) and not v.is_cpu
 
 
+def state_fingerprint(optimizer: Any) -> Optional[str]:
+    """A fingerprint of everything ``optimizer.state`` holds (None when it is empty): per
+    parameter, in param-group order (the order ``load_state_dict`` maps by), each entry's name
+    and, for a tensor, its dtype, shape and exact fingerprint (``graddiff.format``: integer sums
+    of its bytes, equal on any device and thread count), for a number its value; hashed
+    (BLAKE2b, 16 bytes, hex). Equal states give equal fingerprints in any run. One read of the
+    state (taken at first sight and at a ``load_state_dict``, never per step); accelerator
+    tensors' sums come back in one transfer."""
+    state = optimizer.state
+    if not state:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    on_device: list = []
+    i = 0
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            i += 1
+            st = state.get(p)
+            if not st:
+                continue
+            h.update(f"#{i}".encode())
+            for k in sorted(st, key=str):
+                _fold(h, str(k), st[k], on_device)
+    if on_device:
+        h.update(repr(torch.stack(on_device).tolist()).encode())
+    return h.hexdigest()
+
+
+def _fold(h: Any, key: str, v: Any, on_device: list) -> None:
+    """One state entry into the hash (a list or tuple of tensors entry by entry: LBFGS)."""
+    if isinstance(v, torch.Tensor):
+        t = local_tensor(v).detach()
+        h.update(f"{key}:{str(t.dtype)}:{tuple(t.shape)}".encode())
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        if t.is_cpu:
+            h.update(repr(fingerprint_cpu(t)).encode())
+        else:
+            on_device.append(torch.stack(fingerprint_parts(t)))
+    elif isinstance(v, (list, tuple)):
+        h.update(f"{key}:[{len(v)}]".encode())
+        for j, x in enumerate(v):
+            _fold(h, f"{key}.{j}", x, on_device)
+    elif isinstance(v, _SCALARS):
+        h.update(f"{key}={v!r}".encode())
+    else:  # another object: its type only (its repr may hold an address)
+        h.update(f"{key}:{type(v).__qualname__}".encode())
+
+
+#: The watches that load hooks report to, by key: the hooks are partials of module-level
+#: functions (an optimizer pickled while traced still pickles; elsewhere they do nothing).
+_WATCHES: dict[int, Any] = {}
+
+
+def _load_pre_hook(key: int, optimizer: Any, state_dict: Any) -> None:
+    ref = _WATCHES.get(key)
+    watch = ref() if ref is not None else None
+    if watch is not None:
+        watch.before_load(optimizer)
+    return None  # a returned dict would replace what is loaded
+
+
+def _load_post_hook(key: int, optimizer: Any) -> None:
+    ref = _WATCHES.get(key)
+    watch = ref() if ref is not None else None
+    if watch is not None:
+        watch.after_load(optimizer)
+
+
 class _Group:
     """What was last stored for one param group."""
 
@@ -103,6 +177,8 @@ class _Group:
         "per_step",
         "seen",
         "size",
+        "probe",
+        "parted",
     )
 
     def __init__(self) -> None:
@@ -119,10 +195,12 @@ class _Group:
         self.per_step = -1
         self.seen: Any = None  # the count at the last call (None: not seen yet)
         self.size = -1  # len() of the group dict when its keys were split (_keys)
+        self.probe = 0  # the parameter whose count was read last in turn (_probe)
+        self.parted = False  # counts parted in a way the per-update checks do not see
 
 
 class _Optimizer:
-    __slots__ = ("index", "ref", "groups", "notes", "entries", "skipped")
+    __slots__ = ("index", "ref", "groups", "notes", "entries", "skipped", "loads", "before")
 
     def __init__(self, index: int, optimizer: Any) -> None:
         self.index = index
@@ -131,6 +209,8 @@ class _Optimizer:
         self.notes: set[str] = set()
         self.entries = -1  # len(optimizer.state) at the last call
         self.skipped: list = []  # traced parameters without a gradient at the last update
+        self.loads = 0  # load_state_dict calls since the last call
+        self.before: Any = None  # the state's fingerprint before the first of them
 
 
 class SettingsWatch:
@@ -140,23 +220,32 @@ class SettingsWatch:
         self._names = param_names  # id(param) -> (record name, param)
         self._opts: dict[int, _Optimizer] = {}
         self._changes: list[dict[str, Any]] = []
+        self._handles: list = []  # the optimizers' load_state_dict hooks
+        self._key = id(self)
+        _WATCHES[self._key] = weakref.ref(self)
 
-    def observe(self, optimizer: Any, step: int) -> None:
-        """Compare ``optimizer``'s settings with the last ones stored; keep what changed."""
+    def observe(self, optimizer: Any, step: int) -> bool:
+        """Compare ``optimizer``'s settings with the last ones stored; keep what changed.
+        True when a param group's membership changed since the last call (the caller's
+        cached parameter list of this optimizer is stale)."""
         st = self._opts.get(id(optimizer))
-        if st is None or st.ref() is not optimizer:
+        first = st is None or st.ref() is not optimizer
+        if first:
             st = self._opts[id(optimizer)] = _Optimizer(len(self._opts), optimizer)
             change: dict[str, Any] = {
                 "optimizer": st.index,
                 "class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
             }
+            self._first_sight(optimizer, st, change)
         else:
             change = {"optimizer": st.index}
+            if st.loads:
+                self._loaded(optimizer, st, change)
         groups = optimizer.param_groups
         if len(groups) != len(st.groups):
             st.groups = [_Group() for _ in groups]
             change["groups"] = len(groups)
-        several = len(groups) > 1
+        moved = False  # a group's membership changed (not at first sight)
         state = optimizer.state
         entries = len(state)
         joined = entries != st.entries
@@ -186,11 +275,12 @@ class SettingsWatch:
             if (
                 params is not c.members_list
                 or len(params) != len(c.members)
-                or (several and not all(map(operator.is_, params, c.members)))
+                or not all(map(operator.is_, params, c.members))
             ):
-                # exact per parameter where there are groups to move between (a parameter
-                # swapped between two groups of the same sizes shows); one group: its list
+                # exact per parameter (by identity, ~25 ns each): a parameter swapped between
+                # groups of the same sizes, or replaced in place in a group, shows
                 c.members, c.members_list = tuple(params), params
+                moved = True
                 names = [self._names[id(p)][0] for p in params if id(p) in self._names]
                 change.setdefault("params", {})[str(gi)] = names
                 change.setdefault("untraced", {})[str(gi)] = len(params) - len(names)
@@ -209,13 +299,77 @@ class SettingsWatch:
             # did not advance by one update (a reset, a restore), parameters that joined or
             # left the state, or a parameter without a gradient at the last update (skipped)
             irregular = count is not None and (not isinstance(seen, int) or count != seen + 1)
-            if irregular or joined or skipped or (stored and c.per):
+            if irregular or joined or skipped or (stored and c.per) or c.parted:
+                self._per_param(change, gi, c, state, params, step, stored)
+            elif count is not None and len(params) > 1 and self._probe(c, state, params, step):
+                # one other parameter per update, in turn: a count that parts another way (a
+                # custom optimizer advancing some counts by more than one) is found within
+                # len(params) updates, then every count is read at every update until they
+                # agree again
+                c.parted = True
                 self._per_param(change, gi, c, state, params, step, stored)
         if st.notes:
             change["notes"] = sorted(st.notes)
             st.notes = set()
         if len(change) > 1:
             self._changes.append(change)
+        return moved and not first
+
+    # -- the state as loaded -----------------------------------------------------------------
+    def _first_sight(self, optimizer: Any, st: _Optimizer, change: dict) -> None:
+        """A new optimizer: the fingerprint of the state it starts from when it has one (loaded
+        before its first step: a resume), and hooks that report its later loads."""
+        try:
+            if optimizer.state:
+                change["state_fp"] = state_fingerprint(optimizer)
+        except Exception as exc:  # never into training: the fingerprint is optional
+            st.notes.add(f"state fingerprint not taken ({type(exc).__name__}: {exc})")
+        pre = getattr(optimizer, "register_load_state_dict_pre_hook", None)
+        post = getattr(optimizer, "register_load_state_dict_post_hook", None)
+        if pre is None or post is None:  # torch < 2.1
+            st.notes.add("state loads not recorded (torch has no load_state_dict hooks)")
+            return
+        self._handles.append(pre(functools.partial(_load_pre_hook, self._key)))
+        self._handles.append(post(functools.partial(_load_post_hook, self._key)))
+
+    def before_load(self, optimizer: Any) -> None:
+        """``optimizer.load_state_dict`` begins: the state before the first load since the last
+        step, to tell a load that changes the state from one that restores it as it was."""
+        st = self._opts.get(id(optimizer))
+        if st is None or st.ref() is not optimizer or st.loads:
+            return
+        try:
+            st.before = state_fingerprint(optimizer)
+        except Exception as exc:
+            st.before = exc
+
+    def after_load(self, optimizer: Any) -> None:
+        st = self._opts.get(id(optimizer))
+        if st is not None and st.ref() is optimizer:
+            st.loads += 1
+
+    def _loaded(self, optimizer: Any, st: _Optimizer, change: dict) -> None:
+        """The loads since the last step, as a ``loaded`` change: the state's fingerprint now
+        (as loaded: nothing updated it since), whether it differs from before the loads."""
+        count, before = st.loads, st.before
+        st.loads, st.before = 0, None
+        try:
+            after = state_fingerprint(optimizer)
+        except Exception as exc:
+            st.notes.add(f"state fingerprint not taken ({type(exc).__name__}: {exc})")
+            change["loaded"] = {"count": count}
+            return
+        out: dict[str, Any] = {"count": count, "fp": after}
+        if not isinstance(before, Exception):
+            out["changed"] = after != before
+        change["loaded"] = out
+
+    def close(self) -> None:
+        """Remove the load hooks (trace exit)."""
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+        _WATCHES.pop(self._key, None)
 
     def skipped(self, optimizer: Any, params: list) -> None:
         """Traced parameters of ``optimizer`` without a gradient at this update (the recorder
@@ -224,6 +378,24 @@ class SettingsWatch:
         st = self._opts.get(id(optimizer))
         if st is not None:
             st.skipped = params
+
+    def _probe(self, c: _Group, state: Any, params: Any, step: int) -> bool:
+        """Read the next parameter's count in turn (never the first: the group's count is
+        its); True when it is not what the stored counts imply."""
+        i = c.probe + 1
+        if i >= len(params):
+            i = 1
+        c.probe = i
+        p = params[i]
+        hit = self._names.get(id(p))
+        if hit is None or hit[1] is not p:
+            return False
+        got = _count_of(state, p)
+        if got is None:
+            return False
+        was = c.per.get(hit[0])
+        want = c.seen if was is None else (was + step - c.per_step if was else 0)
+        return got != want
 
     def _per_param(
         self, change: dict, gi: int, c: _Group, state: Any, params: Any, step: int, stored: bool
@@ -236,6 +408,7 @@ class SettingsWatch:
         per = {k: v for k, v in read.items() if isinstance(v, int)}
         if len(set(counts)) <= 1:
             per = {}  # one count for the group (or none: step-less state)
+            c.parted = False
         # a new state_step clears the per-parameter counts on the reading side
         changed = bool(per) if stored else per != _advanced(c.per, step - c.per_step)
         if changed:

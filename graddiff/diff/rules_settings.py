@@ -53,6 +53,7 @@ class Difference:
     params: list = field(default_factory=list)  # parameter names
     groups: set = field(default_factory=set)  # (group in A, group in B)
     optimizers: set = field(default_factory=set)  # (optimizer in A, optimizer in B)
+    born: tuple = ()  # (A's, B's) optimizer's first step (state_entries)
 
 
 def _settings(x: Context) -> tuple[Optional[OptimizerSettings], Optional[OptimizerSettings]]:
@@ -92,9 +93,13 @@ def compare_at(x: Context, t: int) -> tuple[list[Difference], list[Difference], 
             ea, eb = oa.state_entries, ob.state_entries
             if ea is not None and eb is not None and ea != eb:
                 _add(found, "state_entries", ea, eb, slot, ha, hb)
-        elif any(d.what == "state_entries" for d in found.values()):
+                found[("state_entries", ea, eb)].born = (oa.born, ob.born)
+            loaded = _loaded_difference(oa, ob, t)
+            if loaded is not None:
+                _add(found, "loaded_state", *loaded, slot, ha, hb)
+        elif any(d.what in PER_OPTIMIZER for d in found.values()):
             for d in found.values():
-                if d.what == "state_entries" and (oa.index, ob.index) in d.optimizers:
+                if d.what in PER_OPTIMIZER and (oa.index, ob.index) in d.optimizers:
                     d.params.append(slot)
         if oa.class_name == ob.class_name and _moved(oa, ga, ob, gb):
             _add(found, "group", ga.index, gb.index, slot, ha, hb)
@@ -113,6 +118,34 @@ def compare_at(x: Context, t: int) -> tuple[list[Difference], list[Difference], 
             if ca != cb:
                 _add(found, "state_step", ca, cb, slot, ha, hb)
     return list(found.values()), list(impl.values()), compared
+
+
+#: Differences of a whole optimizer (its state), not of one parameter's group.
+PER_OPTIMIZER = frozenset({"state_entries", "loaded_state"})
+
+
+def _loaded_difference(oa, ob, t: int) -> Optional[tuple]:
+    """(A's, B's) state fingerprint events when they say the states differ at the update of
+    step ``t``: both taken at one step s <= t (both optimizers' first step, or a load in
+    both) with different fingerprints; or a load (or a new optimizer starting from a state
+    it holds) at step t in one run only, that changed the state, while the other run's
+    optimizer goes on from an earlier step. A state empty in one run at the first step is
+    the state size's difference (state_entries), not this."""
+    fa, fb = oa.state_fp, ob.state_fp
+    if fa is None or fb is None:
+        return None
+    if fa.step == fb.step:
+        if fa.step > t or fa.fp == fb.fp:
+            return None
+        if fa.how == fb.how == "first" and None in (fa.fp, fb.fp):
+            return None
+        return fa, fb
+    late, early = (fa, fb) if fa.step > fb.step else (fb, fa)
+    if late.step != t or late.fp is None:
+        return None
+    if late.how == "load" and late.changed is not True:
+        return None  # a load that restored the state as it was (or not known)
+    return (fa, None) if late is fa else (None, fb)
 
 
 def _settings_of(g) -> dict[str, Any]:
@@ -275,6 +308,8 @@ def settings_causes(x: Context, t: int, diffs: list[Difference], total: int) -> 
             c = _state_cause(x, t, d, who, head)
         elif d.what == "state_entries":
             c = _entries_cause(t, d, head)
+        elif d.what == "loaded_state":
+            c = _loaded_cause(t, d, head)
         elif d.what == "group":
             c = _group_cause(x, t, d, head)
         elif d.what == "lr":
@@ -446,6 +481,21 @@ def _entries_cause(t: int, d: Difference, head: str) -> Cause:
     ev = f"{head}: the optimizer holds state for {d.a} parameter(s) in A vs {d.b} in B"
     if 0 in (d.a, d.b):
         side, other = ("A", d.b) if d.a == 0 else ("B", d.a)
+        born = dict(zip("AB", d.born)) if d.born else {}
+        if born and born[side] == t and born["B" if side == "A" else "A"] < t:
+            return Cause(
+                "optimizer_state",
+                f"optimizer state reset in {side} at step {t}: {side}'s optimizer is re-created "
+                f"there (a new optimizer, no state) where the other run's holds state for "
+                f"{other} parameter(s) (optimizer state not restored on resume?)",
+                [
+                    ev + f": {side}'s optimizer makes its first update at step {t}, the other "
+                    f"run's has updated since step {born['B' if side == 'A' else 'A']}; "
+                    f"{side}'s update starts from empty state (no momentum buffer, Adam's "
+                    "moments at zero)"
+                ],
+                fix,
+            )
         return Cause(
             "optimizer_state",
             f"optimizer state reset in {side} at step {t}: its optimizer holds no state where "
@@ -466,6 +516,74 @@ def _entries_cause(t: int, d: Difference, head: str) -> Cause:
             "a parameter without a gradient gets state in one run only when its gradient is "
             "zeros there and None in the other (zero_grad(set_to_none=False) vs True), or when "
             "the optimizers hold different parameters",
+        ],
+        fix,
+    )
+
+
+def _fp_short(f) -> str:
+    return "empty" if f.fp is None else f.fp[:12]
+
+
+def _load_event(f, side: str) -> str:
+    if f.how == "load":
+        what = {True: "it changed the state", False: "it restored the same state"}.get(
+            f.changed, "its effect not known"
+        )
+        return (
+            f"{side}'s optimizer.load_state_dict() ran before the update of step {f.step} "
+            f"({what}; loaded state fingerprint {_fp_short(f)})"
+        )
+    return (
+        f"{side}'s optimizer made its first update at step {f.step}, from a state it already "
+        f"held (loaded before it; fingerprint {_fp_short(f)})"
+        if f.fp is not None
+        else f"{side}'s optimizer made its first update at step {f.step}, from empty state"
+    )
+
+
+def _loaded_cause(t: int, d: Difference, head: str) -> Cause:
+    """The optimizer state as loaded differs (fingerprints of everything the state holds,
+    taken at the load or at the optimizer's first update), or was loaded in one run only."""
+    fix = (
+        "load the optimizer state from the same checkpoint as the model (saved at the same "
+        "step) in both runs; load it once, after creating the optimizer"
+    )
+    fa, fb = d.a, d.b
+    if fa is not None and fb is not None:
+        s = fa.step
+        how = "loaded" if "load" in (fa.how, fb.how) else "held at the optimizers' first update"
+        ev = [
+            f"{head}: " + _load_event(fa, "A"),
+            _load_event(fb, "B"),
+            "the fingerprints cover every tensor and number of the optimizer state (Adam's "
+            "moments and step counts, SGD's momentum buffers): the states differ",
+        ]
+        return Cause(
+            "optimizer_state",
+            f"optimizer state differs: the state {how} at step {s} is not the same in A and B "
+            "(restored from a different checkpoint?)",
+            ev,
+            fix,
+        )
+    side, f = ("A", fa) if fa is not None else ("B", fb)
+    other = "B" if side == "A" else "A"
+    if f.how == "load":
+        title = (
+            f"optimizer state loaded in {side} at step {t}, not in {other}: {side}'s "
+            "load_state_dict() changed its state before this update"
+        )
+    else:
+        title = (
+            f"optimizer re-created in {side} at step {t} with a loaded state, not in {other}: "
+            f"{side}'s new optimizer starts from a state it already holds"
+        )
+    return Cause(
+        "optimizer_state",
+        title,
+        [
+            f"{head}: " + _load_event(f, side),
+            f"{other}'s optimizer state was neither loaded nor re-created at step {t}",
         ],
         fix,
     )
@@ -530,6 +648,9 @@ def apply_settings(x: Context, causes: list[Cause]) -> list[Cause]:
         return causes
     total = len(x.slots_of(x.step, ("param",)))
     diverged = x.walk.first is not None
+    member = _membership_of_grad(x, total)
+    if member is not None:
+        return [member, *causes]
     for t in update_steps(x):
         diffs, impl, compared = compare_at(x, t)
         if not compared:
@@ -566,6 +687,8 @@ def apply_settings(x: Context, causes: list[Cause]) -> list[Cause]:
                 texts.append(f"param groups ({x.names(d.params, limit=2)} in group {d.a} vs {d.b})")
             elif d.what == "state_entries":
                 texts.append(f"optimizer state for {d.a} vs {d.b} parameter(s)")
+            elif d.what == "loaded_state":
+                texts.append("optimizer state as loaded (fingerprints)")
             else:
                 texts.append(f"{d.what} {_v(d.a)} vs {_v(d.b)}")
         causes[0].evidence.append(
@@ -573,6 +696,34 @@ def apply_settings(x: Context, causes: list[Cause]) -> list[Cause]:
             f"recorded optimizer settings at step {first}: " + "; ".join(texts)
         )
     return causes
+
+
+def _membership_of_grad(x: Context, total: int) -> Optional[Cause]:
+    """The first divergence is the gradient of a parameter that the recorded param groups at
+    that step hold in one run's optimizer only (a parameter replaced in, or removed from, a
+    group mid-run): the optimizers' parameters differ. ``optimizer.zero_grad()`` no longer
+    reaches a parameter outside the optimizer, so its gradient accumulates there: a reading
+    of the values (a missing ``zero_grad``) follows from this and is kept after it. A gradient
+    missing in one run is left to the frozen-parameter reading."""
+    hit = x.hit
+    slot = x.pair.al.slots[hit.slot]
+    if slot.kind != "grad" or hit.status not in ("values", "stats"):
+        return None
+    diffs, _, _ = compare_at(x, hit.step)
+    for d in diffs:
+        if d.what == "membership" and any(p.name == slot.name for p in d.params):
+            c = settings_causes(x, hit.step, [d], total)[0]
+            others = [o for o in diffs if o is not d and o.what == "membership"]
+            for o in others:
+                c.evidence.append(
+                    f"also: {x.names(o.params)} in {'A' if o.a else 'B'}'s optimizer only"
+                )
+            c.evidence.append(
+                f"{x.label(slot)} differs at step {hit.step}: the optimizer's zero_grad() does "
+                "not reach a parameter outside it, and its update does not use its gradient"
+            )
+            return c
+    return None
 
 
 def _merge(
