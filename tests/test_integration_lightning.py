@@ -3,6 +3,7 @@ against the same model trained by a hand-written loop (real Lightning, CPU, a fe
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -188,6 +189,41 @@ def test_resumed_fit_steps_continue_from_the_checkpoints_global_step(tmp_path):
     cb = GraddiffCallback(tmp_path / "resumed.h5")
     fit(Regressor(), callback=cb, ckpt_path=tmp_path / "epoch1.ckpt", max_epochs=2)
     assert list(graddiff.open(tmp_path / "resumed.h5").steps) == list(range(6, 12))
+
+
+class _OtherOptimizerState(Regressor):
+    """Resumes the checkpoint's weights with another checkpoint's optimizer state (Lightning
+    restores the optimizers from the dict on_load_checkpoint sees, after this hook)."""
+
+    def __init__(self, optimizer_states):
+        super().__init__()
+        self.optimizer_states = optimizer_states
+
+    def on_load_checkpoint(self, checkpoint):
+        checkpoint["optimizer_states"] = self.optimizer_states
+
+
+def test_resumed_from_checkpoint_a_vs_checkpoint_b_names_the_optimizer_state(tmp_path):
+    """ckpt_path resumes: the same weights, the optimizer state (SGD momentum) of checkpoint A
+    or B (one epoch at lr 0.1 or 0.05): the states' fingerprints at the first update differ."""
+    a, b = fit(Regressor()), fit(Regressor(lr=0.05))
+    a.trainer.save_checkpoint(tmp_path / "a.ckpt")
+    states = {
+        "a": [a.trainer.optimizers[0].state_dict()],
+        "b": [b.trainer.optimizers[0].state_dict()],
+    }
+    for name in ("a", "a2", "b"):
+        fit(
+            _OtherOptimizerState(copy.deepcopy(states[name[0]])),  # loads share tensors
+            callback=GraddiffCallback(tmp_path / f"{name}.h5"),
+            ckpt_path=tmp_path / "a.ckpt",
+            max_epochs=2,
+        )
+    r = graddiff.compare(tmp_path / "a.h5", tmp_path / "b.h5")
+    assert (r.first.step, r.first.kind) == (7, "param"), r.headline()
+    assert r.cause.cause == "optimizer_state", r.cause
+    assert "state held at the optimizers' first update at step 6 is not the same" in r.cause.title
+    assert graddiff.compare(tmp_path / "a.h5", tmp_path / "a2.h5").verdict == "identical"
 
 
 def test_callback_records_the_batch_when_training_step_bypasses_forward(tmp_path):
