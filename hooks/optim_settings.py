@@ -114,8 +114,15 @@ def state_fingerprint(optimizer: Any) -> Optional[str]:
             h.update(f"#{i}".encode())
             for k in sorted(st, key=str):
                 _fold(h, str(k), st[k], on_device)
-    if on_device:
-        h.update(repr(torch.stack(on_device).tolist()).encode())
+    devices: dict = {}
+    for i, parts in on_device:  # one transfer per device (state may span several)
+        devices.setdefault(parts.device, []).append((i, parts))
+    sums: list = []
+    for items in devices.values():
+        values = torch.stack([parts for _, parts in items]).tolist()
+        sums += [(i, v) for (i, _), v in zip(items, values)]
+    for _, v in sorted(sums):
+        h.update(repr(v).encode())
     return h.hexdigest()
 
 
@@ -128,8 +135,8 @@ def _fold(h: Any, key: str, v: Any, on_device: list) -> None:
             t = t.to_dense()
         if t.is_cpu:
             h.update(repr(fingerprint_cpu(t)).encode())
-        else:
-            on_device.append(torch.stack(fingerprint_parts(t)))
+        else:  # summed on its device; read back with the others (state_fingerprint)
+            on_device.append((len(on_device), torch.stack(fingerprint_parts(t))))
     elif isinstance(v, (list, tuple)):
         h.update(f"{key}:[{len(v)}]".encode())
         for j, x in enumerate(v):
