@@ -64,6 +64,7 @@ def main() -> None:
     cases = [
         ("AdamW, 4 params, 1 group", _case(4, 1)),
         ("AdamW, 4 params, 2 groups", _case(4, 2)),
+        ("AdamW, 200 params, 1 group", _case(200, 1)),
         ("AdamW, 200 params, 2 groups", _case(200, 2)),
         ("AdamW, 200 params, 8 groups", _case(200, 8)),
         ("SGD, 200 params, 2 groups", _case(200, 2, torch.optim.SGD)),
