@@ -192,3 +192,16 @@ def test_float16_with_a_grad_scaler_vs_float32_is_the_same_training(tmp_path):
     bug = _amp(tmp_path / "bug.h5", fp16=True, lr_factor=2.0)  # the same, twice the lr
     r = graddiff.compare(a, bug)
     assert r.verdict == "diverged" and r.exit_code == 1, r.headline()  # not the same training
+
+
+@pytest.mark.parametrize("model, opt", [("mlp", "sgd"), ("cnn", "momentum"), ("mlp", "adam")])
+def test_a_setting_changed_across_precisions_is_named_before_the_precision(runs, model, opt):
+    """float32 vs bfloat16 autocast *and* twice the learning rate: the recorded rate is the
+    cause of the divergence, the precision the other difference. The gradients before the
+    update agree within the precision's bound (not within rtol), and that is what "the update
+    differs after agreeing gradients" must mean in a reduced-precision pair."""
+    r = graddiff.compare(runs(model, opt, "float32"), runs(model, opt, "autocast", lr_factor=2))
+    assert r.diverged and (r.first.step, r.first.kind) == (1, "param"), r.headline()
+    assert [c.cause for c in r.diagnosis][:2] == ["learning_rate", "precision"], r.diagnosis
+    lr = LR[opt]
+    assert f"learning rate differs: {lr:g} in A vs {2 * lr:g} in B at step 0" in r.cause.title

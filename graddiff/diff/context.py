@@ -223,6 +223,21 @@ class Context:
                 return False
         return True if found else None
 
+    def within_judged(self, step: Optional[int], kinds: tuple[str, ...]) -> Optional[bool]:
+        """Like :meth:`within`, with each record's own tolerance where the comparison judges
+        records by one (a reduced-precision pair's bound, a twin's drift): "agree" then means
+        what the walk means by it. Plain pairs: :meth:`within` at ``rtol``."""
+        if self.pair.noise is None and self.pair.rounding is None:
+            return self.within(step, kinds)
+        if step is None:
+            return None
+        found = False
+        for slot, code in self.slots_of(step, kinds):
+            found = True
+            if not self.agrees(slot, code, step):
+                return False
+        return True if found else None
+
 
 # -- rules --------------------------------------------------------------------------------
 

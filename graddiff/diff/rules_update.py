@@ -125,8 +125,8 @@ def _after_agreeing_step(x: Context, step: Optional[int] = None) -> bool:
         return False
     prev = x.prev(step)
     return (
-        x.within(prev, ("grad", "autograd_grad")) is not False
-        and x.within(prev, ("param",)) is not False
+        x.within_judged(prev, ("grad", "autograd_grad")) is not False
+        and x.within_judged(prev, ("param",)) is not False
     )
 
 
