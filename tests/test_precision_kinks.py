@@ -199,3 +199,38 @@ def test_adam_on_rounding_residue_is_within_precision(tmp_path):
     r = graddiff.compare(b, bug)
     assert r.verdict == "diverged" and (r.first.step, r.first.kind) == (1, "param"), r.headline()
     assert r.cause.cause == "learning_rate", r.diagnosis[:1]
+
+
+def _cnn_pool_adam(path, *, fp16: bool, lr_factor: float = 1.0) -> str:
+    """Conv (with a bias) - BatchNorm - ReLU - MaxPool - Linear under Adam: float32, or
+    float16 autocast + GradScaler. The conv bias's gradient is rounding residue (BatchNorm
+    removes any per-channel shift), which Adam turns into full-sized updates of either sign."""
+    torch.manual_seed(0)
+    net = _cnn()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01 * lr_factor)
+    scaler = torch.amp.GradScaler("cpu", enabled=fp16)
+    g = torch.Generator().manual_seed(0)
+    with graddiff.trace(net, path, values="full"):
+        for _ in range(4):
+            x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+                loss = F.cross_entropy(net(x).float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    return str(path)
+
+
+def test_a_conv_bias_before_batchnorm_under_adam_is_within_float16_precision(tmp_path):
+    """The bias's residue updates shift the conv output per channel (its difference beyond
+    the bound only through that shift), BatchNorm's running mean averages the shifted output,
+    and the next step starts from it: each is read as what it is, not as a divergence."""
+    a = _cnn_pool_adam(tmp_path / "a.h5", fp16=False)
+    r = graddiff.compare(a, _cnn_pool_adam(tmp_path / "b.h5", fp16=True))
+    assert not r.diverged, r.headline()
+    assert any("once the shift its bias 0.bias adds is taken out" in n for n in r.notes), r.notes
+    # the same pair with twice the learning rate is still a divergence, named
+    r = graddiff.compare(a, _cnn_pool_adam(tmp_path / "c.h5", fp16=True, lr_factor=2))
+    assert r.diverged and r.first.step == 1, r.headline()
+    assert r.cause.cause == "learning_rate", r.diagnosis

@@ -536,7 +536,32 @@ def _compare(
     }
     if w.kinks is not None:
         notes.append(_kinks_note(w.kinks, al, prec.dtype))
-    if w.residue is not None:
+    if w.residue is not None and w.residue.get("bias"):
+        r = w.residue
+        notes.append(
+            f"rounding-dominated bias elements: {al.slots[r['slot']].label} differs by rel "
+            f"{r['rel']:.2g} at step {r['step']}, beyond the rounding bound {r['tolerance']:.2g}, "
+            f"and by {r['rel_rest']:.2g} once the shift its bias {r['bias']} adds is taken out "
+            f"for the {r['elements']} of its {r['size']} elements whose gradient the runs did "
+            "not agree on even in size or sign at an earlier step (rounding residue, which Adam "
+            "scales to full-sized updates of either sign)"
+        )
+    elif w.residue is not None and "carried_from" in w.residue:
+        r = w.residue
+        notes.append(
+            f"{al.slots[r['slot']].label} differs by rel {r['rel']:.2g} at step {r['step']}, "
+            f"beyond the rounding bound {r['tolerance']:.2g}, but is bitwise the buffer at "
+            f"the end of step {r['carried_from']} in both runs, judged there"
+        )
+    elif w.residue is not None and w.residue.get("input"):
+        r = w.residue
+        notes.append(
+            f"{al.slots[r['slot']].label} differs by rel {r['rel']:.2g} at step {r['step']}, "
+            f"beyond the rounding bound {r['tolerance']:.2g}, as the running average "
+            f"(momentum {r['momentum']:g}) of its input {r['input']}, which is within: "
+            f"apart from that it differs by {r['rel_rest']:.2g}"
+        )
+    elif w.residue is not None:
         r = w.residue
         notes.append(
             f"rounding-dominated gradient elements: {al.slots[r['slot']].label} differs by rel "

@@ -6,6 +6,7 @@ few steps around the divergence. Both ask this object, which caches the last few
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from typing import Optional
 
@@ -100,19 +101,28 @@ class RunPair:
         residue that is zero in exact arithmetic), is within it: Adam scales such an element
         to a full-sized update of either sign. {"rel_rest", "elements", "size", "share"};
         None otherwise (or not a reduced-precision pair judged by its bound)."""
-        if slot.kind != "param" or self.rounding is None or self.noise is not None:
+        if self.rounding is None or self.noise is not None:
+            return None
+        if slot.kind == "activation":
+            return self._bias_residue_explains(slot, step, limit)
+        if slot.kind == "buffer" and slot.name.endswith(".running_mean"):
+            return self._running_mean_follows(slot, step, limit)
+        if slot.kind == "buffer_start":
+            return self._carried(slot, step)
+        if slot.kind != "param":
             return None
         pa, pb = self.values("a", slot, step), self.values("b", slot, step)
         if pa is None or pb is None or pa.shape != pb.shape:
             return None
         mask = self.tainted(slot.name, step, pa.size)
-        if mask is None or not mask.any() or mask.all():
+        if mask is None or not mask.any():
             return None
         d = pa.astype(np.float64).ravel() - pb.astype(np.float64).ravel()
         scale = max(float(np.linalg.norm(pa.astype(np.float64))), float(np.linalg.norm(pb)))
         if not scale:
             return None
-        rest = float(np.linalg.norm(d[~mask])) / scale
+        # every element rounding-dominated (a bias before BatchNorm): nothing else to judge
+        rest = float(np.linalg.norm(d[~mask])) / scale if not mask.all() else 0.0
         if rest > limit:
             return None
         share = float(np.linalg.norm(d[mask])) / scale
@@ -122,6 +132,116 @@ class RunPair:
             "size": int(mask.size),
             "share": share,
         }
+
+    def _bias_residue_explains(self, slot: Slot, step: int, limit: float) -> Optional[dict]:
+        """A module output beyond ``limit`` that is within it once the shift its own bias
+        adds is taken out, for the bias elements whose gradient rounding dominated (see
+        :meth:`residue_explains`): a bias adds its value to every output element of its
+        channel (dim 1 of a convolution's output, the last dim of a Linear's), so the residue
+        Adam turned into full-sized bias updates shows in the output as that shift. Same dict
+        as for a parameter, with ``"bias"``: the bias's record name."""
+        module, _, path = slot.name.partition(":")
+        bias = self.slot("param", f"{module}.bias")
+        if path not in ("", "0") or bias is None:
+            return None
+        oa, ob = self.values("a", slot, step), self.values("b", slot, step)
+        ba, bb = self.values("a", bias, step), self.values("b", bias, step)
+        if any(v is None for v in (oa, ob, ba, bb)) or oa.shape != ob.shape or ba.shape != bb.shape:
+            return None
+        if ba.ndim != 1 or oa.ndim < 1:
+            return None
+        mask = self.tainted(bias.name, step, ba.size)
+        if mask is None or not mask.any():
+            return None
+        c = ba.size
+        conv = "Conv" in (self.classes.get(module) or "")
+        if oa.ndim >= 3 and oa.shape[1] == c and (conv or oa.shape[-1] != c):
+            shape = (1, c) + (1,) * (oa.ndim - 2)
+        elif oa.shape[-1] == c:
+            shape = (1,) * (oa.ndim - 1) + (c,)
+        else:
+            return None
+        shift = np.where(mask, ba.astype(np.float64) - bb.astype(np.float64), 0.0)
+        d = oa.astype(np.float64) - ob.astype(np.float64) - shift.reshape(shape)
+        scale = max(float(np.linalg.norm(oa.astype(np.float64))), float(np.linalg.norm(ob)))
+        if not scale:
+            return None
+        rest = float(np.linalg.norm(d)) / scale
+        if rest > limit:
+            return None
+        whole = float(np.linalg.norm(oa.astype(np.float64) - ob.astype(np.float64))) / scale
+        return {
+            "rel_rest": rest,
+            "elements": int(mask.sum()),
+            "size": int(mask.size),
+            "share": whole,
+            "bias": bias.name,
+        }
+
+    def _running_mean_follows(self, slot: Slot, step: int, limit: float) -> Optional[dict]:
+        """A BatchNorm ``running_mean`` beyond ``limit`` that is the running average of its
+        input's batch means, as BatchNorm computes it, ``(1 - m) * start + m * mean(input)``
+        per channel, within ``limit`` in both runs' difference: it adds nothing of its own to
+        its input's difference, which the walk judged (within) before it. The input is the
+        module output recorded just before the BatchNorm's own output (one call each), ``m``
+        its recorded momentum. ``{"rel_rest", "input", "momentum"}``; None otherwise."""
+        module = slot.name.rsplit(".", 1)[0]
+        text = (getattr(self.a, "module_settings", {}) or {}).get(module, "")
+        found = re.search(r"momentum=([0-9.eE+-]+)", text)
+        if found is None or text != (getattr(self.b, "module_settings", {}) or {}).get(module):
+            return None
+        m = float(found.group(1))
+        inp = self._activation_before(module, step)
+        start = self.slot("buffer_start", slot.name)
+        if inp is None or start is None or self.slot("activation", module, 1) is not None:
+            return None
+        vals = {}
+        for side in ("a", "b"):
+            x, s0, s1 = (self.values(side, k, step) for k in (inp, start, slot))
+            if x is None or s0 is None or s1 is None or x.ndim < 2 or x.shape[1] != s1.size:
+                return None
+            mean = x.astype(np.float64).mean(axis=(0,) + tuple(range(2, x.ndim)))
+            vals[side] = (s1.astype(np.float64), (1 - m) * s0.astype(np.float64) + m * mean)
+        (ra, pa), (rb, pb) = vals["a"], vals["b"]
+        scale = max(float(np.linalg.norm(ra)), float(np.linalg.norm(rb)))
+        if not scale:
+            return None
+        rest = float(np.linalg.norm((ra - rb) - (pa - pb))) / scale
+        if rest > limit:
+            return None
+        return {"rel_rest": rest, "input": inp.label, "momentum": m}
+
+    def _carried(self, slot: Slot, step: int) -> Optional[dict]:
+        """A buffer at the step's start that is, in both runs, bitwise the same buffer at the
+        end of the previous compared step: its difference was judged there (the walk would
+        have stopped at it), so it is not a new one. ``{"rel_rest": 0, "carried_from"}``."""
+        earlier = self.steps[self.steps < step]
+        end = self.slot("buffer", slot.name)
+        if not len(earlier) or end is None:
+            return None
+        prev = int(earlier[-1])
+        for side in ("a", "b"):
+            now, before = self.values(side, slot, step), self.values(side, end, prev)
+            if now is None or before is None or now.shape != before.shape:
+                return None
+            if now.tobytes() != before.tobytes():
+                return None
+        return {"rel_rest": 0.0, "carried_from": prev}
+
+    def _activation_before(self, module: str, step: int) -> Optional[Slot]:
+        """The activation slot recorded just before ``module``'s output in A's step (its input,
+        in a sequential model), or None."""
+        rows = self.rows("a", step)
+        run = self.a
+        prev = None
+        for i in np.argsort(rows["seq"], kind="stable").tolist():
+            k = run.record_key(int(rows["record"][i]))
+            if k.kind != "activation":
+                continue
+            if k.name == module:
+                return None if prev is None else self.slot("activation", prev.name, prev.call)
+            prev = k
+        return None
 
     def tainted(self, name: str, step: int, size: int) -> Optional[np.ndarray]:
         """Elements of parameter ``name`` whose gradient, at some compared step before
