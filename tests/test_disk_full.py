@@ -151,7 +151,7 @@ def test_write_step_raising_enospc(tmp_path):
 
 @pytest.mark.slow
 def test_file_size_limit_hit_by_hdf5_needs_padding(tmp_path):
-    """Known limitation, kept visible: with the size check off, HDF5 reserves space past the
+    """Known limitation, kept visible: with the size check off, HDF5 may reserve space past the
     limit before the write fails, so the superblock claims an end of file the file never
     reached and HDF5 refuses to open it. Training is unaffected, and extending the file with
     zeros to the claimed size (``truncate -s``, where no limit applies) recovers every
@@ -160,11 +160,14 @@ def test_file_size_limit_hit_by_hdf5_needs_padding(tmp_path):
     out = _train(path, "--no-space-check", fsize=4_000_000)
     warning = _check_training(out)
     assert "File too large (errno 27)" in warning
-    with pytest.raises(graddiff.TraceFileError, match="truncated") as info:
-        graddiff.open(path)
-    claimed = int(re.search(r"stored_eof = (\d+)", str(info.value)).group(1))
-    assert os.path.getsize(path) < claimed
-    os.truncate(path, claimed)
+    try:  # which write meets the limit first depends on timing (a step written inline or by
+        # the writer thread): where HDF5 had reserved space past it, the file needs padding
+        graddiff.open(path).close()
+    except graddiff.TraceFileError as exc:
+        assert "truncated" in str(exc), exc
+        claimed = int(re.search(r"stored_eof = (\d+)", str(exc)).group(1))
+        assert os.path.getsize(path) < claimed
+        os.truncate(path, claimed)
     _check_trace(path, r"File too large \(errno 27\)")
 
 
