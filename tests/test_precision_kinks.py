@@ -28,14 +28,19 @@ def _cnn() -> nn.Module:
     )  # fmt: skip
 
 
-def _train(path, *, fp16: bool, lr_factor: float = 1.0) -> str:
+def _train(path, *, fp16: bool, lr_factor: float = 1.0, adam: bool = False, steps: int = 3) -> str:
+    """The CNN under AdamW (lr 1e-3), or Adam (lr 0.01): float32, or float16 autocast with a
+    GradScaler."""
     torch.manual_seed(0)
     net = _cnn()
-    o = torch.optim.AdamW(net.parameters(), lr=1e-3 * lr_factor)
+    if adam:
+        o = torch.optim.Adam(net.parameters(), lr=0.01 * lr_factor)
+    else:
+        o = torch.optim.AdamW(net.parameters(), lr=1e-3 * lr_factor)
     scaler = torch.amp.GradScaler("cpu", enabled=fp16)
     g = torch.Generator().manual_seed(0)
     with graddiff.trace(net, path, values="full"):
-        for _ in range(3):
+        for _ in range(steps):
             x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
             o.zero_grad()
             with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
@@ -201,36 +206,15 @@ def test_adam_on_rounding_residue_is_within_precision(tmp_path):
     assert r.cause.cause == "learning_rate", r.diagnosis[:1]
 
 
-def _cnn_pool_adam(path, *, fp16: bool, lr_factor: float = 1.0) -> str:
-    """Conv (with a bias) - BatchNorm - ReLU - MaxPool - Linear under Adam: float32, or
-    float16 autocast + GradScaler. The conv bias's gradient is rounding residue (BatchNorm
-    removes any per-channel shift), which Adam turns into full-sized updates of either sign."""
-    torch.manual_seed(0)
-    net = _cnn()
-    opt = torch.optim.Adam(net.parameters(), lr=0.01 * lr_factor)
-    scaler = torch.amp.GradScaler("cpu", enabled=fp16)
-    g = torch.Generator().manual_seed(0)
-    with graddiff.trace(net, path, values="full"):
-        for _ in range(4):
-            x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
-                loss = F.cross_entropy(net(x).float(), y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-    return str(path)
-
-
 def test_a_conv_bias_before_batchnorm_under_adam_is_within_float16_precision(tmp_path):
     """The bias's residue updates shift the conv output per channel (its difference beyond
     the bound only through that shift), BatchNorm's running mean averages the shifted output,
     and the next step starts from it: each is read as what it is, not as a divergence."""
-    a = _cnn_pool_adam(tmp_path / "a.h5", fp16=False)
-    r = graddiff.compare(a, _cnn_pool_adam(tmp_path / "b.h5", fp16=True))
+    a = _train(tmp_path / "a.h5", fp16=False, adam=True, steps=4)
+    r = graddiff.compare(a, _train(tmp_path / "b.h5", fp16=True, adam=True, steps=4))
     assert not r.diverged, r.headline()
     assert any("once the shift its bias 0.bias adds is taken out" in n for n in r.notes), r.notes
     # the same pair with twice the learning rate is still a divergence, named
-    r = graddiff.compare(a, _cnn_pool_adam(tmp_path / "c.h5", fp16=True, lr_factor=2))
+    r = graddiff.compare(a, _train(tmp_path / "c.h5", fp16=True, lr_factor=2, adam=True, steps=4))
     assert r.diverged and r.first.step == 1, r.headline()
     assert r.cause.cause == "learning_rate", r.diagnosis

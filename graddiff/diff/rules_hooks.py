@@ -90,6 +90,15 @@ def _reaches(part: str, where: str, param: str, order: Optional[dict[str, int]])
     return mod in order and order[mod] < order[where]
 
 
+def _differing_grads(x: Context, step: int) -> list:
+    """The gradient slots missing in one run or beyond their tolerance at ``step``."""
+    return [
+        s
+        for s, code in x.slots_of(step, _GRADS)
+        if code in (MISSING_A, MISSING_B) or not x.agrees(s, code, step)
+    ]
+
+
 def _hooks_text(hooks: list) -> str:
     return ", ".join(hooks) if hooks else "none"
 
@@ -108,11 +117,7 @@ def rule_backward_hook(x: Context) -> Optional[Cause]:
     step = x.step
     if not _forward_agrees(x, step):
         return None
-    differ = [
-        s
-        for s, code in x.slots_of(step, _GRADS)
-        if code in (MISSING_A, MISSING_B) or not x.agrees(s, code, step)
-    ]
+    differ = _differing_grads(x, step)
     if not differ:
         return None
     order = _forward_order(x, step)
@@ -207,11 +212,7 @@ def rule_custom_function(x: Context) -> Optional[Cause]:
     step = x.step
     if not _forward_agrees(x, step):
         return None
-    differ = [
-        s
-        for s, code in x.slots_of(step, _GRADS)
-        if code in (MISSING_A, MISSING_B) or not x.agrees(s, code, step)
-    ]
+    differ = _differing_grads(x, step)
     if not differ:
         return None
     side = "A" if only_a and not only_b else "B" if only_b and not only_a else None
