@@ -127,6 +127,10 @@ def rule_loss_term(x: Context) -> Optional[Cause]:
         cause = _loss_term_at(x, x.step)
         if cause is not None:
             return cause
+    if s.kind in ("loss", "grad", "autograd_grad"):
+        cause = _parameter_term_at(x, x.step)
+        if cause is not None:
+            return cause
     o = x.walk.first_bitwise
     if o is None or o.step >= x.step:
         return None
@@ -202,6 +206,83 @@ def _loss_term_at(x: Context, step: int) -> Optional[Cause]:
         ev,
         "compare the terms of the two runs' losses (which terms, their weights, their inputs)",
     )
+
+
+def _parameter_term_at(x: Context, step: int) -> Optional[Cause]:
+    """The losses differ while the forward pass is bitwise equal, every output gradient is
+    bitwise equal and parameter gradients differ: a term of the loss computed from the
+    parameters themselves (a weight penalty) is in one run only or differs. Backpropagating
+    equal output gradients through an equal forward gives equal parameter gradients (a
+    deterministic backward), so the difference enters at the parameters. When full values show
+    each differing gradient as the other's plus c·W with one c, the term is an L2 penalty."""
+    if not _deterministic_backward(x):
+        return None
+    if any(code != EQUAL for _, code in x.slots_of(step, ("param", "input", "activation"))):
+        return None
+    if any(code != EQUAL for _, code in x.slots_of(step, ("grad_output",))):
+        return None
+    if not x.slots_of(step, ("grad_output",)):
+        return None
+    losses = [x.rel(t, step) for t, code in x.slots_of(step, ("loss",)) if code != EQUAL]
+    losses = [r for r in losses if r is not None and r > 0]
+    grads = [t for t, code in x.slots_of(step, ("grad", "autograd_grad")) if code != EQUAL]
+    if not losses or not grads:
+        return None
+    ev = [
+        f"at step {step} the loss differs (rel {fmt(max(losses))}) while "
+        f"{x.agree(('param', 'input', 'activation'), 'are bitwise equal')} and every output "
+        "gradient is bitwise equal: the loss is computed differently, and not from the "
+        "model's outputs",
+        f"the gradients of {x.names(grads)} differ: an equal backward from equal output "
+        "gradients gives equal parameter gradients, so the difference enters at the "
+        "parameters directly",
+    ]
+    title = (
+        f"a loss term on the parameters differs: a penalty on {x.names(grads, limit=2)} is in "
+        "one run only or differs (a weight penalty added to the loss)"
+    )
+    coef = _l2_coefficient(x, step, grads)
+    if coef is not None:
+        side = "B" if coef > 0 else "A"
+        c = abs(coef)
+        title = (
+            f"a loss term on the parameters differs: {side}'s loss adds an L2 penalty "
+            f"(c/2)·‖W‖² with c = {fmt(c)} on {x.names(grads, limit=2)}"
+        )
+        ev.append(
+            f"each differing gradient is, in {side}, the other run's + c·W with one c = "
+            f"{fmt(c)} (the gradient of (c/2)·‖W‖²)"
+        )
+    return Cause(
+        "loss_function",
+        title,
+        ev,
+        "add the same regularisation terms to both losses (or use the optimizer's "
+        "weight_decay in both, not a penalty in one)",
+    )
+
+
+def _l2_coefficient(x: Context, step: int, grads: list) -> Optional[float]:
+    """One c with g_B - g_A = c·W for every differing gradient (values), or None."""
+    coefs = []
+    for t in grads:
+        p = x.pair.slot("param", t.name)
+        w = None if p is None else x.v("a", p, step)
+        a, b = x.v("a", t, step), x.v("b", t, step)
+        if w is None or a is None or b is None or not (w.shape == a.shape == b.shape):
+            return None
+        w64 = w.astype(np.float64).ravel()
+        d = b.astype(np.float64).ravel() - a.astype(np.float64).ravel()
+        ww = float(w64 @ w64)
+        if not ww:
+            return None
+        c = float(d @ w64) / ww
+        if not c or float(np.linalg.norm(d - c * w64)) > 0.02 * float(np.linalg.norm(d)):
+            return None
+        coefs.append(c)
+    if not coefs or max(coefs) - min(coefs) > 0.02 * max(abs(c) for c in coefs):
+        return None
+    return float(np.mean(coefs))
 
 
 def head_factor(x: Context, step: int) -> Optional[tuple[float, list]]:
