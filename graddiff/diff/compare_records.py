@@ -313,7 +313,34 @@ def _all_zero(s: Side) -> np.ndarray:
 OUTPUT_KINDS = ("activation", "grad_output")
 
 
-def extra_outputs(al: Alignment, c: Cells) -> np.ndarray:
+@dataclass
+class OutputSlots:
+    """Per slot, for the one-sided output readings below (computed once per alignment)."""
+
+    group: np.ndarray  # module of a ``module:path`` output record (index), -1 otherwise
+    activation: np.ndarray  # the slot is an activation
+    stateless: np.ndarray  # an output (or output gradient) of a stateless module
+
+
+def output_slots(al: Alignment) -> OutputSlots:
+    """The slots' modules and kinds for :func:`extra_outputs` and :func:`one_sided_stateless`."""
+    n = max(len(al.slots), 1)
+    groups: dict[str, int] = {}
+    group = np.full(n, -1, np.int64)
+    activation = np.zeros(n, bool)
+    stateless = np.zeros(n, bool)
+    free = stateless_modules(al)
+    for s in al.slots:
+        activation[s.index] = s.kind == "activation"
+        if s.kind in OUTPUT_KINDS:
+            module = s.name.split(":", 1)[0]
+            stateless[s.index] = module in free
+            if ":" in s.name:
+                group[s.index] = groups.setdefault(module, len(groups))
+    return OutputSlots(group, activation, stateless)
+
+
+def extra_outputs(outs: OutputSlots, c: Cells) -> np.ndarray:
     """Cells of a module output recorded in one run only while another output of the same
     module is recorded in both (at that step): one run's module returns an extra value
     (eager attention's weights, a ``past_key_values`` entry) that the other returns as None.
@@ -323,18 +350,12 @@ def extra_outputs(al: Alignment, c: Cells) -> np.ndarray:
     """
     if not len(c):
         return np.zeros(0, bool)
-    groups: dict[str, int] = {}
-    group = np.full(max(len(al.slots), 1), -1, np.int64)
-    for s in al.slots:
-        if s.kind in OUTPUT_KINDS and ":" in s.name:
-            group[s.index] = groups.setdefault(s.name.split(":", 1)[0], len(groups))
-    g = group[c.slot]
+    g = outs.group[c.slot]
     one_sided = (g >= 0) & np.isin(c.code, (MISSING_A, MISSING_B))
     if not one_sided.any():
         return one_sided
-    is_act = np.array([s.kind == "activation" for s in al.slots] or [False])[c.slot]
-    both = (g >= 0) & is_act & c.a.present & c.b.present
-    key = c.step.astype(np.int64) * (len(groups) + 1) + g
+    both = (g >= 0) & outs.activation[c.slot] & c.a.present & c.b.present
+    key = c.step.astype(np.int64) * (int(outs.group.max()) + 2) + g
     return one_sided & np.isin(key, key[both])
 
 
@@ -354,20 +375,14 @@ def stateless_modules(al: Alignment) -> set[str]:
     return {m for m in named if m not in owners and m != "(root)"}
 
 
-def one_sided_stateless(al: Alignment, c: Cells) -> np.ndarray:
+def one_sided_stateless(outs: OutputSlots, c: Cells) -> np.ndarray:
     """Cells of a stateless module's output (or output gradient) recorded in one run only: an
     op written as a module in one run and as a function (``F.relu``) in the other. Not a
     difference in itself: a module holding no state changes training only through the values
     it feeds, and those are recorded and compared downstream."""
     if not len(c):
         return np.zeros(0, bool)
-    free = stateless_modules(al)
-    if not free:
-        return np.zeros(len(c), bool)
-    hit = np.array(
-        [s.kind in OUTPUT_KINDS and s.name.split(":", 1)[0] in free for s in al.slots] or [False]
-    )
-    return hit[c.slot] & np.isin(c.code, (MISSING_A, MISSING_B))
+    return outs.stateless[c.slot] & np.isin(c.code, (MISSING_A, MISSING_B))
 
 
 def none_vs_zero(al: Alignment, slot: np.ndarray, a: Side, b: Side) -> np.ndarray:

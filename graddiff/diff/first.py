@@ -28,6 +28,7 @@ from .compare_records import (
     classify,
     extra_outputs,
     one_sided_stateless,
+    output_slots,
 )
 from .exact import ValueDiff
 from .pair import RunPair
@@ -165,6 +166,7 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
     stateless: dict[int, int] = {}
     kinks: Optional[dict] = None
     residue: Optional[dict] = None
+    outs = output_slots(pair.al)
     kind_col = {k: j for j, k in enumerate(ALL_KINDS)}
     slot_col = np.array([kind_col.get(s.kind, 0) for s in pair.al.slots] or [0], np.int64)
     steps = pair.steps
@@ -182,8 +184,8 @@ def walk(pair: RunPair, rtol: float, exact: bool) -> WalkResult:
         unsure = (c.code == STATS) & c.loose & ~different
         for slot, n in zip(*np.unique(c.slot[unsure], return_counts=True)):
             unjudged[int(slot)] = unjudged.get(int(slot), 0) + int(n)
-        extra = extra_outputs(pair.al, c)
-        free = one_sided_stateless(pair.al, c) & ~extra
+        extra = extra_outputs(outs, c)
+        free = one_sided_stateless(outs, c) & ~extra
         different &= ~(extra | free)
         for slot, n in zip(*np.unique(c.slot[extra], return_counts=True)):
             one_sided[int(slot)] = one_sided.get(int(slot), 0) + int(n)

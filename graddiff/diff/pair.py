@@ -191,7 +191,7 @@ class RunPair:
         if found is None or text != (getattr(self.b, "module_settings", {}) or {}).get(module):
             return None
         m = float(found.group(1))
-        inp = self._activation_before(module, step)
+        inp = self.activation_before("a", step, module)
         start = self.slot("buffer_start", slot.name)
         if inp is None or start is None or self.slot("activation", module, 1) is not None:
             return None
@@ -228,17 +228,23 @@ class RunPair:
                 return None
         return {"rel_rest": 0.0, "carried_from": prev}
 
-    def _activation_before(self, module: str, step: int) -> Optional[Slot]:
-        """The activation slot recorded just before ``module``'s output in A's step (its input,
-        in a sequential model), or None."""
-        rows = self.rows("a", step)
-        run = self.a
+    def keys_in_order(self, side: str, step: int) -> list:
+        """The record keys of one run's step in capture order (``seq``)."""
+        rows = self.rows(side, step)
+        run = self.run(side)
+        return [
+            run.record_key(int(r)) for r in rows["record"][np.argsort(rows["seq"], kind="stable")]
+        ]
+
+    def activation_before(self, side: str, step: int, name: str, call: int = 0) -> Optional[Slot]:
+        """The activation slot recorded just before ``name``'s output (call ``call``) in this
+        run's step: the module's input, in a sequential model. None when it comes first or is
+        not recorded."""
         prev = None
-        for i in np.argsort(rows["seq"], kind="stable").tolist():
-            k = run.record_key(int(rows["record"][i]))
+        for k in self.keys_in_order(side, step):
             if k.kind != "activation":
                 continue
-            if k.name == module:
+            if (k.name, k.call) == (name, call):
                 return None if prev is None else self.slot("activation", prev.name, prev.call)
             prev = k
         return None

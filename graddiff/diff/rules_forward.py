@@ -432,20 +432,7 @@ def _dropout_rate(x: Context, a, b, za, zb, both) -> Optional[Cause]:
 def _output_before(x: Context, side: str, out: np.ndarray):
     """The activation recorded just before the hit in this run's step (the module's input,
     in a sequential model) when the hit's output equals it bitwise, else None."""
-    rows = x.pair.rows(side, x.step)
-    run = x.pair.run(side)
-    prev, mine = None, None
-    for i in np.argsort(rows["seq"], kind="stable").tolist():
-        k = run.record_key(int(rows["record"][i]))
-        if k.kind != "activation":
-            continue
-        if (k.name, k.call) == (x.slot.name, x.slot.call):
-            mine = prev
-            break
-        prev = k
-    if mine is None:
-        return None
-    slot = x.pair.slot("activation", mine.name, mine.call)
+    slot = x.pair.activation_before(side, x.step, x.slot.name, x.slot.call)
     v = None if slot is None else x.v(side, slot, x.step)
     return slot if v is not None and v.shape == out.shape and np.array_equal(v, out) else None
 
@@ -514,10 +501,7 @@ def _stateless_before(x: Context) -> Optional[tuple[str, list]]:
     for side, slots in found.items():
         if not slots:
             continue
-        rows = x.pair.rows(side, x.step)
-        run = x.pair.run(side)
-        order = [run.record_key(int(r)) for r in rows["record"][np.argsort(rows["seq"])]]
-        names = [(k.kind, k.name) for k in order]
+        names = [(k.kind, k.name) for k in x.pair.keys_in_order(side, x.step)]
         hit = ("activation", x.slot.name)
         if hit not in names:
             continue

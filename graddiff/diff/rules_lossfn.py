@@ -27,13 +27,9 @@ from .exact import rel_diff
 def _first_after_loss(x: Context, side: str, step: int) -> set[tuple[str, int]]:
     """(module name, call) of each output gradient recorded first after a loss record: the
     modules whose outputs the losses read."""
-    rows = x.pair.rows(side, step)
-    run = x.pair.run(side)
-    order = np.argsort(rows["seq"], kind="stable")
     out: set[tuple[str, int]] = set()
     after_loss = False
-    for i in order.tolist():
-        k = run.record_key(int(rows["record"][i]))
+    for k in x.pair.keys_in_order(side, step):
         if k.kind == "loss":
             after_loss = True
         elif k.kind == "grad_output" and after_loss:

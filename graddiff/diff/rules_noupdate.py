@@ -17,30 +17,36 @@ from .context import Cause, Context
 SHOWN = 4
 
 
-def _fact(run: Any, kind: str, name: str, step: int) -> Optional[dict]:
-    try:
-        return run.stats(kind, name, step)
-    except Exception:  # not recorded at that step in this run
-        return None
+def _facts(x: Context, side: str, step: int) -> dict[tuple[str, str], Any]:
+    """(kind, name) -> the entry row of call 0 at ``step`` in this run, from the step's rows
+    (read once and cached by the pair)."""
+    run = x.pair.run(side)
+    out: dict[tuple[str, str], Any] = {}
+    for row in x.pair.rows(side, step):
+        k = run.record_key(int(row["record"]))
+        if k.call == 0 and k.kind in ("param", "grad"):
+            out[(k.kind, k.name)] = row
+    return out
 
 
 def _unchanged(x: Context, side: str, prev: int, step: int) -> tuple[list, list]:
     """(parameters bitwise unchanged from prev to step although their gradient at prev is
     non-zero, parameters that moved) in this run."""
-    run = x.pair.run(side)
     still, moved = [], []
-    settings = run.optimizer_settings
+    settings = x.pair.run(side).optimizer_settings
+    at_prev, at_step = _facts(x, side, prev), _facts(x, side, step)
     for s, _ in x.slots_of(step, ("param",)):
         held = settings.for_param(prev, s.name) if settings else None
         if held is not None and held[1].get("lr") == 0:
             continue  # a rate of 0 (a warmup's first step) moves nothing: recorded, not this
-        before, after = _fact(run, "param", s.name, prev), _fact(run, "param", s.name, step)
-        grad = _fact(run, "grad", s.name, prev)
+        before, after = at_prev.get(("param", s.name)), at_step.get(("param", s.name))
+        grad = at_prev.get(("grad", s.name))
         if before is None or after is None or grad is None:
             continue
         if not grad["norm"] or grad["nan"] or grad["inf"]:
             continue  # no usable gradient: not moving is expected (or a skipped inf step)
-        (still if before["fingerprint"] == after["fingerprint"] else moved).append(s)
+        same = (before["fp_sum"], before["fp_pos"]) == (after["fp_sum"], after["fp_pos"])
+        (still if same else moved).append(s)
     return still, moved
 
 
