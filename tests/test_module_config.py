@@ -116,3 +116,18 @@ def test_settings_split_and_diff():
     assert settings_diff("(4,), eps=1e-05", "(8,), eps=1e-05") == [("#0", "(4,)", "(8,)")]
     assert settings_diff("p=0.1", "p=0.1, inplace=True") == [("inplace", "(absent)", "True")]
     assert settings_diff("a=1", "a=1") == []
+
+
+def test_a_corrupt_settings_attribute_is_one_error_line_and_exit_2(tmp_path, base):
+    from click.testing import CliRunner
+
+    from graddiff.cli import main as cli_main
+
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(base.read_bytes())
+    with h5py.File(bad, "r+") as f:
+        f.attrs["module_settings"] = "{not json"
+    res = CliRunner().invoke(cli_main, ["compare", str(base), str(bad)])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and "module_settings" in lines[0]
