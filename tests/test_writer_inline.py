@@ -31,6 +31,10 @@ def _train(model, steps, path, **options):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
+            # the writer thread idle before the next step is submitted, whatever the load:
+            # (on a busy machine a handed-over step can still be unwritten when the next
+            # one arrives, which is then queued behind it, as it should be)
+            tr._writer._queue.join()
     return tr._writer
 
 
